@@ -1,0 +1,141 @@
+"""Inference checkpoints: one directory, no pickle.
+
+    DIR/model.safetensors      all weights (HF names under `backbone.`, then in_proj., head.)
+    DIR/config.yaml            the resolved omni config (model + generation defaults)
+    DIR/backbone_config.json   the HF config of the backbone (rebuilds it without the source dir)
+    DIR/tokenizer/             the text tokenizer (HF format + omni special tokens)
+    DIR/vae/ | DIR/vqgan/      image tokenizer weights when it has any
+
+The directory is written beside its destination and renamed into place, so an interrupted save
+never leaves a half-written checkpoint under the final name.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from omni.config import Config, ModelConfig, from_dict
+
+WEIGHTS = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def _dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors sharing storage (tied embeddings): keep the first name."""
+    seen: dict[tuple, str] = {}
+    out = {}
+    for k, v in state.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)) if v.device.type != "meta" else (k,)
+        if key in seen:
+            continue
+        seen[key] = k
+        out[k] = v.detach().contiguous().cpu()
+    return out
+
+
+def save_pretrained(model, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None,
+                    config: Config | None = None) -> Path:
+    """Write `model` (or `state_dict` with its structure) as an inference checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        state = _dedupe_shared(state_dict if state_dict is not None else model.state_dict())
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "omni": "1"})
+        mcfg = copy.deepcopy(model.cfg)
+        mcfg.tokenizer = "tokenizer"
+        mcfg.backbone.pretrained = None
+        model.tokenizer.save_pretrained(tmp / "tokenizer")
+        model.image_tokenizer.save_pretrained(tmp)
+        if mcfg.image.kind == "vae":
+            mcfg.image.path = "vae"
+        elif mcfg.image.kind == "vq-features":
+            mcfg.image.path = "vqgan"
+        full = copy.deepcopy(config) if config is not None else Config()
+        full.model = mcfg
+        (tmp / "config.yaml").write_text(full.to_yaml())
+        (tmp / "backbone_config.json").write_text(model.backbone.config.to_json_string())
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def check_checkpoint_dir(path: str | Path) -> Path:
+    """Fail early, naming the fix, for anything that is not a safetensors checkpoint directory."""
+    path = Path(path)
+    if path.is_file() and path.suffix in PICKLE_SUFFIXES:
+        raise ValueError(
+            f"{path} is a pickle file; omni never unpickles weights (it can run arbitrary code). "
+            "Convert it to safetensors (safetensors.torch.save_file) inside an omni checkpoint directory"
+        )
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; train one with `omni train` or `omni demo`")
+    if not (path / WEIGHTS).exists():
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise ValueError(
+                f"{path} holds {', '.join(pickles)} but no {WEIGHTS}; omni never unpickles weights. "
+                "Convert them to safetensors first"
+            )
+        hint = " (this looks like a DeepSpeed training directory: export it with `omni export`)" if (
+            path / "latest"
+        ).exists() else ""
+        raise FileNotFoundError(f"{path} has no {WEIGHTS}{hint}")
+    return path
+
+
+def load_config_from_checkpoint(path: str | Path) -> Config:
+    data = yaml.safe_load((Path(path) / "config.yaml").read_text()) or {}
+    return from_dict(data)
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
+    """Rebuild an OmniModel from a checkpoint directory written by `save_pretrained`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from omni.model import OmniModel
+    from omni.tokenizers.image import build_image_tokenizer
+    from omni.tokenizers.text import TextTokenizer
+
+    path = check_checkpoint_dir(path)
+    cfg = load_config_from_checkpoint(path)
+    mcfg: ModelConfig = cfg.model
+    hf_dict = json.loads((path / "backbone_config.json").read_text())
+    hf_cfg = AutoConfig.for_model(hf_dict.pop("model_type"), **hf_dict)
+    backbone = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=mcfg.backbone.attn_implementation)
+    tokenizer = TextTokenizer.from_pretrained(path / "tokenizer")
+    image_tokenizer = build_image_tokenizer(mcfg.image, root=path)
+    model = OmniModel(mcfg, tokenizer, image_tokenizer, backbone=backbone)
+    state = load_file(str(path / WEIGHTS))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if _is_tied(model, k, state)}
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.run_config = cfg  # generation defaults and the recipe it was trained with
+    return model.to(device).eval()
+
+
+def _is_tied(model, key: str, state: dict) -> bool:
+    """A key absent from the file because it shares storage with one that is present."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    if key not in params:
+        return False
+    ptr = params[key].data_ptr()
+    return any(k in state and params[k].data_ptr() == ptr for k in params if k != key)

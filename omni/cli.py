@@ -1,0 +1,63 @@
+"""The `omni` command. Each subcommand lives beside the code it drives and registers itself here.
+
+Modules listed in COMMANDS expose `register(subparsers)`, which adds their parsers and sets
+`func` (taking the parsed args, returning an exit code). They import heavy libraries only
+inside `func`, so `omni --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = [
+    "omni.data.cli",  # omni data shapes|digits|tokenizer
+    "omni.train.cli",  # omni train, omni export
+    "omni.generate_cli",  # omni generate
+    "omni.chat",  # omni chat
+    "omni.eval.cli",  # omni eval
+    "omni.demo",  # omni demo
+    "omni.convert",  # omni convert chameleon
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from omni import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="omni",
+        description="Train, sample and evaluate models that read and write interleaved text and images.",
+    )
+    parser.add_argument("--version", action="version", version=f"omni {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue  # a command not built yet
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError) as e:
+        # User errors (bad config key, missing checkpoint, wrong image size): one clear line.
+        print(f"omni: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+"""Typed configs: nested dataclasses whose defaults are the `tiny` recipe.
+
+A run is described by one `Config`. It is built from a preset name (`tiny`) or a YAML file,
+then dotted command-line overrides (`train.lr=3e-4 model.head.width=512`). Unknown keys and
+values of the wrong type are errors that name the key and the closest valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config key or value that does not fit the schema."""
+
+
+# --------------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BackboneConfig:
+    arch: Literal["llama", "qwen2"] = "llama"  # Hugging Face architecture of the decoder
+    pretrained: Optional[str] = None  # local HF model directory; None builds from the fields below
+    hidden_size: int = 256  # model width
+    num_layers: int = 4  # decoder layers
+    num_heads: int = 4  # attention heads
+    num_kv_heads: Optional[int] = None  # grouped-query heads; None = num_heads
+    intermediate_size: int = 704  # MLP width
+    max_position_embeddings: int = 512  # context length
+    rope_theta: float = 10000.0  # RoPE base
+    rms_norm_eps: float = 1e-5  # RMSNorm epsilon
+    tie_word_embeddings: bool = False  # share input embedding and LM head
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # attention kernel
+
+
+@dataclass
+class ImageTokenizerConfig:
+    kind: Literal["patch", "vae", "vq-features"] = "patch"  # how pixels become continuous tokens
+    image_size: int = 32  # square input/output resolution in pixels
+    patch_size: int = 8  # pixels per patch side (patch) or latent cells per token side (vae)
+    channels: int = 3  # image channels
+    path: Optional[str] = None  # local directory of the VAE / VQGAN weights (vae, vq-features)
+    scale: float = 1.0  # latents are multiplied by this before becoming tokens (MAR KL-16: 0.2325)
+    shift: float = 0.0  # subtracted from latents before scaling
+
+
+@dataclass
+class DiffusionHeadConfig:
+    width: int = 256  # MLP width of the denoiser
+    depth: int = 3  # residual AdaLN blocks
+    parameterization: Literal["v", "eps", "flow"] = "flow"  # what the head predicts
+    schedule: Literal["cosine", "scaled_linear", "linear"] = "scaled_linear"  # beta schedule (v/eps)
+    beta_start: float = 0.00085  # scaled-linear start (Orthus)
+    beta_end: float = 0.012  # scaled-linear end (Orthus)
+    zero_terminal_snr: bool = True  # rescale betas so the last step is pure noise
+    train_steps: int = 1000  # diffusion timesteps for v/eps
+    noise_copies: int = 4  # noisy copies of each token per step (MAR's diffusion_batch_mul)
+    grad_checkpointing: bool = False  # recompute head activations in backward
+
+
+@dataclass
+class ModelConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    image: ImageTokenizerConfig = field(default_factory=ImageTokenizerConfig)
+    head: DiffusionHeadConfig = field(default_factory=DiffusionHeadConfig)
+    tokenizer: Optional[str] = None  # local directory of the text tokenizer
+    in_proj: Literal["linear", "soft-vq"] = "linear"  # image token -> embedding
+    soft_vq_tau: float = 1.0  # temperature of the soft-VQ lookup
+    image_attention: Literal["causal", "bidirectional"] = "causal"  # attention inside an image block
+    loss_weight_text: float = 1.0  # weight of the LM loss
+    loss_weight_image: float = 1.0  # weight of the diffusion loss
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=list)  # shard paths, brace patterns or pipe: URLs
+    val: list[str] = field(default_factory=list)  # held-out shards for validation loss
+    seq_len: int = 160  # packed row length in tokens
+    batch_size: int = 32  # rows per micro-batch per rank
+    num_workers: int = 0  # loader worker processes per rank
+    shuffle_buffer: int = 1000  # samples held for shuffling
+    resampled: bool = True  # stream shards with replacement (multi-epoch)
+    pack: bool = True  # pack several documents into one row
+    cfg_drop: float = 0.1  # prob. of replacing a text-to-image caption by the empty condition
+    task_weights: dict[str, float] = field(default_factory=dict)  # task name -> sampling weight
+    max_warnings: int = 20  # bad-sample warnings printed per reason before going quiet
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/tiny"  # run directory: checkpoints, logs, exports
+    steps: int = 2000  # optimizer steps
+    lr: float = 1e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    warmup_steps: int = 50  # linear warmup
+    weight_decay: float = 0.05  # AdamW decay (not on norms, biases, embeddings)
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
+    grad_clip: float = 1.0  # global norm clip; 0 disables
+    grad_accum: int = 1  # micro-batches per optimizer step
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
+    offload: bool = False  # ZeRO optimizer offload to CPU
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the hardware has it
+    activation_checkpointing: bool = False  # recompute backbone activations in backward
+    ema_decay: float = 0.0  # EMA of weights; 0 disables
+    trainable: Literal["all", "new"] = "all"  # new: only in_proj, head, new embeddings
+    deepspeed_config: Optional[str] = None  # user DeepSpeed JSON merged over the generated one
+    seed: int = 0  # base seed; rank r uses seed + r
+    save_every: int = 500  # checkpoint interval in steps
+    keep_last: int = 2  # checkpoints kept
+    log_every: int = 10  # console/TensorBoard interval
+    val_every: int = 250  # validation interval; 0 disables
+    val_batches: int = 4  # batches per validation
+    max_bad_steps: int = 5  # consecutive non-finite losses before stopping
+
+
+@dataclass
+class GenerationConfig:
+    mode: Literal["auto", "text", "image"] = "auto"  # free interleaved, text only, image only
+    max_new_tokens: int = 64  # generated positions (text + image) per answer
+    max_images: int = 4  # images per answer
+    temperature: float = 0.0  # text sampling temperature (0 = greedy)
+    top_k: int = 0  # 0 disables
+    top_p: float = 1.0  # nucleus sampling
+    repetition_stop: int = 0  # stop a row after this many identical text tokens in a row; 0 off
+    sampler: Literal["ddim", "ddpm", "euler", "stochastic"] = "stochastic"  # image token sampler
+    image_steps: int = 20  # denoising steps per image token
+    image_temperature: float = 0.7  # noise scale of the image sampler
+    cfg_scale: float = 3.0  # classifier-free guidance on image tokens; 1 disables
+    seed: int = 0  # generation seed
+    use_cache: bool = True  # KV cache (False recomputes the prefix every step)
+
+
+@dataclass
+class Config:
+    name: str = "tiny"  # recipe name
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        from omni.utils import atomic_write_text
+
+        atomic_write_text(path, self.to_yaml())
+
+
+# --------------------------------------------------------------------------------------------
+# Building from dicts, YAML, presets and overrides
+# --------------------------------------------------------------------------------------------
+
+
+def _to_plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _to_plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_to_plain(v) for v in x]
+    return x
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; convert the lossless cases (int -> float)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            if isinstance(value, str):  # a single shard path given on the command line
+                value = [value]
+            else:
+                raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, prefix=key + ".")
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _unknown_key(prefix: str, name: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
+    return ConfigError(f"unknown config key {prefix + name!r}{hint} (valid: {', '.join(valid)})")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "", base: Any = None) -> Any:
+    """Instantiate dataclass `cls` from `data`, starting from `base` (or the defaults)."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    obj = base if base is not None else cls()
+    for k, v in data.items():
+        if k not in names:
+            raise _unknown_key(prefix, k, names)
+        tp = hints[k]
+        current = getattr(obj, k)
+        if dataclasses.is_dataclass(tp) and isinstance(v, dict):
+            v = _build(tp, v, prefix=f"{prefix}{k}.", base=current)
+        else:
+            v = _coerce(v, tp, prefix + k)
+        setattr(obj, k, v)
+    return obj
+
+
+def from_dict(data: dict[str, Any], base: Config | None = None) -> Config:
+    return _build(Config, data, base=base)
+
+
+def presets() -> dict[str, Path]:
+    """The preset registry: every YAML file in `configs/`, by stem."""
+    return {p.stem: p for p in sorted(CONFIG_DIR.glob("*.yaml"))}
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must hold a mapping, got {type(data).__name__}")
+    return data
+
+
+def _resolve_file(spec: str | Path) -> dict[str, Any]:
+    """Read a preset or YAML file; a `base:` key names a preset or file to start from."""
+    path = Path(spec)
+    if not path.exists():
+        table = presets()
+        if str(spec) not in table:
+            close = difflib.get_close_matches(str(spec), list(table), n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(
+                f"config {str(spec)!r} is neither a file nor a preset.{hint} Presets: {', '.join(table)}"
+            )
+        path = table[str(spec)]
+    data = _read_yaml(path)
+    parent = data.pop("base", None)
+    if parent is None:
+        return data
+    merged = _resolve_file(parent if Path(parent).exists() else str(parent))
+    return _deep_merge(merged, data)
+
+
+def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["train.lr=3e-4", "data.train=[a.tar,b.tar]"]` -> nested dict; values parsed as YAML."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value (e.g. train.lr=3e-4)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        if isinstance(value, str) and raw.strip().lower() in ("none", "null", "~"):
+            value = None
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(spec: str | Path | None = "tiny", overrides: list[str] | None = None) -> Config:
+    """Build a Config from a preset name or YAML path, then apply dotted overrides."""
+    data = _resolve_file(spec) if spec is not None else {}
+    data = _deep_merge(data, parse_overrides(overrides or []))
+    return from_dict(data)

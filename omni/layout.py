@@ -1,0 +1,174 @@
+"""Sequence layout: tokenized interleaved documents -> the tensors the model reads.
+
+One pure function, `layout`, with no model or tokenizer inside. A document is a list of
+segments; each row of a batch packs one or more documents:
+
+    [bos] text ... <boi> x1 ... xN <eoi> text ... [eos]   [bos] next document ...   pad pad
+
+Rules (DESIGN.md section 3):
+- text positions carry token ids; image positions carry the placeholder id and a continuous token;
+- labels are aligned to the predicting position: labels[b, p] is the token hidden[b, p] predicts;
+- `<boi>` is predicted (the model decides to draw); `<eoi>` is forced, so it has no label;
+- image token j is a diffusion target conditioned on hidden[p_j - 1] (the position before it);
+- position ids restart at 0 for every document; `doc_ids` numbers documents 1, 2, ... in a row
+  (0 = padding) so attention never crosses a document boundary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Union
+
+import torch
+
+IGNORE = -100
+
+
+@dataclass
+class TextSegment:
+    ids: list[int]
+    loss: bool = True  # are these tokens predicted (trained on)?
+
+
+@dataclass
+class ImageSegment:
+    tokens: torch.Tensor  # (N, d) continuous image tokens
+    loss: bool = True  # are <boi> and the image tokens predicted?
+
+
+Segment = Union[TextSegment, ImageSegment]
+TokenizedDoc = list[Segment]
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    bos: int
+    eos: int
+    pad: int
+    boi: int
+    eoi: int
+    img: int
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, L) long; image positions hold the placeholder id
+    position_ids: torch.Tensor  # (B, L) long; restart per document
+    doc_ids: torch.Tensor  # (B, L) long; 1.. per document in a row, 0 = padding
+    labels: torch.Tensor  # (B, L) long; next text token to predict from this position, or -100
+    image_mask: torch.Tensor  # (B, L) bool; positions that carry a continuous image token
+    image_tokens: torch.Tensor  # (M, d) float; image tokens in row-major order of image_mask
+    image_target_index: torch.Tensor  # (K,) long; which image tokens are diffusion targets
+    image_cond_index: torch.Tensor  # (K,) long; flat index b*L + p of the conditioning position
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
+
+    @property
+    def n_text_targets(self) -> int:
+        return int((self.labels != IGNORE).sum())
+
+    @property
+    def n_image_targets(self) -> int:
+        return int(self.image_target_index.numel())
+
+    @property
+    def n_tokens(self) -> int:
+        return int((self.doc_ids > 0).sum())
+
+
+def doc_length(doc: TokenizedDoc, add_bos: bool = True, add_eos: bool = True) -> int:
+    """Number of positions `doc` occupies in a row."""
+    n = int(add_bos) + int(add_eos)
+    for seg in doc:
+        n += len(seg.ids) if isinstance(seg, TextSegment) else seg.tokens.shape[0] + 2
+    return n
+
+
+def _doc_positions(doc: TokenizedDoc, ids: SpecialIds, add_bos: bool, add_eos: bool):
+    """Flatten one document: (token ids, predicted?, image-token index or -1, forced?)."""
+    tok, pred, img, images = [], [], [], []
+    if add_bos:
+        tok.append(ids.bos), pred.append(False), img.append(-1)
+    last_loss = False
+    for seg in doc:
+        if isinstance(seg, TextSegment):
+            tok += seg.ids
+            pred += [seg.loss] * len(seg.ids)
+            img += [-1] * len(seg.ids)
+        else:
+            n = seg.tokens.shape[0]
+            tok += [ids.boi] + [ids.img] * n + [ids.eoi]
+            pred += [seg.loss] * (n + 1) + [False]  # <eoi> is forced, never predicted
+            img += [-1] + list(range(len(images), len(images) + n)) + [-1]
+            images.append(seg.tokens)
+        last_loss = seg.loss
+    if add_eos:
+        tok.append(ids.eos), pred.append(last_loss), img.append(-1)
+    return tok, pred, img, images
+
+
+def layout(
+    rows: list[list[TokenizedDoc]],
+    ids: SpecialIds,
+    seq_len: int | None = None,
+    add_bos: bool = True,
+    add_eos: bool = True,
+    token_dim: int | None = None,
+) -> Batch:
+    """Lay out `rows` (each a list of documents packed together) into a padded Batch.
+
+    seq_len pads every row to that length (an over-long row is an error: pack or cut first);
+    None pads to the longest row.
+    """
+    flat = [[_doc_positions(d, ids, add_bos, add_eos) for d in row] for row in rows]
+    lengths = [sum(len(t) for t, *_ in row) for row in flat]
+    L = seq_len if seq_len is not None else max(lengths, default=1)
+    for r, n in enumerate(lengths):
+        if n > L:
+            raise ValueError(f"row {r} holds {n} positions but seq_len is {L}; pack fewer documents or cut")
+    B = len(rows)
+    input_ids = torch.full((B, L), ids.pad, dtype=torch.long)
+    position_ids = torch.zeros((B, L), dtype=torch.long)
+    doc_ids = torch.zeros((B, L), dtype=torch.long)
+    labels = torch.full((B, L), IGNORE, dtype=torch.long)
+    image_mask = torch.zeros((B, L), dtype=torch.bool)
+    all_tokens: list[torch.Tensor] = []
+    n_img = 0  # image tokens laid out so far
+    targets, conds = [], []
+    for b, row in enumerate(flat):
+        start = 0
+        for d, (tok, pred, img, images) in enumerate(row, start=1):
+            n = len(tok)
+            sl = slice(start, start + n)
+            input_ids[b, sl] = torch.tensor(tok)
+            position_ids[b, sl] = torch.arange(n)
+            doc_ids[b, sl] = d
+            for p in range(1, n):  # position p is predicted from position p - 1 of the same document
+                if not pred[p]:
+                    continue
+                if img[p] >= 0:
+                    targets.append(n_img + img[p])
+                    conds.append(b * L + start + p - 1)
+                else:
+                    labels[b, start + p - 1] = tok[p]
+            for p in range(n):
+                if img[p] >= 0:
+                    image_mask[b, start + p] = True
+            all_tokens.extend(images)
+            n_img += sum(t.shape[0] for t in images)
+            start += n
+    if all_tokens:
+        image_tokens = torch.cat([t.float() for t in all_tokens])  # (M, d)
+    else:
+        image_tokens = torch.zeros((0, token_dim or 0))
+    return Batch(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        doc_ids=doc_ids,
+        labels=labels,
+        image_mask=image_mask,
+        image_tokens=image_tokens,
+        image_target_index=torch.tensor(targets, dtype=torch.long),
+        image_cond_index=torch.tensor(conds, dtype=torch.long),
+    )

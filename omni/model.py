@@ -1,0 +1,198 @@
+"""OmniModel: a Hugging Face decoder over interleaved text tokens and continuous image tokens.
+
+    input_ids, image tokens --embed--> (B, L, D) --backbone--> hidden (B, L, D)
+        hidden --lm_head--> next text token            (cross-entropy)
+        hidden[p_j - 1] --diffusion head--> image token j   (per-token diffusion loss)
+
+Shape legend: B rows, L positions, D backbone width, V vocabulary, M image tokens in the batch,
+K image tokens with a loss, d image-token dim.
+
+The backbone keeps its Hugging Face parameter names under `backbone.` so pretrained weights load
+unchanged; everything new (in_proj, head) lives beside it.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from omni.config import ModelConfig
+from omni.heads.diffusion import DiffusionHead
+from omni.heads.lm import lm_loss
+from omni.layout import Batch, SpecialIds
+from omni.tokenizers.image import ImageTokenizer, build_image_tokenizer
+from omni.tokenizers.text import TextTokenizer
+
+
+def build_backbone(cfg: ModelConfig, vocab_size: int) -> nn.Module:
+    """A HF causal LM, built from the config fields or loaded from a local directory."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    bb = cfg.backbone
+    if bb.pretrained is not None:
+        path = Path(bb.pretrained)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(
+                f"model.backbone.pretrained={bb.pretrained!r} is not a Hugging Face model directory "
+                "(config.json missing); download it once and point at the local copy"
+            )
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), attn_implementation=bb.attn_implementation, dtype=torch.float32, trust_remote_code=False
+        )
+        if model.get_input_embeddings().weight.shape[0] < vocab_size:
+            model.resize_token_embeddings(vocab_size, mean_resizing=True)
+        return model
+    kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=bb.hidden_size,
+        num_hidden_layers=bb.num_layers,
+        num_attention_heads=bb.num_heads,
+        num_key_value_heads=bb.num_kv_heads or bb.num_heads,
+        intermediate_size=bb.intermediate_size,
+        max_position_embeddings=bb.max_position_embeddings,
+        rope_theta=bb.rope_theta,
+        rms_norm_eps=bb.rms_norm_eps,
+        tie_word_embeddings=bb.tie_word_embeddings,
+    )
+    hf_cfg = LlamaConfig(**kwargs) if bb.arch == "llama" else Qwen2Config(**kwargs)
+    # _from_config mutates the config it is given: pass a copy.
+    return AutoModelForCausalLM.from_config(copy.deepcopy(hf_cfg), attn_implementation=bb.attn_implementation)
+
+
+def attention_bias(doc_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """Causal, document-local additive mask (B, 1, L, L); None when a plain causal mask does.
+
+    An additive float mask (0 / finfo.min), not a boolean one: eager attention silently
+    mishandles custom boolean 4D masks in transformers.
+    """
+    if bool((doc_ids == 1).all()):
+        return None
+    L = doc_ids.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=doc_ids.device).tril()  # (L, L)
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, L, L)
+    allowed = same & causal & (doc_ids[:, None, :] > 0)
+    allowed |= torch.eye(L, dtype=torch.bool, device=doc_ids.device)  # padding attends to itself
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=doc_ids.device)
+    return bias.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]  # (B, 1, L, L)
+
+
+class OmniModel(nn.Module):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        tokenizer: TextTokenizer,
+        image_tokenizer: ImageTokenizer,
+        backbone: nn.Module | None = None,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.image_tokenizer = image_tokenizer
+        self.backbone = backbone if backbone is not None else build_backbone(cfg, len(tokenizer))
+        hidden = self.backbone.config.hidden_size
+        token_dim = image_tokenizer.token_dim
+        self.in_proj = self._build_in_proj(token_dim, hidden)
+        self.head = DiffusionHead(cfg.head, token_dim=token_dim, cond_dim=hidden)
+        self.special = SpecialIds(
+            bos=tokenizer.bos_id,
+            eos=tokenizer.eos_id,
+            pad=tokenizer.pad_id,
+            boi=tokenizer.boi_id,
+            eoi=tokenizer.eoi_id,
+            img=tokenizer.img_id,
+        )
+
+    def _build_in_proj(self, token_dim: int, hidden: int) -> nn.Module:
+        if self.cfg.in_proj == "linear":
+            proj = nn.Linear(token_dim, hidden)
+            # Image embeddings start at the scale of the token embeddings.
+            nn.init.normal_(proj.weight, std=0.02 / max(token_dim, 1) ** 0.5 * hidden**0.5)
+            nn.init.zeros_(proj.bias)
+            return proj
+        from omni.soft_vq import SoftVQEmbedding
+
+        return SoftVQEmbedding.from_model(self, token_dim)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, root: str | Path | None = None) -> "OmniModel":
+        """Fresh model: tokenizer from `cfg.tokenizer`, image tokenizer from `cfg.image`."""
+        if cfg.tokenizer is None:
+            raise ValueError(
+                "model.tokenizer is not set: train one with `omni data tokenizer` or point it at a "
+                "local Hugging Face tokenizer directory"
+            )
+        tok_path = Path(cfg.tokenizer)
+        if root is not None and not tok_path.is_absolute():
+            tok_path = Path(root) / tok_path
+        return cls(cfg, TextTokenizer.from_pretrained(tok_path), build_image_tokenizer(cfg.image, root=root))
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.backbone.get_output_embeddings()
+
+    def embed(self, input_ids: torch.Tensor, image_tokens: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with image positions replaced by in_proj(image token): (B, L, D)."""
+        emb = self.backbone.get_input_embeddings()(input_ids)  # (B, L, D)
+        if image_tokens.shape[0] == 0:
+            return emb
+        img = self.in_proj(image_tokens.to(emb.device, torch.float32)).to(emb.dtype)  # (M, D)
+        return emb.masked_scatter(image_mask[..., None].to(emb.device), img)
+
+    def decoder(self, embeds, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
+        """The backbone's transformer without its LM head -> (hidden (B, L, D), cache)."""
+        out = self.backbone.model(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+        )
+        return out.last_hidden_state, out.past_key_values
+
+    def hidden_states(self, batch: Batch) -> torch.Tensor:
+        embeds = self.embed(batch.input_ids, batch.image_tokens, batch.image_mask)
+        mask = attention_bias(batch.doc_ids, embeds.dtype)
+        hidden, _ = self.decoder(embeds, attention_mask=mask, position_ids=batch.position_ids)
+        return hidden  # (B, L, D)
+
+    def text_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Text-only forward -> logits (B, L, V); what the parity tests compare with HF."""
+        empty = torch.zeros((0, self.image_tokenizer.token_dim), device=input_ids.device)
+        embeds = self.embed(input_ids, empty, torch.zeros_like(input_ids, dtype=torch.bool))
+        hidden, _ = self.decoder(embeds, attention_mask=attention_mask)
+        return self.lm_head(hidden)
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        hidden = self.hidden_states(batch)  # (B, L, D)
+        loss_text, n_text = lm_loss(self.lm_head, hidden, batch.labels)
+        cond = hidden.flatten(0, 1)[batch.image_cond_index]  # (K, D)
+        target = batch.image_tokens[batch.image_target_index]  # (K, d)
+        loss_image = self.head.loss(target, cond)
+        loss = self.cfg.loss_weight_text * loss_text + self.cfg.loss_weight_image * loss_image
+        return {
+            "loss": loss,
+            "loss_text": loss_text.detach(),
+            "loss_image": loss_image.detach(),
+            "n_text_tokens": torch.tensor(n_text),
+            "n_image_tokens": torch.tensor(target.shape[0]),
+        }
+
+    # persistence ----------------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        from omni.checkpoint import save_pretrained
+
+        save_pretrained(self, path, state_dict=state_dict, config=getattr(self, "run_config", None))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "OmniModel":
+        from omni.checkpoint import load_pretrained
+
+        return load_pretrained(path, device=device)

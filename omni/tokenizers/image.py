@@ -1,0 +1,196 @@
+"""Image tokenizers: pixels <-> continuous tokens, one interface for every kind.
+
+    encode(images) -> (B, N, d_tok) float   images: uint8 (B, C, H, W) tensor or PIL images
+    decode(tokens) -> (B, C, H, W) uint8
+    grid           -> (rows, cols) of tokens, N = rows * cols, raster order
+    token_dim      -> d_tok
+
+`patch` cuts pixels into p x p patches scaled to [-1, 1]; `vae` patchifies the scaled latents of a
+diffusers `AutoencoderKL`; `vq-features` (omni.tokenizers.vq) uses a VQGAN's pre-quantization
+features.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from einops import rearrange
+from PIL import Image
+
+from omni.config import ImageTokenizerConfig
+
+
+def to_uint8_tensor(images: torch.Tensor | Sequence[Image.Image] | Image.Image) -> torch.Tensor:
+    """PIL image(s) or a uint8 tensor -> uint8 tensor (B, C, H, W)."""
+    if isinstance(images, Image.Image):
+        images = [images]
+    if isinstance(images, torch.Tensor):
+        return images if images.dim() == 4 else images[None]
+    arrays = [np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images]
+    sizes = {a.shape for a in arrays}
+    if len(sizes) > 1:
+        raise ValueError(f"images in one batch must share a size, got {sorted(sizes)}")
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # (B, C, H, W)
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """uint8 (B, C, H, W) -> list of PIL RGB images."""
+    arr = images.permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a, mode="RGB") for a in arr]
+
+
+def fit_image(image: Image.Image, size: int) -> Image.Image:
+    """Center-crop to a square and resize: how user-supplied pictures are made model-sized."""
+    image = image.convert("RGB")
+    w, h = image.size
+    s = min(w, h)
+    image = image.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    return image.resize((size, size), Image.BICUBIC) if s != size else image
+
+
+class ImageTokenizer:
+    """Common checks and helpers; subclasses implement `_encode` / `_decode`."""
+
+    cfg: ImageTokenizerConfig
+    multiple: int  # image sides must be multiples of this
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        n = self.cfg.image_size // self.multiple
+        return (n, n)
+
+    @property
+    def num_tokens(self) -> int:
+        rows, cols = self.grid
+        return rows * cols
+
+    @property
+    def token_dim(self) -> int:
+        raise NotImplementedError
+
+    def check(self, images: torch.Tensor) -> None:
+        size = self.cfg.image_size
+        for i, im in enumerate(images):
+            h, w = im.shape[-2:]
+            if (h, w) != (size, size):
+                hint = (
+                    f"a multiple of {self.multiple}, set model.image.image_size"
+                    if h % self.multiple or w % self.multiple
+                    else "set model.image.image_size to match, or resize with omni.tokenizers.image.fit_image"
+                )
+                raise ValueError(f"image {i} is {w}x{h}; this tokenizer needs {size}x{size} ({hint})")
+
+    @torch.no_grad()
+    def encode(self, images) -> torch.Tensor:
+        x = to_uint8_tensor(images)
+        self.check(x)
+        return self._encode(x)
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows, cols = self.grid
+        if tokens.dim() != 3 or tokens.shape[1:] != (rows * cols, self.token_dim):
+            raise ValueError(
+                f"tokens of shape {tuple(tokens.shape)}; expected (B, {rows * cols}, {self.token_dim})"
+            )
+        return self._decode(tokens)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write whatever weights the tokenizer needs into a checkpoint directory."""
+
+    def to(self, device) -> "ImageTokenizer":
+        return self
+
+
+class PatchTokenizer(ImageTokenizer):
+    """Pixels in p x p patches, scaled to [-1, 1]. Exact up to uint8 rounding."""
+
+    def __init__(self, cfg: ImageTokenizerConfig):
+        if cfg.image_size % cfg.patch_size:
+            raise ValueError(
+                f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}"
+            )
+        self.cfg = cfg
+        self.multiple = cfg.patch_size
+
+    @property
+    def token_dim(self) -> int:
+        return self.cfg.patch_size**2 * self.cfg.channels
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float() / 127.5 - 1.0  # (B, C, H, W) in [-1, 1]
+        p = self.cfg.patch_size
+        return rearrange(x, "b c (h p) (w q) -> b (h w) (p q c)", p=p, q=p)  # (B, N, p*p*C)
+
+    def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows, cols = self.grid
+        p = self.cfg.patch_size
+        x = rearrange(tokens.float(), "b (h w) (p q c) -> b c (h p) (w q)", h=rows, w=cols, p=p, q=p)
+        return ((x.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)  # (B, C, H, W)
+
+
+class VAETokenizer(ImageTokenizer):
+    """A diffusers `AutoencoderKL`; latents shifted, scaled and patchified into tokens."""
+
+    def __init__(self, cfg: ImageTokenizerConfig, vae=None, root: str | Path | None = None):
+        from diffusers import AutoencoderKL
+
+        self.cfg = cfg
+        if vae is None:
+            if cfg.path is None:
+                raise ValueError("model.image.kind=vae needs model.image.path: a local AutoencoderKL directory")
+            path = Path(cfg.path)
+            if not path.is_absolute() and root is not None:
+                path = Path(root) / path
+            if not (path / "config.json").exists():
+                raise FileNotFoundError(f"no AutoencoderKL at {str(path)!r} (config.json missing)")
+            vae = AutoencoderKL.from_pretrained(str(path), use_safetensors=True)
+        self.vae = vae.eval().requires_grad_(False)
+        self.down = 2 ** (len(self.vae.config.block_out_channels) - 1)  # pixel -> latent factor
+        self.multiple = self.down * cfg.patch_size
+
+    @property
+    def token_dim(self) -> int:
+        return self.vae.config.latent_channels * self.cfg.patch_size**2
+
+    def to(self, device) -> "VAETokenizer":
+        self.vae.to(device)
+        return self
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        device = next(self.vae.parameters()).device
+        x = x.to(device).float() / 127.5 - 1.0
+        # The posterior mean, not a sample: the same image always gives the same tokens.
+        z = self.vae.encode(x).latent_dist.mean  # (B, c, h, w)
+        z = (z - self.cfg.shift) * self.cfg.scale
+        p = self.cfg.patch_size
+        return rearrange(z, "b c (h p) (w q) -> b (h w) (p q c)", p=p, q=p)  # (B, N, p*p*c)
+
+    def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows, cols = self.grid
+        p = self.cfg.patch_size
+        z = rearrange(tokens.float(), "b (h w) (p q c) -> b c (h p) (w q)", h=rows, w=cols, p=p, q=p)
+        z = z / self.cfg.scale + self.cfg.shift
+        device = next(self.vae.parameters()).device
+        x = self.vae.decode(z.to(device)).sample
+        return ((x.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).cpu()
+
+    def save_pretrained(self, path: str | Path) -> None:
+        self.vae.save_pretrained(str(Path(path) / "vae"), safe_serialization=True)
+
+
+def build_image_tokenizer(cfg: ImageTokenizerConfig, root: str | Path | None = None) -> ImageTokenizer:
+    """The tokenizer named by `cfg.kind`; relative paths resolve against `root` (a checkpoint)."""
+    if cfg.kind == "patch":
+        return PatchTokenizer(cfg)
+    if cfg.kind == "vae":
+        return VAETokenizer(cfg, root=root)
+    if cfg.kind == "vq-features":
+        from omni.tokenizers.vq import VQFeatureTokenizer
+
+        return VQFeatureTokenizer(cfg, root=root)
+    raise ValueError(f"unknown image tokenizer kind {cfg.kind!r}; use patch, vae or vq-features")
+
