@@ -42,14 +42,21 @@ def _dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_pretrained(model, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None,
-                    config: Config | None = None) -> Path:
-    """Write `model` (or `state_dict` with its structure) as an inference checkpoint."""
+                    config: Config | None = None, write_weights=None) -> Path:
+    """Write `model` (or `state_dict` with its structure) as an inference checkpoint.
+
+    `write_weights(path)`, when given, writes the weights file itself (omni.convert streams a
+    large source checkpoint into it without holding the weights in memory).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        state = _dedupe_shared(state_dict if state_dict is not None else model.state_dict())
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "omni": "1"})
+        if write_weights is not None:
+            write_weights(tmp / WEIGHTS)
+        else:
+            state = _dedupe_shared(state_dict if state_dict is not None else model.state_dict())
+            save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "omni": "1"})
         mcfg = copy.deepcopy(model.cfg)
         mcfg.tokenizer = "tokenizer"
         mcfg.backbone.pretrained = None
@@ -105,9 +112,17 @@ def load_config_from_checkpoint(path: str | Path) -> Config:
     return from_dict(data)
 
 
+def backbone_from_config(hf_cfg, attn_implementation: str):
+    """A fresh HF backbone from its config; Chameleon is registered as image-text-to-text, not causal LM."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    auto = AutoModelForImageTextToText if hf_cfg.model_type == "chameleon" else AutoModelForCausalLM
+    return auto.from_config(hf_cfg, attn_implementation=attn_implementation)
+
+
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
     """Rebuild an OmniModel from a checkpoint directory written by `save_pretrained`."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from omni.model import OmniModel
     from omni.tokenizers.image import build_image_tokenizer
@@ -118,7 +133,7 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
     mcfg: ModelConfig = cfg.model
     hf_dict = json.loads((path / "backbone_config.json").read_text())
     hf_cfg = AutoConfig.for_model(hf_dict.pop("model_type"), **hf_dict)
-    backbone = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=mcfg.backbone.attn_implementation)
+    backbone = backbone_from_config(hf_cfg, mcfg.backbone.attn_implementation)
     tokenizer = TextTokenizer.from_pretrained(path / "tokenizer")
     image_tokenizer = build_image_tokenizer(mcfg.image, root=path)
     model = OmniModel(mcfg, tokenizer, image_tokenizer, backbone=backbone)
@@ -129,6 +144,7 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.run_config = cfg  # generation defaults and the recipe it was trained with
+    model.checkpoint_path = str(path)  # recorded in every generation result's settings
     return model.to(device).eval()
 
 

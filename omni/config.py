@@ -31,7 +31,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class BackboneConfig:
-    arch: Literal["llama", "qwen2"] = "llama"  # Hugging Face architecture of the decoder
+    arch: Literal["llama", "qwen2", "chameleon"] = "llama"  # HF decoder (chameleon: via omni convert)
     pretrained: Optional[str] = None  # local HF model directory; None builds from the fields below
     hidden_size: int = 256  # model width
     num_layers: int = 4  # decoder layers
@@ -78,7 +78,6 @@ class ModelConfig:
     tokenizer: Optional[str] = None  # local directory of the text tokenizer
     in_proj: Literal["linear", "soft-vq"] = "linear"  # image token -> embedding
     soft_vq_tau: float = 1.0  # temperature of the soft-VQ lookup
-    image_attention: Literal["causal", "bidirectional"] = "causal"  # attention inside an image block
     loss_weight_text: float = 1.0  # weight of the LM loss
     loss_weight_image: float = 1.0  # weight of the diffusion loss
 
@@ -109,12 +108,14 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
     grad_clip: float = 1.0  # global norm clip; 0 disables
     grad_accum: int = 1  # micro-batches per optimizer step
+    global_batch_size: Optional[int] = None  # rows per optimizer step over all ranks; sets grad_accum
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
     offload: bool = False  # ZeRO optimizer offload to CPU
+    offload_params: bool = False  # ZeRO-3 parameter offload to CPU
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the hardware has it
     activation_checkpointing: bool = False  # recompute backbone activations in backward
     ema_decay: float = 0.0  # EMA of weights; 0 disables
-    trainable: Literal["all", "new"] = "all"  # new: only in_proj, head, new embeddings
+    trainable: Union[Literal["all", "new"], list[str]] = "all"  # new: in_proj/head/new rows; or name globs
     deepspeed_config: Optional[str] = None  # user DeepSpeed JSON merged over the generated one
     seed: int = 0  # base seed; rank r uses seed + r
     save_every: int = 500  # checkpoint interval in steps
@@ -123,6 +124,7 @@ class TrainConfig:
     val_every: int = 250  # validation interval; 0 disables
     val_batches: int = 4  # batches per validation
     max_bad_steps: int = 5  # consecutive non-finite losses before stopping
+    resume: Optional[str] = None  # "auto": continue from out_dir's latest checkpoint; or a checkpoint tag dir
 
 
 @dataclass
@@ -221,6 +223,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

@@ -88,6 +88,7 @@ def doc_length(doc: TokenizedDoc, add_bos: bool = True, add_eos: bool = True) ->
 def _doc_positions(doc: TokenizedDoc, ids: SpecialIds, add_bos: bool, add_eos: bool):
     """Flatten one document: (token ids, predicted?, image-token index or -1, forced?)."""
     tok, pred, img, images = [], [], [], []
+    n_img = 0  # image tokens in this document so far
     if add_bos:
         tok.append(ids.bos), pred.append(False), img.append(-1)
     last_loss = False
@@ -100,8 +101,9 @@ def _doc_positions(doc: TokenizedDoc, ids: SpecialIds, add_bos: bool, add_eos: b
             n = seg.tokens.shape[0]
             tok += [ids.boi] + [ids.img] * n + [ids.eoi]
             pred += [seg.loss] * (n + 1) + [False]  # <eoi> is forced, never predicted
-            img += [-1] + list(range(len(images), len(images) + n)) + [-1]
+            img += [-1] + list(range(n_img, n_img + n)) + [-1]
             images.append(seg.tokens)
+            n_img += n
         last_loss = seg.loss
     if add_eos:
         tok.append(ids.eos), pred.append(last_loss), img.append(-1)

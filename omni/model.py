@@ -32,6 +32,11 @@ def build_backbone(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     bb = cfg.backbone
+    if bb.arch == "chameleon":
+        raise ValueError(
+            "model.backbone.arch=chameleon is built from a converted checkpoint: run "
+            "`omni convert chameleon --src HF_DIR --out DIR`, then load or train from DIR"
+        )
     if bb.pretrained is not None:
         path = Path(bb.pretrained)
         if not (path / "config.json").exists():
@@ -92,6 +97,10 @@ class OmniModel(nn.Module):
         self.tokenizer = tokenizer
         self.image_tokenizer = image_tokenizer
         self.backbone = backbone if backbone is not None else build_backbone(cfg, len(tokenizer))
+        if self.backbone.config.model_type == "chameleon":
+            from omni.convert import prepare_chameleon_backbone
+
+            prepare_chameleon_backbone(self.backbone)  # its VQGAN lives in the image tokenizer
         hidden = self.backbone.config.hidden_size
         token_dim = image_tokenizer.token_dim
         self.in_proj = self._build_in_proj(token_dim, hidden)

@@ -150,13 +150,14 @@ class DiffusionHead(nn.Module):
         steps: int = 20,
         temperature: float = 1.0,
         sampler: str = "stochastic",
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> torch.Tensor:
         """Draw one token per row of `cond` (B, D); with `uncond` (B, D) and cfg_scale != 1, guided.
 
         sampler: `ddim`/`euler` are deterministic given the start noise; `ddpm`/`stochastic`
         re-noise every step. `temperature` scales the start noise and every re-noising, so
-        temperature 0 is fully deterministic.
+        temperature 0 is fully deterministic. `generator` may be a list with one generator per
+        row, so that a row's samples do not depend on the other rows of the batch.
         """
         if sampler not in DETERMINISTIC:
             raise ValueError(f"unknown sampler {sampler!r}; use one of {sorted(DETERMINISTIC)}")
@@ -168,7 +169,11 @@ class DiffusionHead(nn.Module):
                 z = torch.cat([z, uncond.float()])  # (2B, D): one batch, not two passes
 
             def noise() -> torch.Tensor:
-                return torch.randn(b, self.token_dim, generator=generator, device="cpu").to(z.device)
+                if isinstance(generator, (list, tuple)):
+                    rows = [torch.randn(1, self.token_dim, generator=g, device=g.device) for g in generator]
+                    return torch.cat(rows).to(z.device)  # (B, d)
+                dev = generator.device if generator is not None else z.device
+                return torch.randn(b, self.token_dim, generator=generator, device=dev).to(z.device)
 
             x = noise() * temperature  # (B, d)
             if self.cfg.parameterization == "flow":

@@ -1,0 +1,390 @@
+"""`omni chat`: an interactive terminal chat that writes text and draws images.
+
+    omni chat --ckpt DIR [--out DIR] [--no-preview] [sampling flags as in omni generate]
+
+Type a message to get an answer (text streams as it is written; images are drawn with a progress
+bar, saved as PNG, and previewed inline). Commands:
+
+    /image PATH      attach an image to your next message (or write <image:PATH> inline)
+    /draw TEXT       ask for an image of TEXT
+    /set k=v ...     change sampling, e.g. /set cfg=3 steps=50 temperature=0.8 (no args: show)
+    /save FILE       write the transcript (markdown, image links)
+    /reset           forget the conversation
+    /help            this list
+    /quit            leave (also Ctrl-D)
+
+Ctrl-C cancels the answer being written, not the session. Every answer uses the same sampler as
+`omni generate` (omni.generation) with seed = --seed + answer number, so a transcript can be
+replayed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from PIL import Image
+
+from omni.generate_cli import add_sampling_flags, load_image, load_model, sampling_overrides, save_png
+
+HELP = __doc__.split("Commands:\n\n", 1)[1].split("\n\n", 1)[0]
+INLINE_IMAGE = re.compile(r"<image:([^>]+)>")
+ALIASES = {"cfg": "cfg_scale", "steps": "image_steps", "max_tokens": "max_new_tokens"}
+IMAGE_MARK = "\x00image\x00"  # stands for an image inside a chat-template string
+
+
+@dataclass
+class Turn:
+    role: str  # "user" | "assistant"
+    segments: list  # str | PIL.Image
+    paths: list[str] = field(default_factory=list)  # saved PNG of each image segment, in order
+
+
+def chat_prompt(tokenizer, turns: list[Turn]) -> list:
+    """The model's prompt for a conversation: the one place that picks the chat format.
+
+    A tokenizer with a chat template renders the turns through it (images kept as segments at
+    their places); one without (omni's from-scratch models, trained on plain documents) gets the
+    turns' segments concatenated, so the answer is a continuation of the document.
+    """
+    template = getattr(tokenizer.hf, "chat_template", None)
+    if not template:
+        return [seg for turn in turns for seg in turn.segments]
+    messages = [
+        {"role": t.role, "content": "".join(s if isinstance(s, str) else IMAGE_MARK for s in t.segments)}
+        for t in turns
+    ]
+    text = tokenizer.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    bos = tokenizer.hf.bos_token
+    if bos and text.startswith(bos):
+        text = text[len(bos):]  # the sampler adds [bos] itself
+    images = iter([s for t in turns for s in t.segments if not isinstance(s, str)])
+    out: list = []
+    for i, part in enumerate(text.split(IMAGE_MARK)):
+        if i:
+            out.append(next(images))
+        if part:
+            out.append(part)
+    return out
+
+
+class ChatEvents:
+    """Streams one answer to the terminal: text as it comes, a bar while drawing, saved images.
+
+    It implements every hook of omni.generation.GenerationEvents without subclassing it, so that
+    importing this module (for `omni --help`) does not import torch.
+    """
+
+    def __init__(self, session: ChatSession):
+        self.s = session
+        self.cancelled = False
+        self.bar = None
+        self.paths: list[str] = []
+        self.after_image = False
+
+    def text(self, row: int, delta: str) -> None:
+        if self.after_image:
+            self.s.write("\n")
+            self.after_image = False
+        self.s.write(delta)
+
+    def image_start(self, row: int, total: int) -> None:
+        from tqdm import tqdm
+
+        self.s.write("\n")
+        self.bar = tqdm(total=total, desc="drawing", unit="tok", leave=False, file=self.s.out, ncols=72)
+
+    def image_token(self, row: int, done: int, total: int) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def image_done(self, row: int, image: Image.Image) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        path = self.s.save_image(image, "img")
+        self.paths.append(path)
+        self.s.write(f"[image saved: {path}]\n")
+        self.s.show(image)
+        self.after_image = True
+
+    def should_stop(self) -> bool:
+        return self.cancelled
+
+
+class ChatSession:
+    """The conversation state and the commands; `handle(line)` is one user input."""
+
+    def __init__(self, model, cfg, out_dir: str | Path, seed: int, preview: bool, out: TextIO = sys.stdout):
+        self.model = model
+        self.cfg = cfg
+        self.out_dir = Path(out_dir)
+        self.seed = seed
+        self.preview = preview
+        self.out = out
+        self.history: list[Turn] = []
+        self.pending: list[tuple[Image.Image, str]] = []  # attached with /image, not sent yet
+        self.answers = 0
+        self.saved = 0
+
+    # output ----------------------------------------------------------------------------------
+    def write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+
+    def say(self, text: str) -> None:
+        self.write(text + "\n")
+
+    def save_image(self, image: Image.Image, kind: str) -> str:
+        self.saved += 1
+        path = self.out_dir / f"{kind}_{self.saved:04d}.png"
+        save_png(image, path)
+        return str(path)
+
+    def show(self, image: Image.Image) -> None:
+        if self.preview:
+            from omni.preview import halfblock
+
+            self.write(halfblock(image) + "\n")
+
+    # commands --------------------------------------------------------------------------------
+    def handle(self, line: str) -> bool:
+        """Run one input line; False when the session should end."""
+        line = line.strip()
+        if not line:
+            return True
+        if not line.startswith("/"):
+            self.ask(line, mode=None)
+            return True
+        cmd, _, arg = line.partition(" ")
+        arg = arg.strip()
+        if cmd in ("/quit", "/exit"):
+            return False
+        if cmd == "/help":
+            self.say(HELP)
+        elif cmd == "/image":
+            self.attach(arg)
+        elif cmd == "/draw":
+            if not arg:
+                self.say("usage: /draw TEXT (what to draw)")
+            else:
+                self.ask(arg, mode="image")
+        elif cmd == "/set":
+            self.set(arg)
+        elif cmd == "/save":
+            self.save(arg)
+        elif cmd == "/reset":
+            self.history.clear()
+            self.pending.clear()
+            self.say("(conversation cleared)")
+        else:
+            self.say(f"unknown command {cmd}; /help lists the commands")
+        return True
+
+    def attach(self, arg: str) -> None:
+        if not arg:
+            self.say("usage: /image PATH")
+            return
+        try:
+            image = load_image(arg)
+        except (OSError, ValueError) as e:
+            self.say(f"error: {e}")
+            return
+        self.pending.append((image, self.save_image(image, "user")))
+        self.say(f"(attached {arg}; it goes with your next message)")
+
+    def set(self, arg: str) -> None:
+        import yaml
+
+        from omni.config import Config, ConfigError, from_dict
+        from omni.generation import check_config
+
+        if not arg:
+            self.say(" ".join(f"{k}={v}" for k, v in dataclasses.asdict(self.cfg).items()))
+            return
+        changes = {}
+        for item in arg.split():
+            key, eq, raw = item.partition("=")
+            if not eq:
+                self.say(f"error: {item!r} is not key=value (e.g. /set cfg=3 steps=50)")
+                return
+            changes[ALIASES.get(key, key)] = yaml.safe_load(raw)
+        try:
+            new = from_dict({"generation": changes}, base=Config(generation=dataclasses.replace(self.cfg))).generation
+            check_config(new, new.mode)
+        except (ConfigError, ValueError) as e:
+            self.say(f"error: {e}")
+            return
+        if "seed" in changes:
+            self.seed = new.seed
+        self.cfg = new
+        self.say("(" + " ".join(f"{k}={getattr(new, k)}" for k in changes) + ")")
+
+    def save(self, arg: str) -> None:
+        from omni.utils import atomic_write_text
+
+        if not arg:
+            self.say("usage: /save FILE.md")
+            return
+        path = Path(arg).expanduser()
+        try:
+            atomic_write_text(path, self.transcript(path.parent))
+        except OSError as e:
+            self.say(f"error: cannot write {arg}: {e}")
+            return
+        self.say(f"(transcript saved: {path})")
+
+    def transcript(self, base: Path) -> str:
+        s = self.cfg
+        lines = [
+            "# omni chat", "",
+            f"checkpoint: `{getattr(self.model, 'checkpoint_path', None)}`  ",
+            (f"settings: sampler={s.sampler} steps={s.image_steps} cfg={s.cfg_scale} temperature={s.temperature} "
+             f"top_k={s.top_k} top_p={s.top_p} image_temperature={s.image_temperature} seed={self.seed}"), "",
+        ]
+        for turn in self.history:
+            lines += [f"**{turn.role}:**", ""]
+            paths = iter(turn.paths)
+            for seg in turn.segments:
+                if isinstance(seg, str):
+                    lines += [seg, ""]
+                else:
+                    link = os.path.relpath(Path(next(paths)).resolve(), base.resolve())
+                    lines += [f"![image]({link})", ""]
+        return "\n".join(lines)
+
+    # answering -------------------------------------------------------------------------------
+    def user_turn(self, text: str) -> Turn | None:
+        """The user's message with /image attachments first and <image:PATH> placed inline."""
+        segments: list = [im for im, _ in self.pending]
+        paths = [p for _, p in self.pending]
+        pos = 0
+        for m in INLINE_IMAGE.finditer(text):
+            try:
+                image = load_image(m.group(1).strip())
+            except (OSError, ValueError) as e:
+                self.say(f"error: {e} (message not sent)")
+                return None
+            if text[pos:m.start()].strip():
+                segments.append(text[pos:m.start()].strip())
+            segments.append(image)
+            paths.append(self.save_image(image, "user"))
+            pos = m.end()
+        if text[pos:].strip():
+            segments.append(text[pos:].strip())
+        return Turn("user", segments, paths)
+
+    def fit_history(self, turn: Turn, mode: str) -> list | None:
+        """The prompt for `turn`, dropping the oldest turns (with a notice) until it fits."""
+        from omni.generation import context_length, prompt_length
+
+        ctx = context_length(self.model)
+        image_room = self.model.image_tokenizer.num_tokens + 2
+        reserve = image_room if mode == "image" else min(self.cfg.max_new_tokens, ctx // 2)
+        dropped = 0
+        while True:
+            prompt = chat_prompt(self.model.tokenizer, self.history + [turn])
+            n = prompt_length(self.model, prompt)
+            if n + reserve <= ctx or not self.history:
+                break
+            self.history.pop(0)
+            dropped += 1
+            while self.history and self.history[0].role != "user":
+                self.history.pop(0)
+                dropped += 1
+        if dropped:
+            self.say(f"(history too long for the {ctx}-position context: dropped the {dropped} oldest turns)")
+        need = image_room if mode == "image" else 1
+        if n + need > ctx:
+            self.say(f"error: your message takes {n} positions, {n + need - ctx} more than the context holds; "
+                     "shorten it")
+            return None
+        return prompt
+
+    def ask(self, text: str, mode: str | None) -> None:
+        from omni.generation import generate
+
+        turn = self.user_turn(text)
+        if turn is None:
+            return
+        self.pending.clear()
+        mode = mode or self.cfg.mode
+        prompt = self.fit_history(turn, mode)
+        if prompt is None:
+            return
+        events = ChatEvents(self)
+        previous = signal.signal(signal.SIGINT, lambda *_: setattr(events, "cancelled", True))
+        self.write("omni> ")
+        try:
+            result = generate(self.model, [prompt], self.cfg, seeds=[self.seed + self.answers], mode=mode,
+                              events=events)[0]
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            if events.bar is not None:
+                events.bar.close()
+        self.answers += 1
+        if result.finish_reason == "cancelled":
+            self.say("\n[cancelled]")
+            return
+        note = "" if result.finish_reason == "eos" else f" [stopped: {result.finish_reason}]"
+        self.say(note)
+        self.history += [turn, Turn("assistant", result.segments, events.paths)]
+
+
+def repl(session: ChatSession) -> int:
+    """Read lines until /quit or end of input. Ctrl-C at the prompt only clears the line, and an
+    error while answering is reported without ending the session."""
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    session.say("omni chat: type a message, or /help for commands")
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            session.say("")
+            return 0
+        except KeyboardInterrupt:
+            session.say("\n(Ctrl-C: type /quit to leave)")
+            continue
+        try:
+            if not session.handle(line):
+                return 0
+        except KeyboardInterrupt:
+            session.say("\n[cancelled]")
+        except Exception as e:  # noqa: BLE001  (keep the session alive; say what went wrong)
+            session.say(f"\nerror: {type(e).__name__}: {e}")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from omni.generation import generation_config
+    from omni.preview import supports_color
+
+    torch.set_grad_enabled(False)
+    model = load_model(args.ckpt, args.device)
+    cfg = generation_config(model, **sampling_overrides(args))
+    seed = args.seed if args.seed is not None else cfg.seed
+    preview = not args.no_preview and supports_color(sys.stdout)
+    session = ChatSession(model, cfg, args.out, seed, preview)
+    return repl(session)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("chat", help="interactive chat that writes text and draws images",
+                       description=__doc__.split("\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="inference checkpoint directory")
+    p.add_argument("--out", default="chat", help="folder for images (default: chat)")
+    p.add_argument("--seed", type=int, help="seed of the first answer; answer k uses seed + k")
+    p.add_argument("--no-preview", action="store_true", dest="no_preview", help="no inline image previews")
+    add_sampling_flags(p)
+    p.set_defaults(func=run)

@@ -1,0 +1,485 @@
+"""Webdataset shards: writing them, and streaming them back with an exact, resumable position.
+
+Writing: `ShardWriter` / `write_shards` put documents into `PREFIX-000000.tar`, ... with fixed
+member metadata (mtime 0, uid 0), so the same documents always give byte-identical shards; each
+shard appears under its final name only when complete (written beside it, then renamed).
+
+Reading: shard specs are local paths, directories (every `*.tar` inside), globs, brace
+patterns (`dir/train-{000000..000009}.tar`, `a.tar::b.tar`) or `pipe:` URLs, opened with
+webdataset's `gopen` and grouped into samples by webdataset's key rule (the member name up to
+the first dot). `SampleStream` is the stream of one (rank, worker):
+
+- an *epoch* is a list of shards: without resampling, every rank shuffles the full list with the
+  same seed and takes `order[rank::world][worker::workers]` (split by node, then by worker), so
+  each sample is read exactly once per epoch across ranks and workers; with resampling, each
+  (rank, worker) draws its own shards with replacement (as many per epoch as it would otherwise
+  own), so streaming never ends and shard counts need not divide evenly;
+- samples pass through a shuffle buffer seeded by (seed, rank, worker, epoch), flushed at the end
+  of each epoch;
+- the position is (epoch, samples yielded in that epoch). Restoring replays that epoch's raw bytes
+  (no image decoding) and drops what was already yielded, so the stream after a restore is the
+  stream without interruption. The replay costs reading up to one epoch of tar bytes.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+import random
+import tarfile
+import tempfile
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+from omni.data.document import BadSample, Document, Stats, decode_document, decode_record
+
+Report = Callable[[str, str], None]  # (reason, detail) -> None
+
+
+# --------------------------------------------------------------------------------------------
+# Shard specs
+# --------------------------------------------------------------------------------------------
+
+
+def expand_shards(specs: str | Path | Iterable[str | Path]) -> list[str]:
+    """Shard specs -> the ordered list of shard URLs; an error names a spec that matches nothing."""
+    import braceexpand
+
+    if isinstance(specs, (str, Path)):
+        specs = [specs]
+    urls: list[str] = []
+    for spec in specs:
+        for part in str(spec).split("::"):
+            for url in braceexpand.braceexpand(part):
+                if "://" in url or url.startswith("pipe:"):
+                    urls.append(url)
+                elif os.path.isdir(url):
+                    found = sorted(glob.glob(os.path.join(url, "*.tar")))
+                    if not found:
+                        raise FileNotFoundError(f"shard directory {url!r} holds no *.tar files")
+                    urls += found
+                elif any(c in url for c in "*?["):
+                    found = sorted(glob.glob(url))
+                    if not found:
+                        raise FileNotFoundError(f"shard pattern {url!r} matches no files")
+                    urls += found
+                else:
+                    if not os.path.exists(url):
+                        raise FileNotFoundError(
+                            f"shard {url!r} does not exist; write shards with `omni data shapes --out DIR` "
+                            "or `omni data digits --out DIR` and point data.train/data.val at them"
+                        )
+                    urls.append(url)
+    return urls
+
+
+def brace_pattern(paths: list[Path]) -> str:
+    """`[d/train-000000.tar, d/train-000001.tar]` -> `d/train-{000000..000001}.tar`."""
+    if len(paths) == 1:
+        return str(paths[0])
+    first, last = paths[0].name, paths[-1].name
+    stem, num = first.rsplit("-", 1)
+    return str(paths[0].parent / f"{stem}-{{{num.split('.')[0]}..{last.rsplit('-', 1)[1].split('.')[0]}}}.tar")
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+
+class ShardWriter:
+    """Write samples into `out_dir/PREFIX-000000.tar`, ... with `shard_size` samples each."""
+
+    def __init__(self, out_dir: str | Path, prefix: str = "train", shard_size: int = 500):
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.prefix = prefix
+        self.shard_size = shard_size
+        self.paths: list[Path] = []
+        self.count = 0
+        self._tar: tarfile.TarFile | None = None
+        self._tmp: Path | None = None
+        self._in_shard = 0
+
+    def _open(self) -> None:
+        final = self.out_dir / f"{self.prefix}-{len(self.paths):06d}.tar"
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=self.out_dir)
+        os.close(fd)
+        self._tmp = Path(tmp)
+        self._tar = tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT)  # noqa: SIM115 - closed in _finish
+        self.paths.append(final)
+        self._in_shard = 0
+
+    def _finish(self) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()
+        os.chmod(self._tmp, 0o644)  # mkstemp makes it private; shards are meant to be shared
+        os.replace(self._tmp, self.paths[-1])
+        self._tar = self._tmp = None
+
+    def write(self, item: Document | dict[str, Any]) -> None:
+        """Add a Document (or a ready webdataset sample dict with `__key__`)."""
+        sample = item.to_sample() if isinstance(item, Document) else item
+        if self._tar is None or self._in_shard >= self.shard_size:
+            self._finish()
+            self._open()
+        key = sample["__key__"]
+        members = ["json"] + sorted(k for k in sample if k not in ("json", "__key__"))
+        for suffix in members:
+            data = sample[suffix]
+            info = tarfile.TarInfo(f"{key}.{suffix}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            self._tar.addfile(info, io.BytesIO(data))
+        self._in_shard += 1
+        self.count += 1
+
+    def close(self) -> list[Path]:
+        self._finish()
+        return self.paths
+
+    def __enter__(self) -> ShardWriter:  # noqa: PYI034
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        if self._tar is not None:  # an interrupted shard never appears under its final name
+            self._tar.close()
+            self._tmp.unlink(missing_ok=True)
+            self.paths.pop()
+
+
+def write_shards(
+    docs: Iterable[Document],
+    out_dir: str | Path,
+    prefix: str = "train",
+    shard_size: int = 500,
+    total: int | None = None,
+    progress: bool = True,
+) -> list[Path]:
+    """Write `docs` as shards; returns their paths. Shows a tqdm bar when `progress`."""
+    from tqdm import tqdm
+
+    with ShardWriter(out_dir, prefix, shard_size) as writer:
+        for doc in tqdm(docs, total=total, desc=f"{prefix} shards", unit="doc", disable=not progress):
+            writer.write(doc)
+    return writer.paths
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+
+def _split_name(name: str) -> tuple[str | None, str]:
+    """webdataset's key rule: `dir/KEY.0.png` -> (`dir/KEY`, `0.png`)."""
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    if dot < 0:
+        return None, ""
+    return name[:dot], name[dot + 1 :]
+
+
+class TarError(Exception):
+    """A tar stream that ends mid-member or has a corrupt header."""
+
+
+def _read_exact(stream, n: int) -> bytes:
+    data = stream.read(n)
+    while len(data) < n:
+        more = stream.read(n - len(data))
+        if not more:
+            break
+        data += more
+    return data
+
+
+def _octal(field: bytes) -> int:
+    if field[:1] in (b"\x80", b"\xff"):  # base-256 for big numbers (GNU)
+        return int.from_bytes(field[1:], "big", signed=field[:1] == b"\xff")
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _members(stream) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of the regular files of an uncompressed tar stream.
+
+    A few times faster than `tarfile` in stream mode (which is the bottleneck when several task
+    streams read the same shards); handles ustar, GNU long names and pax paths.
+    """
+    long_name: str | None = None
+    while True:
+        header = _read_exact(stream, 512)
+        if header == bytes(512):
+            return  # the end-of-archive marker
+        if not header:  # tar writers always end with zero blocks: this one was cut between members
+            raise TarError("unexpected end of data: no end-of-archive marker")
+        if len(header) < 512:
+            raise TarError("unexpected end of data in a header")
+        try:
+            checksum = _octal(header[148:156])
+            size = _octal(header[124:136])
+        except ValueError:
+            raise TarError("corrupt header (bad number field)") from None
+        if checksum != sum(header[:148]) + 256 + sum(header[156:]):
+            raise TarError("corrupt header (checksum mismatch)")
+        data = _read_exact(stream, size)
+        if len(data) < size:
+            raise TarError(f"unexpected end of data: member needs {size} bytes, got {len(data)}")
+        _read_exact(stream, -size % 512)
+        kind = header[156:157]
+        name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+        if header[257:263] == b"ustar\0" and header[345] != 0:  # POSIX prefix field
+            name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
+        if kind == b"L":  # GNU long name: the next header's name
+            long_name = data.split(b"\0", 1)[0].decode("utf-8", "replace")
+            continue
+        if kind == b"x":  # pax extended header: take the path record if any
+            for rec in data.decode("utf-8", "replace").splitlines():
+                _, _, kv = rec.partition(" ")
+                if kv.startswith("path="):
+                    long_name = kv[5:]
+            continue
+        if kind in (b"0", b"\0", b"7"):
+            yield (long_name or name), data
+        long_name = None
+
+
+class _Prepended:
+    """A read-only stream that first returns `head` (bytes already read to sniff the format)."""
+
+    def __init__(self, head: bytes, stream):
+        self.head, self.stream = head, stream
+
+    def read(self, n: int = -1) -> bytes:
+        if not self.head:
+            return self.stream.read(n)
+        if n < 0:
+            out, self.head = self.head + self.stream.read(), b""
+            return out
+        out, self.head = self.head[:n], self.head[n:]
+        return out
+
+
+def _tarfile_members(stream) -> Iterator[tuple[str, bytes]]:
+    tar = tarfile.open(fileobj=stream, mode="r|*")  # noqa: SIM115 - the caller closes the stream
+    for info in tar:
+        if info.isreg():
+            yield info.name, tar.extractfile(info).read()
+        tar.members = []  # streaming: do not keep every header in memory
+
+
+def iter_tar(url: str, report: Report | None = None) -> Iterator[dict[str, Any]]:
+    """Raw samples (`__key__`, `__url__`, suffix -> bytes) of one shard, in file order.
+
+    A shard that cannot be opened is reported as `bad_shard`; a tar that breaks mid-way as
+    `truncated_tar`, keeping the samples before the break (the partial one is dropped).
+    Compressed tars (.tar.gz, ...) are read with `tarfile`.
+    """
+    from webdataset.gopen import gopen
+
+    report = report or (lambda reason, detail: None)
+    try:
+        stream = gopen(url, "rb")
+    except Exception as e:  # noqa: BLE001 - any failure to open is a bad shard, never a crash
+        report("bad_shard", f"{url}: {type(e).__name__}: {e}")
+        return
+    failed = False
+    try:
+        head = _read_exact(stream, 512)
+        source = _Prepended(head, stream)
+        compressed = head[:2] == b"\x1f\x8b" or head[:3] in (b"BZh", b"\xfd7z")
+        members = _tarfile_members(source) if compressed else _members(source)
+        current: dict[str, Any] | None = None
+        for name, data in members:
+            key, suffix = _split_name(name)
+            if key is None:
+                continue
+            if current is not None and current["__key__"] != key:
+                yield current
+                current = None
+            if current is None:
+                current = {"__key__": key, "__url__": url}
+            current[suffix.lower()] = data
+        if current is not None:
+            yield current
+    except (TarError, tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        failed = True
+        report("truncated_tar", f"{url}: {type(e).__name__}: {e}")
+    finally:
+        try:
+            stream.close()
+        except Exception as e:  # noqa: BLE001 - a pipe: command that exited non-zero
+            if not failed:
+                report("bad_shard", f"{url}: {type(e).__name__}: {e}")
+
+
+def epoch_shards(
+    urls: list[str],
+    epoch: int,
+    *,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    worker: int = 0,
+    num_workers: int = 1,
+    shuffle: bool = True,
+    resampled: bool = False,
+) -> list[str]:
+    """The shards one (rank, worker) reads in `epoch` (see the module docstring)."""
+    if resampled:
+        n = max(1, -(-len(urls) // (world_size * num_workers)))
+        rng = random.Random(f"omni-resample/{seed}/{rank}/{worker}/{epoch}")
+        return [rng.choice(urls) for _ in range(n)] if urls else []
+    order = list(urls)
+    if shuffle:  # the same permutation on every rank: the seed holds no rank
+        random.Random(f"omni-shards/{seed}/{epoch}").shuffle(order)
+    return order[rank::world_size][worker::num_workers]
+
+
+def shuffled(items: Iterable[Any], bufsize: int, rng: random.Random) -> Iterator[Any]:
+    """Streaming shuffle: keep `bufsize` items, emit a random one as each new one arrives."""
+    if bufsize <= 1:
+        yield from items
+        return
+    buf: list[Any] = []
+    for x in items:
+        buf.append(x)
+        if len(buf) >= bufsize:
+            i = rng.randrange(len(buf))
+            buf[i], buf[-1] = buf[-1], buf[i]
+            yield buf.pop()
+    while buf:
+        i = rng.randrange(len(buf))
+        buf[i], buf[-1] = buf[-1], buf[i]
+        yield buf.pop()
+
+
+class SampleStream:
+    """Raw samples of one (rank, worker) across epochs, with a saveable position."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        worker: int = 0,
+        num_workers: int = 1,
+        shuffle_buffer: int = 0,
+        resampled: bool = False,
+        loop: bool = True,
+        report: Report | None = None,
+        select: Callable[[dict[str, Any], Report], bool] | None = None,
+    ):
+        self.urls = list(urls)
+        self.select = select  # keeps a raw sample (before the shuffle buffer); may report problems
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.worker, self.num_workers = worker, num_workers
+        self.shuffle_buffer, self.resampled, self.loop = shuffle_buffer, resampled, loop
+        self.report = report or (lambda reason, detail: None)
+        self.epoch = 0
+        self.pos = 0  # samples yielded in the current epoch
+        self._quiet = False  # replaying after a restore: read events were counted before saving
+
+    def state(self) -> list[int]:
+        return [self.epoch, self.pos]
+
+    def load_state(self, state: list[int]) -> None:
+        self.epoch, self.pos = int(state[0]), int(state[1])
+
+    def _report(self, reason: str, detail: str) -> None:
+        if not self._quiet:
+            self.report(reason, detail)
+
+    def shards(self, epoch: int) -> list[str]:
+        return epoch_shards(
+            self.urls, epoch, seed=self.seed, rank=self.rank, world_size=self.world_size,
+            worker=self.worker, num_workers=self.num_workers,
+            shuffle=self.shuffle_buffer > 1 or self.resampled, resampled=self.resampled,
+        )
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        epoch, skip = self.epoch, self.pos
+        empty = 0  # epochs in a row that yielded nothing
+        while True:
+            rng = random.Random(f"omni-buffer/{self.seed}/{self.rank}/{self.worker}/{epoch}")
+            raw = chain.from_iterable(iter_tar(u, self._report) for u in self.shards(epoch))
+            if self.select is not None:
+                raw = (x for x in raw if self.select(x, self._report))
+            self._quiet = skip > 0
+            n = 0
+            for sample in shuffled(raw, self.shuffle_buffer, rng):
+                n += 1
+                if n <= skip:
+                    self._quiet = n < skip
+                    continue
+                self.epoch, self.pos = epoch, n
+                yield sample
+            self._quiet = False
+            empty = empty + 1 if n == 0 else 0
+            # Nothing (selected) in a whole epoch: stop instead of spinning. A resampled epoch
+            # draws a few shards at random and may miss the only shards holding a task, so it
+            # takes many empty epochs in a row to conclude there is nothing to read.
+            if empty >= (max(8, 4 * len(self.urls)) if self.resampled else 1):
+                return
+            epoch, skip = epoch + 1, 0
+            self.epoch, self.pos = epoch, 0
+            if not self.loop:
+                return
+
+
+def select_task(tasks: Iterable[str] | None) -> Callable[[dict[str, Any], Report], bool]:
+    """A SampleStream `select`: parse the json (kept as `__record__`), keep samples of `tasks`.
+
+    Samples whose json is bad are reported and dropped here, before the shuffle buffer.
+    """
+    keep = set(tasks) if tasks is not None else None
+
+    def select(sample: dict[str, Any], report: Report) -> bool:
+        try:
+            sample["__record__"] = decode_record(sample)
+        except BadSample as e:
+            report(e.reason, e.detail)
+            return False
+        return keep is None or sample["__record__"]["meta"].get("task") in keep
+
+    return select
+
+
+def read_documents(
+    specs: str | Iterable[str],
+    *,
+    tasks: Iterable[str] | None = None,
+    decode_images: bool = True,
+    stats: Stats | None = None,
+    **stream_kw: Any,
+) -> Iterator[Document]:
+    """Decoded documents of one epoch (pass `loop=True, resampled=True` to stream forever).
+
+    Bad samples are skipped and counted in `stats`. With `decode_images=False` images stay None
+    (enough for text-only work such as training a tokenizer). `stream_kw` go to SampleStream.
+    """
+    stats = stats if stats is not None else Stats()
+    stream_kw.setdefault("loop", False)
+    stream = SampleStream(expand_shards(specs), report=stats.add, select=select_task(tasks), **stream_kw)
+    for sample in stream:
+        record = sample["__record__"]
+        if not decode_images:
+            yield Document(list(record["texts"]), [None] * len(record["texts"]), record["meta"], sample["__key__"])
+            continue
+        try:
+            yield decode_document(sample, record)
+        except BadSample as e:
+            stats.add(e.reason, e.detail)

@@ -1,0 +1,201 @@
+"""Task templates: the words of every task, and which part of a document is prompt vs answer.
+
+Training and evaluation both go through `split_prompt`, so an evaluation prompt is exactly the
+prefix the model was trained to continue:
+
+| task        | document                          | prompt (no loss)          | answer (trained on)     |
+|-------------|-----------------------------------|---------------------------|-------------------------|
+| t2i         | caption, image                    | caption                   | image                   |
+| digit_t2i   | "draw the digit 7.", image        | text                      | image                   |
+| caption     | image, caption                    | image                     | caption                 |
+| digit_read  | image, "this is the digit 7."     | image                     | text                    |
+| vqa         | image, question, answer           | image, question           | answer                  |
+| story       | text, image, text, image, ...     | first text                | everything after        |
+| text / other| text ...                          | (nothing)                 | everything              |
+
+Phrasing is lowercase, short and consistent with a little variety (t2i prompts have a few
+variants; captions, answers and digit texts have one form, so a judge can parse them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from PIL import Image
+
+from omni.data.document import Document, Segment
+
+TASKS = ("t2i", "caption", "vqa", "story", "text", "digit_t2i", "digit_read")
+CFG_TASKS = ("t2i", "digit_t2i")  # tasks whose prompt is dropped for classifier-free guidance
+RELATIONS = ("left of", "right of", "above", "below")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+CELL_NAMES = {(0, 0): "top left", (0, 1): "top right", (1, 0): "bottom left", (1, 1): "bottom right"}
+
+
+# --------------------------------------------------------------------------------------------
+# Prompt / answer split and loss flags
+# --------------------------------------------------------------------------------------------
+
+
+def _first(segments: Sequence[Segment], kind: type) -> int:
+    return next((i for i, s in enumerate(segments) if isinstance(s, kind)), len(segments))
+
+
+def split_index(task: str | None, segments: Sequence[Segment]) -> int:
+    """Number of leading segments that form the prompt of a document of `task`."""
+    if task in ("t2i", "digit_t2i"):
+        return _first(segments, Image.Image)  # everything before the first image
+    if task in ("caption", "digit_read"):
+        return _first(segments, str)  # the leading image(s)
+    if task == "vqa":
+        return max(len(segments) - 1, 0)  # all but the answer
+    if task == "story":
+        return min(1, len(segments))  # the opening text
+    return 0
+
+
+def split_prompt(doc: Document | Sequence[Segment], task: str | None = None) -> tuple[list[Segment], list[Segment]]:
+    """(prompt segments, answer segments) of a document; segments are str | PIL.Image."""
+    if isinstance(doc, Document):
+        task = task if task is not None else doc.task
+        segments = doc.segments
+    else:
+        segments = list(doc)
+    k = split_index(task, segments)
+    return list(segments[:k]), list(segments[k:])
+
+
+def loss_flags(doc: Document) -> list[bool]:
+    """Which segments are trained on: the answer part of `split_prompt`."""
+    k = split_index(doc.task, doc.segments)
+    return [i >= k for i in range(len(doc))]
+
+
+# --------------------------------------------------------------------------------------------
+# Shapes-world phrasing
+# --------------------------------------------------------------------------------------------
+
+
+def plural(shape: str) -> str:
+    return shape + "s"
+
+
+def number_word(n: int) -> str:
+    return NUMBER_WORDS[n] if 0 <= n < len(NUMBER_WORDS) else str(n)
+
+
+def article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
+def object_phrase(obj: dict[str, Any], color: bool = True) -> str:
+    """`a red circle`, `an orange square` (or `a circle` when the color is not named)."""
+    words = f"{obj['color']} {obj['shape']}" if color else obj["shape"]
+    return f"{article(words)} {words}"
+
+
+def count_phrase(n: int, shape: str, color: str | None) -> str:
+    """`three red circles`, `one blue square`."""
+    noun = shape if n == 1 else plural(shape)
+    return f"{number_word(n)} {color} {noun}" if color else f"{number_word(n)} {noun}"
+
+
+def relation_phrase(rel: str, variant: int = 0) -> str:
+    """`left of` is also said `to the left of` (variant 1)."""
+    if variant == 1 and rel in ("left of", "right of"):
+        return f"to the {rel}"
+    return rel
+
+
+T2I_PREFIXES = ("", "draw ", "a picture of ")
+
+
+def t2i_caption(
+    subtask: str,
+    objects: list[dict[str, Any]],
+    relation: dict[str, Any] | None = None,
+    variant: int = 0,
+) -> str:
+    """The t2i prompt for a scene. Which attributes are named depends on the subtask:
+
+    single_object: shape only ("a circle."); colors: color+shape ("a red circle.");
+    two_objects: two shapes, no colors; color_attr: two colored shapes; position: two colored
+    shapes and their relation; counting: n objects of one shape and color ("three red circles.").
+    """
+    prefix = T2I_PREFIXES[variant % len(T2I_PREFIXES)]
+    if subtask == "single_object":
+        body = object_phrase(objects[0], color=False)
+    elif subtask == "colors":
+        body = object_phrase(objects[0])
+    elif subtask == "two_objects":
+        body = f"{object_phrase(objects[0], color=False)} and {object_phrase(objects[1], color=False)}"
+    elif subtask == "color_attr":
+        body = f"{object_phrase(objects[0])} and {object_phrase(objects[1])}"
+    elif subtask == "position":
+        assert relation is not None
+        a, b = objects[relation["a"]], objects[relation["b"]]
+        body = f"{object_phrase(a)} {relation_phrase(relation['rel'], variant // len(T2I_PREFIXES))} {object_phrase(b)}"
+    elif subtask == "counting":
+        body = count_phrase(len(objects), objects[0]["shape"], objects[0]["color"])
+    else:
+        raise ValueError(f"unknown t2i subtask {subtask!r}")
+    if prefix == "" and subtask == "counting":
+        return f"{body}."
+    return f"{prefix}{body}."
+
+
+# Named attributes per t2i subtask (what a judge should check beyond object counts).
+NAMED_ATTRIBUTES = {
+    "single_object": ["shape"],
+    "colors": ["shape", "color"],
+    "two_objects": ["shape"],
+    "color_attr": ["shape", "color"],
+    "position": ["shape", "color"],
+    "counting": ["shape", "color"],
+}
+
+
+def caption_text(objects: list[dict[str, Any]], relation: dict[str, Any] | None = None, counting: bool = False) -> str:
+    """The one caption form: `a red circle.`, `a red circle above a blue square.`, `two red circles.`
+
+    `counting` names the number even for one object (`one red circle.`).
+    """
+    if relation is not None:
+        a, b = objects[relation["a"]], objects[relation["b"]]
+        return f"{object_phrase(a)} {relation['rel']} {object_phrase(b)}."
+    same = all(o["shape"] == objects[0]["shape"] and o["color"] == objects[0]["color"] for o in objects)
+    if same and (counting or len(objects) > 1):
+        return f"{count_phrase(len(objects), objects[0]['shape'], objects[0]['color'])}."
+    return " and ".join(object_phrase(o) for o in objects) + "."
+
+
+def where_phrase(obj: dict[str, Any], cell: tuple[int, int]) -> str:
+    """`a red circle at the top left` (cells of the 2 x 2 layout grid)."""
+    return f"{object_phrase(obj)} at the {CELL_NAMES[tuple(cell)]}"
+
+
+def scene_text(objects: list[dict[str, Any]], cells: list[tuple[int, int]]) -> str:
+    """A scene in words: `a red circle at the top left and a blue square at the bottom right.`"""
+    return " and ".join(where_phrase(o, c) for o, c in zip(objects, cells)) + "."
+
+
+# --------------------------------------------------------------------------------------------
+# Digits phrasing
+# --------------------------------------------------------------------------------------------
+
+
+def digit_t2i_text(digit: int) -> str:
+    return f"draw the digit {digit}."
+
+
+def digit_read_text(digit: int) -> str:
+    return f"this is the digit {digit}."
+
+
+def parse_digit(text: str) -> int | None:
+    """The digit named in a generated reading (`this is the digit 7.` -> 7), or None."""
+    import re
+
+    m = re.search(r"digit\s*(\d)", text) or re.search(r"(\d)", text)
+    return int(m.group(1)) if m else None

@@ -1,0 +1,216 @@
+"""`omni generate`: one-shot, scriptable sampling from a checkpoint.
+
+    omni generate --ckpt DIR --prompt "a red circle" --mode image --out imgs --json
+    omni generate --ckpt DIR --prompt "<image> what color is it?" --image cat.png
+    omni generate --ckpt DIR --prompts batch.jsonl --json > answers.jsonl
+
+Images given with --image are placed at `<image>` markers in the prompt, in order, or before the
+text when the prompt has no markers. A JSONL file holds one request per line:
+{"prompt": "...", "images": ["a.png"], "seed": 3, "mode": "image"} (only "prompt" is required;
+relative image paths resolve against the file's folder). `--json` prints
+{"segments": [{"type": "text", "text": ...}, {"type": "image", "path": ...}], "settings": {...}}
+per prompt (one line each for a JSONL batch). The sampling flags and their defaults
+(the checkpoint's `generation` section) are shared with `omni chat`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from pathlib import Path
+
+IMAGE_MARKER = "<image>"
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """Flags that override GenerationConfig; unset flags keep the checkpoint's defaults."""
+    g = p.add_argument_group("sampling (defaults: the checkpoint's generation settings)")
+    g.add_argument("--temperature", type=float, help="text temperature; 0 = greedy")
+    g.add_argument("--top-k", type=int, dest="top_k", help="keep the k likeliest text tokens; 0 = off")
+    g.add_argument("--top-p", type=float, dest="top_p", help="nucleus sampling mass")
+    g.add_argument("--max-new-tokens", type=int, dest="max_new_tokens", help="generated positions per answer")
+    g.add_argument("--max-images", type=int, dest="max_images", help="images per answer")
+    g.add_argument("--repetition-stop", type=int, dest="repetition_stop",
+                   help="stop after this many identical text tokens in a row; 0 = off")
+    g.add_argument("--cfg", type=float, dest="cfg_scale", help="classifier-free guidance scale; 1 = off")
+    g.add_argument("--steps", type=int, dest="image_steps", help="denoising steps per image token")
+    g.add_argument("--image-temperature", type=float, dest="image_temperature", help="image noise scale")
+    g.add_argument("--sampler", choices=["ddim", "ddpm", "euler", "stochastic"], help="image token sampler")
+    g.add_argument("--no-cache", action="store_false", dest="use_cache", default=None,
+                   help="recompute the whole prefix every step (slow; for checking)")
+    g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+
+
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "max_new_tokens", "max_images", "repetition_stop",
+                 "cfg_scale", "image_steps", "image_temperature", "sampler", "use_cache")
+
+
+def sampling_overrides(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, k, None) for k in SAMPLING_KEYS}
+
+
+def load_model(ckpt: str, device: str | None):
+    """Load a checkpoint for inference on `device` (default: CUDA when present)."""
+    from omni.checkpoint import load_pretrained
+    from omni.utils import default_device
+
+    return load_pretrained(ckpt, device=device or default_device())
+
+
+def load_image(path: str | Path):
+    """Open an image as RGB, with an error that names the path and what went wrong."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"image {str(path)!r} does not exist")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"cannot read image {str(path)!r}: {e}") from e
+
+
+def build_prompt(text: str, images: list) -> list:
+    """Segments of one prompt: images at `<image>` markers, or all images before the text."""
+    parts = text.split(IMAGE_MARKER)
+    if len(parts) == 1:
+        return [*images, text] if text else list(images)
+    if len(parts) - 1 != len(images):
+        raise ValueError(
+            f"the prompt has {len(parts) - 1} {IMAGE_MARKER} markers but {len(images)} images were given; "
+            "give one --image per marker, or drop the markers to put the images first"
+        )
+    segments: list = []
+    for i, part in enumerate(parts):
+        if i:
+            segments.append(images[i - 1])
+        if part:
+            segments.append(part)
+    return segments
+
+
+def read_requests(args: argparse.Namespace) -> list[dict]:
+    """The prompts to run: --prompt/--image, or one JSON object per line of --prompts."""
+    if args.prompts is None:
+        return [{"prompt": args.prompt, "images": args.image or [], "base": Path.cwd()}]
+    path = Path(args.prompts)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {str(path)!r} does not exist")
+    requests = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            req = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not JSON ({e.msg}); each line must be one request object") from e
+        if not isinstance(req, dict) or not isinstance(req.get("prompt"), str):
+            raise ValueError(f'{path}:{n}: each line needs {{"prompt": "..."}}, got {line[:80]!r}')  # noqa: TRY004
+        requests.append({**req, "images": req.get("images") or [], "base": path.parent})
+    if not requests:
+        raise ValueError(f"prompt file {path} holds no requests")
+    return requests
+
+
+def image_name(index: int, seed: int, k: int) -> str:
+    return f"p{index:04d}_s{seed}_{k}.png"
+
+
+def save_png(image, path: Path) -> None:
+    from omni.utils import atomic_write_bytes
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from omni.generation import MODES, generate, generation_config
+
+    if (args.prompt is None) == (args.prompts is None):
+        raise ValueError("give exactly one of --prompt TEXT or --prompts FILE.jsonl")
+    requests = read_requests(args)
+    for i, req in enumerate(requests):
+        base = req["base"]
+        paths = [p if Path(p).is_absolute() else str(base / p) for p in req["images"]]
+        req["segments"] = build_prompt(req["prompt"], [load_image(p) for p in paths])
+        req["mode"] = req.get("mode") or args.mode
+        if req["mode"] is not None and req["mode"] not in MODES:
+            raise ValueError(f"request {i}: mode {req['mode']!r} is not one of {list(MODES)}")
+    model = load_model(args.ckpt, args.device)
+    cfg = generation_config(model, **sampling_overrides(args))
+    seed = args.seed if args.seed is not None else cfg.seed
+    for i, req in enumerate(requests):
+        req["seed"] = int(req.get("seed", seed + i))
+        req["mode"] = req["mode"] or cfg.mode
+    torch.manual_seed(seed)  # anything outside the per-row generators is seeded too
+    out_dir = Path(args.out)
+    results: list = [None] * len(requests)
+    for mode in MODES:  # one generate call per mode and batch; output keeps the request order
+        todo = [i for i, r in enumerate(requests) if r["mode"] == mode]
+        for start in range(0, len(todo), args.batch_size):
+            chunk = todo[start:start + args.batch_size]
+            got = generate(model, [requests[i]["segments"] for i in chunk], cfg,
+                           seeds=[requests[i]["seed"] for i in chunk], mode=mode, progress=not args.json)
+            for i, res in zip(chunk, got):
+                results[i] = res
+    for i, (req, res) in enumerate(zip(requests, results)):
+        segments, k = [], 0
+        for seg in res.segments:
+            if isinstance(seg, str):
+                segments.append({"type": "text", "text": seg})
+            else:
+                path = out_dir / image_name(i, req["seed"], k)
+                save_png(seg, path)
+                segments.append({"type": "image", "path": str(path)})
+                k += 1
+        record = {"segments": segments, "settings": res.settings, "finish_reason": res.finish_reason}
+        if args.prompts is not None:
+            record = {"prompt": req["prompt"], "images": req["images"], **record}
+        if args.json:
+            print(json.dumps(record), flush=True)
+        else:
+            print_human(record, i if len(requests) > 1 else None)
+    return 0
+
+
+def print_human(record: dict, index: int | None) -> None:
+    if index is not None:
+        print(f"--- {index}: {record['prompt']}")
+    for seg in record["segments"]:
+        print(seg["text"] if seg["type"] == "text" else f"[image: {seg['path']}]")
+    s = record["settings"]
+    print(f"({record['finish_reason']}; seed {s['seed']}, {s['sampler']} {s['image_steps']} steps, "
+          f"cfg {s['cfg_scale']}, temperature {s['temperature']})", file=sys.stderr)
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="sample text and images from a checkpoint",
+        description=__doc__.split("\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--ckpt", required=True, help="inference checkpoint directory")
+    p.add_argument("--prompt", help="prompt text; <image> marks where each --image goes")
+    p.add_argument("--image", action="append", metavar="PATH", help="attach an image (repeatable, in order)")
+    p.add_argument("--prompts", metavar="FILE.jsonl", help="batch: one JSON request per line")
+    p.add_argument("--mode", choices=["auto", "text", "image"], help="interleaved, text only, or one image")
+    p.add_argument("--out", default="outputs", help="folder for generated PNGs (default: outputs)")
+    p.add_argument("--seed", type=int, help="seed of the first prompt; prompt i uses seed + i")
+    p.add_argument("--json", action="store_true", help="print JSON (one object per prompt)")
+    p.add_argument("--batch-size", type=_positive, default=8, dest="batch_size", help="prompts per batch")
+    add_sampling_flags(p)
+    p.set_defaults(func=run)

@@ -1,0 +1,558 @@
+"""The interleaved sampler used by `omni generate`, `omni chat` and `omni eval`.
+
+Every row of a batch continues one document:
+
+    [bos] prompt ... | text ... <boi> x1 ... xN <eoi> text ... [eos]
+
+A row is either in text mode (the LM head picks the next token) or in image mode (the diffusion
+head draws the next continuous token from the hidden state one position before it). Sampling
+<boi> switches a row to image mode; after N tokens <eoi> is forced and text resumes. Rows switch
+independently, so one batch can hold rows writing text beside rows drawing.
+
+Streams. The model sees "streams" (batch rows of a forward pass), not answer rows: each answer row
+has a conditional stream and, while it draws under classifier-free guidance, an unconditional one.
+The unconditional stream is a copy of the conditional one taken when <boi> is sampled (Orthus
+starts its unconditional branch there too). Its mask hides everything before that <boi> except
+[bos], and its positions restart at 1, so it computes exactly what a separate pass over
+`[bos] <boi> x1 ...` would: the condition the model was trained on when the caption was dropped.
+Both streams share one batch and one KV cache; streams join and leave by indexing the cache's
+batch dimension, so CFG costs extra rows only while a row is drawing, never a second pass.
+
+Prompts of different lengths share a batch through left padding, explicit position ids and an
+additive 4D mask (built here, so the cached and the recomputed paths use the same one). Every row
+has its own torch.Generator for text sampling and diffusion noise, so a row's result does not
+depend on the rest of the batch.
+
+Shape legend: S streams in a forward, Q positions fed, T positions in total (cached + fed),
+D backbone width, V vocabulary, d image-token dim, N image tokens per image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+from omni.config import GenerationConfig
+
+MODES = ("auto", "text", "image")
+Prompt = Sequence["str | Image.Image"]
+
+
+@dataclass
+class GenerationResult:
+    segments: list[str | Image.Image]  # generated text pieces and images, in order
+    settings: dict  # everything needed to reproduce this row (sampler, steps, cfg, seed, checkpoint, ...)
+    finish_reason: str  # "eos" | "max_tokens" | "max_images" | "repetition" | "cancelled"
+    ids: list[int] = field(default_factory=list)  # generated ids; image positions hold the placeholder id
+    image_tokens: list[torch.Tensor] = field(default_factory=list)  # (N, d) per generated image
+
+    @property
+    def text(self) -> str:
+        return " ".join(s for s in self.segments if isinstance(s, str))
+
+    @property
+    def images(self) -> list[Image.Image]:
+        return [s for s in self.segments if isinstance(s, Image.Image)]
+
+
+class GenerationEvents:
+    """Hooks the sampler calls as it goes; chat streams text and draws progress bars from them.
+
+    `row` is the index of the prompt in the batch. Subclass and override what you need.
+    """
+
+    def text(self, row: int, delta: str) -> None:
+        """New text of the row's current text segment (the part not reported yet)."""
+
+    def image_start(self, row: int, total: int) -> None:
+        """The row sampled <boi>; `total` image tokens follow."""
+
+    def image_token(self, row: int, done: int, total: int) -> None:
+        """`done` of `total` image tokens of the current image are drawn."""
+
+    def image_done(self, row: int, image: Image.Image) -> None:
+        """The row finished an image."""
+
+    def should_stop(self) -> bool:
+        """Polled once per step; True cancels every unfinished row (finish_reason "cancelled")."""
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# Prompts
+# --------------------------------------------------------------------------------------------
+
+Item = tuple[int, "torch.Tensor | None"]  # (token id, continuous image token (d,) or None)
+
+
+def encode_prompts(model, prompts: Sequence[Prompt]) -> list[list[Item]]:
+    """Lay out prompts as training did: [bos] text ... <boi> x1..xN <eoi> text ...
+
+    Each text segment is encoded on its own; images are fitted to the model's size and encoded in
+    one batch (one VAE call for every image of every prompt).
+    """
+    from omni.tokenizers.image import fit_image
+
+    sp = model.special
+    size = model.image_tokenizer.cfg.image_size
+    pictures = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, (str, Image.Image)):
+            raise TypeError(f"prompt {i} must be a list of segments (str | PIL.Image), got a bare {type(prompt).__name__}")
+        for j, seg in enumerate(prompt):
+            if isinstance(seg, Image.Image):
+                pictures.append(fit_image(seg, size))
+            elif not isinstance(seg, str):
+                raise TypeError(f"prompt {i} segment {j} is a {type(seg).__name__}; use str or PIL.Image")
+    tokens = model.image_tokenizer.encode(pictures).to(model.device) if pictures else None  # (M, N, d)
+    out, k = [], 0
+    for prompt in prompts:
+        items: list[Item] = [(sp.bos, None)]
+        for seg in prompt:
+            if isinstance(seg, str):
+                items += [(t, None) for t in model.tokenizer.encode(seg)]
+            else:
+                items += [(sp.boi, None)] + [(sp.img, x) for x in tokens[k]] + [(sp.eoi, None)]
+                k += 1
+        out.append(items)
+    return out
+
+
+def prompt_length(model, prompt: Prompt) -> int:
+    """Positions `prompt` occupies, without encoding its images (chat trims history with it)."""
+    n = model.image_tokenizer.num_tokens + 2
+    return 1 + sum(len(model.tokenizer.encode(s)) if isinstance(s, str) else n for s in prompt)
+
+
+def context_length(model) -> int:
+    return int(model.backbone.config.get_text_config().max_position_embeddings)
+
+
+def check_config(cfg: GenerationConfig, mode: str) -> None:
+    """Fail before any work on settings that cannot run, naming the setting."""
+    from omni.heads.diffusion import DETERMINISTIC
+
+    if mode not in MODES:
+        raise ValueError(f"generation mode {mode!r} is not one of {list(MODES)}")
+    if cfg.sampler not in DETERMINISTIC:
+        raise ValueError(f"sampler {cfg.sampler!r} is not one of {sorted(DETERMINISTIC)}")
+    if cfg.temperature < 0 or cfg.image_temperature < 0:
+        raise ValueError(f"temperatures must be >= 0, got {cfg.temperature} and {cfg.image_temperature}")
+    if not 0.0 < cfg.top_p <= 1.0:
+        raise ValueError(f"top_p={cfg.top_p} must be in (0, 1]")
+    if cfg.top_k < 0 or cfg.max_new_tokens < 1 or cfg.image_steps < 1 or cfg.max_images < 0:
+        raise ValueError(
+            f"top_k={cfg.top_k} must be >= 0, max_new_tokens={cfg.max_new_tokens} and "
+            f"image_steps={cfg.image_steps} >= 1, max_images={cfg.max_images} >= 0"
+        )
+
+
+def generation_config(model=None, **overrides: Any) -> GenerationConfig:
+    """The checkpoint's generation defaults (model.run_config.generation) with `overrides` on top.
+
+    None values in `overrides` are ignored, so argparse flags that were not given can pass through.
+    """
+    run_config = getattr(model, "run_config", None)
+    base = dataclasses.replace(run_config.generation) if run_config is not None else GenerationConfig()
+    names = {f.name for f in dataclasses.fields(GenerationConfig)}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key not in names:
+            raise ValueError(f"unknown generation setting {key!r}; valid: {', '.join(sorted(names))}")
+        setattr(base, key, value)
+    return base
+
+
+# --------------------------------------------------------------------------------------------
+# Sampler state
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Stream:
+    """One batch row of the model: its positions, and what each position may attend to."""
+
+    ids: list[int]
+    images: list  # continuous token (d,) at image positions, else None
+    pos: list[int]  # position id of each position
+    lo: list[int]  # a query here sees keys [lo, itself] plus `bos`
+    bos: int  # index of [bos] (= left padding)
+    start: int  # `lo` for positions appended from now on
+    next_pos: int
+    src: _Stream | None = None  # set on a fresh copy until its cache rows are copied
+
+    def append(self, tok: int, image) -> None:
+        self.ids.append(tok)
+        self.images.append(image)
+        self.pos.append(self.next_pos)
+        self.lo.append(self.start)
+        self.next_pos += 1
+
+    def unconditional(self) -> _Stream:
+        """A copy that, from the next position on, sees only [bos] and what follows: the CFG branch."""
+        return _Stream(list(self.ids), list(self.images), list(self.pos), list(self.lo), self.bos,
+                       start=len(self.ids), next_pos=1, src=self)
+
+
+@dataclass
+class _Row:
+    index: int
+    seed: int
+    gen: torch.Generator
+    budget: int  # generated positions allowed
+    cond: _Stream
+    uncond: _Stream | None = None
+    feed: list = field(default_factory=list)  # items waiting to be fed, oldest first
+    drawing: bool = False
+    n_new: int = 0
+    n_images: int = 0
+    ids: list[int] = field(default_factory=list)
+    text_ids: list[int] = field(default_factory=list)  # the text segment being written
+    streamed: str = ""
+    current: list = field(default_factory=list)  # image tokens of the image being drawn
+    segments: list = field(default_factory=list)
+    image_tokens: list = field(default_factory=list)
+    last: int = -1
+    run: int = 0
+    finish: str | None = None
+
+
+@dataclass
+class _Group:
+    """Streams that run in one forward call and share one KV cache."""
+
+    streams: list[_Stream] = field(default_factory=list)
+    cache: Any = None
+
+
+class Sampler:
+    """One generation call: build the batch, step until every row finishes, return results.
+
+    use_cache=False recomputes every position at every step (the reference the cache is tested
+    against); cfg_batching=False runs the unconditional streams as a second forward pass (the
+    baseline the one-batch design is measured against).
+    """
+
+    def __init__(self, model, cfg: GenerationConfig, mode: str, seeds: list[int],
+                 events: GenerationEvents | None = None, cfg_batching: bool = True):
+        self.model = model
+        self.cfg = cfg
+        self.mode = mode
+        self.seeds = seeds
+        self.events = events or GenerationEvents()
+        self.stream_text = type(self.events).text is not GenerationEvents.text  # decode only if someone listens
+        self.use_cache = cfg.use_cache
+        self.use_cfg = cfg.cfg_scale != 1.0 and mode != "text"
+        self.cfg_batching = cfg_batching
+        self.sp = model.special
+        self.n_tokens = model.image_tokenizer.num_tokens
+        self.device = model.device
+        banned = {self.sp.img, self.sp.eoi, self.sp.bos} | ({self.sp.pad} - {self.sp.eos})
+        if mode == "text":
+            banned.add(self.sp.boi)
+        self.banned = torch.tensor(sorted(banned), device=self.device)
+
+    # -- batch ---------------------------------------------------------------------------------
+    def _rows(self, encoded: list[list[Item]]) -> list[_Row]:
+        ctx = context_length(self.model)
+        need = self.n_tokens + 2 if self.mode == "image" else 1
+        width = max(len(p) for p in encoded)
+        rows = []
+        for i, items in enumerate(encoded):
+            if len(items) + need > ctx:
+                raise ValueError(
+                    f"prompt {i} takes {len(items)} positions and needs {need} more to answer, but the "
+                    f"context holds {ctx}: {len(items) + need - ctx} too many; shorten the prompt"
+                )
+            pad = width - len(items)
+            ids = [self.sp.pad] * pad + [t for t, _ in items]
+            images = [None] * pad + [x for _, x in items]
+            pos = [0] * pad + list(range(len(items)))
+            lo = list(range(pad)) + [pad] * len(items)  # padding sees only itself
+            stream = _Stream(ids, images, pos, lo, bos=pad, start=pad, next_pos=len(items))
+            budget = min(self.cfg.max_new_tokens, ctx - len(items))
+            if self.mode == "image":
+                budget = max(budget, need)  # image mode always draws its one image
+            gen = torch.Generator(device=self.device).manual_seed(int(self.seeds[i]))
+            rows.append(_Row(index=i, seed=int(self.seeds[i]), gen=gen, budget=budget, cond=stream))
+        return rows
+
+    def _forward(self, group: _Group, start: int) -> torch.Tensor:
+        """Feed positions [start, T) of every stream of `group`; hidden state of the last one (S, D)."""
+        streams = group.streams
+        T = len(streams[0].ids)
+        dev = self.device
+        ids = torch.tensor([s.ids[start:] for s in streams], device=dev)  # (S, Q)
+        pos = torch.tensor([s.pos[start:] for s in streams], device=dev)  # (S, Q)
+        lo = torch.tensor([s.lo[start:] for s in streams], device=dev)  # (S, Q)
+        bos = torch.tensor([s.bos for s in streams], device=dev)  # (S,)
+        image_mask = torch.tensor([[x is not None for x in s.images[start:]] for s in streams], device=dev)
+        tokens = [x for s in streams for x in s.images[start:] if x is not None]
+        image_tokens = (torch.stack(tokens) if tokens
+                        else torch.zeros(0, self.model.image_tokenizer.token_dim, device=dev))  # (M, d)
+        embeds = self.model.embed(ids, image_tokens, image_mask)  # (S, Q, D)
+        q = torch.arange(start, T, device=dev)[None, :, None]  # (1, Q, 1)
+        k = torch.arange(T, device=dev)[None, None, :]  # (1, 1, T)
+        allowed = (k <= q) & ((k >= lo[:, :, None]) | (k == bos[:, None, None]))  # (S, Q, T)
+        bias = torch.zeros(allowed.shape, dtype=embeds.dtype, device=dev)
+        bias = bias.masked_fill(~allowed, torch.finfo(embeds.dtype).min)[:, None]  # (S, 1, Q, T)
+        hidden, cache = self.model.decoder(
+            embeds, attention_mask=bias, position_ids=pos,
+            past_key_values=group.cache if self.use_cache else None, use_cache=self.use_cache,
+        )
+        group.cache = cache if self.use_cache else None
+        return hidden[:, -1]  # (S, D)
+
+    def _regroup(self, groups: list[_Group], rows: list[_Row]) -> None:
+        """Put the live streams in their groups; copy/drop cache rows to match (one gather per group)."""
+        where = {id(s): (g, i) for g, grp in enumerate(groups) for i, s in enumerate(grp.streams)}
+        conds = [r.cond for r in rows]
+        unconds = [r.uncond for r in rows if r.uncond is not None]
+        wanted = [conds + unconds] if len(groups) == 1 else [conds, unconds]
+        caches = []
+        for g, (grp, streams) in enumerate(zip(groups, wanted)):
+            src = [where[id(s.src if s.src is not None else s)] for s in streams]
+            unchanged = src == [(g, i) for i in range(len(grp.streams))]
+            if not self.use_cache or unchanged:
+                caches.append(grp.cache)
+            else:
+                caches.append(self._gather(groups, src) if streams else None)
+        for grp, streams, cache in zip(groups, wanted, caches):  # assign only after every gather read
+            grp.streams, grp.cache = streams, cache
+        for s in unconds:
+            s.src = None
+
+    def _gather(self, groups: list[_Group], src: list[tuple[int, int]]):
+        """A new DynamicCache whose rows are the cache rows `src` = [(group, row), ...]."""
+        from transformers import DynamicCache
+
+        offsets, n = [], 0
+        for grp in groups:
+            offsets.append(n)
+            n += len(grp.streams)
+        index = torch.tensor([offsets[g] + i for g, i in src], device=self.device)
+        caches = [grp.cache for grp in groups if grp.streams]
+        layers = []
+        for parts in zip(*(c.layers for c in caches)):
+            keys = torch.cat([p.keys for p in parts]) if len(parts) > 1 else parts[0].keys  # (S_all, H, T, hd)
+            values = torch.cat([p.values for p in parts]) if len(parts) > 1 else parts[0].values
+            layers.append((keys.index_select(0, index), values.index_select(0, index)))
+        return DynamicCache(layers, config=self.model.backbone.config)
+
+    # -- decisions -----------------------------------------------------------------------------
+    def _pick(self, row: _Row, logits: torch.Tensor) -> int:
+        """Next text token from logits (V,): greedy, or temperature / top-k / top-p sampling."""
+        cfg = self.cfg
+        logits = logits.float().index_fill(0, self.banned, float("-inf"))
+        if cfg.temperature == 0:
+            return int(logits.argmax())
+        logits = logits / cfg.temperature
+        if cfg.top_k > 0:
+            kth = torch.topk(logits, min(cfg.top_k, logits.numel())).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if cfg.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True)
+            probs = sorted_logits.softmax(-1)
+            drop = probs.cumsum(-1) - probs > cfg.top_p  # keep the smallest set reaching top_p
+            logits = logits.index_fill(0, order[drop], float("-inf"))
+        return int(torch.multinomial(logits.softmax(-1), 1, generator=row.gen))
+
+    def _flush_text(self, row: _Row) -> None:
+        if row.text_ids:
+            text = self.model.tokenizer.decode(row.text_ids)
+            if text:
+                row.segments.append(text)
+        row.text_ids, row.streamed = [], ""
+
+    def _finish(self, row: _Row, reason: str) -> None:
+        self._flush_text(row)
+        row.finish = reason
+
+    def _start_image(self, row: _Row) -> None:
+        self._flush_text(row)
+        row.drawing, row.current = True, []
+        row.n_new += 1
+        row.ids.append(self.sp.boi)
+        row.feed.append((self.sp.boi, None))
+        if self.use_cfg:
+            row.uncond = row.cond.unconditional()
+        self.events.image_start(row.index, self.n_tokens)
+
+    def _text_token(self, row: _Row, tok: int) -> None:
+        cfg = self.cfg
+        if tok == self.sp.eos:
+            return self._finish(row, "eos")
+        if tok == self.sp.boi:
+            if row.n_images >= cfg.max_images:
+                return self._finish(row, "max_images")
+            if row.n_new + self.n_tokens + 2 > row.budget:
+                return self._finish(row, "max_tokens")
+            return self._start_image(row)
+        row.n_new += 1
+        row.ids.append(tok)
+        row.text_ids.append(tok)
+        row.run = row.run + 1 if tok == row.last else 1
+        row.last = tok
+        if self.stream_text:
+            text = self.model.tokenizer.decode(row.text_ids)
+            if text.startswith(row.streamed) and len(text) > len(row.streamed):
+                self.events.text(row.index, text[len(row.streamed):])
+                row.streamed = text
+        if cfg.repetition_stop and row.run >= cfg.repetition_stop:
+            return self._finish(row, "repetition")
+        if row.n_new >= row.budget:
+            return self._finish(row, "max_tokens")
+        row.feed.append((tok, None))
+
+    def _image_token(self, row: _Row, x: torch.Tensor) -> bool:
+        """Record one image token; True when it completes the image."""
+        row.current.append(x)
+        row.ids.append(self.sp.img)
+        row.n_new += 1
+        self.events.image_token(row.index, len(row.current), self.n_tokens)
+        if len(row.current) < self.n_tokens:
+            row.feed.append((self.sp.img, x))
+            return False
+        row.image_tokens.append(torch.stack(row.current))  # (N, d)
+        row.n_images += 1
+        row.drawing, row.current, row.uncond = False, [], None
+        if self.mode != "image":
+            row.ids.append(self.sp.eoi)
+            row.n_new += 1
+            row.feed += [(self.sp.img, x), (self.sp.eoi, None)]  # <eoi> is forced, never sampled
+        return True
+
+    def _decide(self, ready: list[_Row], hidden: dict[int, torch.Tensor]) -> None:
+        """Sample the next text or image token of every row that has nothing left to feed."""
+        cfg, model = self.cfg, self.model
+        texts = [r for r in ready if not r.drawing]
+        for r in [r for r in texts if self.mode == "image"]:
+            self._start_image(r)  # image mode: <boi> is forced right after the prompt
+        texts = [r for r in texts if self.mode != "image"]
+        if texts:
+            logits = model.lm_head(torch.stack([hidden[id(r.cond)] for r in texts]))  # (b, V)
+            for r, lg in zip(texts, logits):
+                self._text_token(r, self._pick(r, lg))
+        drawing = [r for r in ready if r.drawing and not r.feed]
+        if not drawing:
+            return
+        cond = torch.stack([hidden[id(r.cond)] for r in drawing])  # (b, D)
+        uncond = torch.stack([hidden[id(r.uncond)] for r in drawing]) if self.use_cfg else None
+        x = model.head.sample(cond, uncond, cfg_scale=cfg.cfg_scale, steps=cfg.image_steps,
+                              temperature=cfg.image_temperature, sampler=cfg.sampler,
+                              generator=[r.gen for r in drawing])  # (b, d)
+        done = [r for r, xi in zip(drawing, x) if self._image_token(r, xi)]
+        if done:
+            pixels = model.image_tokenizer.decode(torch.stack([r.image_tokens[-1] for r in done]))  # (k, C, H, W)
+            from omni.tokenizers.image import to_pil
+
+            for r, im in zip(done, to_pil(pixels)):
+                r.segments.append(im)
+                self.events.image_done(r.index, im)
+                if self.mode == "image":
+                    self._finish(r, "eos")
+
+    # -- loop ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self, prompts: Sequence[Prompt], progress: bool = False) -> list[_Row]:
+        rows = self._rows(encode_prompts(self.model, prompts))
+        groups = [_Group([r.cond for r in rows])] + ([] if self.cfg_batching else [_Group()])
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=max(r.budget for r in rows), desc="generate", unit="tok", leave=False)
+        cached = 0
+        live = rows
+        while True:
+            hidden = {}
+            for grp in groups:
+                if grp.streams:
+                    h = self._forward(grp, cached if self.use_cache else 0)  # (S, D)
+                    hidden.update({id(s): hs for s, hs in zip(grp.streams, h)})
+            cached = len(live[0].cond.ids)
+            if self.events.should_stop():
+                for r in live:
+                    self._finish(r, "cancelled")
+                break
+            self._decide([r for r in live if not r.feed], hidden)
+            live = [r for r in live if r.finish is None]
+            if not live:
+                break
+            self._regroup(groups, live)
+            for r in live:
+                tok, x = r.feed.pop(0)
+                for s in (r.cond, r.uncond):
+                    if s is not None:
+                        s.append(tok, x)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        return rows
+
+    def settings(self, seed: int) -> dict:
+        cfg = self.cfg
+        return {
+            "sampler": cfg.sampler,
+            "image_steps": cfg.image_steps,
+            "cfg_scale": cfg.cfg_scale,
+            "temperature": cfg.temperature,
+            "image_temperature": cfg.image_temperature,
+            "top_k": cfg.top_k,
+            "top_p": cfg.top_p,
+            "seed": seed,
+            "mode": self.mode,
+            "max_new_tokens": cfg.max_new_tokens,
+            "max_images": cfg.max_images,
+            "repetition_stop": cfg.repetition_stop,
+            "use_cache": cfg.use_cache,
+            "checkpoint": getattr(self.model, "checkpoint_path", None),
+        }
+
+
+def generate(
+    model,
+    prompts: Sequence[Prompt],
+    cfg: GenerationConfig | None = None,
+    *,
+    seeds: Sequence[int] | None = None,
+    mode: str | None = None,
+    progress: bool | None = None,
+    events: GenerationEvents | None = None,
+    cfg_batching: bool = True,
+) -> list[GenerationResult]:
+    """Continue each prompt (a list of str | PIL.Image segments) with text and/or images.
+
+    cfg: sampling settings (default: the checkpoint's `generation` section). seeds: one per
+    prompt (default cfg.seed + index); a row's result depends only on its prompt, seed and cfg.
+    mode: "auto" (interleaved), "text" (no images), "image" (exactly one image, <boi> forced
+    right after the prompt); default cfg.mode. progress: a tqdm bar over decoding steps.
+    events: streaming hooks and cancellation (GenerationEvents).
+    """
+    cfg = cfg if cfg is not None else generation_config(model)
+    mode = mode or cfg.mode
+    check_config(cfg, mode)
+    if not prompts:
+        return []
+    seeds = list(seeds) if seeds is not None else [cfg.seed + i for i in range(len(prompts))]
+    if len(seeds) != len(prompts):
+        raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt")
+    sampler = Sampler(model, cfg, mode, seeds, events=events, cfg_batching=cfg_batching)
+    was_training = model.training
+    model.eval()
+    try:
+        rows = sampler.run(prompts, progress=bool(progress))
+    finally:
+        model.train(was_training)
+    return [
+        GenerationResult(segments=r.segments, settings=sampler.settings(r.seed), finish_reason=r.finish or "eos",
+                         ids=r.ids, image_tokens=r.image_tokens)
+        for r in rows
+    ]

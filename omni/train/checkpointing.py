@@ -1,0 +1,186 @@
+"""Training checkpoints: DeepSpeed's sharded state plus omni's per-rank state, crash-safe.
+
+    RUN/checkpoints/latest                 tag of the newest *complete* checkpoint (atomic rename)
+    RUN/checkpoints/step00000500/          DeepSpeed files (model, ZeRO optimizer shards, scheduler)
+        omni_rank{r}.json                  step, data-loader position, RNG states, fault counters
+        ema_rank{r}.safetensors            EMA weights held by rank r (omni.train.ema)
+        config.yaml                        the resolved run config
+        COMPLETE                           written last, by rank 0, after every rank finished
+
+A crash mid-save leaves a tag without COMPLETE and `latest` still naming the previous one;
+resume ignores incomplete tags and the next prune removes them. Only the last `keep_last`
+complete checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from omni.utils import atomic_write_text
+
+CKPT_DIR = "checkpoints"
+COMPLETE = "COMPLETE"
+
+
+def tag_name(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def complete_tags(ckpt_dir: Path) -> list[Path]:
+    """Complete checkpoint tag directories, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and (p / COMPLETE).exists())
+
+
+def latest_tag(ckpt_dir: Path) -> Path | None:
+    """The tag `latest` names if it is complete, else the newest complete one."""
+    latest = ckpt_dir / "latest"
+    if latest.exists():
+        tag = ckpt_dir / latest.read_text().strip()
+        if (tag / COMPLETE).exists():
+            return tag
+    tags = complete_tags(ckpt_dir)
+    return tags[-1] if tags else None
+
+
+def find_resume(run_dir: Path, resume: str | None) -> Path | None:
+    """The checkpoint to start from: None (fresh), `auto` (the run's latest, if any) or a tag dir."""
+    ckpt_dir = run_dir / CKPT_DIR
+    if resume is None:
+        if complete_tags(ckpt_dir):
+            raise ValueError(
+                f"{run_dir} already holds checkpoints; continue it with `--resume auto` (train.resume=auto) "
+                "or choose a new train.out_dir"
+            )
+        return None
+    if resume == "auto":
+        return latest_tag(ckpt_dir)
+    tag = Path(resume)
+    if not (tag / COMPLETE).exists():
+        raise FileNotFoundError(f"train.resume={resume!r} is not a complete checkpoint directory (no {COMPLETE} file)")
+    return tag
+
+
+# ------------------------------------------------------------------------------------------------
+# RNG state as JSON (no pickle)
+# ------------------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *[x.item() if hasattr(x, "item") else x for x in np_state[2:]]],
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8))
+
+
+# ------------------------------------------------------------------------------------------------
+# Save / load
+# ------------------------------------------------------------------------------------------------
+
+
+def save(engine, run_dir: Path, step: int, rank_state: dict[str, Any], ema, config_yaml: str,
+         rank: int, world_size: int, keep_last: int) -> Path:
+    """Write checkpoint `step` (all ranks call this); returns the tag directory."""
+    import torch.distributed as dist
+
+    ckpt_dir = run_dir / CKPT_DIR
+    tag = ckpt_dir / tag_name(step)
+    if (tag / COMPLETE).exists():
+        return tag  # already saved at this step (e.g. a signal right after a periodic save)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag.name, client_state={"omni_step": step}, save_latest=False)
+    atomic_write_text(tag / f"omni_rank{rank}.json", json.dumps({**rank_state, "rng": rng_state()}))
+    ema.save(tag)
+    dist.barrier()
+    if rank == 0:
+        atomic_write_text(tag / "config.yaml", config_yaml)
+        info = {"step": step, "world_size": world_size, "zero_stage": engine.zero_optimization_stage(),
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        atomic_write_text(tag / COMPLETE, json.dumps(info))
+        atomic_write_text(ckpt_dir / "latest", tag.name)
+        prune(ckpt_dir, keep_last, keep=tag)
+    dist.barrier()
+    return tag
+
+
+def prune(ckpt_dir: Path, keep_last: int, keep: Path) -> None:
+    """Remove all but the newest `keep_last` complete tags, and incomplete tags older than `keep`."""
+    complete = complete_tags(ckpt_dir)
+    doomed = complete[: max(0, len(complete) - max(1, keep_last))]
+    doomed += [p for p in ckpt_dir.iterdir() if p.is_dir() and not (p / COMPLETE).exists() and p.name < keep.name]
+    for p in doomed:
+        if p != keep:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def load(engine, tag: Path, ema, rank: int, world_size: int) -> dict[str, Any]:
+    """Restore engine (weights, optimizer, scheduler, step), EMA and RNG; returns this rank's state."""
+    info = json.loads((tag / COMPLETE).read_text())
+    if info["world_size"] != world_size:
+        raise ValueError(
+            f"checkpoint {tag} was written by {info['world_size']} ranks but this run has {world_size}; "
+            "resume with the same number of processes (DeepSpeed's ZeRO shards are tied to the world size)"
+        )
+    load_path, _ = engine.load_checkpoint(str(tag.parent), tag=tag.name, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    if load_path is None:
+        raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {tag}")
+    state = json.loads((tag / f"omni_rank{rank}.json").read_text())
+    set_rng_state(state.pop("rng"))
+    ema.load(tag)
+    return state
+
+
+# ------------------------------------------------------------------------------------------------
+# Preemption
+# ------------------------------------------------------------------------------------------------
+
+
+class StopSignal:
+    """SIGTERM / SIGINT set a flag; the loop saves at the next step boundary and exits cleanly.
+
+    A second SIGINT falls through to the default handler (Ctrl-C twice kills at once).
+    """
+
+    def __init__(self):
+        self.received: str | None = None
+        self._old = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a worker thread): no handlers
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def close(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)

@@ -1,0 +1,63 @@
+"""Shared fixtures: a tiny text tokenizer and tiny model configs built locally (nothing downloaded)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tests are many tiny matmuls, and CI machines are small: on 2 shared cores, OpenMP spinning
+# across threads made tiny ops hundreds of times slower than one thread. Subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+CORPUS = [
+    "a red circle left of a blue square.",
+    "a green triangle above a yellow circle.",
+    "what color is the square? purple",
+    "how many circles are there? three",
+    "an orange square below a red triangle.",
+    "draw the digit 7.",
+    "this is the digit 3.",
+    "the circle moves to the right.",
+] * 10
+
+TINY = [
+    "model.backbone.hidden_size=64",
+    "model.backbone.num_layers=2",
+    "model.backbone.num_heads=4",
+    "model.backbone.intermediate_size=128",
+    "model.head.width=64",
+    "model.head.depth=2",
+]
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    from omni.tokenizers.text import train_sentencepiece
+
+    path = tmp_path_factory.mktemp("tok")
+    train_sentencepiece(CORPUS, path, vocab_size=96)
+    return path
+
+
+@pytest.fixture
+def tiny_cfg(tokenizer_dir):
+    from omni.config import load_config
+
+    return load_config("tiny", [f"model.tokenizer={tokenizer_dir}", *TINY])
+
+
+@pytest.fixture
+def tiny_model(tiny_cfg):
+    import torch
+
+    from omni.model import OmniModel
+
+    torch.manual_seed(0)
+    return OmniModel.from_config(tiny_cfg.model)

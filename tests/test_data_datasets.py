@@ -1,0 +1,239 @@
+"""Built-in datasets (shapes world, handwritten digits), templates, and the `omni data` CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+from omni.cli import main
+from omni.data import digits, shapes
+from omni.data import templates as T
+from omni.data.document import Document
+from omni.data.shards import read_documents
+
+
+def _read_plain(paths: list[Path]) -> list[tuple[dict, list[np.ndarray]]]:
+    """Documents read with nothing but tarfile + json + PIL: (record, images in order)."""
+    out = []
+    for path in paths:
+        with tarfile.open(path) as tar:
+            members = {m.name: m for m in tar.getmembers()}
+            for name in members:
+                if not name.endswith(".json"):
+                    continue
+                record = json.loads(tar.extractfile(name).read())
+                key = name[: -len(".json")]
+                images = [np.asarray(Image.open(io.BytesIO(tar.extractfile(f"{key}.{im}").read())).convert("RGB"))
+                          for im in record["images"] if im is not None]
+                out.append((record, images))
+    return out
+
+
+def _image_objects(meta: dict) -> list[list[dict]]:
+    """Ground-truth objects of each image of a document, in order."""
+    if meta["task"] == "story":
+        return [step["objects"] for step in meta["steps"]]
+    if meta["task"] == "text":
+        return []
+    return [meta["objects"]]
+
+
+def _check_pixels(pixels: np.ndarray, objects: list[dict]) -> None:
+    """Exact re-render, plus an independent check: one uniform blob per object, right color."""
+    canvas = pixels.shape[0]
+    assert np.array_equal(pixels, np.asarray(shapes.render(objects, canvas)))
+    ink = np.any(pixels != 255, axis=-1)
+    labels, n = ndimage.label(ink)  # 4-connected blobs of non-white pixels
+    assert n == len(objects), (n, objects)
+    for obj in objects:
+        assert tuple(pixels[obj["cy"], obj["cx"]]) == shapes.COLORS[obj["color"]]
+        blob = labels == labels[obj["cy"], obj["cx"]]
+        assert len({tuple(p) for p in pixels[blob]}) == 1  # no anti-aliasing: one exact color
+        rows, cols = np.nonzero(blob)
+        assert cols.max() - cols.min() + 1 == obj["size"] and rows.max() - rows.min() + 1 == obj["size"]
+        fill = blob.sum() / obj["size"] ** 2
+        expected = {"square": (1.0, 1.0), "circle": (0.7, 0.86), "triangle": (0.45, 0.65)}[obj["shape"]]
+        assert expected[0] <= fill <= expected[1], (obj, fill)
+
+
+def _check_relation(objects: list[dict], rel: dict) -> None:
+    a, b = objects[rel["a"]], objects[rel["b"]]
+    dx, dy = a["cx"] - b["cx"], a["cy"] - b["cy"]
+    gap_x = abs(dx) - (a["size"] + b["size"]) / 2
+    gap_y = abs(dy) - (a["size"] + b["size"]) / 2
+    if rel["rel"] in ("left of", "right of"):
+        assert (dx < 0) == (rel["rel"] == "left of") and gap_x >= 2 and abs(dy) < abs(dx) / 2
+    else:
+        assert (dy < 0) == (rel["rel"] == "above") and gap_y >= 2 and abs(dx) < abs(dy) / 2
+
+
+def _check_semantics(record: dict) -> None:
+    meta, texts = record["meta"], [t for t in record["texts"] if t is not None]
+    task = meta["task"]
+    if task in ("t2i", "caption"):
+        objects, text = meta["objects"], texts[0]
+        for o in objects:
+            assert o["shape"] in text
+            if task == "caption" or "color" in meta.get("named", ["color"]):
+                assert o["color"] in text
+        if "relation" in meta:
+            _check_relation(objects, meta["relation"])
+            assert meta["relation"]["rel"].split()[0] in text
+        if meta.get("subtask") == "counting":
+            assert meta["count"] == len(objects) and T.number_word(len(objects)) in text
+            assert len({(o["shape"], o["color"]) for o in objects}) == 1
+    elif task == "vqa":
+        objects, (question, answer) = meta["objects"], texts
+        assert answer == meta["answer"]
+        qt = meta["question_type"]
+        if qt == "color":
+            shape = re.search(r"the (\w+)\?", question).group(1)
+            (obj,) = [o for o in objects if o["shape"] == shape]
+            assert answer == obj["color"]
+        elif qt == "shape":
+            color = re.search(r"the (\w+) object", question).group(1)
+            (obj,) = [o for o in objects if o["color"] == color]
+            assert answer == obj["shape"]
+        elif qt == "count":
+            shape = re.search(r"how many (\w+)s are", question).group(1)
+            assert answer == T.number_word(sum(o["shape"] == shape for o in objects))
+        elif "relation" in meta:
+            _check_relation(objects, meta["relation"])
+            assert answer == meta["relation"]["rel"].split()[0]
+        else:
+            shape = re.search(r"where is the (\w+)\?", question).group(1)
+            (obj,) = [o for o in objects if o["shape"] == shape]
+            row, col = int(obj["cy"] >= meta["canvas"] // 2), int(obj["cx"] >= meta["canvas"] // 2)
+            assert answer == T.CELL_NAMES[(row, col)]
+    elif task == "story":
+        assert 3 <= len(meta["steps"]) <= 4 and len(texts) == len(meta["steps"])
+        for prev, step, text in zip(meta["steps"], meta["steps"][1:], texts[1:]):
+            before = {o["shape"]: o for o in prev["objects"]}
+            after = {o["shape"]: o for o in step["objects"]}
+            shape = next(s for s in shapes.SHAPES if s in text)
+            if "moves" in text:
+                dx = after[shape]["cx"] - before[shape]["cx"]
+                dy = after[shape]["cy"] - before[shape]["cy"]
+                word = text.split()[-1].rstrip(".")
+                assert {"right": dx > 0, "left": dx < 0, "up": dy < 0, "down": dy > 0}[word]
+            elif "turns" in text:
+                assert after[shape]["color"] == text.split()[-1].rstrip(".") != before[shape]["color"]
+            elif "disappears" in text:
+                assert shape in before and shape not in after
+            else:
+                assert "appears" in text and shape in after and shape not in before and after[shape]["color"] in text
+
+
+def test_shapes_cli_writes_exact_ground_truth(tmp_path, capsys):
+    out = tmp_path / "shapes"
+    assert main(["data", "shapes", "--out", str(out), "--train", "2000", "--val", "200"]) == 0
+    printed = capsys.readouterr().out
+    assert f"data.train={out}/train-{{000000..000003}}.tar" in printed and f"data.val={out}/val-000000.tar" in printed
+    train = _read_plain(sorted(out.glob("train-*.tar")))
+    val = _read_plain(sorted(out.glob("val-*.tar")))
+    assert len(train) == 2000 and len(val) == 200
+    tasks = Counter(r["meta"]["task"] for r, _ in train)
+    assert set(tasks) == {"t2i", "caption", "vqa", "story", "text"} and tasks["t2i"] == 900
+    assert set(Counter(r["meta"]["subtask"] for r, _ in train if r["meta"]["task"] == "t2i")) == set(shapes.T2I_SUBTASKS)
+    for record, images in train + val:
+        assert set(record) == {"texts", "images", "meta"}
+        assert all((t is None) != (i is None) for t, i in zip(record["texts"], record["images"]))
+        objects = _image_objects(record["meta"])
+        assert len(objects) == len(images)
+        for pixels, objs in zip(images, objects):
+            assert pixels.shape == (32, 32, 3)
+            _check_pixels(pixels, objs)
+        _check_semantics(record)
+    # validation comes from its own seeds: not a copy of the training documents
+    train_texts = {json.dumps(r["texts"]) for r, _ in train if r["meta"]["task"] == "story"}
+    val_texts = [json.dumps(r["texts"]) for r, _ in val if r["meta"]["task"] == "story"]
+    assert sum(t in train_texts for t in val_texts) < len(val_texts) / 4
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["train"]["documents"] == 2000 and manifest["generator"]["seed"] == 0
+
+
+def test_shapes_are_reproducible_and_scale_with_the_canvas():
+    a = [d.to_sample() for d in shapes.generate(30, seed=5)]
+    b = [d.to_sample() for d in shapes.generate(30, seed=5)]
+    c = [d.to_sample() for d in shapes.generate(30, seed=6)]
+    assert a == b and a != c
+    for doc in shapes.generate(40, seed=1, canvas=64):
+        for im, objs in zip([i for i in doc.images if i is not None], _image_objects(doc.meta)):
+            _check_pixels(np.asarray(im), objs)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        shapes.ShapesWorld(30)
+
+
+def test_digits_split_and_rendering(tmp_path):
+    train_idx, held_idx = digits.split_indices("train"), digits.split_indices("heldout")
+    assert len(train_idx) == 1500 and len(held_idx) == 297
+    assert not set(train_idx) & set(held_idx) and len(set(train_idx) | set(held_idx)) == 1797
+    images, labels = digits.load_split("heldout")
+    assert images.shape == (297, 32, 32, 3) and images.dtype == np.uint8 and set(labels) == set(range(10))
+    raw = np.zeros((8, 8))
+    raw[2, 3] = 16
+    img = np.asarray(digits.render_digit(raw, 32))
+    assert (img[8:12, 12:16] == 0).all() and (img[:8] == 255).all()  # one ink cell = one 4x4 block
+
+    assert main(["data", "digits", "--out", str(tmp_path)]) == 0
+    docs = list(read_documents(str(tmp_path / "val-*.tar")))
+    assert Counter(d.task for d in docs) == {"digit_t2i": 297, "digit_read": 297}
+    assert {d.meta["index"] for d in docs} == set(held_idx.tolist())
+    train_docs = list(read_documents(str(tmp_path / "train-*.tar"), decode_images=False))
+    assert not {d.meta["index"] for d in train_docs} & set(held_idx.tolist())
+    by_index = {int(i): k for k, i in enumerate(held_idx)}
+    for d in docs[:40]:
+        im = next(i for i in d.images if i is not None)
+        assert np.array_equal(np.asarray(im), images[by_index[d.meta["index"]]])
+        text = next(t for t in d.texts if t is not None)
+        assert T.parse_digit(text) == d.meta["digit"] == labels[by_index[d.meta["index"]]]
+        assert text == (T.digit_t2i_text(d.meta["digit"]) if d.task == "digit_t2i" else T.digit_read_text(d.meta["digit"]))
+
+
+def test_templates_split_prompt_and_loss_flags():
+    img = Image.new("RGB", (32, 32), "white")
+    cases = {
+        "t2i": (["a red circle.", img], 1),
+        "digit_t2i": (["draw the digit 3.", img], 1),
+        "caption": ([img, "a red circle."], 1),
+        "digit_read": ([img, "this is the digit 3."], 1),
+        "vqa": ([img, "what color is the circle?", "red"], 2),
+        "story": (["a red circle at the top left.", img, "the circle moves right.", img], 1),
+        "text": (["a red circle at the top left."], 0),
+        "interleaved": (["x", img, "y"], 0),
+    }
+    for task, (segments, k) in cases.items():
+        doc = Document.from_segments(segments, {"task": task})
+        prompt, answer = T.split_prompt(doc)
+        assert prompt == segments[:k] and answer == segments[k:]
+        assert T.loss_flags(doc) == [False] * k + [True] * (len(segments) - k)
+    assert T.t2i_caption("position", [{"shape": "circle", "color": "red"}, {"shape": "square", "color": "orange"}],
+                         {"a": 0, "b": 1, "rel": "left of"}) == "a red circle left of an orange square."
+    assert T.caption_text([{"shape": "square", "color": "blue"}] * 3) == "three blue squares."
+
+
+def test_tokenizer_cli_trains_a_loadable_tokenizer(tmp_path, capsys):
+    from omni.data.shards import write_shards
+    from omni.tokenizers.text import TextTokenizer
+
+    write_shards(shapes.generate(300, seed=2), tmp_path / "s", progress=False)
+    write_shards(digits.documents("train"), tmp_path / "d", shard_size=2000, progress=False)
+    assert main(["data", "tokenizer", "--shards", str(tmp_path / "s"), str(tmp_path / "d"),
+                 "--out", str(tmp_path / "tok"), "--vocab-size", "128"]) == 0
+    assert f"model.tokenizer={tmp_path / 'tok'}" in capsys.readouterr().out
+    tok = TextTokenizer.from_pretrained(tmp_path / "tok")
+    unk = tok.hf.unk_token_id
+    for text in ["a red circle left of an orange square.", "what color is the triangle?", "purple",
+                 "this is the digit 9.", "the square moves up.", "three green triangles."]:
+        ids = tok.encode(text)
+        assert unk not in ids and tok.decode(ids) == text
+    assert len({tok.boi_id, tok.eoi_id, tok.img_id, tok.bos_id, tok.eos_id}) == 5

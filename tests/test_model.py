@@ -1,0 +1,148 @@
+"""OmniModel: parity with Hugging Face on text, gradients, bf16, checkpoints."""
+
+import pytest
+import torch
+
+from omni.layout import ImageSegment, TextSegment, layout
+from omni.model import OmniModel
+
+
+def _mixed_batch(model, g):
+    n, d = model.image_tokenizer.num_tokens, model.image_tokenizer.token_dim
+    tok = model.tokenizer
+    docs = [
+        [TextSegment(tok.encode("a red circle."), loss=False), ImageSegment(torch.randn(n, d, generator=g))],
+        [ImageSegment(torch.randn(n, d, generator=g), loss=False), TextSegment(tok.encode("what color?"), loss=False),
+         TextSegment(tok.encode("red"))],
+        [TextSegment(tok.encode("the circle moves to the right."))],
+    ]
+    return layout([[docs[0], docs[2]], [docs[1]]], model.special, seq_len=64)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_text_logits_equal_hf(tiny_cfg, arch):
+    from transformers import AutoModelForCausalLM
+
+    tiny_cfg.model.backbone.arch = arch
+    torch.manual_seed(0)
+    model = OmniModel.from_config(tiny_cfg.model).eval()
+    hf_cls = type(model.backbone)
+    assert hf_cls.__name__ == {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[arch]
+    ref = AutoModelForCausalLM.from_config(model.backbone.config).eval()
+    ref.load_state_dict(model.backbone.state_dict())
+    ids = torch.randint(0, len(model.tokenizer), (2, 17))
+    with torch.no_grad():
+        ours = model.text_logits(ids)
+        theirs = ref(input_ids=ids).logits
+    assert ours.shape == theirs.shape
+    assert torch.allclose(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_pretrained_backbone_from_local_dir_keeps_names_and_logits(tmp_path, tiny_cfg):
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from omni.tokenizers.text import TextTokenizer
+
+    vocab = len(TextTokenizer.from_pretrained(tiny_cfg.model.tokenizer))
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(Qwen2Config(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
+                                                      num_attention_heads=4, num_key_value_heads=2,
+                                                      intermediate_size=64))
+    hf.save_pretrained(tmp_path / "qwen")
+    tiny_cfg.model.backbone.pretrained = str(tmp_path / "qwen")
+    model = OmniModel.from_config(tiny_cfg.model).eval()
+    assert "backbone.model.layers.0.self_attn.q_proj.weight" in model.state_dict()
+    ids = torch.randint(0, vocab, (1, 9))
+    with torch.no_grad():
+        assert torch.allclose(model.text_logits(ids), hf.eval()(input_ids=ids).logits, atol=1e-5)
+
+
+def test_forward_losses_and_gradients_reach_every_parameter(tiny_model):
+    g = torch.Generator().manual_seed(0)
+    batch = _mixed_batch(tiny_model, g)
+    out = tiny_model(batch)
+    assert set(out) == {"loss", "loss_text", "loss_image", "n_text_tokens", "n_image_tokens"}
+    assert out["n_image_tokens"].item() == tiny_model.image_tokenizer.num_tokens
+    assert out["n_text_tokens"].item() == batch.n_text_targets > 0
+    assert torch.isclose(out["loss"], out["loss_text"] + out["loss_image"])
+    # The head's output layer and modulations start at zero (identity blocks): at step 0 only the
+    # output layer gets a gradient, at step 1 the modulations, from step 2 on everything.
+    opt = torch.optim.SGD(tiny_model.parameters(), lr=0.1)
+    for _ in range(2):
+        out["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+        out = tiny_model(batch)
+    out["loss"].backward()
+    dead = [n for n, p in tiny_model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    # Embedding rows of tokens absent from the batch get zero grad, but the matrix as a whole must not.
+    assert dead == [], dead
+
+
+def test_loss_weights(tiny_cfg):
+    tiny_cfg.model.loss_weight_text, tiny_cfg.model.loss_weight_image = 0.5, 2.0
+    torch.manual_seed(0)
+    model = OmniModel.from_config(tiny_cfg.model)
+    torch.manual_seed(1)
+    out = model(_mixed_batch(model, torch.Generator().manual_seed(0)))
+    assert torch.isclose(out["loss"], 0.5 * out["loss_text"] + 2.0 * out["loss_image"])
+
+
+def test_bf16_autocast_is_finite(tiny_model):
+    batch = _mixed_batch(tiny_model, torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tiny_model(batch)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"])
+    assert all(torch.isfinite(p.grad).all() for p in tiny_model.parameters() if p.grad is not None)
+
+
+def test_packed_rows_equal_separate_rows(tiny_model):
+    """Packing is exact: a document's hidden states do not depend on its row neighbours."""
+    tiny_model.eval()
+    tok = tiny_model.tokenizer
+    n, d = tiny_model.image_tokenizer.num_tokens, tiny_model.image_tokenizer.token_dim
+    a = [TextSegment(tok.encode("a red circle."))]
+    b = [TextSegment(tok.encode("draw the digit 7.")), ImageSegment(torch.randn(n, d))]
+    packed = layout([[a, b]], tiny_model.special)
+    alone = layout([[b]], tiny_model.special)
+    with torch.no_grad():
+        hp = tiny_model.hidden_states(packed)[0]
+        ha = tiny_model.hidden_states(alone)[0]
+    la = alone.input_ids.shape[1]
+    assert torch.allclose(hp[-la:], ha, atol=1e-5)
+
+
+def test_save_load_identical_and_pickle_refused(tmp_path, tiny_model):
+    batch = _mixed_batch(tiny_model, torch.Generator().manual_seed(0))
+    tiny_model.save_pretrained(tmp_path / "ck")
+    assert {p.name for p in (tmp_path / "ck").iterdir()} >= {"model.safetensors", "config.yaml", "tokenizer"}
+    loaded = OmniModel.from_pretrained(tmp_path / "ck")
+    tiny_model.eval()
+    for a, b in zip(tiny_model.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a, b)
+    with torch.no_grad():
+        torch.manual_seed(5)
+        x = tiny_model(batch)
+        torch.manual_seed(5)
+        y = loaded(batch)
+    assert torch.equal(x["loss"], y["loss"])
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    torch.save({"w": torch.zeros(1)}, bad / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="never unpickles"):
+        OmniModel.from_pretrained(bad)
+    with pytest.raises(ValueError, match="pickle file"):
+        OmniModel.from_pretrained(bad / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        OmniModel.from_pretrained(tmp_path / "nope")
+
+
+def test_tied_embeddings_roundtrip(tmp_path, tiny_cfg):
+    tiny_cfg.model.backbone.tie_word_embeddings = True
+    model = OmniModel.from_config(tiny_cfg.model)
+    model.save_pretrained(tmp_path / "ck")
+    loaded = OmniModel.from_pretrained(tmp_path / "ck")
+    assert loaded.lm_head.weight.data_ptr() == loaded.backbone.get_input_embeddings().weight.data_ptr()
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
