@@ -237,3 +237,21 @@ def test_tokenizer_cli_trains_a_loadable_tokenizer(tmp_path, capsys):
         ids = tok.encode(text)
         assert unk not in ids and tok.decode(ids) == text
     assert len({tok.boi_id, tok.eoi_id, tok.img_id, tok.bos_id, tok.eos_id}) == 5
+
+
+def test_convert_and_inspect_cli(tmp_path, capsys):
+    from omni.data.adapters import to_base64_png
+
+    photo = Image.new("RGB", (48, 40), (10, 200, 30))
+    records = [{"text_list": [f"sentence {i}.", "more."],
+                "image_info": [{"matched_text_index": 1, "image_base64": to_base64_png(photo)}]} for i in range(5)]
+    src = tmp_path / "mmc4.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in records) + "\n{broken\n")
+    assert main(["data", "convert", "--format", "mmc4", "--input", str(src), "--out", str(tmp_path / "out")]) == 0
+    assert "5 documents" in capsys.readouterr().out
+    docs = list(read_documents(str(tmp_path / "out")))
+    assert [d.texts for d in docs] == [[f"sentence {i}.", None, "more."] for i in range(5)]
+    assert all(d.images[1].size == (32, 32) and d.images[1].getpixel((16, 16)) == (10, 200, 30) for d in docs)
+    assert main(["data", "inspect", str(tmp_path / "out")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report == {"shards": 1, "documents": 5, "tasks": {"interleaved": 5}, "skipped": {}}

@@ -232,11 +232,11 @@ def run_worker(s: _Settings, worker: int, num_workers: int, state: dict[str, Any
         stats.load(state["stats"])
     sources = {n: _documents(streams[n], n, stats) for n in names}
     encode_text = functools.lru_cache(maxsize=1 << 16)(s.tokenizer.encode)  # templated texts repeat
-    active = list(names)
+    active = list(state["active"]) if state else list(names)  # task streams not yet run dry
 
     def snapshot() -> dict[str, Any]:
         return {"streams": {n: st.state() for n, st in streams.items()}, "mixer": rng.bit_generator.state,
-                "stats": stats.as_dict()}
+                "stats": stats.as_dict(), "active": list(active)}
 
     def next_doc() -> tuple[Document, str] | None:
         while active:

@@ -157,3 +157,4 @@ def select_trainable(model: OmniModel, cfg: Config) -> None:
         mask = torch.zeros(n, 1)
         mask[rows[rows < n]] = 1.0
         weight.register_hook(lambda g, mask=mask: g * mask.to(g.device, g.dtype))
+        weight.omni_row_mask = True  # engine.param_groups: no weight decay, or frozen rows would shrink

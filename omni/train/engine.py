@@ -81,11 +81,27 @@ def close_distributed(d: Dist, barrier: bool = True) -> None:
         if barrier:
             dist.barrier()
         dist.destroy_process_group()
-        import deepspeed.comm.comm as ds_comm
-
-        ds_comm.cdb = None  # so a later in-process run can initialize again
+        _forget_deepspeed_groups()
     for key in d.env_added:
         os.environ.pop(key, None)
+
+
+def _forget_deepspeed_groups() -> None:
+    """DeepSpeed caches the process group and its sub-groups in module globals; a later
+    in-process run (omni demo, tests) would reuse the destroyed ones."""
+    import deepspeed.comm.comm as ds_comm
+    from deepspeed.utils import groups
+
+    ds_comm.cdb = None
+    for name in ("_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP", "mpu", "mesh_device", "_TENSOR_MODEL_PARALLEL_GROUP",
+                 "_MODEL_PARALLEL_GROUP", "_DATA_PARALLEL_GROUP", "_MPU_TENSOR_MODEL_PARALLEL_WORLD_SIZE",
+                 "_MPU_TENSOR_MODEL_PARALLEL_RANK"):
+        if hasattr(groups, name):
+            setattr(groups, name, None)
+    for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
+                 "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP"):
+        if isinstance(getattr(groups, name, None), dict):
+            getattr(groups, name).clear()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -237,7 +253,8 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay on weight matrices; none on norms, biases and embeddings (GPT-2/LLaMA practice)."""
+    """AdamW groups: decay on weight matrices; none on norms, biases and embeddings (GPT-2/LLaMA practice),
+    nor on matrices whose frozen rows a gradient mask protects (decoupled decay would still shrink them)."""
     no_decay_ids: set[int] = set()
     for module in model.modules():
         if isinstance(module, nn.Embedding) or "norm" in type(module).__name__.lower():
@@ -247,7 +264,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         if not p.requires_grad:
             continue
         shape = getattr(p, "ds_shape", p.shape)
-        (no_decay if id(p) in no_decay_ids or len(shape) < 2 else decay).append(p)
+        masked = getattr(p, "omni_row_mask", False)  # partly frozen (train.trainable=new)
+        (no_decay if id(p) in no_decay_ids or len(shape) < 2 or masked else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 

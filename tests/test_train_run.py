@@ -1,0 +1,188 @@
+"""One-process training runs (in this process): faults, validation, run files, export, frozen
+backbone, and the checks that must fail before any work starts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from omni.config import load_config
+from omni.layout import SpecialIds
+from omni.tokenizers.text import TextTokenizer
+from omni.train.synthetic import SyntheticBatches
+
+from conftest import TINY
+
+N_IMAGE, TOKEN_DIM, SEQ = 16, 192, 48  # tiny preset: 32 px, 8 px patches -> 16 tokens of 8*8*3
+
+
+def run_cfg(tokenizer_dir, out: Path, *overrides: str):
+    return load_config("tiny", [
+        f"model.tokenizer={tokenizer_dir}", *TINY, f"train.out_dir={out}", "train.precision=fp32",
+        "train.steps=4", "train.save_every=100", "train.log_every=1", "train.val_every=0", "train.warmup_steps=2",
+        "data.batch_size=2", f"data.seq_len={SEQ}", *overrides,
+    ])
+
+
+def synthetic(tokenizer_dir, **kw):
+    tok = TextTokenizer.from_pretrained(tokenizer_dir)
+    special = SpecialIds(tok.bos_id, tok.eos_id, tok.pad_id, tok.boi_id, tok.eoi_id, tok.img_id)
+
+    def factory(rank: int, world_size: int) -> SyntheticBatches:
+        return SyntheticBatches(special, len(tok), TOKEN_DIM, N_IMAGE, rows=2, seq_len=SEQ, rank=rank,
+                                world_size=world_size, **kw)
+
+    return factory
+
+
+def records(run_dir: Path, kind: str = "train") -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def test_run_writes_config_versions_metrics_tensorboard_and_checkpoint(tokenizer_dir, tmp_path):
+    from omni.train.loop import train
+
+    out = tmp_path / "run"
+    val = synthetic(tokenizer_dir, seed=99)
+    run_dir = train(run_cfg(tokenizer_dir, out, "train.val_every=2", "train.val_batches=2", "train.ema_decay=0.9"),
+                    batches=synthetic(tokenizer_dir), val_batches=val)
+    assert run_dir == out
+    train_recs = records(out)
+    assert [r["step"] for r in train_recs] == [1, 2, 3, 4]
+    for r in train_recs:
+        assert r["loss_text"] > 0 and r["loss_image"] > 0 and r["tokens_per_s"] > 0 and r["lr"] > 0
+        assert r["loss"] == pytest.approx(r["loss_text"] + r["loss_image"], rel=1e-6)
+        assert r["tokens"] == 2 * (2 * 12 + N_IMAGE + 4)  # 2 rows of text + image + specials
+    assert [r["step"] for r in records(out, "val")] == [2, 4]
+    assert load_config(out / "config.yaml").train.steps == 4
+    versions = json.loads((out / "versions.json").read_text())
+    assert versions["torch"] == torch.__version__ and versions["world_size"] == 1
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    tag = out / "checkpoints" / "step00000004"
+    assert (tag / "COMPLETE").exists() and (out / "checkpoints" / "latest").read_text() == tag.name
+    assert (tag / "ema_rank0.safetensors").exists()
+    assert "step 4/4" in (out / "log.txt").read_text()
+
+
+def test_nan_batch_is_skipped_and_counted(tokenizer_dir, tmp_path):
+    from omni.train.loop import train
+
+    out = tmp_path / "run"
+    train(run_cfg(tokenizer_dir, out), batches=synthetic(tokenizer_dir, nan_at=(1,)))
+    recs = records(out)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]  # the run finished all its steps
+    assert recs[0]["bad_steps"] == 0 and recs[1]["bad_steps"] == 1 and recs[-1]["bad_steps"] == 1
+    assert recs[-1]["data"] == {"nan_planted": 1}
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in recs)
+    log = (out / "log.txt").read_text()
+    assert "step 2: non-finite loss, batch skipped (1 in a row)" in log and "bad=1" in log
+    state = json.loads((out / "checkpoints" / "step00000004" / "omni_rank0.json").read_text())
+    assert state["consumed"] == 5 and state["bad_total"] == 1  # 4 steps + 1 skipped batch
+
+
+def test_consecutive_nan_batches_stop_naming_step_and_checkpoint(tokenizer_dir, tmp_path):
+    from omni.train.loop import TrainingError, train
+
+    out = tmp_path / "run"
+    cfg = run_cfg(tokenizer_dir, out, "train.steps=6", "train.save_every=2", "train.max_bad_steps=3")
+    with pytest.raises(TrainingError, match=r"stopping at step 3: 3 consecutive batches .* Last good checkpoint: "
+                                            r".*step00000002"):
+        train(cfg, batches=synthetic(tokenizer_dir, nan_at=(2, 3, 4)))
+    assert (out / "checkpoints" / "latest").read_text() == "step00000002"
+
+
+def test_export_ema_and_raw_load_with_from_pretrained(tokenizer_dir, tmp_path):
+    from omni.model import OmniModel
+    from omni.train.export import export
+    from omni.train.loop import train
+
+    out = tmp_path / "run"
+    train(run_cfg(tokenizer_dir, out, "train.ema_decay=0.5", "generation.cfg_scale=2.5"),
+          batches=synthetic(tokenizer_dir))
+    raw = export(out, tmp_path / "raw", ema=False)
+    ema = export(out, tmp_path / "ema")  # default: EMA when the run kept one
+    assert json.loads((ema / "export.json").read_text())["ema"] is True
+    w_raw, w_ema = load_file(raw / "model.safetensors"), load_file(ema / "model.safetensors")
+    assert w_raw.keys() == w_ema.keys()
+    moved = [k for k in w_raw if not torch.equal(w_raw[k], w_ema[k])]
+    assert len(moved) > len(w_raw) // 2  # EMA lags the trained weights
+    model = OmniModel.from_pretrained(raw)
+    assert model.run_config.generation.cfg_scale == 2.5 and model.run_config.train.steps == 4
+    live = {k: v for k, v in model.state_dict().items() if k in w_raw}
+    assert all(torch.equal(live[k], w_raw[k]) for k in live)
+    ids = torch.tensor([[1, 5, 6, 7]])
+    assert torch.isfinite(model.text_logits(ids)).all()
+
+
+def _save_pretrained_backbone(tokenizer_dir, path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = TextTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(123)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=128, max_position_embeddings=128))
+    hf.save_pretrained(path)
+
+
+def test_trainable_new_moves_only_new_modules_and_token_rows(tokenizer_dir, tmp_path):
+    from omni.train.export import export
+    from omni.train.loop import train
+
+    pretrained = tmp_path / "hf"
+    _save_pretrained_backbone(tokenizer_dir, pretrained)
+    out = tmp_path / "run"
+    train(run_cfg(tokenizer_dir, out, f"model.backbone.pretrained={pretrained}", "train.trainable=new",
+                  "train.lr=1e-2"), batches=synthetic(tokenizer_dir))
+    after = load_file(export(out, tmp_path / "ckpt", ema=False) / "model.safetensors")
+    before = load_file(pretrained / "model.safetensors")
+    tok = TextTokenizer.from_pretrained(tokenizer_dir)
+    new_rows = [tok.boi_id, tok.eoi_id, tok.img_id]
+    old_rows = [i for i in range(len(tok)) if i not in new_rows]
+    for name, w in before.items():
+        trained = after[f"backbone.{name}"]
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            assert torch.equal(trained[old_rows], w[old_rows]), name
+        else:
+            assert torch.equal(trained, w), name
+    assert not torch.equal(after["backbone.lm_head.weight"][tok.boi_id], before["lm_head.weight"][tok.boi_id])
+    assert not torch.equal(after["backbone.model.embed_tokens.weight"][tok.boi_id],
+                           before["model.embed_tokens.weight"][tok.boi_id])
+    assert any(k.startswith("head.") and after[k].abs().sum() > 0 for k in after)  # zero-init outputs moved
+
+
+def test_errors_before_any_work(tokenizer_dir, tmp_path):
+    from omni.train.loop import train
+
+    out = tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match=r"data.train: shard '.*/nope-000000.tar' does not exist"):
+        train(run_cfg(tokenizer_dir, out, f"data.train=[{tmp_path}/nope-000000.tar]"))
+    with pytest.raises(ValueError, match="global_batch_size=3 cannot be split"):
+        train(run_cfg(tokenizer_dir, out, "train.global_batch_size=3"), batches=synthetic(tokenizer_dir))
+    with pytest.raises(ValueError, match="trainable=new .* needs model.backbone.pretrained"):
+        train(run_cfg(tokenizer_dir, out, "train.trainable=new"), batches=synthetic(tokenizer_dir))
+    assert not out.exists()  # nothing was written
+    train(run_cfg(tokenizer_dir, out, "train.steps=1"), batches=synthetic(tokenizer_dir))
+    with pytest.raises(ValueError, match="already holds checkpoints; continue it with `--resume auto`"):
+        train(run_cfg(tokenizer_dir, out, "train.steps=2"), batches=synthetic(tokenizer_dir))
+
+
+def test_bf16_autocast_run_keeps_fp32_weights(tokenizer_dir, tmp_path):
+    from omni.train.engine import hardware_has_bf16
+    from omni.train.loop import prepare, fit, finish
+
+    if not hardware_has_bf16():
+        pytest.skip("no native bf16 on this machine")
+    run = prepare(run_cfg(tokenizer_dir, tmp_path / "run", "train.precision=bf16", "train.steps=2"),
+                  batches=synthetic(tokenizer_dir))
+    try:
+        fit(run)
+        assert all(p.dtype == torch.float32 for p in run.model.parameters())
+        assert run.precision == "bf16"
+        assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records(tmp_path / "run"))
+    finally:
+        finish(run, True)
