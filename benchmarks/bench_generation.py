@@ -1,130 +1,168 @@
-"""Generation speed on the tiny preset: KV cache vs recompute, and CFG in one batch vs two passes.
+"""Image generation speed: batch 1/4/16, CFG on/off, KV cache vs recompute, where the time goes.
 
-    python -m benchmarks.bench_generation [--quick]
+    python -m benchmarks.bench_generation [--preset tiny] [--device cpu|cuda] [--quick]
 
-Figures are image tokens per second of text-to-image sampling (mode "image", the call the eval
-benchmarks make hundreds of times), for a batch of prompts with a random-weight tiny model
-(speed does not depend on what the weights learned). Compared:
+Text-to-image sampling (mode "image", the call the eval benchmarks make hundreds of times) with a
+random-weight model of the preset: speed does not depend on what the weights learned. The tiny
+preset is measured with 4-pixel patches, so one image is 64 tokens (the size the KV-cache target
+names). Per batch size B the runs are:
 
-- KV cache vs full recomputation of the prefix at every step, with a caption-length prompt and
-  with a long (~300-token) context before the image, where recomputation hurts most;
-- classifier-free guidance with the unconditional rows in the same batch and KV cache as the
-  conditional ones (omni's design) vs a second forward pass per step, and vs no guidance.
+- kv_cfg: KV cache, guidance with the unconditional rows in the same batch (omni's design);
+- kv_nocfg: cfg_scale 1 (no unconditional rows);
+- kv_cfg_two_pass: the unconditional rows as a second backbone pass and a second head call per
+  diffusion step (what codebases that double the tokens do), the baseline of the CFG target;
+- recompute_cfg: no KV cache, every step recomputes the whole prefix;
+- kv_cfg_graph (CUDA only): the per-token diffusion loop replayed from a CUDA graph.
 
-On CPU the benchmark runs on one thread: tiny matrices gain nothing from more, and on a shared
-machine threads that wait for each other make timings meaningless.
+Reported: seconds per batch and per image, image tokens/s, the split of kv_cfg and recompute_cfg
+time between the backbone, the diffusion head and the rest (a separate run with timers around
+`model.decoder` and `model.head.sample`), and a memory-bandwidth floor for kv_cfg:
+
+    bytes per token step = backbone weights (no embeddings, no LM head)
+                         + head weights used every diffusion step x steps + its adaLN weights once
+                         + KV cache read at the mean context, every stream
+    floor per batch      = image tokens x bytes per token step / bandwidth
+
+On a GPU the bandwidth is the data-sheet HBM figure (common.GPU_SPECS); on a CPU it is a measured
+tensor copy, and a tiny model's weights sit in cache, so there it is no floor, only a scale.
+On a CPU the benchmark runs on one thread (see common.cpu_threads).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
-import time
+from typing import Any
 
 import torch
 
-CORPUS = [
-    "a red circle left of a blue square.",
-    "a green triangle above a yellow circle.",
-    "what color is the square? purple",
-    "how many circles are there? three",
-    "an orange square below a red triangle.",
-    "draw the digit 7.",
-] * 10
+from benchmarks.common import CORPUS, Stopwatch, bench_config, best_time, cpu_threads, device_peaks, resolve_device
+
+PRESET_OVERRIDES = {"tiny": ["model.image.patch_size=4"]}  # 32 px / 4 = 8 x 8 = 64 tokens
 
 
-def _tiny_model(tmp: str):
-    from omni.config import load_config
+def _model(preset: str, tmp: str, dev: torch.device):
     from omni.model import OmniModel
-    from omni.tokenizers.text import train_sentencepiece
-    from omni.utils import default_device
 
-    train_sentencepiece(CORPUS, f"{tmp}/tok", vocab_size=96)
-    cfg = load_config("tiny", [f"model.tokenizer={tmp}/tok"])
+    cfg = bench_config(preset, tmp, PRESET_OVERRIDES.get(preset, []))
     torch.manual_seed(0)
-    return OmniModel.from_config(cfg.model).to(default_device()).eval(), cfg
+    model = OmniModel.from_config(cfg.model).to(dev).eval()
+    if dev.type == "cuda":
+        model.backbone.to(torch.bfloat16)  # the head and in_proj stay fp32 (the head computes in fp32)
+    return model, cfg
 
 
-def _rate(model, prompts, cfg, repeats: int, **kw) -> float:
-    """Image tokens per second, best of `repeats` runs."""
+def weight_bytes(model, steps: int) -> dict[str, int]:
+    """Bytes of weights one image-token step reads (see the module docstring)."""
+    bb = model.backbone
+    emb = {id(bb.get_input_embeddings().weight), id(bb.get_output_embeddings().weight)}
+    backbone = sum(p.nbytes for p in bb.parameters() if id(p) not in emb)
+    net = model.head.net
+    ada = sum(p.nbytes for m in [*(b.ada for b in net.blocks), net.final_ada] for p in m.parameters())
+    once = ada + sum(p.nbytes for p in [*net.cond_embed.parameters(), *net.time_embed.parameters()])
+    per_step = sum(p.nbytes for p in net.parameters()) - once
+    return {"backbone": backbone + sum(p.nbytes for p in model.in_proj.parameters()),
+            "head_per_step": per_step, "head_once": once, "head_total": per_step * steps + once}
+
+
+def kv_bytes_per_step(model, streams: int, context: float) -> float:
+    hf = model.backbone.config.get_text_config()
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    kv_heads = hf.num_key_value_heads or hf.num_attention_heads
+    elem = next(model.backbone.parameters()).element_size()
+    return 2 * hf.num_hidden_layers * kv_heads * head_dim * context * elem * streams
+
+
+def run(quick: bool = False, preset: str = "tiny", device: str | torch.device | None = None,
+        peaks: dict[str, Any] | None = None, threads: int | None = None) -> dict[str, Any]:
+    """Measure the generation matrix for one preset; JSON-able figures (see the module docstring)."""
+    dev = resolve_device(str(device) if device is not None else None)
+    with cpu_threads(dev, threads) as n, tempfile.TemporaryDirectory() as tmp:
+        out = _run(quick, preset, dev, peaks or device_peaks(dev), tmp)
+    return {**out, "threads": n}
+
+
+def _run(quick: bool, preset: str, dev: torch.device, peaks: dict[str, Any], tmp: str) -> dict[str, Any]:
     from omni.generation import generate
 
-    seeds = list(range(len(prompts)))
-    times = []
-    for _ in range(repeats):
-        if model.device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        results = generate(model, prompts, cfg, seeds=seeds, mode="image", **kw)
-        if model.device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    n = sum(r.image_tokens[0].shape[0] for r in results)
-    return n / min(times)
+    model, cfg = _model(preset, tmp, dev)
+    n_tok = model.image_tokenizer.num_tokens
+    steps = 5 if quick else cfg.generation.image_steps
+    scale = cfg.generation.cfg_scale if cfg.generation.cfg_scale != 1.0 else 3.0
+    base = dataclasses.replace(cfg.generation, image_steps=steps, cfg_scale=scale, use_cache=True,
+                               max_new_tokens=n_tok + 2)
+    batches = (1, 4) if quick else (1, 4, 16)
+    repeats = 1 if quick else 2
+    runs = {
+        "kv_cfg": ({}, {}),
+        "kv_nocfg": ({"cfg_scale": 1.0}, {}),
+        "kv_cfg_two_pass": ({}, {"cfg_batching": False}),
+        "recompute_cfg": ({"use_cache": False}, {}),
+    }
+    if dev.type == "cuda":
+        runs["kv_cfg_graph"] = ({"cuda_graphs": True}, {})
 
+    def call(b: int, settings: dict, kwargs: dict) -> None:
+        prompts = [[CORPUS[i % 6]] for i in range(b)]
+        generate(model, prompts, dataclasses.replace(base, **settings), seeds=list(range(b)), mode="image", **kwargs)
 
-def run(quick: bool = False) -> dict:
-    """Measure and return JSON-able figures (tokens/s and the ratios the design is judged by)."""
-    import dataclasses
-
-    threads = torch.get_num_threads()
-    with tempfile.TemporaryDirectory() as tmp:
-        model, cfg = _tiny_model(tmp)
-        if model.device.type == "cpu":
-            torch.set_num_threads(1)
-        try:
-            batch = 4 if quick else 16
-            repeats = 1 if quick else 3
-            gen = dataclasses.replace(cfg.generation, image_steps=10 if quick else cfg.generation.image_steps,
-                                      cfg_scale=3.0)
-            captions = [[CORPUS[i % 6]] for i in range(batch)]
-            context = ""
-            while len(model.tokenizer.encode(context)) < 280:  # ~300 positions of text before the image
-                context += CORPUS[len(context) % 6] + " "
-            long = [[context + CORPUS[i % 6]] for i in range(batch)]
-
-            _rate(model, captions[:2], gen, 1)  # warm-up: first-call allocations and lazy imports
-
-            def rates(prompts, **kw) -> dict:
-                cached = _rate(model, prompts, dataclasses.replace(gen, use_cache=True), repeats, **kw)
-                full = _rate(model, prompts, dataclasses.replace(gen, use_cache=False), repeats, **kw)
-                return {"kv_cache_tok_s": round(cached, 1), "recompute_tok_s": round(full, 1),
-                        "kv_cache_speedup": round(cached / full, 2)}
-
-            one = _rate(model, captions, gen, repeats)
-            two = _rate(model, captions, gen, repeats, cfg_batching=False)
-            plain = _rate(model, captions, dataclasses.replace(gen, cfg_scale=1.0), repeats)
-            prompt_len = {
-                "caption": len(model.tokenizer.encode(captions[0][0])) + 1,
-                "long": len(model.tokenizer.encode(long[0][0])) + 1,
-            }
-            return {
-                "preset": "tiny",
-                "device": str(model.device),
-                "threads": torch.get_num_threads(),
-                "batch": batch,
-                "image_tokens_per_image": model.image_tokenizer.num_tokens,
-                "image_steps": gen.image_steps,
-                "sampler": gen.sampler,
-                "prompt_positions": prompt_len,
-                "kv_cache_caption_prompt": rates(captions),
-                "kv_cache_long_prompt": rates(long),
-                "cfg": {
-                    "cfg_scale": gen.cfg_scale,
-                    "one_batch_tok_s": round(one, 1),
-                    "two_passes_tok_s": round(two, 1),
-                    "one_batch_speedup": round(one / two, 2),
-                    "no_cfg_tok_s": round(plain, 1),
-                    "cfg_cost": round(plain / one, 2),
-                },
-            }
-        finally:
-            torch.set_num_threads(threads)
+    call(2, {}, {})  # warm-up: lazy imports, first allocations
+    prompt_positions = len(model.tokenizer.encode(CORPUS[0])) + 1
+    bw = peaks["bandwidth_gbs"] * 1e9
+    wb = weight_bytes(model, steps)
+    table: dict[str, Any] = {}
+    for b in batches:
+        row: dict[str, Any] = {}
+        for name, (settings, kwargs) in runs.items():
+            seconds = best_time(lambda: call(b, settings, kwargs), dev, repeats=repeats,
+                                warmup=1 if name == "kv_cfg_graph" else 0)
+            row[name] = {"seconds": round(seconds, 4), "seconds_per_image": round(seconds / b, 4),
+                         "image_tokens_per_s": round(b * n_tok / seconds, 1)}
+        for name in ("kv_cfg", "recompute_cfg"):  # where the time goes (a separate, timed-around run)
+            watch = Stopwatch(dev)
+            model.decoder = watch.wrap("backbone", model.decoder)
+            model.head.sample = watch.wrap("head", model.head.sample)
+            try:
+                total = best_time(lambda: call(b, *runs[name]), dev, repeats=1, warmup=0)
+            finally:
+                del model.decoder, model.head.sample
+            row[name]["split"] = {k: round(watch.seconds.get(k, 0.0) / total, 3) for k in ("backbone", "head")}
+            row[name]["split"]["other"] = round(1 - sum(row[name]["split"].values()), 3)
+        context = prompt_positions + 1 + n_tok / 2  # mean positions in the cache while drawing
+        step_bytes = wb["backbone"] + wb["head_total"] + kv_bytes_per_step(model, 2 * b, context)
+        floor = n_tok * step_bytes / bw
+        row["bandwidth_floor_s"] = round(floor, 5)
+        row["kv_cfg"]["over_floor"] = round(row["kv_cfg"]["seconds"] / floor, 2)
+        row["kv_cache_speedup"] = round(row["recompute_cfg"]["seconds"] / row["kv_cfg"]["seconds"], 2)
+        row["cfg_one_batch_speedup"] = round(row["kv_cfg_two_pass"]["seconds"] / row["kv_cfg"]["seconds"], 2)
+        row["cfg_cost"] = round(row["kv_cfg"]["seconds"] / row["kv_nocfg"]["seconds"], 2)
+        if "kv_cfg_graph" in row:
+            row["cuda_graph_speedup"] = round(row["kv_cfg"]["seconds"] / row["kv_cfg_graph"]["seconds"], 2)
+        table[str(b)] = row
+    return {
+        "preset": preset,
+        "device": str(dev),
+        "precision": "backbone bf16, head fp32" if dev.type == "cuda" else "fp32",
+        "image_tokens_per_image": n_tok,
+        "token_dim": model.image_tokenizer.token_dim,
+        "prompt_positions": prompt_positions,
+        "sampler": base.sampler,
+        "image_steps": steps,
+        "cfg_scale": scale,
+        "repeats": repeats,
+        "weight_bytes_per_token_step": wb,
+        "bandwidth_gbs": peaks["bandwidth_gbs"],
+        "batches": table,
+    }
 
 
 if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--quick", action="store_true", help="small batch, fewer steps, one repeat")
-    print(json.dumps(run(quick=parser.parse_args().quick), indent=2))
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--quick", action="store_true", help="batches 1 and 4, 5 diffusion steps, one repeat")
+    a = parser.parse_args()
+    print(json.dumps(run(quick=a.quick, preset=a.preset, device=a.device), indent=2))

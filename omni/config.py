@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -32,11 +32,11 @@ class ConfigError(ValueError):
 @dataclass
 class BackboneConfig:
     arch: Literal["llama", "qwen2", "chameleon"] = "llama"  # HF decoder (chameleon: via omni convert)
-    pretrained: Optional[str] = None  # local HF model directory; None builds from the fields below
+    pretrained: str | None = None  # local HF model directory; None builds from the fields below
     hidden_size: int = 256  # model width
     num_layers: int = 4  # decoder layers
     num_heads: int = 4  # attention heads
-    num_kv_heads: Optional[int] = None  # grouped-query heads; None = num_heads
+    num_kv_heads: int | None = None  # grouped-query heads; None = num_heads
     intermediate_size: int = 704  # MLP width
     max_position_embeddings: int = 512  # context length
     rope_theta: float = 10000.0  # RoPE base
@@ -51,7 +51,7 @@ class ImageTokenizerConfig:
     image_size: int = 32  # square input/output resolution in pixels
     patch_size: int = 8  # pixels per patch side (patch) or latent cells per token side (vae)
     channels: int = 3  # image channels
-    path: Optional[str] = None  # local directory of the VAE / VQGAN weights (vae, vq-features)
+    path: str | None = None  # local directory of the VAE / VQGAN weights (vae, vq-features)
     scale: float = 1.0  # latents are multiplied by this before becoming tokens (MAR KL-16: 0.2325)
     shift: float = 0.0  # subtracted from latents before scaling
 
@@ -75,7 +75,7 @@ class ModelConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     image: ImageTokenizerConfig = field(default_factory=ImageTokenizerConfig)
     head: DiffusionHeadConfig = field(default_factory=DiffusionHeadConfig)
-    tokenizer: Optional[str] = None  # local directory of the text tokenizer
+    tokenizer: str | None = None  # local directory of the text tokenizer
     in_proj: Literal["linear", "soft-vq"] = "linear"  # image token -> embedding
     soft_vq_tau: float = 1.0  # temperature of the soft-VQ lookup
     loss_weight_text: float = 1.0  # weight of the LM loss
@@ -108,15 +108,15 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
     grad_clip: float = 1.0  # global norm clip; 0 disables
     grad_accum: int = 1  # micro-batches per optimizer step
-    global_batch_size: Optional[int] = None  # rows per optimizer step over all ranks; sets grad_accum
+    global_batch_size: int | None = None  # rows per optimizer step over all ranks; sets grad_accum
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
     offload: bool = False  # ZeRO optimizer offload to CPU
     offload_params: bool = False  # ZeRO-3 parameter offload to CPU
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the hardware has it
     activation_checkpointing: bool = False  # recompute backbone activations in backward
     ema_decay: float = 0.0  # EMA of weights; 0 disables
-    trainable: Union[Literal["all", "new"], list[str]] = "all"  # new: in_proj/head/new rows; or name globs
-    deepspeed_config: Optional[str] = None  # user DeepSpeed JSON merged over the generated one
+    trainable: Literal["all", "new"] | list[str] = "all"  # new: in_proj/head/new rows; or name globs
+    deepspeed_config: str | None = None  # user DeepSpeed JSON merged over the generated one
     seed: int = 0  # base seed; rank r uses seed + r
     save_every: int = 500  # checkpoint interval in steps
     keep_last: int = 2  # checkpoints kept
@@ -124,7 +124,7 @@ class TrainConfig:
     val_every: int = 250  # validation interval; 0 disables
     val_batches: int = 4  # batches per validation
     max_bad_steps: int = 5  # consecutive non-finite losses before stopping
-    resume: Optional[str] = None  # "auto": continue from out_dir's latest checkpoint; or a checkpoint tag dir
+    resume: str | None = None  # "auto": continue from out_dir's latest checkpoint; or a checkpoint tag dir
 
 
 @dataclass

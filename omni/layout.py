@@ -61,7 +61,7 @@ class Batch:
     image_target_index: torch.Tensor  # (K,) long; which image tokens are diffusion targets
     image_cond_index: torch.Tensor  # (K,) long; flat index b*L + p of the conditioning position
 
-    def to(self, device, non_blocking: bool = False) -> "Batch":
+    def to(self, device, non_blocking: bool = False) -> Batch:
         return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
 
     @property

@@ -126,7 +126,7 @@ class OmniModel(nn.Module):
         return SoftVQEmbedding.from_model(self, token_dim)
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, root: str | Path | None = None) -> "OmniModel":
+    def from_config(cls, cfg: ModelConfig, root: str | Path | None = None) -> OmniModel:
         """Fresh model: tokenizer from `cfg.tokenizer`, image tokenizer from `cfg.image`."""
         if cfg.tokenizer is None:
             raise ValueError(
@@ -201,7 +201,7 @@ class OmniModel(nn.Module):
         save_pretrained(self, path, state_dict=state_dict, config=getattr(self, "run_config", None))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "OmniModel":
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> OmniModel:
         from omni.checkpoint import load_pretrained
 
         return load_pretrained(path, device=device)

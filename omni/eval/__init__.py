@@ -1,7 +1,7 @@
 """Evaluation: the `omni eval` harness, built-in judged benchmarks, public-benchmark adapters.
 
-    from omni.eval import evaluate
-    results = evaluate("runs/tiny/export", "shapes-t2i", "runs/eval/t2i", limit=60)
+from omni.eval import evaluate
+results = evaluate("runs/tiny/export", "shapes-t2i", "runs/eval/t2i", limit=60)
 """
 
 from __future__ import annotations

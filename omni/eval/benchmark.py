@@ -12,13 +12,14 @@ image files), so a resumed run aggregates exactly what an uninterrupted one woul
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, ClassVar
 
 from PIL import Image
 
-Segment = Union[str, Image.Image]
+Segment = str | Image.Image
 
 
 @dataclass
@@ -74,7 +75,9 @@ class Benchmark:
     tasks: tuple[str, ...] = ()
     description: str = ""
     samples_per_prompt: int = 1  # images drawn per prompt (GenEval draws 4)
-    gen_defaults: dict[str, Any] = {}  # generation settings this benchmark needs (before user overrides)
+    gen_defaults: ClassVar[
+        dict[str, Any]
+    ] = {}  # generation settings this benchmark needs (before user overrides)
 
     def samples(self, data: str | None, limit: int | None) -> list[EvalSample]:
         raise NotImplementedError
@@ -86,7 +89,9 @@ class Benchmark:
         outputs: list[Output | None] = [None] * len(samples)
         for mode in sorted({s.mode for s in samples}):
             idx = [i for i, s in enumerate(samples) if s.mode == mode]
-            results = generate(model, [samples[i].prompt for i in idx], cfg, seeds=[seeds[i] for i in idx], mode=mode)
+            results = generate(
+                model, [samples[i].prompt for i in idx], cfg, seeds=[seeds[i] for i in idx], mode=mode
+            )
             for i, r in zip(idx, results):
                 outputs[i] = Output(list(r.segments), r.finish_reason, dict(r.settings))
         return [o for o in outputs if o is not None]
@@ -105,7 +110,9 @@ class Benchmark:
         return {"kind": "rule-based", "name": self.name}
 
 
-def mean_by_task(records: list[dict[str, Any]], tasks: Sequence[str] = (), primary: str | None = None) -> dict[str, Any]:
+def mean_by_task(
+    records: list[dict[str, Any]], tasks: Sequence[str] = (), primary: str | None = None
+) -> dict[str, Any]:
     """Per-task means of each score (None values are skipped; all-None = "not computed").
 
     Keys starting with "_" are per-sample details (reasons, detections), not scores.

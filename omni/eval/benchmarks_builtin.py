@@ -19,17 +19,41 @@ Prompts and answers come from `omni.data.templates.split_prompt`, exactly as in 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image
 
-from omni.eval.benchmark import Benchmark, EvalSample, Output, mean_by_task, merge_text, output_images, output_text
+from omni.eval.benchmark import (
+    Benchmark,
+    EvalSample,
+    Output,
+    mean_by_task,
+    merge_text,
+    output_images,
+    output_text,
+)
 from omni.eval.judges import shapes as SJ
 
 TEST_SPLIT = "test"  # procedural held-out split of the shapes world: never written to training shards
 TEST_SEED = 0
+
+
+def heldout_shards(data: str) -> str:
+    """A shard spec for held-out documents: a directory written by `omni data` means its val-*.tar
+    (never its train-*.tar); files, globs and brace patterns are taken as given."""
+    path = Path(data)
+    if path.is_dir():
+        val = sorted(path.glob("val-*.tar"))
+        if not val:
+            raise FileNotFoundError(
+                f"{data} holds no val-*.tar shards; point --data at the held-out shards written by "
+                "`omni data shapes|digits --out DIR` (DIR or DIR/val-*.tar)"
+            )
+        return str(path / "val-*.tar")
+    return data
 
 
 def _documents(data: str | None, task: str, limit: int | None, default: int) -> Iterator[Any]:
@@ -40,7 +64,7 @@ def _documents(data: str | None, task: str, limit: int | None, default: int) -> 
     if data:
         from omni.data.shards import read_documents
 
-        for i, doc in enumerate(read_documents(data, tasks={task})):
+        for i, doc in enumerate(read_documents(heldout_shards(data), tasks={task})):
             if i >= n:
                 return
             yield doc
@@ -62,7 +86,9 @@ def _sample(doc, mode: str, reference: dict[str, Any], task: str, suffix: str = 
     from omni.data.templates import split_prompt
 
     prompt, answer = split_prompt(doc)
-    return EvalSample(id=doc.key + suffix, task=task, prompt=prompt, mode=mode, reference=reference, answer=answer)
+    return EvalSample(
+        id=doc.key + suffix, task=task, prompt=prompt, mode=mode, reference=reference, answer=answer
+    )
 
 
 def _first_image(output: Output) -> Image.Image | None:
@@ -112,13 +138,17 @@ class ShapesVQA(Benchmark):
     name = "shapes-vqa"
     description = "visual question answering on the shapes world: exact answer accuracy"
     tasks = ("color", "shape", "count", "position")
-    gen_defaults = {"max_new_tokens": 16}
+    gen_defaults: ClassVar[dict[str, Any]] = {"max_new_tokens": 16}
     default_count = 200
 
     def samples(self, data, limit):
         return [
-            _sample(doc, "text", {"answer": doc.meta["answer"], "question": doc.meta["question"]},
-                    doc.meta["question_type"])
+            _sample(
+                doc,
+                "text",
+                {"answer": doc.meta["answer"], "question": doc.meta["question"]},
+                doc.meta["question_type"],
+            )
             for doc in _documents(data, "vqa", limit, self.default_count)
         ]
 
@@ -135,7 +165,7 @@ class ShapesCaption(Benchmark):
     name = "shapes-caption"
     description = "captioning on the shapes world: the caption is parsed and checked against the scene"
     tasks = ("colors", "position", "counting")
-    gen_defaults = {"max_new_tokens": 40}
+    gen_defaults: ClassVar[dict[str, Any]] = {"max_new_tokens": 40}
     default_count = 150
 
     def samples(self, data, limit):
@@ -145,7 +175,9 @@ class ShapesCaption(Benchmark):
         ]
 
     def score(self, sample, output, judge):
-        return {"correct": float(SJ.caption_correct(output_text(output.segments), sample.reference["objects"]))}
+        return {
+            "correct": float(SJ.caption_correct(output_text(output.segments), sample.reference["objects"]))
+        }
 
     def aggregate(self, records, run_dir):
         res = mean_by_task(records, self.tasks, primary="correct")
@@ -166,7 +198,7 @@ class ShapesStory(Benchmark):
     name = "shapes-story"
     description = "interleaved story continuation: structure score and per-image state accuracy"
     tasks = ("story",)
-    gen_defaults = {"max_new_tokens": 200, "max_images": 4}
+    gen_defaults: ClassVar[dict[str, Any]] = {"max_new_tokens": 200, "max_images": 4}
     default_count = 60
 
     def samples(self, data, limit):
@@ -211,14 +243,19 @@ class ShapesStory(Benchmark):
             SJ.state_matches(SJ.detect(img), step["objects"], ref["canvas"]) if img is not None else False
             for img, step in zip(frames + [None] * len(ref["steps"]), ref["steps"])
         ]
-        return {"structure": float(got == ref["structure"]), "state_accuracy": sum(correct) / len(ref["steps"]),
-                "_frames_correct": correct}
+        return {
+            "structure": float(got == ref["structure"]),
+            "state_accuracy": sum(correct) / len(ref["steps"]),
+            "_frames_correct": correct,
+        }
 
     def aggregate(self, records, run_dir):
         res = mean_by_task(records, self.tasks)
         t = res["tasks"].get("story", {})
         vals = [t.get("structure"), t.get("state_accuracy")]
-        res["overall"] = round(sum(vals) / 2, 6) if all(isinstance(v, float) for v in vals) else "not computed"
+        res["overall"] = (
+            round(sum(vals) / 2, 6) if all(isinstance(v, float) for v in vals) else "not computed"
+        )
         return res
 
 
@@ -289,7 +326,9 @@ class DigitsT2I(_Digits):
             "fd_real_halves": round(frechet_distance(j.features(train_real), j.features(test_real)), 4),
         }
         if len(generated) >= 2:
-            metrics["fd_generated_vs_real"] = round(frechet_distance(j.features(generated), j.features(test_real)), 4)
+            metrics["fd_generated_vs_real"] = round(
+                frechet_distance(j.features(generated), j.features(test_real)), 4
+            )
         else:
             metrics["fd_generated_vs_real"] = "not computed (fewer than 2 images)"
         res["metrics"] = metrics
@@ -302,7 +341,7 @@ class DigitsT2I(_Digits):
 class DigitsRead(_Digits):
     name = "digits-read"
     description = "reading held-out real handwritten digits: accuracy"
-    gen_defaults = {"max_new_tokens": 16}
+    gen_defaults: ClassVar[dict[str, Any]] = {"max_new_tokens": 16}
 
     def samples(self, data, limit):
         return self._samples(data, limit, "digit_read", "text")

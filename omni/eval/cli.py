@@ -21,22 +21,39 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Evaluate a checkpoint. Interrupt and rerun with the same --out to resume: finished "
         "samples are not regenerated.",
     )
-    p.add_argument("--ckpt", help="inference checkpoint directory (model.safetensors, config.yaml, tokenizer/)")
+    p.add_argument(
+        "--ckpt", help="inference checkpoint directory (model.safetensors, config.yaml, tokenizer/)"
+    )
     p.add_argument("--benchmark", help="benchmark name (see --list)")
-    p.add_argument("--data", help="local benchmark files: held-out shards for the built-ins, the published "
-                   "file for adapters (e.g. evaluation_metadata.jsonl, test_data.jsonl)")
+    p.add_argument(
+        "--data",
+        help="local benchmark files: held-out shards for the built-ins, the published "
+        "file for adapters (e.g. evaluation_metadata.jsonl, test_data.jsonl)",
+    )
     p.add_argument("--out", help="run directory (default runs/eval/BENCHMARK-CKPTNAME)")
     p.add_argument("--limit", type=int, help="evaluate only the first N prompts")
     p.add_argument("--batch-size", type=int, default=16, help="prompts generated together (default 16)")
     p.add_argument("--seed", type=int, help="base seed; sample i uses seed + i (default: the checkpoint's)")
     p.add_argument("--samples-per-prompt", type=int, help="images per prompt (GenEval: 4)")
-    p.add_argument("--gen", action="append", default=[], metavar="KEY=VALUE",
-                   help="generation setting override, e.g. --gen cfg_scale=3.0 --gen image_steps=50")
-    p.add_argument("--judge", metavar="URL", help="OpenAI-compatible endpoint for model-judged aspects, "
-                   "e.g. http://localhost:8000/v1 (without it those aspects are 'not computed')")
+    p.add_argument(
+        "--gen",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="generation setting override, e.g. --gen cfg_scale=3.0 --gen image_steps=50",
+    )
+    p.add_argument(
+        "--judge",
+        metavar="URL",
+        help="OpenAI-compatible endpoint for model-judged aspects, "
+        "e.g. http://localhost:8000/v1 (without it those aspects are 'not computed')",
+    )
     p.add_argument("--judge-model", help="model name sent to the judge endpoint")
-    p.add_argument("--judge-key-env", default="OMNI_JUDGE_API_KEY",
-                   help="environment variable holding the judge's API key (default OMNI_JUDGE_API_KEY)")
+    p.add_argument(
+        "--judge-key-env",
+        default="OMNI_JUDGE_API_KEY",
+        help="environment variable holding the judge's API key (default OMNI_JUDGE_API_KEY)",
+    )
     p.add_argument("--overwrite", action="store_true", help="delete the run directory and start afresh")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
@@ -73,13 +90,25 @@ def run(args: argparse.Namespace) -> int:
         judge = HTTPJudge(args.judge, args.judge_model, api_key_env=args.judge_key_env)
     out = args.out or str(Path("runs") / "eval" / f"{args.benchmark}-{Path(args.ckpt).resolve().name}")
     results = evaluate(
-        args.ckpt, args.benchmark, out, data=args.data, limit=args.limit, judge=judge,
-        gen_overrides=_gen_overrides(args.gen), batch_size=args.batch_size, seed=args.seed,
-        samples_per_prompt=args.samples_per_prompt, overwrite=args.overwrite, progress=not args.no_progress,
+        args.ckpt,
+        args.benchmark,
+        out,
+        data=args.data,
+        limit=args.limit,
+        judge=judge,
+        gen_overrides=_gen_overrides(args.gen),
+        batch_size=args.batch_size,
+        seed=args.seed,
+        samples_per_prompt=args.samples_per_prompt,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
     )
-    summary = {"benchmark": results["benchmark"], "overall": results["overall"],
-               "tasks": {t: {k: v for k, v in m.items()} for t, m in results["tasks"].items()},
-               "metrics": results["metrics"]}
+    summary = {
+        "benchmark": results["benchmark"],
+        "overall": results["overall"],
+        "tasks": {t: {k: v for k, v in m.items()} for t, m in results["tasks"].items()},
+        "metrics": results["metrics"],
+    }
     print(json.dumps(summary, indent=1))
     print(f"results: {Path(out) / 'results.json'}\nreport:  {Path(out) / 'report.html'}", file=sys.stderr)
     return 0

@@ -23,6 +23,7 @@ import datetime
 import hashlib
 import io
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,8 @@ def load_model(model_or_ckpt):
         from omni.checkpoint import load_pretrained
         from omni.utils import default_device
 
-        return load_pretrained(model_or_ckpt, device=default_device())
+        # an absolute path: results name the checkpoint wherever they are read from
+        return load_pretrained(Path(model_or_ckpt).resolve(), device=default_device())
     return model_or_ckpt
 
 
@@ -103,14 +105,24 @@ def _png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+PREVIEW_PX = 256  # prompt and ground-truth images larger than this are kept as previews only
+
+
 def _save_segments(segments: list[Segment], sample_dir: Path, prefix: str) -> list[dict[str, str]]:
-    """Images to PNG files beside the record; segments to [{"text"} | {"image": file}]."""
+    """Images to PNG files beside the record; segments to [{"text"} | {"image": file}].
+
+    Generated images are saved as they are; the benchmark's own (prompt, ground-truth) images
+    only as previews for the report, so a run over photo benchmarks stays small.
+    """
     out, k = [], 0
     for seg in segments:
         if isinstance(seg, str):
             out.append({"text": seg})
         else:
             name = f"{prefix}_{k}.png"
+            if prefix in ("prompt", "answer") and max(seg.size) > PREVIEW_PX:
+                seg = seg.copy()
+                seg.thumbnail((PREVIEW_PX, PREVIEW_PX))
             atomic_write_bytes(sample_dir / name, _png(seg))
             out.append({"image": name})
             k += 1
@@ -129,8 +141,9 @@ def load_segments(items: list[dict[str, str]], sample_dir: Path) -> list[Segment
     return out
 
 
-def write_record(run_dir: Path, sample: EvalSample, index: int, seed: int, output: Output,
-                 scores: dict[str, Any]) -> dict[str, Any]:
+def write_record(
+    run_dir: Path, sample: EvalSample, index: int, seed: int, output: Output, scores: dict[str, Any]
+) -> dict[str, Any]:
     """Write one finished sample (images first, record.json last) and return its record."""
     d = run_dir / "samples" / sample.id
     d.mkdir(parents=True, exist_ok=True)
@@ -159,6 +172,22 @@ def read_record(run_dir: Path, sample_id: str) -> dict[str, Any] | None:
     if not path.exists():
         return None
     return json.loads(path.read_text())
+
+
+def outputs_digest(run_dir: Path, records: list[dict[str, Any]]) -> str:
+    """sha256 over every sample's generated text and image bytes, in sample order: two runs with
+    equal digests generated exactly the same answers."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(r["id"].encode())
+        for name, items in [("output", r["output"]), *sorted(r.get("extra", {}).items())]:
+            h.update(name.encode())
+            for it in items:
+                if "text" in it:
+                    h.update(b"T" + it["text"].encode())
+                else:
+                    h.update(b"I" + (run_dir / "samples" / r["id"] / it["image"]).read_bytes())
+    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,15 +256,25 @@ def evaluate(
     base_seed = cfg.seed if seed is None else int(seed)
     ckpt = checkpoint_identity(model)
     judge_id = bench.judge_identity(judge)
-    _check_run(run_dir, {
-        "benchmark": bench.name, "checkpoint_sha256": ckpt["sha256"], "generation": dataclasses.asdict(cfg),
-        "seed": base_seed, "data": data, "samples_per_prompt": bench.samples_per_prompt,
-        "judge": judge_id.get("model") or judge_id.get("name"),
-    }, overwrite)
+    _check_run(
+        run_dir,
+        {
+            "benchmark": bench.name,
+            "checkpoint_sha256": ckpt["sha256"],
+            "generation": dataclasses.asdict(cfg),
+            "seed": base_seed,
+            "data": data,
+            "samples_per_prompt": bench.samples_per_prompt,
+            "judge": judge_id.get("model") or judge_id.get("name"),
+        },
+        overwrite,
+    )
 
     samples = bench.samples(data, limit)
     if not samples:
-        raise ValueError(f"benchmark {bench.name} found no samples in {data or 'its default data'} (limit={limit})")
+        raise ValueError(
+            f"benchmark {bench.name} found no samples in {data or 'its default data'} (limit={limit})"
+        )
     ids = [s.id for s in samples]
     if len(set(ids)) != len(ids):
         raise ValueError(f"benchmark {bench.name} produced duplicate sample ids; each sample needs its own")
@@ -250,10 +289,18 @@ def evaluate(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(samples), initial=len(records), desc=f"eval {bench.name}", unit="sample", dynamic_ncols=True)
+        bar = tqdm(
+            total=len(samples),
+            initial=len(records),
+            desc=f"eval {bench.name}",
+            unit="sample",
+            dynamic_ncols=True,
+        )
     try:
         for start in range(0, len(samples), batch_size):
-            chunk = [i for i in range(start, min(start + batch_size, len(samples))) if samples[i].id not in records]
+            chunk = [
+                i for i in range(start, min(start + batch_size, len(samples))) if samples[i].id not in records
+            ]
             if not chunk:
                 continue
             outputs = bench.generate(model, [samples[i] for i in chunk], cfg, [seeds[i] for i in chunk])
@@ -278,6 +325,7 @@ def evaluate(
         "tasks": agg["tasks"],
         "metrics": agg.get("metrics", {}),
         "n_samples": len(samples),
+        "outputs_sha256": outputs_digest(run_dir, ordered),
         "samples_per_prompt": bench.samples_per_prompt,
         "generation": settings,
         "seed": base_seed,
@@ -286,9 +334,11 @@ def evaluate(
         "judge": judge_id,
         "data": data or "built-in held-out documents (procedural test split / held-out digits)",
         "limit": limit,
-        "exports": {k: str(Path(v).relative_to(run_dir)) if Path(v).is_absolute() else str(v) for k, v in exports.items()},
-        "time": {"finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                 "elapsed_s_this_session": round(time.time() - t0, 2)},
+        "exports": {k: os.path.relpath(v, run_dir) for k, v in exports.items()},  # relative to the run
+        "time": {
+            "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "elapsed_s_this_session": round(time.time() - t0, 2),
+        },
     }
     atomic_write_text(run_dir / RESULTS, json.dumps(results, indent=1, default=str))
     if report:

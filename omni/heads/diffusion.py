@@ -9,13 +9,22 @@ Parameterizations: `v` (v-prediction, the bf16-stable choice of MMAR and Orthus)
 `flow` (rectified flow, predicts noise - x0). The head always computes in fp32, also under bf16
 autocast: MAR's head produced NaNs under fp16 autocast.
 
-Shape legend: K tokens with a loss, B tokens being sampled, d token dim, D backbone width,
-W head width, C noise copies.
+Sampling is the hot loop of image generation (steps x tokens net calls), so it is written for
+speed without changing the math: every sampler (DDIM, DDPM, Euler, stochastic flow) is a linear
+recurrence x <- a_i x + b_i pred + n_i noise_i with per-step scalars computed once; the parts of
+the net that do not depend on x (condition embedding, time embedding, all adaLN modulations of
+every step) run as a few large matmuls before the loop; all noise is drawn up front; and on CUDA
+the loop can be captured once as a CUDA graph and replayed for every later token.
+
+Shape legend: K tokens with a loss, B tokens being sampled, R = B or 2B rows with CFG, S steps,
+d token dim, D backbone width, W head width, C noise copies.
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -50,8 +59,12 @@ class ResBlock(nn.Module):
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale, gate = self.ada(c).chunk(3, dim=-1)  # 3 x (B, W)
-        return x + gate * self.mlp(modulate(self.norm(x), shift, scale))
+        return self.modulated(x, self.ada(c))
+
+    def modulated(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+        """The block given its modulation `mod` = ada(c) (B, 3W), which sampling precomputes."""
+        shift, scale, gate = mod.chunk(3, dim=-1)  # 3 x (B, W)
+        return torch.addcmul(x, gate, self.mlp(modulate(self.norm(x), shift, scale)))
 
 
 class Denoiser(nn.Module):
@@ -86,16 +99,35 @@ class Denoiser(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
+    def embed_time(self, t: torch.Tensor) -> torch.Tensor:
+        return self.time_embed(timestep_embedding(t, 256))  # (B, W)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        c = self.time_embed(timestep_embedding(t, 256)) + self.cond_embed(z)  # (B, W)
+        return self.body(x, self.embed_time(t) + self.cond_embed(z))
+
+    def body(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The net given its condition c = time + condition embedding (B, W)."""
         h = self.in_proj(x)  # (B, W)
         for block in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 h = checkpoint(block, h, c, use_reentrant=False)
             else:
                 h = block(h, c)
-        shift, scale = self.final_ada(c).chunk(2, dim=-1)
+        return self.head_out(h, self.final_ada(c))
+
+    def head_out(self, h: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+        shift, scale = mod.chunk(2, dim=-1)  # 2 x (B, W)
         return self.out(modulate(self.final_norm(h), shift, scale))  # (B, d)
+
+    def modulations(self, c: torch.Tensor) -> list[torch.Tensor]:
+        """Every adaLN modulation for conditions c (..., W): one per block, then the final one."""
+        return [block.ada(c) for block in self.blocks] + [self.final_ada(c)]
+
+    def modulated(self, h: torch.Tensor, mods: list[torch.Tensor]) -> torch.Tensor:
+        """The net after in_proj, given precomputed `modulations` (h (R, W) -> (R, d))."""
+        for block, mod in zip(self.blocks, mods):
+            h = block.modulated(h, mod)
+        return self.head_out(h, mods[-1])
 
 
 class DiffusionHead(nn.Module):
@@ -107,6 +139,8 @@ class DiffusionHead(nn.Module):
         if cfg.parameterization != "flow":
             sched = make_scheduler(cfg)
             self.register_buffer("alphas_cumprod", sched.alphas_cumprod.clone().float(), persistent=False)
+        self._timesteps: dict[int, list[int]] = {}  # sampling steps -> scheduler timesteps
+        self._graphs: OrderedDict = OrderedDict()  # CUDA graphs of the sampling loop, by shape/settings
 
     # training --------------------------------------------------------------------------------
     def loss(self, target: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -116,31 +150,25 @@ class DiffusionHead(nn.Module):
         with torch.autocast(device_type=cond.device.type, enabled=False):
             copies = self.cfg.noise_copies
             x0 = target.float().repeat(copies, 1)  # (C*K, d)
-            z = cond.float().repeat(copies, 1)  # (C*K, D)
+            # Embed the condition once per token, not once per noise copy: the copies share it.
+            zc = self.net.cond_embed(cond.float()).repeat(copies, 1)  # (C*K, W)
             noise = torch.randn_like(x0)
             n = x0.shape[0]
             if self.cfg.parameterization == "flow":
                 t = torch.rand(n, device=x0.device)  # (C*K,)
                 xt = (1 - t[:, None]) * x0 + t[:, None] * noise
                 goal = noise - x0
-                pred = self.net(xt, t * 1000.0, z)
+                t_net = t * 1000.0
             else:
                 t = torch.randint(0, self.cfg.train_steps, (n,), device=x0.device)
                 a = self.alphas_cumprod[t][:, None]  # (C*K, 1)
                 xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
                 goal = a.sqrt() * noise - (1 - a).sqrt() * x0 if self.cfg.parameterization == "v" else noise
-                pred = self.net(xt, t.float(), z)
+                t_net = t.float()
+            pred = self.net.body(xt, self.net.embed_time(t_net) + zc)
             return F.mse_loss(pred, goal)
 
     # sampling --------------------------------------------------------------------------------
-    def _predict(self, x, t, z, n_cond: int, cfg_scale: float) -> torch.Tensor:
-        """Run the net on [cond; uncond] rows sharing x, and mix them with guidance."""
-        if z.shape[0] == n_cond:
-            return self.net(x, t, z)
-        out = self.net(torch.cat([x, x]), torch.cat([t, t]), z)  # (2B, d)
-        cond, uncond = out[:n_cond], out[n_cond:]
-        return uncond + cfg_scale * (cond - uncond)
-
     @torch.no_grad()
     def sample(
         self,
@@ -151,6 +179,7 @@ class DiffusionHead(nn.Module):
         temperature: float = 1.0,
         sampler: str = "stochastic",
         generator: torch.Generator | list[torch.Generator] | None = None,
+        cuda_graph: bool = False,
     ) -> torch.Tensor:
         """Draw one token per row of `cond` (B, D); with `uncond` (B, D) and cfg_scale != 1, guided.
 
@@ -158,45 +187,131 @@ class DiffusionHead(nn.Module):
         re-noise every step. `temperature` scales the start noise and every re-noising, so
         temperature 0 is fully deterministic. `generator` may be a list with one generator per
         row, so that a row's samples do not depend on the other rows of the batch.
+        cuda_graph: on CUDA, capture the loop once per (rows, steps, settings) and replay it;
+        the first call with new shapes pays the capture. Ignored on other devices.
         """
         if sampler not in DETERMINISTIC:
             raise ValueError(f"unknown sampler {sampler!r}; use one of {sorted(DETERMINISTIC)}")
+        if steps < 1:
+            raise ValueError(f"steps={steps} must be >= 1")
         stochastic = DETERMINISTIC[sampler] == "ddpm"
         b = cond.shape[0]
         with torch.autocast(device_type=cond.device.type, enabled=False):
             z = cond.float()
             if uncond is not None and cfg_scale != 1.0:
                 z = torch.cat([z, uncond.float()])  # (2B, D): one batch, not two passes
+            t_net, coefs = self._plan(steps, stochastic, temperature)
+            # All noise up front: the start noise, then one draw per step when re-noising. Each
+            # row's generator yields the same numbers as drawing them one step at a time.
+            noise = self._noise(1 + steps if stochastic else 1, b, generator, z.device)  # (n, B, d)
+            noise[0] *= temperature
+            t_net = torch.tensor(t_net, device=z.device)  # (S,): made here, a graph cannot copy it in
+            run = lambda z_, noise_: self._denoise(z_, noise_, t_net, coefs, cfg_scale)
+            if cuda_graph and z.is_cuda:
+                key = (b, z.shape[0], steps, stochastic, float(temperature), float(cfg_scale), z.device)
+                return self._graphed(key, run, z, noise)
+            return run(z, noise)
 
-            def noise() -> torch.Tensor:
-                if isinstance(generator, (list, tuple)):
-                    rows = [torch.randn(1, self.token_dim, generator=g, device=g.device) for g in generator]
-                    return torch.cat(rows).to(z.device)  # (B, d)
-                dev = generator.device if generator is not None else z.device
-                return torch.randn(b, self.token_dim, generator=generator, device=dev).to(z.device)
-
-            x = noise() * temperature  # (B, d)
-            if self.cfg.parameterization == "flow":
-                return self._sample_flow(x, z, b, cfg_scale, steps, temperature, stochastic, noise)
+    def _plan(self, steps: int, stochastic: bool, temperature: float) -> tuple[list[float], list[tuple]]:
+        """Net timesteps and the per-step update x <- a x + b pred + c noise, as Python floats."""
+        if self.cfg.parameterization == "flow":
+            # Rectified flow on t = 1 -> 0. Euler: x - (t - t')v. Stochastic: x0 = x - t v, then
+            # re-noise x0 to t' with fresh noise: (1 - t') x0 + t' noise.
+            ts = torch.linspace(1.0, 0.0, steps + 1).tolist()
+            coefs = []
+            for t, t_next in zip(ts[:-1], ts[1:]):
+                if stochastic:
+                    coefs.append((1.0 - t_next, -(1.0 - t_next) * t, t_next * temperature))
+                else:
+                    coefs.append((1.0, -(t - t_next), 0.0))
+            return [t * 1000.0 for t in ts[:-1]], coefs
+        # DDIM (eta 0) and DDPM (eta 1) on the trained schedule: the update of diffusers'
+        # DDIMScheduler.step (no clipping, alpha_final = 1) solved for x and the prediction.
+        if steps not in self._timesteps:
             sched = make_scheduler(self.cfg)
-            sched.set_timesteps(steps, device=z.device)
-            for t in sched.timesteps:
-                tt = torch.full((b,), float(t), device=z.device)
-                pred = self._predict(x, tt, z, b, cfg_scale)
-                eta = 1.0 if stochastic else 0.0
-                var_noise = noise() * temperature if stochastic else None
-                x = sched.step(pred, t, x, eta=eta, variance_noise=var_noise).prev_sample
-            return x
-
-    def _sample_flow(self, x, z, b, cfg_scale, steps, temperature, stochastic, noise) -> torch.Tensor:
-        ts = torch.linspace(1.0, 0.0, steps + 1, device=z.device)
-        for i in range(steps):
-            t, t_next = ts[i], ts[i + 1]
-            v = self._predict(x, torch.full((b,), float(t) * 1000.0, device=z.device), z, b, cfg_scale)
-            if stochastic:
-                # Estimate x0, then re-noise it to t_next with fresh noise.
-                x0 = x - t * v
-                x = (1 - t_next) * x0 + t_next * noise() * temperature
+            sched.set_timesteps(steps)
+            self._timesteps[steps] = [int(t) for t in sched.timesteps]
+        ac = self.alphas_cumprod.double().cpu()
+        jump = self.cfg.train_steps // steps
+        eta = 1.0 if stochastic else 0.0
+        coefs = []
+        for t in self._timesteps[steps]:
+            a_t = float(ac[t])
+            a_prev = float(ac[t - jump]) if t - jump >= 0 else 1.0
+            var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+            std = eta * math.sqrt(var)
+            dir_ = math.sqrt(max(1 - a_prev - std**2, 0.0))  # weight of the predicted noise
+            sa, sb, sp = math.sqrt(a_t), math.sqrt(1 - a_t), math.sqrt(a_prev)
+            if self.cfg.parameterization == "v":
+                # x0 = sa x - sb v, eps = sa v + sb x  ->  x' = sp x0 + dir eps + std noise
+                coefs.append((sp * sa + dir_ * sb, dir_ * sa - sp * sb, std * temperature))
             else:
-                x = x - (t - t_next) * v  # Euler step of dx/dt = v
+                # x0 = (x - sb eps) / sa
+                coefs.append((sp / sa, dir_ - sp * sb / sa, std * temperature))
+        return [float(t) for t in self._timesteps[steps]], coefs
+
+    def _noise(self, n: int, b: int, generator, device: torch.device) -> torch.Tensor:
+        """(n, B, d) standard normal draws; with one generator per row, row i's come from generator i."""
+        d = self.token_dim
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != b:
+                raise ValueError(f"got {len(generator)} generators for {b} rows; give one per row")
+            rows = [torch.randn(n, d, generator=g, device=g.device).to(device) for g in generator]
+            return torch.stack(rows, dim=1)  # (n, B, d)
+        dev = generator.device if generator is not None else device
+        return torch.randn(n, b, d, generator=generator, device=dev).to(device)
+
+    def _denoise(self, z: torch.Tensor, noise: torch.Tensor, t_net: torch.Tensor, coefs: list[tuple],
+                 cfg_scale: float) -> torch.Tensor:
+        """The sampling loop from noise[0] (already scaled); z (R, D) with R = B or 2B (guided)."""
+        net = self.net
+        b = noise.shape[1]
+        x = noise[0]  # (B, d)
+        zc = net.cond_embed(z)  # (R, W): the condition is the same at every step
+        temb = net.embed_time(t_net)  # (S, W): the same for every row
+        # Every modulation of every step in a few large matmuls instead of S x (depth + 1) small
+        # ones; chunked over steps so the buffer stays under ~64 MB for large heads and batches.
+        per_step = z.shape[0] * net.final_ada[-1].in_features * (3 * len(net.blocks) + 2) * 4
+        chunk = max(1, (64 << 20) // per_step)
+        mods: list[torch.Tensor] = []
+        for i, (a, bc, c) in enumerate(coefs):
+            if i % chunk == 0:
+                mods = net.modulations(temb[i:i + chunk, None] + zc[None])  # each (s, R, kW)
+            h = net.in_proj(x)  # (B, W): guided rows share x, so project it once
+            if z.shape[0] != b:
+                h = torch.cat([h, h])  # (2B, W)
+            pred = net.modulated(h, [m[i % chunk] for m in mods])  # (R, d)
+            if z.shape[0] != b:
+                pred = torch.lerp(pred[b:], pred[:b], cfg_scale)  # uncond + s (cond - uncond)
+            x = torch.add(x * a, pred, alpha=bc)
+            if c:
+                x = x.add(noise[1 + i], alpha=c)
         return x
+
+    def _graphed(self, key: tuple, run: Callable, z: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """run(z, noise) replayed from a CUDA graph captured on the first call with this key.
+
+        The graph reads the parameters by address, so in-place updates (training, EMA copies)
+        are seen; replacing a parameter tensor needs `self._graphs.clear()`.
+        """
+        entry = self._graphs.get(key)
+        if entry is None:
+            static = (z.clone(), noise.clone())
+            stream = torch.cuda.Stream(device=z.device)
+            stream.wait_stream(torch.cuda.current_stream(z.device))
+            with torch.cuda.stream(stream):  # warm-up outside the graph (allocator, lazy init)
+                run(*static)
+            torch.cuda.current_stream(z.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = run(*static)
+            entry = (graph, static, out)
+            self._graphs[key] = entry
+            while len(self._graphs) > 8:  # each graph keeps its own memory pool
+                self._graphs.popitem(last=False)
+        self._graphs.move_to_end(key)
+        graph, (sz, sn), out = entry
+        sz.copy_(z)
+        sn.copy_(noise)
+        graph.replay()
+        return out.clone()

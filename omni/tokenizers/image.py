@@ -12,8 +12,8 @@ features.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -101,7 +101,7 @@ class ImageTokenizer:
     def save_pretrained(self, path: str | Path) -> None:
         """Write whatever weights the tokenizer needs into a checkpoint directory."""
 
-    def to(self, device) -> "ImageTokenizer":
+    def to(self, device) -> ImageTokenizer:
         return self
 
 
@@ -156,7 +156,7 @@ class VAETokenizer(ImageTokenizer):
     def token_dim(self) -> int:
         return self.vae.config.latent_channels * self.cfg.patch_size**2
 
-    def to(self, device) -> "VAETokenizer":
+    def to(self, device) -> VAETokenizer:
         self.vae.to(device)
         return self
 

@@ -8,8 +8,8 @@ remote code); from-scratch models use a sentencepiece model trained on the shard
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 DEFAULT_SPECIAL = {"boi": "<boi>", "eoi": "<eoi>", "img": "<img>"}
 SPECIAL_FILE = "omni_special_tokens.json"
@@ -76,7 +76,7 @@ class TextTokenizer:
         (path / SPECIAL_FILE).write_text(json.dumps(self.special, indent=2))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, trust_remote_code: bool = False) -> "TextTokenizer":
+    def from_pretrained(cls, path: str | Path, trust_remote_code: bool = False) -> TextTokenizer:
         from transformers import AutoTokenizer
 
         path = Path(path)

@@ -25,23 +25,31 @@ import torch
 from torch import nn
 
 from omni.config import Config
-from omni.model import OmniModel
+from omni.model import OmniModel, build_backbone
 from omni.tokenizers.image import build_image_tokenizer
 from omni.tokenizers.text import TextTokenizer
 
 
 def build_model(cfg: Config, ds_config: dict) -> OmniModel:
-    """The model to train, with initial weights; the same on every rank."""
-    torch.manual_seed(cfg.train.seed)  # every rank builds identical fresh weights
+    """The model to train, with initial weights; the same on every rank.
+
+    The new modules (in_proj, diffusion head) are seeded after the backbone exists, so their
+    initial weights depend on `train.seed` only, not on how the backbone was made.
+    """
     mcfg = cfg.model
+    if mcfg.tokenizer is None:
+        raise ValueError(
+            "model.tokenizer is not set: train one with `omni data tokenizer` or point it at a local "
+            "Hugging Face tokenizer directory"
+        )
+    tokenizer = TextTokenizer.from_pretrained(mcfg.tokenizer)
+    torch.manual_seed(cfg.train.seed)
     if mcfg.backbone.pretrained is not None and cfg.train.zero_stage == 3:
-        if mcfg.tokenizer is None:
-            raise ValueError("model.tokenizer is not set: point it at the pretrained model's tokenizer directory")
-        tokenizer = TextTokenizer.from_pretrained(mcfg.tokenizer)
         backbone = load_backbone_partitioned(Path(mcfg.backbone.pretrained), len(tokenizer), mcfg, ds_config)
-        model = OmniModel(mcfg, tokenizer, build_image_tokenizer(mcfg.image), backbone=backbone)
     else:
-        model = OmniModel.from_config(mcfg)
+        backbone = build_backbone(mcfg, len(tokenizer))
+    torch.manual_seed(cfg.train.seed + 1)
+    model = OmniModel(mcfg, tokenizer, build_image_tokenizer(mcfg.image), backbone=backbone)
     select_trainable(model, cfg)
     return model
 
@@ -76,7 +84,11 @@ def load_backbone_partitioned(path: Path, vocab_size: int, mcfg, ds_config: dict
     hf_cfg = AutoConfig.from_pretrained(str(path))
     old_vocab = hf_cfg.vocab_size
     hf_cfg.vocab_size = max(old_vocab, vocab_size)
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=torch.float32):
+    # dtype comes from ds_config (no bf16/fp16 section -> fp32): an explicit dtype=torch.float32
+    # is ignored on accelerators without fp16 (the CPU), a precedence slip in DeepSpeed 0.19's
+    # Init._set_dtype that yields bf16. mem_efficient_linear=False: otherwise Init replaces
+    # torch.nn.functional.linear for the rest of the process.
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, mem_efficient_linear=False):
         backbone = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=mcfg.backbone.attn_implementation)
     params = dict(backbone.named_parameters())
     is_rank0 = dist.get_rank() == 0

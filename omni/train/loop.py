@@ -122,7 +122,7 @@ def fit(run: Run) -> None:
         run.step, run.micro = engine.global_steps, 0
         run.ema.update()
         run.monitor.advance(run.step)
-        if run.step % t.log_every == 0 or run.step == t.steps:
+        if run.step % t.log_every == 0 or run.step == t.steps or run.stopping:
             log_train(run)
         if t.val_every and (run.step % t.val_every == 0 or run.step == t.steps):
             validate(run)

@@ -9,4 +9,13 @@ as "not computed", never as 0.
 
 from __future__ import annotations
 
-ADAPTERS: dict[str, type] = {}
+from omni.eval.adapters.geneval import GenEval
+from omni.eval.adapters.interleavedbench import InterleavedBench
+from omni.eval.adapters.isg import ISGBench
+from omni.eval.adapters.mmie import MMIE
+from omni.eval.adapters.opening import OpenING
+from omni.eval.adapters.yesno import MME, POPE
+
+ADAPTERS: dict[str, type] = {
+    b.name: b for b in (GenEval, InterleavedBench, OpenING, ISGBench, MMIE, MME, POPE)
+}

@@ -14,9 +14,10 @@ Training is deterministic (fixed seed, one thread, forked RNG) and takes a few s
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -113,11 +114,15 @@ class DigitNet(nn.Module):
 def random_warp(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Small random rotation, scale, shear and shift of a batch (B, 1, S, S): handwriting varies so."""
     B = x.shape[0]
-    u = lambda *shape: torch.rand(*shape, generator=g) * 2 - 1  # noqa: E731 - uniform in [-1, 1]
+    u = lambda *shape: torch.rand(*shape, generator=g) * 2 - 1
     ang, sx, sy, shear, t = 0.3 * u(B), 1 + 0.1 * u(B), 1 + 0.1 * u(B), 0.15 * u(B), 0.2 * u(B, 2)
     cos, sin = torch.cos(ang), torch.sin(ang)
     theta = torch.stack(
-        [torch.stack([cos * sx, -sin * sy + shear, t[:, 0]], 1), torch.stack([sin * sx, cos * sy, t[:, 1]], 1)], 1
+        [
+            torch.stack([cos * sx, -sin * sy + shear, t[:, 0]], 1),
+            torch.stack([sin * sx, cos * sy, t[:, 1]], 1),
+        ],
+        1,
     )  # (B, 2, 3)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, align_corners=False)
@@ -148,7 +153,7 @@ class DigitJudge:
     test_index: np.ndarray = field(repr=False)  # indices (into the fitted set) of the scoring half
 
     @classmethod
-    def fit(cls, images: np.ndarray, labels: np.ndarray, seed: int = 0) -> "DigitJudge":
+    def fit(cls, images: np.ndarray, labels: np.ndarray, seed: int = 0) -> DigitJudge:
         labels = np.asarray(labels).astype(np.int64)
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
@@ -177,7 +182,7 @@ class DigitJudge:
         return judge
 
     @classmethod
-    def from_heldout(cls, seed: int = 0, cache: str | Path | None = None) -> "DigitJudge":
+    def from_heldout(cls, seed: int = 0, cache: str | Path | None = None) -> DigitJudge:
         """Fit on the data module's held-out split (never the training split).
 
         `cache`: a .safetensors path (inside an eval output directory) holding the weights of an
@@ -199,11 +204,14 @@ class DigitJudge:
         from omni.utils import atomic_path
 
         with atomic_path(path) as tmp:
-            save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, str(tmp),
-                      metadata={"seed": str(self.seed)})
+            save_file(
+                {k: v.contiguous() for k, v in self.net.state_dict().items()},
+                str(tmp),
+                metadata={"seed": str(self.seed)},
+            )
 
     @classmethod
-    def load(cls, path: str | Path, images: np.ndarray, labels: np.ndarray, seed: int = 0) -> "DigitJudge":
+    def load(cls, path: str | Path, images: np.ndarray, labels: np.ndarray, seed: int = 0) -> DigitJudge:
         from safetensors.torch import load_file
 
         net = DigitNet()

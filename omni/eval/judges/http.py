@@ -22,9 +22,11 @@ import os
 import re
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from PIL import Image
 
@@ -38,16 +40,26 @@ class Rubric:
     aspects: tuple[str, ...]  # score names, in the benchmark's order
     low: float  # scale bounds (inclusive)
     high: float
-    parse: Callable[[str, "Rubric"], dict[str, float]]  # reply -> {aspect: score}; raises ValueError
+    parse: Callable[[str, Rubric], dict[str, float]]  # reply -> {aspect: score}; raises ValueError
 
 
 class HTTPJudge:
     """A judge model behind an OpenAI-compatible chat-completions endpoint."""
 
-    def __init__(self, base_url: str, model: str, api_key_env: str = "OMNI_JUDGE_API_KEY",
-                 timeout: float = 120.0, retries: int = 3, max_tokens: int = 1024, temperature: float = 0.0):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key_env: str = "OMNI_JUDGE_API_KEY",
+        timeout: float = 120.0,
+        retries: int = 3,
+        max_tokens: int = 1024,
+        temperature: float = 0.0,
+    ):
         if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"judge URL {base_url!r} must start with http:// or https:// (e.g. http://localhost:8000/v1)")
+            raise ValueError(
+                f"judge URL {base_url!r} must start with http:// or https:// (e.g. http://localhost:8000/v1)"
+            )
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.api_key_env = api_key_env
@@ -55,8 +67,13 @@ class HTTPJudge:
         self.max_tokens, self.temperature = max_tokens, temperature
 
     def identity(self) -> dict[str, Any]:
-        return {"kind": "http", "url": self.base_url, "model": self.model, "temperature": self.temperature,
-                "api_key_env": self.api_key_env}
+        return {
+            "kind": "http",
+            "url": self.base_url,
+            "model": self.model,
+            "temperature": self.temperature,
+            "api_key_env": self.api_key_env,
+        }
 
     @staticmethod
     def content_blocks(content: Sequence[str | Image.Image]) -> list[dict[str, Any]]:
@@ -73,30 +90,40 @@ class HTTPJudge:
 
     def complete(self, system: str, content: Sequence[str | Image.Image]) -> str:
         """The judge's reply text. Retries transient failures (network, 429, 5xx) with backoff."""
-        body = json.dumps({
-            "model": self.model,
-            "messages": [{"role": "system", "content": system},
-                         {"role": "user", "content": self.content_blocks(content)}],
-            "temperature": self.temperature,
-            "max_tokens": self.max_tokens,
-        }).encode("utf-8")
+        body = json.dumps(
+            {
+                "model": self.model,
+                "messages": [
+                    {"role": "system", "content": system},
+                    {"role": "user", "content": self.content_blocks(content)},
+                ],
+                "temperature": self.temperature,
+                "max_tokens": self.max_tokens,
+            }
+        ).encode("utf-8")
         headers = {"Content-Type": "application/json"}
         key = os.environ.get(self.api_key_env)
         if key:
             headers["Authorization"] = f"Bearer {key}"
         url = f"{self.base_url}/chat/completions"
+        host = urllib.parse.urlparse(url).hostname or ""
+        # A judge on this machine is reached directly, whatever http_proxy says.
+        handlers = [urllib.request.ProxyHandler({})] if host in ("localhost", "127.0.0.1", "::1") else []
+        opener = urllib.request.build_opener(*handlers)
         last: Exception | None = None
         for attempt in range(self.retries + 1):
             try:
                 req = urllib.request.Request(url, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                with opener.open(req, timeout=self.timeout) as resp:
                     reply = json.loads(resp.read().decode("utf-8"))
                 return str(reply["choices"][0]["message"]["content"] or "")
             except urllib.error.HTTPError as e:
                 detail = e.read().decode("utf-8", "replace")[:300]
                 if e.code not in (408, 429) and e.code < 500:
-                    raise RuntimeError(f"judge {url} answered HTTP {e.code}: {detail} "
-                                       f"(check --judge-model and the key in ${self.api_key_env})") from None
+                    raise RuntimeError(
+                        f"judge {url} answered HTTP {e.code}: {detail} "
+                        f"(check --judge-model and the key in ${self.api_key_env})"
+                    ) from None
                 last = RuntimeError(f"HTTP {e.code}: {detail}")
             except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
                 last = e
@@ -145,7 +172,7 @@ def _in_range(value: Any, rubric: Rubric, name: str) -> float:
         m = re.search(r"-?\d+(\.\d+)?", value)
         value = float(m.group()) if m else None
     if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise ValueError(f"aspect {name!r} has no numeric score in the judge's reply")
+        raise ValueError(f"aspect {name!r} has no numeric score in the judge's reply")  # noqa: TRY004 - a bad reply, not a bad call
     if not rubric.low <= value <= rubric.high:
         raise ValueError(f"aspect {name!r} scored {value}, outside {rubric.low}-{rubric.high}")
     return float(value)

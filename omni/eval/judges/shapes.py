@@ -15,8 +15,9 @@ land on no palette colour or form specks below `min_area`, which is why random i
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -137,7 +138,7 @@ def detect(image: Image.Image | np.ndarray, min_area: int | None = None) -> list
                     cx=float((x0 + x1) / 2),
                     cy=float((y0 + y1) / 2),
                     bbox=(int(x0), int(y0), int(x1), int(y1)),
-                    area=int(len(pts)),
+                    area=len(pts),
                 )
             )
     found.sort(key=lambda d: -d.area)
@@ -203,7 +204,9 @@ def check_spec(dets: list[Detection], spec: dict[str, Any]) -> tuple[bool, list[
                         rels = relative_position(a, b)
                         if rel not in rels:
                             ok = False
-                            reasons.append(f"expected {req['class']} {rel} target, found {' and '.join(sorted(rels)) or 'no relation'}")
+                            reasons.append(
+                                f"expected {req['class']} {rel} target, found {' and '.join(sorted(rels)) or 'no relation'}"
+                            )
                             break
                     if not ok:
                         break
@@ -215,7 +218,9 @@ def check_spec(dets: list[Detection], spec: dict[str, Any]) -> tuple[bool, list[
     return not reasons, reasons
 
 
-def state_matches(dets: list[Detection], objects: list[dict[str, Any]], canvas: int, tolerance: float = 0.125) -> bool:
+def state_matches(
+    dets: list[Detection], objects: list[dict[str, Any]], canvas: int, tolerance: float = 0.125
+) -> bool:
     """Does an image show exactly `objects`: shape, colour, centre within `tolerance` x canvas?
 
     Used for story frames, where every object's state (colour, shape, place) is ground truth.
@@ -269,8 +274,10 @@ def geneval_spec(meta: dict[str, Any]) -> dict[str, Any]:
         n = int(meta.get("count", len(objs)))
         include, exclude = [req(objs[0], True, n)], [req(objs[0], True, n + 1)]
     else:
-        raise ValueError(f"unknown t2i subtask {sub!r}; expected one of single_object, colors, two_objects, "
-                         "color_attr, position, counting")
+        raise ValueError(
+            f"unknown t2i subtask {sub!r}; expected one of single_object, colors, two_objects, "
+            "color_attr, position, counting"
+        )
     spec: dict[str, Any] = {"tag": tag, "include": include}
     if exclude:
         spec["exclude"] = exclude
@@ -288,7 +295,10 @@ def _gt_detection(o: dict[str, Any]) -> Detection:
 # Text answers: captions and short answers
 # --------------------------------------------------------------------------------------------
 
-NUMBERS = {w: i for i, w in enumerate(("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"))}
+NUMBERS = {
+    w: i
+    for i, w in enumerate(("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"))
+}
 _RELATIONS = ("left of", "right of", "above", "below")
 
 

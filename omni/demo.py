@@ -1,0 +1,227 @@
+"""`omni demo`: the project's main job on its built-in data, end to end on a CPU.
+
+    data (shapes + handwritten digits shards, tokenizer) -> train the `tiny` preset (DeepSpeed
+    engine, one process) -> export the EMA weights -> every built-in benchmark -> scorecard,
+    HTML reports -> a short sample chat (a caption, a drawn image, an illustrated story).
+
+Every stage writes into OUT and is skipped when its output exists, so re-running resumes an
+interrupted demo (training resumes from its last checkpoint); `--force` redoes everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+# Benchmark -> (headline metric key in results["scores"], target from the demo issue).
+SCORECARD = {
+    "shapes-t2i": ("overall", 0.80),
+    "shapes-vqa": ("overall", 0.90),
+    "shapes-caption": ("overall", 0.80),
+    "digits-t2i": ("overall", 0.90),
+    "digits-read": ("overall", 0.90),
+    "shapes-story": ("overall", None),
+}
+PRESET = "tiny"
+
+
+def _stage(title: str) -> None:
+    print(f"\n== {title} ==", flush=True)
+
+
+def _cli(argv: list[str]) -> None:
+    from omni.cli import main
+
+    code = main(argv)
+    if code:
+        raise RuntimeError(f"`omni {' '.join(argv)}` failed with exit code {code}")
+
+
+def build_data(out: Path, n_train: int, n_val: int, force: bool) -> dict[str, str]:
+    data = out / "data"
+    shapes, digits, tok = data / "shapes", data / "digits", data / "tokenizer"
+    if force:
+        shutil.rmtree(data, ignore_errors=True)
+    if not (shapes / "manifest.json").exists():
+        _cli(["data", "shapes", "--out", str(shapes), "--train", str(n_train), "--val", str(n_val)])
+    else:
+        print(f"shapes shards exist in {shapes}: skipped")
+    if not (digits / "manifest.json").exists():
+        _cli(["data", "digits", "--out", str(digits)])
+    else:
+        print(f"digits shards exist in {digits}: skipped")
+    if not (tok / "tokenizer.json").exists():
+        _cli(["data", "tokenizer", "--shards", str(shapes / "train-*.tar"), str(digits / "train-*.tar"),
+              "--out", str(tok), "--vocab-size", "256"])
+    else:
+        print(f"tokenizer exists in {tok}: skipped")
+    return {"shapes": str(shapes), "digits": str(digits), "tokenizer": str(tok)}
+
+
+def train_config(out: Path, paths: dict[str, str], overrides: list[str]):
+    from omni.config import load_config
+
+    return load_config(PRESET, [
+        f"model.tokenizer={paths['tokenizer']}",
+        f"data.train={paths['shapes']}/train-*.tar::{paths['digits']}/train-*.tar",
+        f"data.val={paths['shapes']}/val-*.tar::{paths['digits']}/val-*.tar",
+        f"train.out_dir={out / 'run'}",
+        *overrides,
+    ])
+
+
+def train_and_export(out: Path, cfg, force: bool) -> Path:
+    from omni.train.export import export
+    from omni.train.loop import train
+
+    model_dir = out / "model"
+    if force:
+        shutil.rmtree(out / "run", ignore_errors=True)
+        shutil.rmtree(model_dir, ignore_errors=True)
+    if (model_dir / "model.safetensors").exists():
+        print(f"trained model exists in {model_dir}: skipped (use --force to retrain)")
+        return model_dir
+    t0 = time.time()
+    run_dir = train(cfg)  # resumes from the run's latest checkpoint when there is one
+    print(f"trained in {time.time() - t0:.0f} s; exporting the EMA weights")
+    export(run_dir, model_dir, ema=cfg.train.ema_decay > 0)
+    return model_dir
+
+
+def evaluate_all(out: Path, model_dir: Path, paths: dict[str, str], limit: int | None) -> dict[str, dict]:
+    from omni.eval.harness import evaluate
+    from omni.model import OmniModel
+
+    model = OmniModel.from_pretrained(model_dir)
+    results = {}
+    for name in SCORECARD:
+        data = paths["digits"] if name.startswith("digits") else paths["shapes"]
+        print(f"-- {name}", flush=True)
+        results[name] = evaluate(model, name, out / "eval" / name, data=data, limit=limit)
+    return results
+
+
+def scorecard(results: dict[str, dict]) -> str:
+    lines = ["| benchmark | score | target | details |", "|---|---|---|---|"]
+    for name, res in results.items():
+        key, target = SCORECARD[name]
+        scores = res.get("scores", {})
+        value = scores.get(key)
+        details = ", ".join(
+            f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in scores.items() if k != key and not isinstance(v, (dict, list))
+        )
+        shown = f"{value:.3f}" if isinstance(value, (int, float)) else str(value)
+        goal = f">= {target:.2f}" if target is not None else "-"
+        lines.append(f"| {name} | {shown} | {goal} | {details} |")
+    return "\n".join(lines)
+
+
+def sample_chat(out: Path, model_dir: Path, paths: dict[str, str], preview: bool) -> Path:
+    """A short scripted conversation: read an image, draw one, continue an illustrated story."""
+    from omni.data.shards import read_documents
+    from omni.data.templates import split_prompt
+    from omni.generation import generate, generation_config
+    from omni.model import OmniModel
+    from omni.preview import supports_color
+
+    model = OmniModel.from_pretrained(model_dir)
+    picks = {}
+    for doc in read_documents(f"{paths['shapes']}/val-*.tar", resampled=False, shuffle_buffer=0):
+        picks.setdefault(doc.task, doc)
+        if {"caption", "t2i", "story"} <= picks.keys():
+            break
+    turns = [("caption", "text", "What does this picture show?"), ("t2i", "image", "Draw it."),
+             ("story", "auto", "Continue the story with pictures.")]
+    chat_dir = out / "chat"
+    chat_dir.mkdir(parents=True, exist_ok=True)
+    md = ["# omni demo: sample chat", ""]
+    color = preview and supports_color(sys.stdout)
+    for i, (task, mode, note) in enumerate(turns):
+        if task not in picks:
+            continue
+        prompt, _ = split_prompt(picks[task])
+        cfg = generation_config(model, max_new_tokens=96 if mode == "auto" else 64)
+        result = generate(model, [prompt], cfg, seeds=[i], mode=mode)[0]
+        print(f"\nuser ({note})")
+        md.append(f"**user** ({note})\n")
+        for j, seg in enumerate(prompt):
+            md.append(_show(seg, chat_dir / f"turn{i}-prompt{j}.png", color))
+        print("omni:")
+        md.append("\n**omni**\n")
+        for j, seg in enumerate(result.segments):
+            md.append(_show(seg, chat_dir / f"turn{i}-answer{j}.png", color))
+        md.append("")
+    md.append(f"Settings: `{json.dumps(result.settings, default=str)}`")
+    path = chat_dir / "transcript.md"
+    from omni.utils import atomic_write_text
+
+    atomic_write_text(path, "\n".join(md) + "\n")
+    return path
+
+
+def _show(seg, png: Path, color: bool) -> str:
+    from omni.preview import halfblock
+
+    if isinstance(seg, str):
+        print(f"  {seg}")
+        return seg
+    seg.save(png)
+    print(f"  [image {png}]")
+    if color:
+        print(halfblock(seg, width=16))
+    return f"![{png.name}]({png.name})"
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    quick = args.quick
+    _stage("1/5 data: shapes + handwritten digits shards, tokenizer")
+    paths = build_data(out, n_train=4000 if quick else args.train_docs, n_val=300, force=args.force)
+    overrides = list(args.overrides)
+    if quick:
+        overrides = ["train.steps=60", "train.warmup_steps=10", "train.val_every=30", "train.save_every=30",
+                     "train.log_every=10", *overrides]
+    if args.steps:
+        overrides.append(f"train.steps={args.steps}")
+    cfg = train_config(out, paths, overrides)
+    _stage(f"2/5 train the {PRESET} preset ({cfg.train.steps} steps)")
+    model_dir = train_and_export(out, cfg, force=args.force)
+    _stage("3/5 evaluate on every built-in benchmark")
+    if args.force:
+        shutil.rmtree(out / "eval", ignore_errors=True)
+    results = evaluate_all(out, model_dir, paths, limit=args.limit or (24 if quick else None))
+    _stage("4/5 scorecard")
+    table = scorecard(results)
+    print(table)
+    from omni.utils import atomic_write_text
+
+    atomic_write_text(out / "scorecard.md", table + "\n")
+    atomic_write_text(out / "scorecard.json", json.dumps({k: v.get("scores") for k, v in results.items()}, indent=1))
+    for name in results:
+        print(f"report: {out / 'eval' / name / 'report.html'}")
+    _stage("5/5 sample chat")
+    transcript = sample_chat(out, model_dir, paths, preview=not args.no_preview)
+    print(f"\ntranscript: {transcript}")
+    print(f"demo finished in {time.time() - t0:.0f} s; everything is in {out}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("demo", help="data -> train tiny -> eval -> sample chat, on CPU",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
+    p.add_argument("--force", action="store_true", help="redo every stage")
+    p.add_argument("--quick", action="store_true", help="a shortened demo (a few minutes): smoke test")
+    p.add_argument("--steps", type=int, help="training steps (default: the preset's)")
+    p.add_argument("--train-docs", type=int, default=30000, help="shapes training documents")
+    p.add_argument("--limit", type=int, help="evaluate only the first N prompts per benchmark")
+    p.add_argument("--no-preview", action="store_true", help="no inline image previews")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.lr=5e-4")
+    p.set_defaults(func=run)
