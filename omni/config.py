@@ -125,6 +125,7 @@ class TrainConfig:
     val_batches: int = 4  # batches per validation
     max_bad_steps: int = 5  # consecutive non-finite losses before stopping
     resume: str | None = None  # "auto": continue from out_dir's latest checkpoint; or a checkpoint tag dir
+    init_from: str | None = None  # omni checkpoint dir (omni convert / omni export) whose weights start the run
 
 
 @dataclass
@@ -142,6 +143,7 @@ class GenerationConfig:
     cfg_scale: float = 3.0  # classifier-free guidance on image tokens; 1 disables
     seed: int = 0  # generation seed
     use_cache: bool = True  # KV cache (False recomputes the prefix every step)
+    cuda_graphs: bool = False  # replay each image token's diffusion loop from a CUDA graph (CUDA only)
 
 
 @dataclass

@@ -235,8 +235,8 @@ class Sampler:
     """One generation call: build the batch, step until every row finishes, return results.
 
     use_cache=False recomputes every position at every step (the reference the cache is tested
-    against); cfg_batching=False runs the unconditional streams as a second forward pass (the
-    baseline the one-batch design is measured against).
+    against); cfg_batching=False runs the unconditional streams as a second forward pass and a
+    second diffusion-head call per step (the baseline the one-batch design is measured against).
     """
 
     def __init__(self, model, cfg: GenerationConfig, mode: str, seeds: list[int],
@@ -446,7 +446,8 @@ class Sampler:
         uncond = torch.stack([hidden[id(r.uncond)] for r in drawing]) if self.use_cfg else None
         x = model.head.sample(cond, uncond, cfg_scale=cfg.cfg_scale, steps=cfg.image_steps,
                               temperature=cfg.image_temperature, sampler=cfg.sampler,
-                              generator=[r.gen for r in drawing])  # (b, d)
+                              generator=[r.gen for r in drawing], cuda_graph=cfg.cuda_graphs,
+                              cfg_batching=self.cfg_batching)  # (b, d)
         done = [r for r, xi in zip(drawing, x) if self._image_token(r, xi)]
         if done:
             pixels = model.image_tokenizer.decode(torch.stack([r.image_tokens[-1] for r in done]))  # (k, C, H, W)

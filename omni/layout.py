@@ -137,26 +137,25 @@ def layout(
     image_mask = torch.zeros((B, L), dtype=torch.bool)
     all_tokens: list[torch.Tensor] = []
     n_img = 0  # image tokens laid out so far
-    targets, conds = [], []
+    targets: list[torch.Tensor] = []  # per document: indices into image_tokens
+    conds: list[torch.Tensor] = []  # per document: flat conditioning positions
     for b, row in enumerate(flat):
         start = 0
         for d, (tok, pred, img, images) in enumerate(row, start=1):
             n = len(tok)
             sl = slice(start, start + n)
-            input_ids[b, sl] = torch.tensor(tok)
+            tok_t, pred_t, img_t = torch.tensor(tok), torch.tensor(pred), torch.tensor(img)  # (n,) each
+            input_ids[b, sl] = tok_t
             position_ids[b, sl] = torch.arange(n)
             doc_ids[b, sl] = d
-            for p in range(1, n):  # position p is predicted from position p - 1 of the same document
-                if not pred[p]:
-                    continue
-                if img[p] >= 0:
-                    targets.append(n_img + img[p])
-                    conds.append(b * L + start + p - 1)
-                else:
-                    labels[b, start + p - 1] = tok[p]
-            for p in range(n):
-                if img[p] >= 0:
-                    image_mask[b, start + p] = True
+            image_mask[b, sl] = img_t >= 0
+            # Position p is predicted from position p - 1 of the same document.
+            is_img = img_t[1:] >= 0  # (n-1,)
+            text_target = pred_t[1:] & ~is_img
+            labels[b, start : start + n - 1][text_target] = tok_t[1:][text_target]
+            img_target = pred_t[1:] & is_img
+            targets.append(n_img + img_t[1:][img_target])
+            conds.append(b * L + start + img_target.nonzero().flatten())
             all_tokens.extend(images)
             n_img += sum(t.shape[0] for t in images)
             start += n
@@ -171,6 +170,6 @@ def layout(
         labels=labels,
         image_mask=image_mask,
         image_tokens=image_tokens,
-        image_target_index=torch.tensor(targets, dtype=torch.long),
-        image_cond_index=torch.tensor(conds, dtype=torch.long),
+        image_target_index=torch.cat(targets).long() if targets else torch.zeros(0, dtype=torch.long),
+        image_cond_index=torch.cat(conds).long() if conds else torch.zeros(0, dtype=torch.long),
     )

@@ -73,6 +73,11 @@ for r in spec["runs"]:
             save_file({"loss_text": out["loss_text"].reshape(1), "loss_image": out["loss_image"].reshape(1),
                        "hidden": hidden.contiguous()}, r["live"])
     loop.finish(run, True)
+    if r.get("export"):  # an inference checkpoint for a later run's train.init_from
+        if d.rank == 0:
+            from omni.train.export import export
+            export(cfg.train.out_dir, r["export"], ema=False)
+        torch.distributed.barrier()
 close_distributed(d)
 ''' % {"dim": TOKEN_DIM, "n": N_IMAGE}
 
@@ -182,7 +187,11 @@ def test_zero_stages_on_two_ranks_match_one_rank_and_zero3_export(tokenizer_dir,
     _save_pretrained_backbone(tokenizer_dir, pretrained)
     common = ["train.steps=5", "train.lr=2e-4", "train.ema_decay=0.8", f"model.backbone.pretrained={pretrained}"]
     runs = [{"overrides": overrides(tokenizer_dir, tmp_path / f"zero{s}", *common, f"train.zero_stage={s}"),
-             **({"live": str(tmp_path / "live.safetensors")} if s == 3 else {})} for s in (1, 2, 3)]
+             **({"live": str(tmp_path / "live.safetensors"), "export": str(tmp_path / "z3init")} if s == 3 else {})}
+            for s in (1, 2, 3)]
+    # ZeRO-3 started from an omni checkpoint (train.init_from), lr 0: the weights must come back unchanged.
+    runs.append({"overrides": overrides(tokenizer_dir, tmp_path / "init3", "train.steps=1", "train.lr=0",
+                                        "train.zero_stage=3", f"train.init_from={tmp_path / 'z3init'}")})
     dist = launch(tmp_path, {"tok": str(tokenizer_dir), "runs": runs}, nproc=2, name="dist")
     assert dist.returncode == 0, dist.stderr[-3000:]
     ref = launch(tmp_path, {"tok": str(tokenizer_dir), "runs": [
@@ -223,3 +232,7 @@ def test_zero_stages_on_two_ranks_match_one_rank_and_zero3_export(tokenizer_dir,
     torch.testing.assert_close(hidden, live["hidden"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out["loss_text"].reshape(1), live["loss_text"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out["loss_image"].reshape(1), live["loss_image"], rtol=1e-5, atol=1e-6)
+
+    start = load_file(tmp_path / "z3init" / "model.safetensors")
+    again = weights(tmp_path / "init3", tmp_path / "init3_raw", False)
+    assert start.keys() == again.keys() and all(torch.equal(start[k], again[k]) for k in start)

@@ -167,3 +167,15 @@ def test_rng_state_roundtrip_through_json():
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     checkpointing.set_rng_state(state)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+@pytest.mark.parametrize("preset, world", [("mmar-0.5b", 8), ("omni-7b-zero3", 16)])
+def test_pretrained_presets_give_valid_deepspeed_configs(preset, world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the preset's configs/ds/*.json resolves against the repository
+    cfg = load_config(preset)
+    ds = deepspeed_config(cfg, world)
+    assert ds["train_batch_size"] == cfg.train.global_batch_size
+    assert ds["zero_optimization"]["stage"] == cfg.train.zero_stage
+    assert cfg.model.image.kind == "vae" and cfg.model.backbone.pretrained
+    with pytest.raises(ValueError, match="cannot be split over 3 rank"):
+        deepspeed_config(cfg, 3)

@@ -155,6 +155,24 @@ def test_trainable_new_moves_only_new_modules_and_token_rows(tokenizer_dir, tmp_
     assert any(k.startswith("head.") and after[k].abs().sum() > 0 for k in after)  # zero-init outputs moved
 
 
+def test_init_from_checkpoint_and_trainable_globs(tokenizer_dir, tmp_path):
+    """train.init_from loads every weight of an omni checkpoint; train.trainable=[globs] picks what moves."""
+    from omni.train.export import export
+    from omni.train.loop import train
+
+    train(run_cfg(tokenizer_dir, tmp_path / "a", "train.steps=2"), batches=synthetic(tokenizer_dir))
+    start = export(tmp_path / "a", tmp_path / "a_ckpt")
+    train(run_cfg(tokenizer_dir, tmp_path / "b", "train.steps=2", "train.lr=1e-2", f"train.init_from={start}",
+                  "train.trainable=[head.net.blocks.*, in_proj.*]"), batches=synthetic(tokenizer_dir))
+    before = load_file(start / "model.safetensors")
+    after = load_file(export(tmp_path / "b", tmp_path / "b_ckpt") / "model.safetensors")
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith(("head.net.blocks.", "in_proj.")) for k in moved), sorted(moved)
+    assert "in_proj.weight" in moved
+    with pytest.raises(ValueError, match=r"pattern 'nope\.\*' matches no parameter"):
+        train(run_cfg(tokenizer_dir, tmp_path / "c", "train.trainable=[nope.*]"), batches=synthetic(tokenizer_dir))
+
+
 def test_errors_before_any_work(tokenizer_dir, tmp_path):
     from omni.train.loop import train
 
@@ -186,3 +204,22 @@ def test_bf16_autocast_run_keeps_fp32_weights(tokenizer_dir, tmp_path):
         assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records(tmp_path / "run"))
     finally:
         finish(run, True)
+
+
+def test_activation_checkpointing_gives_the_same_training(tokenizer_dir, tmp_path):
+    from omni.train.export import export
+    from omni.train.loop import finish, fit, prepare
+
+    runs = {}
+    for ac in (False, True):
+        out = tmp_path / f"ac{ac}"
+        run = prepare(run_cfg(tokenizer_dir, out, "train.steps=3", f"train.activation_checkpointing={str(ac).lower()}"),
+                      batches=synthetic(tokenizer_dir))
+        checkpointed = [m.gradient_checkpointing for m in run.model.backbone.modules() if hasattr(m, "gradient_checkpointing")]
+        assert checkpointed and all(c == ac for c in checkpointed)
+        fit(run)
+        finish(run, True)
+        runs[ac] = ([r["loss"] for r in records(out)], load_file(export(out, tmp_path / f"x{ac}") / "model.safetensors"))
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-6)
+    for k, w in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][k], w, rtol=1e-5, atol=1e-6)

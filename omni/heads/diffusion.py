@@ -35,6 +35,7 @@ from omni.config import DiffusionHeadConfig
 from omni.heads.schedules import make_scheduler
 
 DETERMINISTIC = {"ddim": "ddim", "euler": "ddim", "ddpm": "ddpm", "stochastic": "ddpm"}
+MODULATION_BYTES = 64 << 20  # sampling precomputes adaLN modulations for as many steps as fit here
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -180,6 +181,7 @@ class DiffusionHead(nn.Module):
         sampler: str = "stochastic",
         generator: torch.Generator | list[torch.Generator] | None = None,
         cuda_graph: bool = False,
+        cfg_batching: bool = True,
     ) -> torch.Tensor:
         """Draw one token per row of `cond` (B, D); with `uncond` (B, D) and cfg_scale != 1, guided.
 
@@ -189,6 +191,8 @@ class DiffusionHead(nn.Module):
         row, so that a row's samples do not depend on the other rows of the batch.
         cuda_graph: on CUDA, capture the loop once per (rows, steps, settings) and replay it;
         the first call with new shapes pays the capture. Ignored on other devices.
+        cfg_batching=False runs the unconditional rows as a second net call per step: the
+        two-pass baseline that the one-batch design is measured against (same result).
         """
         if sampler not in DETERMINISTIC:
             raise ValueError(f"unknown sampler {sampler!r}; use one of {sorted(DETERMINISTIC)}")
@@ -262,7 +266,7 @@ class DiffusionHead(nn.Module):
         return torch.randn(n, b, d, generator=generator, device=dev).to(device)
 
     def _denoise(self, z: torch.Tensor, noise: torch.Tensor, t_net: torch.Tensor, coefs: list[tuple],
-                 cfg_scale: float) -> torch.Tensor:
+                 cfg_scale: float, batched: bool = True) -> torch.Tensor:
         """The sampling loop from noise[0] (already scaled); z (R, D) with R = B or 2B (guided)."""
         net = self.net
         b = noise.shape[1]
@@ -270,9 +274,9 @@ class DiffusionHead(nn.Module):
         zc = net.cond_embed(z)  # (R, W): the condition is the same at every step
         temb = net.embed_time(t_net)  # (S, W): the same for every row
         # Every modulation of every step in a few large matmuls instead of S x (depth + 1) small
-        # ones; chunked over steps so the buffer stays under ~64 MB for large heads and batches.
+        # ones; chunked over steps so the buffer stays under MODULATION_BYTES for large heads/batches.
         per_step = z.shape[0] * net.final_ada[-1].in_features * (3 * len(net.blocks) + 2) * 4
-        chunk = max(1, (64 << 20) // per_step)
+        chunk = max(1, MODULATION_BYTES // per_step)
         mods: list[torch.Tensor] = []
         for i, (a, bc, c) in enumerate(coefs):
             if i % chunk == 0:
@@ -280,7 +284,12 @@ class DiffusionHead(nn.Module):
             h = net.in_proj(x)  # (B, W): guided rows share x, so project it once
             if z.shape[0] != b:
                 h = torch.cat([h, h])  # (2B, W)
-            pred = net.modulated(h, [m[i % chunk] for m in mods])  # (R, d)
+            step_mods = [m[i % chunk] for m in mods]  # each (R, kW)
+            if batched or z.shape[0] == b:
+                pred = net.modulated(h, step_mods)  # (R, d)
+            else:  # two passes: conditional rows, then unconditional rows
+                pred = torch.cat([net.modulated(h[:b], [m[:b] for m in step_mods]),
+                                  net.modulated(h[b:], [m[b:] for m in step_mods])])
             if z.shape[0] != b:
                 pred = torch.lerp(pred[b:], pred[:b], cfg_scale)  # uncond + s (cond - uncond)
             x = torch.add(x * a, pred, alpha=bc)

@@ -1,15 +1,18 @@
-"""Building the model to train: fresh, from a pretrained backbone, or partitioned for ZeRO-3.
+"""Building the model to train: fresh, from a pretrained backbone or omni checkpoint, partitioned for ZeRO-3.
 
-Three starting points, one result (an `OmniModel` whose `requires_grad` flags say what trains):
+Starting points (one result: an `OmniModel` whose `requires_grad` flags say what trains):
 
 - from scratch: every rank builds the same model from `train.seed` (DeepSpeed then partitions
   it for ZeRO-3). Fine up to a few hundred million parameters.
-- pretrained, ZeRO 0-2: Hugging Face `from_pretrained` on every rank; these stages keep a full
-  replica of the weights on every rank anyway.
-- pretrained, ZeRO-3: the backbone is constructed inside `deepspeed.zero.Init`, so each rank
-  only ever allocates its 1/N partition, and rank 0 streams the safetensors files one tensor at
-  a time into the partitions (`GatheredParameters(modifier_rank=0)`). No rank holds the full
-  model in host RAM; a 7B backbone needs about 28 GB / N per rank for fp32 weights.
+- `model.backbone.pretrained` (a Hugging Face directory): the backbone's weights; in_proj and
+  the diffusion head start fresh.
+- `train.init_from` (an omni checkpoint: `omni convert`, `omni export`): every weight.
+
+With ZeRO 0-2 the weights load on every rank (those stages keep a full replica per rank
+anyway). With ZeRO-3 the backbone is constructed inside `deepspeed.zero.Init`, so each rank
+only allocates its 1/N partition, and rank 0 streams the safetensors files one tensor at a
+time into the partitions (`GatheredParameters(modifier_rank=0)`): no rank ever holds the full
+model in host RAM (a 7B backbone is 28 GB of fp32 weights in all, 28/N GB per rank).
 
 `deepspeed.zero.Init` patches tensor constructors; with torch 2.13 it raises a TypeError
 ("Signature mismatch ... tensor_pynew") unless transformers was imported before entering it,
@@ -22,8 +25,10 @@ import json
 from pathlib import Path
 
 import torch
+import transformers  # noqa: F401  (must precede deepspeed.zero.Init, see the module docstring)
 from torch import nn
 
+from omni.checkpoint import backbone_from_config, check_checkpoint_dir
 from omni.config import Config
 from omni.model import OmniModel, build_backbone
 from omni.tokenizers.image import build_image_tokenizer
@@ -36,22 +41,65 @@ def build_model(cfg: Config, ds_config: dict) -> OmniModel:
     The new modules (in_proj, diffusion head) are seeded after the backbone exists, so their
     initial weights depend on `train.seed` only, not on how the backbone was made.
     """
-    mcfg = cfg.model
-    if mcfg.tokenizer is None:
+    mcfg, zero3 = cfg.model, cfg.train.zero_stage == 3
+    root = Path(cfg.train.init_from) if cfg.train.init_from else None
+    if root is not None:
+        check_checkpoint_dir(root)
+        tokenizer = TextTokenizer.from_pretrained(root / "tokenizer")
+    elif mcfg.tokenizer is None:
         raise ValueError(
             "model.tokenizer is not set: train one with `omni data tokenizer` or point it at a local "
             "Hugging Face tokenizer directory"
         )
-    tokenizer = TextTokenizer.from_pretrained(mcfg.tokenizer)
+    else:
+        tokenizer = TextTokenizer.from_pretrained(mcfg.tokenizer)
     torch.manual_seed(cfg.train.seed)
-    if mcfg.backbone.pretrained is not None and cfg.train.zero_stage == 3:
-        backbone = load_backbone_partitioned(Path(mcfg.backbone.pretrained), len(tokenizer), mcfg, ds_config)
+    if root is not None:
+        from transformers import AutoConfig
+
+        hf_dict = json.loads((root / "backbone_config.json").read_text())
+        hf_cfg = AutoConfig.for_model(hf_dict.pop("model_type"), **hf_dict)
+        with _partitioned(zero3, ds_config):
+            backbone = backbone_from_config(hf_cfg, mcfg.backbone.attn_implementation)
+    elif mcfg.backbone.pretrained is not None and zero3:
+        path = Path(mcfg.backbone.pretrained)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"model.backbone.pretrained={str(path)!r} is not a Hugging Face model directory")
+        hf_cfg = transformers.AutoConfig.from_pretrained(str(path))
+        hf_cfg.vocab_size = max(hf_cfg.vocab_size, len(tokenizer))
+        with _partitioned(True, ds_config):
+            backbone = backbone_from_config(hf_cfg, mcfg.backbone.attn_implementation)
+        load_weights(backbone, path, allow_new_rows=True)
     else:
         backbone = build_backbone(mcfg, len(tokenizer))
     torch.manual_seed(cfg.train.seed + 1)
-    model = OmniModel(mcfg, tokenizer, build_image_tokenizer(mcfg.image), backbone=backbone)
+    model = OmniModel(mcfg, tokenizer, build_image_tokenizer(mcfg.image, root=root), backbone=backbone)
+    if root is not None:
+        load_weights(model, root, allow_new_rows=False)
     select_trainable(model, cfg)
     return model
+
+
+def _partitioned(enabled: bool, ds_config: dict):
+    """`deepspeed.zero.Init` for ZeRO-3 construction, else nothing.
+
+    dtype comes from ds_config (no bf16/fp16 section -> fp32): an explicit dtype=torch.float32
+    is ignored on accelerators without fp16 (the CPU), a precedence slip in DeepSpeed 0.19's
+    Init._set_dtype that yields bf16. mem_efficient_linear=False: otherwise Init replaces
+    torch.nn.functional.linear for the rest of the process.
+    """
+    import contextlib
+
+    if not enabled:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.Init(config_dict_or_path=ds_config, mem_efficient_linear=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Weights from safetensors, partition-aware
+# ------------------------------------------------------------------------------------------------
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -67,46 +115,6 @@ def _weight_files(path: Path) -> list[Path]:
     )
 
 
-def load_backbone_partitioned(path: Path, vocab_size: int, mcfg, ds_config: dict) -> nn.Module:
-    """A HF causal LM built partitioned across ranks, filled from `path` by rank 0, tensor by tensor.
-
-    Rows of the token embedding (and untied LM head) beyond the checkpoint's vocabulary are
-    the new tokens (<boi>, <eoi>, <img> ...); they start at the mean of the pretrained rows.
-    """
-    import transformers  # noqa: F401  (must precede zero.Init, see module docstring)
-    import deepspeed
-    import torch.distributed as dist
-    from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"model.backbone.pretrained={str(path)!r} is not a Hugging Face model directory")
-    hf_cfg = AutoConfig.from_pretrained(str(path))
-    old_vocab = hf_cfg.vocab_size
-    hf_cfg.vocab_size = max(old_vocab, vocab_size)
-    # dtype comes from ds_config (no bf16/fp16 section -> fp32): an explicit dtype=torch.float32
-    # is ignored on accelerators without fp16 (the CPU), a precedence slip in DeepSpeed 0.19's
-    # Init._set_dtype that yields bf16. mem_efficient_linear=False: otherwise Init replaces
-    # torch.nn.functional.linear for the rest of the process.
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, mem_efficient_linear=False):
-        backbone = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=mcfg.backbone.attn_implementation)
-    params = dict(backbone.named_parameters())
-    is_rank0 = dist.get_rank() == 0
-    where = _tensor_files(path) if is_rank0 else {}
-    for name, p in params.items():
-        # Every rank takes part in each gather; only rank 0 reads the file and writes the tensor.
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-            if is_rank0 and name in where:
-                with safe_open(str(where[name]), framework="pt") as f:
-                    _copy_rows(p.data, f.get_tensor(name), name)
-    if is_rank0:
-        tied = getattr(hf_cfg, "tie_word_embeddings", False)
-        missing = [n for n in params if n not in where and not (tied and n.startswith("lm_head"))]
-        if missing:
-            raise ValueError(f"{path} lacks weights for {missing[:5]} ({len(missing)} in all)")
-    return backbone
-
-
 def _tensor_files(path: Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file holding it."""
     from safetensors import safe_open
@@ -118,13 +126,50 @@ def _tensor_files(path: Path) -> dict[str, Path]:
     return out
 
 
-def _copy_rows(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
+@torch.no_grad()
+def load_weights(module: nn.Module, path: Path, allow_new_rows: bool) -> None:
+    """Copy the safetensors weights in `path` into `module`'s parameters, by name.
+
+    ZeRO-3 partitioned parameters are gathered one at a time; rank 0 reads the file and writes,
+    and the gather's exit re-partitions. Ordinary parameters are read on every rank. With
+    `allow_new_rows`, extra leading rows (new tokens) start at the mean of the pretrained rows.
+    Tied parameters absent from the file (lm_head = embed_tokens) are fine.
+    """
+    import deepspeed
+    import torch.distributed as dist
+    from safetensors import safe_open
+
+    is_rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    where = _tensor_files(path)
+    params = dict(module.named_parameters(remove_duplicate=False))
+    shared = {n for n, p in params.items() if any(q is p and m != n and m in where for m, q in params.items())}
+    missing = [n for n in params if n not in where and n not in shared]
+    if missing:
+        raise ValueError(f"{path} lacks weights for {missing[:5]} ({len(missing)} in all)")
+    for name, p in dict(module.named_parameters()).items():
+        if name not in where:
+            continue
+        partitioned = hasattr(p, "ds_id")
+        gather = deepspeed.zero.GatheredParameters([p], modifier_rank=0) if partitioned else _nothing()
+        with gather:  # every rank takes part in each gather; only rank 0 reads and writes
+            if is_rank0 or not partitioned:
+                with safe_open(str(where[name]), framework="pt") as f:
+                    _copy_rows(p.data, f.get_tensor(name), name, allow_new_rows)
+
+
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def _copy_rows(dst: torch.Tensor, src: torch.Tensor, name: str, allow_new_rows: bool) -> None:
     """Copy `src` into `dst`; extra leading rows of `dst` (new tokens) get the mean of `src`'s rows."""
-    if src.shape[1:] != dst.shape[1:] or src.dim() == 0 or src.shape[0] > dst.shape[0]:
-        if src.shape != dst.shape:
-            raise ValueError(f"{name}: checkpoint shape {tuple(src.shape)} does not fit the model's {tuple(dst.shape)}")
+    grows = allow_new_rows and src.dim() >= 1 and src.shape[1:] == dst.shape[1:] and src.shape[0] < dst.shape[0]
+    if src.shape != dst.shape and not grows:
+        raise ValueError(f"{name}: checkpoint shape {tuple(src.shape)} does not fit the model's {tuple(dst.shape)}")
     n = src.shape[0] if src.dim() else 0
-    if src.dim() and n < dst.shape[0]:
+    if grows:
         dst[:n].copy_(src)
         dst[n:].copy_(src.float().mean(0, keepdim=True).expand(dst.shape[0] - n, *src.shape[1:]))
     else:
@@ -140,24 +185,37 @@ def new_token_ids(model: OmniModel, cfg: Config) -> list[int]:
     """Token ids the pretrained backbone never saw: omni's image tokens and rows past its vocabulary."""
     ids = {model.special.boi, model.special.eoi, model.special.img}
     pretrained = cfg.model.backbone.pretrained
-    old_vocab = json.loads((Path(pretrained) / "config.json").read_text())["vocab_size"] if pretrained else 0
+    if pretrained is not None and cfg.train.init_from is None:
+        old_vocab = json.loads((Path(pretrained) / "config.json").read_text())["vocab_size"]
+    else:  # an omni checkpoint already holds rows for every token
+        old_vocab = len(model.tokenizer)
     ids.update(range(old_vocab, len(model.tokenizer)))
     return sorted(ids)
 
 
 def select_trainable(model: OmniModel, cfg: Config) -> None:
-    """`train.trainable`: `all`, or `new` = in_proj, diffusion head and the new token rows (Orthus stage 1).
+    """`train.trainable`: `all`; `new` = in_proj, diffusion head and the new token rows (Orthus
+    stage 1); or a list of parameter-name globs (`[in_proj.*, head.*]`).
 
     With `new`, the embedding matrices stay trainable but a gradient mask zeroes every
-    pretrained row, so AdamW (no weight decay on embeddings) never moves them.
+    pretrained row, so AdamW (no weight decay on these matrices) never moves them.
     """
-    if cfg.train.trainable == "all":
+    trainable = cfg.train.trainable
+    if trainable == "all":
         return
-    if cfg.model.backbone.pretrained is None:
-        raise ValueError(
-            "train.trainable=new freezes the backbone, which only makes sense for a pretrained one: "
-            "set model.backbone.pretrained or use train.trainable=all"
-        )
+    if isinstance(trainable, list):
+        from fnmatch import fnmatchcase
+
+        names = [n for n, _ in model.named_parameters()]
+        for pattern in trainable:
+            if not any(fnmatchcase(n, pattern) for n in names):
+                raise ValueError(
+                    f"train.trainable pattern {pattern!r} matches no parameter; names look like "
+                    f"{', '.join(names[:2] + names[-2:])}"
+                )
+        for name, p in model.named_parameters():
+            p.requires_grad_(any(fnmatchcase(name, pattern) for pattern in trainable))
+        return
     model.requires_grad_(False)
     model.in_proj.requires_grad_(True)
     model.head.requires_grad_(True)

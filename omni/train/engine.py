@@ -27,7 +27,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from omni.config import Config
+from omni.config import CONFIG_DIR, Config
 from omni.utils import cpu_has_bf16
 
 
@@ -238,12 +238,18 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     user: dict[str, Any] = {}
     if t.deepspeed_config:
         path = Path(t.deepspeed_config)
+        if not path.exists() and not path.is_absolute() and (CONFIG_DIR.parent / path).exists():
+            path = CONFIG_DIR.parent / path  # presets name configs/ds/*.json relative to the repository
         if not path.exists():
             raise FileNotFoundError(f"train.deepspeed_config={str(path)!r} does not exist")
         try:
             user = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"train.deepspeed_config={str(path)!r} is not valid JSON: {e}") from e
+    for key, field, on in (("offload_optimizer", "offload", t.offload), ("offload_param", "offload_params", t.offload_params)):
+        if key in user.get("zero_optimization", {}) and not on:
+            raise ValueError(f"{t.deepspeed_config} sets zero_optimization.{key}; turn it on with train.{field}=true "
+                             "(omni picks the optimizer to match)")
     return merge_user_config(owned, user, str(t.deepspeed_config), tuning)
 
 
@@ -295,8 +301,12 @@ def setup_engine(cfg: Config, model: nn.Module, world_size: int):
 
     t = cfg.train
     ds_config = deepspeed_config(cfg, world_size)
-    if t.activation_checkpointing:
-        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if t.activation_checkpointing:  # recompute each decoder layer in backward (transformers >= 5 name first)
+        bb = model.backbone
+        if hasattr(bb, "activation_checkpointing_enable"):
+            bb.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            bb.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     groups = param_groups(model, t.weight_decay)
     if not groups:
         raise ValueError("no parameter requires a gradient: check train.trainable")

@@ -50,7 +50,9 @@ def consolidated_state(tag_dir: Path, zero_stage: int) -> dict[str, torch.Tensor
 
 def skeleton(cfg: Config, run_dir: Path):
     """The run's OmniModel with weights on the meta device (structure, tokenizers, configs only)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from omni.checkpoint import backbone_from_config
 
     from omni.model import OmniModel
     from omni.tokenizers.image import build_image_tokenizer
@@ -60,9 +62,10 @@ def skeleton(cfg: Config, run_dir: Path):
     hf_cfg = AutoConfig.for_model(hf_dict.pop("model_type"), **hf_dict)
     tok_dir = run_dir / "tokenizer" if (run_dir / "tokenizer").exists() else Path(cfg.model.tokenizer)
     tokenizer = TextTokenizer.from_pretrained(tok_dir)
-    image_tokenizer = build_image_tokenizer(cfg.model.image)  # real weights: save_pretrained copies them
+    # Real weights (save_pretrained copies them); relative paths are relative to the starting checkpoint.
+    image_tokenizer = build_image_tokenizer(cfg.model.image, root=cfg.train.init_from)
     with torch.device("meta"):
-        backbone = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=cfg.model.backbone.attn_implementation)
+        backbone = backbone_from_config(hf_cfg, cfg.model.backbone.attn_implementation)
         model = OmniModel(cfg.model, tokenizer, image_tokenizer, backbone=backbone)
     return model
 

@@ -301,8 +301,13 @@ def preflight(cfg: Config, batches: BatchSource | None) -> tuple[str, dict]:
         check_shards(cfg.data.train, "data.train")
         if cfg.train.val_every and cfg.data.val:
             check_shards(cfg.data.val, "data.val")
-    if cfg.train.trainable == "new" and cfg.model.backbone.pretrained is None:
-        raise ValueError("train.trainable=new freezes the backbone, so it needs model.backbone.pretrained")
+    if cfg.train.trainable == "new" and cfg.model.backbone.pretrained is None and cfg.train.init_from is None:
+        raise ValueError("train.trainable=new freezes the backbone, so it needs model.backbone.pretrained "
+                         "or train.init_from")
+    if cfg.train.init_from is not None:
+        from omni.checkpoint import check_checkpoint_dir
+
+        check_checkpoint_dir(cfg.train.init_from)
     if cfg.train.steps < 1 or cfg.train.save_every < 1 or cfg.train.log_every < 1:
         raise ValueError("train.steps, train.save_every and train.log_every must be at least 1")
     return precision, ds_config

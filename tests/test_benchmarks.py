@@ -1,0 +1,117 @@
+"""The benchmark suite runs end to end in quick mode and writes what it promises.
+
+Speed is not asserted (a shared CI machine cannot promise it); the JSON schema, the internal
+consistency of the numbers, the FLOP model and the markdown report are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNS = {"kv_cfg", "kv_nocfg", "kv_cfg_two_pass", "recompute_cfg"}
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and x > 0
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--device", "cpu", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, json.loads((out / "results" / "cpu-tiny-quick.json").read_text()), proc.stdout
+
+
+@pytest.mark.slow
+def test_quick_run_writes_schema(quick):
+    out, r, stdout = quick
+    assert r["schema"] == "omni-bench/1"
+    assert r["settings"] == {"preset": "tiny", "device": "cpu", "quick": True, "threads": 1,
+                             "parts": ["train", "generation", "data"]}
+    for key in ("torch", "transformers", "diffusers", "python", "cpu", "commit"):
+        assert key in r["machine"]
+    assert positive(r["peaks"]["peak_tflops"]) and positive(r["peaks"]["bandwidth_gbs"])
+
+    t = r["train"]
+    for name in ("full", "backbone"):
+        assert positive(t[name]["seconds"]) and positive(t[name]["tokens_per_s"]) and positive(t[name]["mfu"])
+        mem = t[name]["memory"]
+        # AdamW keeps two fp32 moments per parameter; gradients match the parameters.
+        assert mem["grads_bytes"] == mem["params_bytes"]
+        assert abs(mem["optimizer_bytes"] - 2 * mem["params_bytes"]) < 1024
+        assert mem["saved_activations_bytes"] > 0
+    assert t["full"]["memory"]["params_bytes"] > t["backbone"]["memory"]["params_bytes"]
+    assert t["overhead_ratio"] == pytest.approx(t["full"]["seconds"] / t["backbone"]["seconds"], rel=0.01)
+    assert t["batch"]["tokens"] == t["batch"]["rows"] * t["batch"]["seq_len"]  # rows are packed full
+    assert t["flop_ratio"] > 1 and positive(t["head_only"]["seconds"])
+    assert r["flop_model"]["bench-1b"]["flop_ratio"] < r["flop_model"]["tiny"]["flop_ratio"]
+
+    g = r["generation"]
+    assert g["image_tokens_per_image"] == 64 and set(g["batches"]) == {"1", "4"}
+    for b, row in g["batches"].items():
+        assert RUNS <= set(row)
+        for name in RUNS:
+            assert positive(row[name]["seconds"])
+            assert row[name]["image_tokens_per_s"] == pytest.approx(int(b) * 64 / row[name]["seconds"], rel=0.01)
+        for name in ("kv_cfg", "recompute_cfg"):
+            split = row[name]["split"]
+            assert sum(split.values()) == pytest.approx(1.0, abs=0.01) and split["head"] > 0
+        assert row["kv_cache_speedup"] == pytest.approx(row["recompute_cfg"]["seconds"] / row["kv_cfg"]["seconds"],
+                                                        rel=0.02)
+        assert positive(row["bandwidth_floor_s"]) and positive(row["cfg_one_batch_speedup"])
+
+    d = r["data"]
+    assert positive(d["workers_0"]["docs_per_s"]) and positive(d["vs_training"]["loader_over_training"])
+
+    names = {(x["name"], x["met"] is None) for x in r["targets"]}  # (target, not judged here)
+    assert ("mfu", True) in names  # a GPU target is not judged on a CPU
+    assert ("train_overhead", False) in names and ("kv_cache_speedup", False) in names
+    report = (out / "RESULTS.md").read_text()
+    assert "## cpu / tiny (quick" in report and "| batch | run | s/image |" in report
+    assert "train_overhead" in stdout
+
+
+def test_make_batch_packs_rows_and_flops_add_up(tiny_cfg):
+    from benchmarks.bench_train import attention_pairs, make_batch, train_flops
+    from omni.model import OmniModel
+
+    model = OmniModel.from_config(tiny_cfg.model)
+    batch = make_batch(model, rows=2, seq_len=100, caption=5, tail=3)
+    n_img = model.image_tokenizer.num_tokens
+    assert batch.n_tokens == 200  # per row three docs of 1+5+1+16+1+3+1 = 28, then a 16-position text doc
+    assert batch.n_image_targets == 2 * 3 * n_img
+    assert attention_pairs(torch.tensor([[1, 1, 1, 2, 2, 0]])) == 6 + 3
+    f = train_flops(model, batch)
+    hf = model.backbone.config
+    head = 6 * batch.n_image_targets * (model.cfg.head.noise_copies * (sum(p.numel() for p in model.head.parameters())
+                                        - model.head.net.cond_embed.weight.numel())
+                                        + model.head.net.cond_embed.weight.numel())
+    assert f["head"] == head
+    lm = 6 * hf.hidden_size * hf.vocab_size
+    in_proj = 6 * model.image_tokenizer.token_dim * hf.hidden_size * batch.image_tokens.shape[0]
+    assert f["full"] - f["backbone"] == head + in_proj + lm * (batch.n_text_targets - batch.n_tokens)
+
+
+def test_targets_judge_by_device():
+    from benchmarks.run import evaluate_targets
+
+    gen_row = {"kv_cache_speedup": 6.0, "cfg_one_batch_speedup": 1.2, "kv_cfg": {"over_floor": 2.0}}
+    result = {"settings": {"device": "cuda:0"}, "train": {"overhead_ratio": 1.1, "full": {"mfu": 0.35}},
+              "generation": {"image_tokens_per_image": 64, "batches": {"1": gen_row}}}
+    met = {t["name"]: t["met"] for t in evaluate_targets(result)}
+    assert met == {"train_overhead": True, "mfu": False, "kv_cache_speedup": True, "cfg_one_batch_speedup": False,
+                   "generation_over_bandwidth_floor": True}
+    result["settings"]["device"] = "cpu"
+    met = {t["name"]: t["met"] for t in evaluate_targets(result)}
+    assert met["mfu"] is None and met["generation_over_bandwidth_floor"] is None and met["train_overhead"] is True
