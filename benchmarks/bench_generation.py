@@ -5,7 +5,7 @@
 Text-to-image sampling (mode "image", the call the eval benchmarks make hundreds of times) with a
 random-weight model of the preset: speed does not depend on what the weights learned. The tiny
 preset is measured with 4-pixel patches, so one image is 64 tokens (the size the KV-cache target
-names). Per batch size B the runs are:
+names). Per batch size B the runs below are timed in interleaved rounds (best of n):
 
 - kv_cfg: KV cache, guidance with the unconditional rows in the same batch (omni's design);
 - kv_nocfg: cfg_scale 1 (no unconditional rows);
@@ -37,7 +37,16 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import CORPUS, Stopwatch, bench_config, best_time, cpu_threads, device_peaks, resolve_device
+from benchmarks.common import (
+    CORPUS,
+    Stopwatch,
+    bench_config,
+    best_time,
+    cpu_threads,
+    device_peaks,
+    interleaved_best,
+    resolve_device,
+)
 
 PRESET_OVERRIDES = {"tiny": ["model.image.patch_size=4"]}  # 32 px / 4 = 8 x 8 = 64 tokens
 
@@ -93,7 +102,7 @@ def _run(quick: bool, preset: str, dev: torch.device, peaks: dict[str, Any], tmp
     base = dataclasses.replace(cfg.generation, image_steps=steps, cfg_scale=scale, use_cache=True,
                                max_new_tokens=n_tok + 2)
     batches = (1, 4) if quick else (1, 4, 16)
-    repeats = 1 if quick else 2
+    repeats = 1 if quick else 3
     runs = {
         "kv_cfg": ({}, {}),
         "kv_nocfg": ({"cfg_scale": 1.0}, {}),
@@ -113,10 +122,11 @@ def _run(quick: bool, preset: str, dev: torch.device, peaks: dict[str, Any], tmp
     wb = weight_bytes(model, steps)
     table: dict[str, Any] = {}
     for b in batches:
+        fns = {name: (lambda st=st, kw=kw, b=b: call(b, st, kw)) for name, (st, kw) in runs.items()}
+        # Interleaved rounds; on CUDA one untimed round first (graph capture, allocator growth).
+        best = interleaved_best(fns, dev, repeats=repeats, warmup=1 if dev.type == "cuda" else 0)
         row: dict[str, Any] = {}
-        for name, (settings, kwargs) in runs.items():
-            seconds = best_time(lambda: call(b, settings, kwargs), dev, repeats=repeats,
-                                warmup=1 if name == "kv_cfg_graph" else 0)
+        for name, seconds in best.items():
             row[name] = {"seconds": round(seconds, 4), "seconds_per_image": round(seconds / b, 4),
                          "image_tokens_per_s": round(b * n_tok / seconds, 1)}
         for name in ("kv_cfg", "recompute_cfg"):  # where the time goes (a separate, timed-around run)
@@ -124,7 +134,7 @@ def _run(quick: bool, preset: str, dev: torch.device, peaks: dict[str, Any], tmp
             model.decoder = watch.wrap("backbone", model.decoder)
             model.head.sample = watch.wrap("head", model.head.sample)
             try:
-                total = best_time(lambda: call(b, *runs[name]), dev, repeats=1, warmup=0)
+                total = best_time(lambda b=b, name=name: call(b, *runs[name]), dev, repeats=1, warmup=0)
             finally:
                 del model.decoder, model.head.sample
             row[name]["split"] = {k: round(watch.seconds.get(k, 0.0) / total, 3) for k in ("backbone", "head")}

@@ -5,14 +5,20 @@
 One step = forward + backward + gradient clipping + AdamW, in plain single-process PyTorch
 (what one rank does under DeepSpeed ZeRO-0; the engine's own overhead is not measured here).
 
-- full: OmniModel on packed text-to-image documents ([bos] caption <boi> N image tokens <eoi>
-  text [eos], several per row), text cross-entropy on the text positions, the diffusion loss on
-  every image token with the preset's noise copies;
-- backbone: the preset's Hugging Face causal LM alone on the same ids, positions and document
-  mask, cross-entropy on every position.
+- full: OmniModel on rows that are each one interleaved document of [caption, image, text]
+  units ([bos] caption <boi> N image tokens <eoi> text caption <boi> ... [eos]), filled to
+  seq_len exactly; text cross-entropy on the text positions, the diffusion loss on every image
+  token with the preset's noise copies;
+- backbone: the preset's Hugging Face causal LM alone on the same ids and positions,
+  cross-entropy on every position;
+- head_only: the diffusion head's loss on the same targets with a random condition, to show
+  its share of the full step.
 
-Both see exactly the same rows, so tokens/s are comparable and full/backbone is the price of the
-image path (in_proj, diffusion head with its noise copies) at equal tokens.
+The three are timed in interleaved rounds (best of n), so machine-load drift hits them alike.
+Both models see exactly the same rows, so full/backbone is the price of the image path
+(in_proj, diffusion head with its noise copies, LM loss on fewer positions) at equal tokens.
+One document per row keeps attention plainly causal (SDPA's flash kernel on a GPU); packed
+documents (make_batch(packed=True)) need a dense (B, 1, L, L) mask, which rules flash out.
 
 Model FLOPs per step (the numerator of MFU; matmuls only, useful attention only):
     6 * N_layers * T                          backbone matmuls (N_layers: parameters outside embeddings)
@@ -30,20 +36,33 @@ from __future__ import annotations
 import contextlib
 import json
 import tempfile
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import (bench_config, best_time, count_params, cpu_threads, device_peaks, resolve_device,
-                               sync)
+from benchmarks.common import (
+    bench_config,
+    count_params,
+    cpu_threads,
+    device_peaks,
+    interleaved_best,
+    resolve_device,
+    sync,
+)
 
 # Documents per row: caption / image / text lengths (tokens), per preset.
 DOC_SHAPES = {"tiny": (12, 8), "bench-1b": (32, 16)}
 
 
-def make_batch(model, rows: int, seq_len: int, caption: int, tail: int, seed: int = 0):
-    """Rows packed with [caption, image, text] documents; the leftover is one text document."""
+def make_batch(model, rows: int, seq_len: int, caption: int, tail: int, seed: int = 0, packed: bool = False):
+    """Rows of [caption, image, text] units filled to seq_len exactly.
+
+    packed=False: each row is one interleaved document (units back to back, text at the end), so
+    attention is plainly causal and SDPA can pick its flash kernel. packed=True: each unit is its
+    own document and the leftover a text document, which needs the dense document mask.
+    """
     from omni.layout import ImageSegment, TextSegment, doc_length, layout
 
     g = torch.Generator().manual_seed(seed)
@@ -54,20 +73,24 @@ def make_batch(model, rows: int, seq_len: int, caption: int, tail: int, seed: in
     def text(n: int) -> TextSegment:
         return TextSegment([vocab[i] for i in torch.randint(len(vocab), (n,), generator=g).tolist()])
 
+    def unit() -> list:
+        return [text(caption), ImageSegment(torch.randn(n_img, d, generator=g)), text(tail)]
+
+    unit_len = doc_length(unit(), add_bos=False, add_eos=False)
     batch_rows = []
     for _ in range(rows):
-        row, free = [], seq_len
-        while True:
-            doc = [text(caption), ImageSegment(torch.randn(n_img, d, generator=g)), text(tail)]
-            if doc_length(doc) > free:
-                break
-            row.append(doc)
-            free -= doc_length(doc)
-        if free >= 3:
-            row.append([text(free - 2)])  # bos + ids + eos fill the row exactly
-        if not row:
-            raise ValueError(f"seq_len={seq_len} cannot hold one document of {caption}+{n_img}+{tail} tokens")
-        batch_rows.append(row)
+        if packed:
+            docs = [unit() for _ in range(seq_len // (unit_len + 2))]
+            free = seq_len - len(docs) * (unit_len + 2)
+            docs += [[text(free - 2)]] if free >= 3 else []
+        else:
+            n = (seq_len - 2) // unit_len
+            segments = [seg for _ in range(n) for seg in unit()]
+            free = seq_len - 2 - n * unit_len
+            docs = [segments + ([text(free)] if free else [])]
+        if not docs or not docs[0]:
+            raise ValueError(f"seq_len={seq_len} cannot hold one unit of {caption}+{n_img}+{tail} tokens")
+        batch_rows.append(docs)
     return layout(batch_rows, model.special, seq_len=seq_len, token_dim=d)
 
 
@@ -152,11 +175,16 @@ def memory(module, loss_fn, step, opt, amp, device) -> dict[str, Any]:
         "saved_activations_bytes": act,
     }
     if device.type == "cuda":
+        # Other models may be resident: count this one's parameters and optimizer state plus
+        # whatever one step allocates on top (activations, gradients, temporaries).
         torch.cuda.empty_cache()
+        sync(device)
+        before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         step()
         sync(device)
-        out["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+        growth = torch.cuda.max_memory_allocated(device) - before
+        out["cuda_peak_allocated_bytes"] = out["params_bytes"] + out["optimizer_bytes"] + growth
     return out
 
 
@@ -166,6 +194,8 @@ def run(quick: bool = False, preset: str = "tiny", device: str | torch.device | 
     dev = resolve_device(str(device) if device is not None else None)
     with cpu_threads(dev, threads) as n:
         out = _run(quick, preset, dev, peaks or device_peaks(dev))
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()  # the models died with _run; give their memory back
     return {**out, "threads": n}
 
 
@@ -178,52 +208,37 @@ def _run(quick: bool, preset: str, dev: torch.device, peaks: dict[str, Any]) -> 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = bench_config(preset, tmp)
         torch.manual_seed(0)
-        model = OmniModel.from_config(cfg.model).to(dev)
-        rows = (4 if preset == "tiny" else 1) if quick else cfg.data.batch_size
-        batch = make_batch(model, rows, cfg.data.seq_len, caption, tail).to(dev)
-        flops = train_flops(model, batch)
-        ids, pos = batch.input_ids, batch.position_ids
-        mask = attention_bias(batch.doc_ids, torch.float32)
-        vocab = model.backbone.config.vocab_size
-        timed = {"warmup": 2, "repeats": 3 if quick else 5}
+        model = OmniModel.from_config(cfg.model).to(dev).train()  # reads the tokenizer from tmp
+    torch.manual_seed(0)
+    backbone = build_backbone(cfg.model, model.backbone.config.vocab_size).to(dev).train()
+    rows = (4 if preset == "tiny" else 1) if quick else cfg.data.batch_size
+    batch = make_batch(model, rows, cfg.data.seq_len, caption, tail).to(dev)
+    flops = train_flops(model, batch)
+    ids, pos = batch.input_ids, batch.position_ids
+    mask = attention_bias(batch.doc_ids, torch.float32)  # None here: one document per row
+    cond = torch.randn(batch.n_image_targets, model.backbone.config.hidden_size, device=dev, requires_grad=True)
+    target = batch.image_tokens[batch.image_target_index]
 
-        def full_loss() -> torch.Tensor:
-            return model(batch)["loss"]
+    def full_loss() -> torch.Tensor:
+        return model(batch)["loss"]
 
-        def head_loss() -> torch.Tensor:  # the diffusion head alone on the full model's targets
-            return model.head.loss(target, cond)
+    def backbone_loss() -> torch.Tensor:
+        logits = backbone(input_ids=ids, attention_mask=mask, position_ids=pos).logits  # (B, L, V)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 
-        K = batch.n_image_targets
-        cond = torch.randn(K, model.backbone.config.hidden_size, device=dev, requires_grad=True)
-        target = batch.image_tokens[batch.image_target_index]
-        results: dict[str, Any] = {}
-        model.train()
-        opt = optimizer(model, dev, cfg.train.lr)
-        full_step = stepper(model, full_loss, opt, amp)
-        results["full"] = {"seconds": best_time(full_step, dev, **timed),
-                           "memory": memory(model, full_loss, full_step, opt, amp, dev)}
-        head_opt = optimizer(model.head, dev, cfg.train.lr)
-        results["head_only"] = {"seconds": best_time(stepper(model.head, head_loss, head_opt, amp), dev, **timed)}
-        n_full, n_img = count_params(model), model.image_tokenizer.num_tokens
-        del model, opt, head_opt, full_step
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+    def head_loss() -> torch.Tensor:  # the diffusion head alone, on the full model's targets
+        return model.head.loss(target, cond)
 
-        torch.manual_seed(0)
-        backbone = build_backbone(cfg.model, vocab).to(dev).train()
-
-        def backbone_loss() -> torch.Tensor:
-            logits = backbone(input_ids=ids, attention_mask=mask, position_ids=pos).logits  # (B, L, V)
-            return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-
-        bopt = optimizer(backbone, dev, cfg.train.lr)
-        b_step = stepper(backbone, backbone_loss, bopt, amp)
-        results["backbone"] = {"seconds": best_time(b_step, dev, **timed),
-                               "memory": memory(backbone, backbone_loss, b_step, bopt, amp, dev)}
-        n_backbone = count_params(backbone)
-        del backbone, bopt, b_step
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+    opts = {"full": optimizer(model, dev, cfg.train.lr), "backbone": optimizer(backbone, dev, cfg.train.lr),
+            "head_only": optimizer(model.head, dev, cfg.train.lr)}
+    steps = {"full": stepper(model, full_loss, opts["full"], amp),
+             "backbone": stepper(backbone, backbone_loss, opts["backbone"], amp),
+             "head_only": stepper(model.head, head_loss, opts["head_only"], amp)}
+    seconds = interleaved_best(steps, dev, repeats=3 if quick else 5, warmup=2)
+    results: dict[str, Any] = {name: {"seconds": seconds[name]} for name in steps}
+    results["full"]["memory"] = memory(model, full_loss, steps["full"], opts["full"], amp, dev)
+    results["backbone"]["memory"] = memory(backbone, backbone_loss, steps["backbone"], opts["backbone"], amp, dev)
+    n_full, n_backbone, n_img = count_params(model), count_params(backbone), model.image_tokenizer.num_tokens
 
     T = batch.n_tokens
     peak = peaks["peak_tflops"] * 1e12

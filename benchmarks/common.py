@@ -16,8 +16,9 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -97,6 +98,27 @@ def best_time(fn: Callable[[], Any], device: torch.device, repeats: int, warmup:
     return min(times)
 
 
+def interleaved_best(fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int,
+                     warmup: int = 1) -> dict[str, float]:
+    """Best-of-`repeats` seconds of each fn, timed in rounds (a, b, c, a, b, c, ...).
+
+    Interleaving exposes every contender to the same drift in machine load, so their ratios stay
+    meaningful on a shared machine where back-to-back blocks of runs would not be.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    best = {name: float("inf") for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            best[name] = min(best[name], time.perf_counter() - t)
+    return best
+
+
 class Stopwatch:
     """Accumulates time spent inside wrapped callables (synchronising CUDA around each call)."""
 
@@ -173,9 +195,9 @@ def _cpu_name() -> str:
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=5)
+                             timeout=5, check=False)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=5)
+                               capture_output=True, text=True, timeout=5, check=False)
         return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -204,7 +226,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
                     cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
         try:
-            import flash_attn  # noqa: F401
+            import flash_attn
 
             info["flash_attn"] = flash_attn.__version__
         except ImportError:

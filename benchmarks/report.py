@@ -34,10 +34,10 @@ def _table(head: list[str], rows: list[list[Any]]) -> list[str]:
     return out + [""]
 
 
-def _train(t: dict[str, Any], flop_model: dict[str, Any] | None) -> list[str]:
+def _train(t: dict[str, Any], flop_model: dict[str, Any] | None, peak_source: str) -> list[str]:
     b = t["batch"]
-    lines = [f"### Training step ({t['precision']}, {b['rows']} x {b['seq_len']} = {b['tokens']} tokens, "
-             f"{_fmt(100 * b['image_fraction'])}% image tokens x {b['noise_copies']} noise copies)", ""]
+    lines = [(f"### Training step ({t['precision']}, {b['rows']} x {b['seq_len']} = {b['tokens']} tokens, "
+             f"{_fmt(100 * b['image_fraction'])}% image tokens x {b['noise_copies']} noise copies)"), ""]
     rows = []
     for name in ("full", "backbone"):
         r, m = t[name], t[name]["memory"]
@@ -47,10 +47,10 @@ def _train(t: dict[str, Any], flop_model: dict[str, Any] | None) -> list[str]:
                      fmt_bytes(m["cuda_peak_allocated_bytes"]) if "cuda_peak_allocated_bytes" in m else "-"])
     lines += _table(["model", "tokens/s", "s/step", "TFLOP/step", "MFU", "params+grads+Adam", "saved activations",
                      "CUDA peak"], rows)
-    lines += [f"Overhead full/backbone at equal tokens: **{t['overhead_ratio']}x** (FLOP ratio {t['flop_ratio']}x); "
+    lines += [(f"Overhead full/backbone at equal tokens: **{t['overhead_ratio']}x** (FLOP ratio {t['flop_ratio']}x); "
               f"the diffusion head alone (forward+backward+AdamW on the same targets) takes "
               f"{_fmt(100 * t['head_share_of_full_step'])}% of the full step. MFU divides by a peak of "
-              f"{t['peak_tflops']} TFLOP/s.", ""]
+              f"{t['peak_tflops']} TFLOP/s ({peak_source})."), ""]
     if flop_model:
         lines += ["FLOP model of one training batch per preset (full/backbone):", ""]
         lines += _table(["preset", "tokens/step", "image fraction", "TFLOP/step (full)", "FLOP ratio"],
@@ -60,8 +60,8 @@ def _train(t: dict[str, Any], flop_model: dict[str, Any] | None) -> list[str]:
 
 
 def _generation(g: dict[str, Any]) -> list[str]:
-    lines = [f"### Generation ({g['precision']}; {g['image_tokens_per_image']} tokens of {g['token_dim']} per image, "
-             f"{g['sampler']} {g['image_steps']} steps, CFG {g['cfg_scale']}, prompt {g['prompt_positions']} positions)",
+    lines = [(f"### Generation ({g['precision']}; {g['image_tokens_per_image']} tokens of {g['token_dim']} per image, "
+             f"{g['sampler']} {g['image_steps']} steps, CFG {g['cfg_scale']}, prompt {g['prompt_positions']} positions)"),
              ""]
     runs = [k for k in next(iter(g["batches"].values())) if isinstance(next(iter(g["batches"].values()))[k], dict)]
     rows = []
@@ -77,8 +77,8 @@ def _generation(g: dict[str, Any]) -> list[str]:
                    r["kv_cfg"]["over_floor"], r.get("cuda_graph_speedup")] for b, r in g["batches"].items()]
     lines += _table(["batch", "KV cache vs recompute", "CFG one batch vs two passes", "CFG cost", "bandwidth floor (s)",
                      "kv_cfg / floor", "CUDA graph speedup"], ratio_rows)
-    lines += [f"Bandwidth floor: image tokens x bytes per token step / {g['bandwidth_gbs']} GB/s "
-              f"(weights per token step: {json.dumps({k: fmt_bytes(v) for k, v in g['weight_bytes_per_token_step'].items()})}).",
+    lines += [(f"Bandwidth floor: image tokens x bytes per token step / {g['bandwidth_gbs']} GB/s "
+              f"(weights per token step: {json.dumps({k: fmt_bytes(v) for k, v in g['weight_bytes_per_token_step'].items()})})."),
               ""]
     return lines
 
@@ -89,8 +89,8 @@ def _data(d: dict[str, Any]) -> list[str]:
             for k, r in d.items() if k.startswith("workers_")]
     lines = ["### Data loader", ""] + _table(["workers", "docs/s", "tokens/s", "images/s", "startup s"], rows)
     if "train_tokens_per_s" in v:
-        lines += [f"The measured training step consumes {v['train_tokens_per_s']} tokens/s ({v['train_docs_per_s']} "
-                  f"docs/s of this mix); the loader delivers **{v['loader_over_training']}x** that.", ""]
+        lines += [(f"The measured training step consumes {v['train_tokens_per_s']} tokens/s ({v['train_docs_per_s']} "
+                  f"docs/s of this mix); the loader delivers **{v['loader_over_training']}x** that."), ""]
     return lines
 
 
@@ -104,13 +104,13 @@ def section(r: dict[str, Any]) -> list[str]:
     s, m = r["settings"], r["machine"]
     hw = m.get("gpu") or f"{m['cpu']} ({m['cpu_cores']} cores, {s['threads']} torch thread(s))"
     lines = [f"## {s['device']} / {s['preset']}{' (quick: schema check only)' if s['quick'] else ''}", "",
-             f"{r['created']} on {hw}; torch {m['torch']}, transformers {m['transformers']}, "
+             (f"{r['created']} on {hw}; torch {m['torch']}, transformers {m['transformers']}, "
              f"diffusers {m['diffusers']}, Python {m['python']}, commit {m['commit']}; "
-             f"load average {m.get('load_average_1m')}; suite took {r['seconds']} s.", ""]
+             f"load average {m.get('load_average_1m')}; suite took {r['seconds']} s."), ""]
     if "targets" in r:
         lines += _targets(r["targets"])
     if "train" in r:
-        lines += _train(r["train"], r.get("flop_model"))
+        lines += _train(r["train"], r.get("flop_model"), r["peaks"]["source"])
     if "generation" in r:
         lines += _generation(r["generation"])
     if "data" in r:

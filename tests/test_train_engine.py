@@ -3,6 +3,7 @@ precision checks, EMA shard merging and checkpoint bookkeeping. No process group
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -75,7 +76,7 @@ def test_invalid_stage_and_offload_combinations():
 
 
 def test_bf16_request_without_hardware_support_is_an_error(monkeypatch):
-    import omni.train.engine as engine
+    from omni.train import engine
 
     monkeypatch.setattr(engine, "hardware_has_bf16", lambda: False)
     with pytest.raises(ValueError, match="train.precision=bf16 but .* no native bf16"):
@@ -89,7 +90,7 @@ def test_bf16_request_without_hardware_support_is_an_error(monkeypatch):
 def test_lr_schedule_warmup_then_cosine_to_floor():
     f = [lr_factor(s, warmup=10, total=110, min_ratio=0.1) for s in range(120)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
-    assert all(a < b for a, b in zip(f[:10], f[1:10]))  # rising during warmup
+    assert all(a < b for a, b in itertools.pairwise(f[:10]))  # rising during warmup
     assert f[10] == pytest.approx(1.0)
     assert f[60] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert f[110] == pytest.approx(0.1) and f[119] == pytest.approx(0.1)  # stays at the floor

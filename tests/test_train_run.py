@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY
 from safetensors.torch import load_file
 
 from omni.config import load_config
 from omni.layout import SpecialIds
 from omni.tokenizers.text import TextTokenizer
 from omni.train.synthetic import SyntheticBatches
-
-from conftest import TINY
 
 N_IMAGE, TOKEN_DIM, SEQ = 16, 192, 48  # tiny preset: 32 px, 8 px patches -> 16 tokens of 8*8*3
 
@@ -191,7 +190,7 @@ def test_errors_before_any_work(tokenizer_dir, tmp_path):
 
 def test_bf16_autocast_run_keeps_fp32_weights(tokenizer_dir, tmp_path):
     from omni.train.engine import hardware_has_bf16
-    from omni.train.loop import prepare, fit, finish
+    from omni.train.loop import finish, fit, prepare
 
     if not hardware_has_bf16():
         pytest.skip("no native bf16 on this machine")
@@ -223,3 +222,22 @@ def test_activation_checkpointing_gives_the_same_training(tokenizer_dir, tmp_pat
     assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-6)
     for k, w in runs[False][1].items():
         torch.testing.assert_close(runs[True][1][k], w, rtol=1e-5, atol=1e-6)
+
+
+def test_cli_export_and_train_errors(tokenizer_dir, tmp_path, capsys):
+    from omni.cli import main
+    from omni.train.loop import train
+
+    out = tmp_path / "run"
+    train(run_cfg(tokenizer_dir, out, "train.steps=1"), batches=synthetic(tokenizer_dir))
+    assert main(["export", "--run", str(out), "--out", str(tmp_path / "ckpt"), "--raw", "--tag", "step00000001"]) == 0
+    assert json.loads((tmp_path / "ckpt" / "export.json").read_text())["ema"] is False
+    assert main(["export", "--run", str(out), "--out", str(tmp_path / "x"), "--tag", "step00000009"]) == 2
+    assert "step00000009 is not a complete checkpoint; available: step00000001" in capsys.readouterr().err
+    assert main(["train", "--config", "tiny", f"model.tokenizer={tokenizer_dir}", f"train.out_dir={tmp_path / 'y'}",
+                 f"data.train=[{tmp_path}/missing.tar]"]) == 2
+    assert "data.train: shard" in capsys.readouterr().err
+    from omni.train.cli import main as module_main
+
+    assert module_main(["--config", "tiny", "train.precision=fp16"]) == 2
+    assert "train.precision: 'fp16' is not one of" in capsys.readouterr().err

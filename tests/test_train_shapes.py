@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import TINY
+from safetensors.torch import load_file
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +92,12 @@ def test_tiny_preset_learns_shapes_despite_corrupt_shard_and_nan_batch(shapes, t
         f"train.out_dir={out}", "train.steps=40", "train.warmup_steps=5", "train.log_every=5",
         "train.val_every=20", "train.val_batches=2", "train.save_every=20",
     ])
-    torch.set_num_threads(1)  # a shared 2-core CPU: one thread is fastest and steadiest
-    train(cfg, batches=stream_factory(cfg, at=(3,)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a shared 2-core CPU: one thread is the steadiest
+    try:
+        train(cfg, batches=stream_factory(cfg, at=(3,)))
+    finally:
+        torch.set_num_threads(threads)
     recs = records(out, "train")
     first, last = recs[0], recs[-1]
     assert last["step"] == 40 and last["bad_steps"] == 1

@@ -22,6 +22,8 @@ d token dim, D backbone width, W head width, C noise copies.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from collections import OrderedDict
 from collections.abc import Callable
@@ -60,12 +62,12 @@ class ResBlock(nn.Module):
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return self.modulated(x, self.ada(c))
+        shift, scale, gate = self.ada(c).chunk(3, dim=-1)  # 3 x (B, W)
+        return self.modulated(x, shift, 1 + scale, gate)
 
-    def modulated(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
-        """The block given its modulation `mod` = ada(c) (B, 3W), which sampling precomputes."""
-        shift, scale, gate = mod.chunk(3, dim=-1)  # 3 x (B, W)
-        return torch.addcmul(x, gate, self.mlp(modulate(self.norm(x), shift, scale)))
+    def modulated(self, x: torch.Tensor, shift: torch.Tensor, scale1: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """The block given its modulation (scale1 = 1 + scale), which sampling precomputes."""
+        return torch.addcmul(x, gate, self.mlp(torch.addcmul(shift, self.norm(x), scale1)))
 
 
 class Denoiser(nn.Module):
@@ -120,15 +122,22 @@ class Denoiser(nn.Module):
         shift, scale = mod.chunk(2, dim=-1)  # 2 x (B, W)
         return self.out(modulate(self.final_norm(h), shift, scale))  # (B, d)
 
-    def modulations(self, c: torch.Tensor) -> list[torch.Tensor]:
-        """Every adaLN modulation for conditions c (..., W): one per block, then the final one."""
-        return [block.ada(c) for block in self.blocks] + [self.final_ada(c)]
+    def modulations(self, c: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        """adaLN modulations for conditions c (..., W), ready to use: (shift, 1 + scale, gate) per
+        block, then (shift, 1 + scale) of the output layer; each (..., W)."""
+        out = []
+        for ada in [*(block.ada for block in self.blocks), self.final_ada]:
+            parts = list(ada(c).chunk(ada[-1].out_features // c.shape[-1], dim=-1))
+            parts[1] = parts[1] + 1
+            out.append(tuple(parts))
+        return out
 
-    def modulated(self, h: torch.Tensor, mods: list[torch.Tensor]) -> torch.Tensor:
+    def modulated(self, h: torch.Tensor, mods: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
         """The net after in_proj, given precomputed `modulations` (h (R, W) -> (R, d))."""
         for block, mod in zip(self.blocks, mods):
-            h = block.modulated(h, mod)
-        return self.head_out(h, mods[-1])
+            h = block.modulated(h, *mod)
+        shift, scale1 = mods[-1]
+        return self.out(torch.addcmul(shift, self.final_norm(h), scale1))  # (R, d)
 
 
 class DiffusionHead(nn.Module):
@@ -205,14 +214,15 @@ class DiffusionHead(nn.Module):
             if uncond is not None and cfg_scale != 1.0:
                 z = torch.cat([z, uncond.float()])  # (2B, D): one batch, not two passes
             t_net, coefs = self._plan(steps, stochastic, temperature)
-            # All noise up front: the start noise, then one draw per step when re-noising. Each
-            # row's generator yields the same numbers as drawing them one step at a time.
+            # All noise up front: the start noise, then one draw per step when re-noising; row i's
+            # numbers come from generator i alone, so a row does not depend on its batch.
             noise = self._noise(1 + steps if stochastic else 1, b, generator, z.device)  # (n, B, d)
             noise[0] *= temperature
             t_net = torch.tensor(t_net, device=z.device)  # (S,): made here, a graph cannot copy it in
-            run = lambda z_, noise_: self._denoise(z_, noise_, t_net, coefs, cfg_scale)
+            run = functools.partial(self._denoise, t_net=t_net, coefs=coefs, cfg_scale=cfg_scale,
+                                    batched=cfg_batching)
             if cuda_graph and z.is_cuda:
-                key = (b, z.shape[0], steps, stochastic, float(temperature), float(cfg_scale), z.device)
+                key = (b, z.shape[0], steps, sampler, float(temperature), float(cfg_scale), cfg_batching, z.device)
                 return self._graphed(key, run, z, noise)
             return run(z, noise)
 
@@ -223,14 +233,17 @@ class DiffusionHead(nn.Module):
             # re-noise x0 to t' with fresh noise: (1 - t') x0 + t' noise.
             ts = torch.linspace(1.0, 0.0, steps + 1).tolist()
             coefs = []
-            for t, t_next in zip(ts[:-1], ts[1:]):
+            for t, t_next in itertools.pairwise(ts):
                 if stochastic:
                     coefs.append((1.0 - t_next, -(1.0 - t_next) * t, t_next * temperature))
                 else:
                     coefs.append((1.0, -(t - t_next), 0.0))
             return [t * 1000.0 for t in ts[:-1]], coefs
         # DDIM (eta 0) and DDPM (eta 1) on the trained schedule: the update of diffusers'
-        # DDIMScheduler.step (no clipping, alpha_final = 1) solved for x and the prediction.
+        # DDIMScheduler.step (no clipping, alpha_final = 1) solved for x and the prediction, in
+        # float64. The noise-direction weight sqrt(1 - a' - std^2) is exactly 0 at the first step
+        # under zero terminal SNR with eta 1; diffusers' float32 takes the root of a tiny negative
+        # there and returns NaN for many step counts, so it is clamped.
         if steps not in self._timesteps:
             sched = make_scheduler(self.cfg)
             sched.set_timesteps(steps)
@@ -277,22 +290,22 @@ class DiffusionHead(nn.Module):
         # ones; chunked over steps so the buffer stays under MODULATION_BYTES for large heads/batches.
         per_step = z.shape[0] * net.final_ada[-1].in_features * (3 * len(net.blocks) + 2) * 4
         chunk = max(1, MODULATION_BYTES // per_step)
-        mods: list[torch.Tensor] = []
+        mods: list[tuple[torch.Tensor, ...]] = []
         for i, (a, bc, c) in enumerate(coefs):
             if i % chunk == 0:
-                mods = net.modulations(temb[i:i + chunk, None] + zc[None])  # each (s, R, kW)
+                mods = net.modulations(temb[i:i + chunk, None] + zc[None])  # each part (s, R, W)
             h = net.in_proj(x)  # (B, W): guided rows share x, so project it once
             if z.shape[0] != b:
                 h = torch.cat([h, h])  # (2B, W)
-            step_mods = [m[i % chunk] for m in mods]  # each (R, kW)
+            step_mods = [tuple(m[i % chunk] for m in mod) for mod in mods]  # each (R, W)
             if batched or z.shape[0] == b:
                 pred = net.modulated(h, step_mods)  # (R, d)
             else:  # two passes: conditional rows, then unconditional rows
-                pred = torch.cat([net.modulated(h[:b], [m[:b] for m in step_mods]),
-                                  net.modulated(h[b:], [m[b:] for m in step_mods])])
+                pred = torch.cat([net.modulated(h[:b], [tuple(m[:b] for m in mod) for mod in step_mods]),
+                                  net.modulated(h[b:], [tuple(m[b:] for m in mod) for mod in step_mods])])
             if z.shape[0] != b:
                 pred = torch.lerp(pred[b:], pred[:b], cfg_scale)  # uncond + s (cond - uncond)
-            x = torch.add(x * a, pred, alpha=bc)
+            x = torch.add(x * a, pred, alpha=bc) if a != 1.0 else x.add(pred, alpha=bc)
             if c:
                 x = x.add(noise[1 + i], alpha=c)
         return x
@@ -314,12 +327,13 @@ class DiffusionHead(nn.Module):
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 out = run(*static)
-            entry = (graph, static, out)
+            # Keep `run` (and the timestep tensor it holds) alive: the graph reads it by address.
+            entry = (graph, static, out, run)
             self._graphs[key] = entry
             while len(self._graphs) > 8:  # each graph keeps its own memory pool
                 self._graphs.popitem(last=False)
         self._graphs.move_to_end(key)
-        graph, (sz, sn), out = entry
+        graph, (sz, sn), out, _ = entry
         sz.copy_(z)
         sn.copy_(noise)
         graph.replay()

@@ -14,9 +14,10 @@ only allocates its 1/N partition, and rank 0 streams the safetensors files one t
 time into the partitions (`GatheredParameters(modifier_rank=0)`): no rank ever holds the full
 model in host RAM (a 7B backbone is 28 GB of fp32 weights in all, 28/N GB per rank).
 
-`deepspeed.zero.Init` patches tensor constructors; with torch 2.13 it raises a TypeError
-("Signature mismatch ... tensor_pynew") unless transformers was imported before entering it,
-so this module imports transformers first.
+`deepspeed.zero.Init` patches `torch.Tensor.__new__`; with torch 2.13, if `torch._dynamo` is
+first imported inside the context (transformers imports it lazily when a model class is first
+used), dynamo's polyfill registration raises "TypeError: Signature mismatch ... tensor_pynew".
+`_partitioned` imports torch._dynamo before entering the context.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import json
 from pathlib import Path
 
 import torch
-import transformers  # noqa: F401  (must precede deepspeed.zero.Init, see the module docstring)
+import transformers
 from torch import nn
 
 from omni.checkpoint import backbone_from_config, check_checkpoint_dir
@@ -93,6 +94,7 @@ def _partitioned(enabled: bool, ds_config: dict):
     if not enabled:
         return contextlib.nullcontext()
     import deepspeed
+    import torch._dynamo  # noqa: F401  (must not be first imported inside Init, see the module docstring)
 
     return deepspeed.zero.Init(config_dict_or_path=ds_config, mem_efficient_linear=False)
 
@@ -122,7 +124,7 @@ def _tensor_files(path: Path) -> dict[str, Path]:
     out = {}
     for file in _weight_files(path):
         with safe_open(str(file), framework="pt") as f:
-            out.update({k: file for k in f.keys()})
+            out.update(dict.fromkeys(f.keys(), file))
     return out
 
 

@@ -35,7 +35,10 @@ def run_train(args: argparse.Namespace) -> int:
     except TrainingError as e:
         print(f"omni train: error: {e}", file=sys.stderr)
         return 1
-    print(f"run dir: {run_dir}")
+    from omni.utils import is_rank0
+
+    if is_rank0():
+        print(f"run dir: {run_dir}")
     return 0
 
 
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m omni.train`: the train command alone, errors reported like `omni train`."""
     parser = argparse.ArgumentParser(prog="python -m omni.train", description="omni training (any launcher)")
     add_train_args(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before and after --resume
     try:
         return run_train(args)
     except (ValueError, FileNotFoundError) as e:

@@ -92,7 +92,7 @@ def merge_ema_shards(tag_dir: Path) -> dict[str, torch.Tensor]:
         meta = f.metadata()
     if meta["layout"] == "full":
         with safe_open(str(files[0]), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safetensors handle)
     world = int(meta["world_size"])
     if len(files) != world:
         raise FileNotFoundError(f"{tag_dir} holds {len(files)} EMA shards but the run had {world} ranks")

@@ -20,9 +20,10 @@ import json
 import math
 import os
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -57,7 +58,8 @@ def init_distributed() -> Dist:
 
     added: dict[str, str] = {}
     if "RANK" not in os.environ:
-        added = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_PORT=str(_free_port()))
+        added = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                 "MASTER_PORT": str(_free_port())}
         if "MASTER_ADDR" not in os.environ:
             added["MASTER_ADDR"] = "127.0.0.1"
         os.environ.update(added)

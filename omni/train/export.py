@@ -53,7 +53,6 @@ def skeleton(cfg: Config, run_dir: Path):
     from transformers import AutoConfig
 
     from omni.checkpoint import backbone_from_config
-
     from omni.model import OmniModel
     from omni.tokenizers.image import build_image_tokenizer
     from omni.tokenizers.text import TextTokenizer

@@ -22,19 +22,27 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Union
+from typing import Any
 
 import torch
 
 from omni.config import Config
 from omni.layout import Batch
 from omni.train import checkpointing
-from omni.train.engine import Dist, autocast, close_distributed, deepspeed_config, init_distributed, resolve_precision
+from omni.train.engine import (
+    Dist,
+    autocast,
+    close_distributed,
+    deepspeed_config,
+    init_distributed,
+    resolve_precision,
+)
 from omni.utils import atomic_write_text, seed_everything
 
-BatchSource = Union[Iterable[Batch], Callable[[int, int], Iterable[Batch]]]
+BatchSource = Iterable[Batch] | Callable[[int, int], Iterable[Batch]]
 
 
 class TrainingError(RuntimeError):
@@ -52,6 +60,13 @@ class Meter:
     def add(self, **values: float) -> None:
         for k, v in values.items():
             self.sums[k] = self.sums.get(k, 0.0) + float(v)
+
+    def add_micro(self, out: dict[str, torch.Tensor], batch: Batch, lr: float) -> None:
+        """One trained micro-batch: losses weighted by their token counts, so means are per token."""
+        n_text, n_image = out["n_text_tokens"].item(), out["n_image_tokens"].item()
+        self.add(loss=out["loss"].item(), micro=1, lr=lr, tokens=batch.n_tokens,
+                 text=out["loss_text"].item() * n_text, n_text=n_text,
+                 image=out["loss_image"].item() * n_image, n_image=n_image)
 
 
 @dataclass
@@ -113,9 +128,7 @@ def fit(run: Run) -> None:
         run.bad_in_row = 0
         engine.backward(out["loss"])  # accumulation + ZeRO gradient reduction
         engine.step()  # at the accumulation boundary: clip, AdamW, LR schedule
-        run.meter.add(loss=out["loss"].item(), micro=1, text=out["loss_text"].item() * out["n_text_tokens"].item(),
-                      n_text=out["n_text_tokens"].item(), image=out["loss_image"].item() * out["n_image_tokens"].item(),
-                      n_image=out["n_image_tokens"].item(), tokens=batch.n_tokens, lr=lr)
+        run.meter.add_micro(out, batch, lr)
         run.micro += 1
         if engine.global_steps == run.step:
             continue  # still accumulating
@@ -124,10 +137,12 @@ def fit(run: Run) -> None:
         run.monitor.advance(run.step)
         if run.step % t.log_every == 0 or run.step == t.steps or run.stopping:
             log_train(run)
+        paused = time.perf_counter()  # validation and saving do not count against tokens/s
         if t.val_every and (run.step % t.val_every == 0 or run.step == t.steps):
             validate(run)
         if run.step % t.save_every == 0 or run.step == t.steps or run.stopping:
             save(run)
+        run.meter.t0 += time.perf_counter() - paused
         if run.stopping:
             run.monitor.print(f"stopped by {run.stop.received or 'a signal'} at step {run.step}; checkpoint saved")
             return

@@ -12,7 +12,7 @@ image tokens in chosen batches (fault tests).
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
