@@ -70,6 +70,7 @@ def train_config(out: Path, paths: dict[str, str], overrides: list[str]):
         f"data.train={paths['shapes']}/train-*.tar::{paths['digits']}/train-*.tar",
         f"data.val={paths['shapes']}/val-*.tar::{paths['digits']}/val-*.tar",
         f"train.out_dir={out / 'run'}",
+        "train.resume=auto",  # an interrupted demo continues from its last checkpoint
         *overrides,
     ])
 
