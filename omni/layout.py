@@ -17,7 +17,6 @@ Rules (DESIGN.md section 3):
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Union
 
 import torch
 
@@ -36,7 +35,7 @@ class ImageSegment:
     loss: bool = True  # are <boi> and the image tokens predicted?
 
 
-Segment = Union[TextSegment, ImageSegment]
+Segment = TextSegment | ImageSegment
 TokenizedDoc = list[Segment]
 
 

@@ -50,18 +50,18 @@ def build_backbone(cfg: ModelConfig, vocab_size: int) -> nn.Module:
         if model.get_input_embeddings().weight.shape[0] < vocab_size:
             model.resize_token_embeddings(vocab_size, mean_resizing=True)
         return model
-    kwargs = dict(
-        vocab_size=vocab_size,
-        hidden_size=bb.hidden_size,
-        num_hidden_layers=bb.num_layers,
-        num_attention_heads=bb.num_heads,
-        num_key_value_heads=bb.num_kv_heads or bb.num_heads,
-        intermediate_size=bb.intermediate_size,
-        max_position_embeddings=bb.max_position_embeddings,
-        rope_theta=bb.rope_theta,
-        rms_norm_eps=bb.rms_norm_eps,
-        tie_word_embeddings=bb.tie_word_embeddings,
-    )
+    kwargs = {
+        "vocab_size": vocab_size,
+        "hidden_size": bb.hidden_size,
+        "num_hidden_layers": bb.num_layers,
+        "num_attention_heads": bb.num_heads,
+        "num_key_value_heads": bb.num_kv_heads or bb.num_heads,
+        "intermediate_size": bb.intermediate_size,
+        "max_position_embeddings": bb.max_position_embeddings,
+        "rope_theta": bb.rope_theta,
+        "rms_norm_eps": bb.rms_norm_eps,
+        "tie_word_embeddings": bb.tie_word_embeddings,
+    }
     hf_cfg = LlamaConfig(**kwargs) if bb.arch == "llama" else Qwen2Config(**kwargs)
     # _from_config mutates the config it is given: pass a copy.
     return AutoModelForCausalLM.from_config(copy.deepcopy(hf_cfg), attn_implementation=bb.attn_implementation)

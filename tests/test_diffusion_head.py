@@ -31,10 +31,10 @@ def true_stats(k: int):
 
 
 SETTINGS = {  # parameterization -> (config overrides, sampler, sampling steps)
-    "v": (dict(parameterization="v", schedule="cosine", zero_terminal_snr=True), "ddpm", 50),
+    "v": ({"parameterization": "v", "schedule": "cosine", "zero_terminal_snr": True}, "ddpm", 50),
     # eps under ancestral sampling needs finer steps to keep the spread (50 steps: ~25% too narrow)
-    "eps": (dict(parameterization="eps", schedule="scaled_linear", zero_terminal_snr=False), "ddpm", 200),
-    "flow": (dict(parameterization="flow"), "euler", 50),
+    "eps": ({"parameterization": "eps", "schedule": "scaled_linear", "zero_terminal_snr": False}, "ddpm", 200),
+    "flow": ({"parameterization": "flow"}, "euler", 50),
 }
 
 

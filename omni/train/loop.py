@@ -116,6 +116,8 @@ def fit(run: Run) -> None:
     batches = iter(run.source)
     for _ in range(run.skip):  # resume of a source that cannot restore its own position
         next(batches)
+    if t.val_every and run.step == 0:
+        validate(run)  # the held-out loss at initialisation: the baseline learning is measured against
     while run.step < t.steps:
         batch = next_batch(run, batches)
         lr = engine.get_lr()[0]
