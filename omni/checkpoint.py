@@ -145,6 +145,7 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
         raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.run_config = cfg  # generation defaults and the recipe it was trained with
     model.checkpoint_path = str(path)  # recorded in every generation result's settings
+    model.image_tokenizer.to(device)  # not a submodule: VAE / VQGAN follow the model by hand
     return model.to(device).eval()
 
 

@@ -32,6 +32,7 @@ def build_backbone(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     bb = cfg.backbone
+    check_attention(bb.attn_implementation)
     if bb.arch == "chameleon":
         raise ValueError(
             "model.backbone.arch=chameleon is built from a converted checkpoint: run "
@@ -65,6 +66,17 @@ def build_backbone(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     hf_cfg = LlamaConfig(**kwargs) if bb.arch == "llama" else Qwen2Config(**kwargs)
     # _from_config mutates the config it is given: pass a copy.
     return AutoModelForCausalLM.from_config(copy.deepcopy(hf_cfg), attn_implementation=bb.attn_implementation)
+
+
+def check_attention(impl: str) -> None:
+    """flash_attention_2 needs the optional flash-attn package (CUDA only): say so up front."""
+    import importlib.util
+
+    if impl == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ValueError(
+            "model.backbone.attn_implementation=flash_attention_2 needs flash-attn, which is not "
+            "installed (GPU machines: pip install -e .[gpu]); use sdpa (the default) or eager"
+        )
 
 
 def attention_bias(doc_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:

@@ -101,7 +101,11 @@ class SoftVQEmbedding(nn.Module):
             raise ValueError(f"codebook dim {codebook.shape[1]} != image token dim {token_dim}")
         table = model.backbone.get_input_embeddings().weight  # (V, D)
         vocab_map = getattr(model.backbone.config, "vocabulary_map", None)
-        if vocab_map:
+        if hasattr(table, "ds_id"):
+            # ZeRO-3 partition (this rank holds a slice, its shape is (0,)): the model is being
+            # built for train.init_from, whose checkpoint holds in_proj.image_embed; load fills it.
+            rows = torch.zeros(codebook.shape[0], table.ds_shape[1])
+        elif vocab_map:
             ids = image_token_ids(vocab_map, codebook.shape[0])
             rows = table[ids.to(table.device)]  # (K, D), meta while a checkpoint is being converted
         else:

@@ -146,3 +146,26 @@ def test_tied_embeddings_roundtrip(tmp_path, tiny_cfg):
     loaded = OmniModel.from_pretrained(tmp_path / "ck")
     assert loaded.lm_head.weight.data_ptr() == loaded.backbone.get_input_embeddings().weight.data_ptr()
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_eager_attention_matches_sdpa_on_packed_rows(tiny_model, tiny_cfg):
+    """The packed-document mask is additive float, which eager attention handles correctly."""
+    tiny_cfg.model.backbone.attn_implementation = "eager"
+    eager = OmniModel.from_config(tiny_cfg.model).eval()
+    eager.load_state_dict(tiny_model.state_dict())
+    batch = _mixed_batch(tiny_model, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = tiny_model.eval().hidden_states(batch)
+        b = eager.hidden_states(batch)
+    real = batch.doc_ids > 0
+    assert torch.allclose(a[real], b[real], atol=1e-5)
+
+
+def test_flash_attention_without_package_is_a_clear_error(tiny_cfg):
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    tiny_cfg.model.backbone.attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="needs flash-attn"):
+        OmniModel.from_config(tiny_cfg.model)

@@ -57,7 +57,7 @@ def test_run_writes_config_versions_metrics_tensorboard_and_checkpoint(tokenizer
         assert r["loss_text"] > 0 and r["loss_image"] > 0 and r["tokens_per_s"] > 0 and r["lr"] > 0
         assert r["loss"] == pytest.approx(r["loss_text"] + r["loss_image"], rel=1e-6)
         assert r["tokens"] == 2 * (2 * 12 + N_IMAGE + 4)  # 2 rows of text + image + specials
-    assert [r["step"] for r in records(out, "val")] == [2, 4]
+    assert [r["step"] for r in records(out, "val")] == [0, 2, 4]  # step 0: the loss at initialisation
     assert load_config(out / "config.yaml").train.steps == 4
     versions = json.loads((out / "versions.json").read_text())
     assert versions["torch"] == torch.__version__ and versions["world_size"] == 1
@@ -241,3 +241,20 @@ def test_cli_export_and_train_errors(tokenizer_dir, tmp_path, capsys):
 
     assert module_main(["--config", "tiny", "train.precision=fp16"]) == 2
     assert "train.precision: 'fp16' is not one of" in capsys.readouterr().err
+
+
+def test_train_cli_takes_overrides_anywhere(tmp_path, capsys):
+    """`omni train` and `python -m omni.train` read dotted overrides before and after `--resume`;
+    an unknown flag stays an error. (The missing shard named after --resume proves it was read.)"""
+    from omni.cli import main
+    from omni.train.cli import main as module_main
+
+    missing = tmp_path / "missing.tar"
+    for entry in (lambda argv: main(["train", *argv]), module_main):
+        argv = ["--config", "tiny", f"train.out_dir={tmp_path / 'run'}", "--resume", "auto", f"data.train=[{missing}]"]
+        assert entry(argv) == 2
+        assert f"data.train: shard '{missing}' does not exist" in capsys.readouterr().err
+        with pytest.raises(SystemExit) as stop:
+            entry(["--config", "tiny", "--resume", "auto", "train.lr=1e-3", "--bogus", "train.steps=2"])
+        assert stop.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

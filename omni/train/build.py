@@ -6,7 +6,8 @@ Starting points (one result: an `OmniModel` whose `requires_grad` flags say what
   it for ZeRO-3). Fine up to a few hundred million parameters.
 - `model.backbone.pretrained` (a Hugging Face directory): the backbone's weights; in_proj and
   the diffusion head start fresh.
-- `train.init_from` (an omni checkpoint: `omni convert`, `omni export`): every weight.
+- `train.init_from` (an omni checkpoint: `omni convert`, `omni export`): every weight, and the
+  model section of its config (`with_init_model`).
 
 With ZeRO 0-2 the weights load on every rank (those stages keep a full replica per rank
 anyway). With ZeRO-3 the backbone is constructed inside `deepspeed.zero.Init`, so each rank
@@ -22,6 +23,8 @@ used), dynamo's polyfill registration raises "TypeError: Signature mismatch ... 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -29,11 +32,63 @@ import torch
 import transformers
 from torch import nn
 
-from omni.checkpoint import backbone_from_config, check_checkpoint_dir
+from omni.checkpoint import backbone_from_config, check_checkpoint_dir, load_config_from_checkpoint
 from omni.config import Config
 from omni.model import OmniModel, build_backbone
 from omni.tokenizers.image import build_image_tokenizer
 from omni.tokenizers.text import TextTokenizer
+
+# Model fields a run may set apart from its train.init_from checkpoint: they shape the training
+# objective or pick kernels, not the weights.
+RUN_MODEL_FIELDS = ("loss_weight_text", "loss_weight_image", "head.noise_copies", "head.grad_checkpointing",
+                    "backbone.attn_implementation")
+
+
+def _flat(obj, prefix: str = "") -> dict[str, object]:
+    """A nested dataclass as {"head.width": 32, ...}."""
+    out: dict[str, object] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(_flat(value, f"{prefix}{f.name}."))
+        else:
+            out[prefix + f.name] = value
+    return out
+
+
+def _set(obj, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    for name in parents:
+        obj = getattr(obj, name)
+    setattr(obj, leaf, value)
+
+
+def with_init_model(cfg: Config) -> tuple[Config, list[str]]:
+    """With `train.init_from`, the model is the checkpoint's: a copy of `cfg` whose `model` section
+    comes from the checkpoint's config.yaml, except RUN_MODEL_FIELDS (loss weights, noise copies,
+    kernels), which stay the run's. Also returns the fields the run's config had set otherwise.
+
+    So a recipe written for any size (`--config orthus-stage2 train.init_from=STAGE1`) trains the
+    checkpoint's shapes (head width, image size, scale, soft-VQ tau), and the run's saved config
+    (what `omni export` rebuilds the model from) says what was really trained. `init_from` becomes
+    absolute: export reads the image tokenizer's weights from it, from whatever directory it runs.
+    """
+    if cfg.train.init_from is None:
+        return cfg, []
+    root = check_checkpoint_dir(cfg.train.init_from).resolve()
+    out = copy.deepcopy(cfg)
+    out.train.init_from = str(root)
+    out.model = copy.deepcopy(load_config_from_checkpoint(root).model)
+    run = _flat(cfg.model)
+    for key in RUN_MODEL_FIELDS:
+        _set(out.model, key, run[key])
+    # backbone.* (built from backbone_config.json) and the paths are the checkpoint's by construction.
+    skip = {"tokenizer", "image.path"}
+    differ = [
+        f"model.{k}={v} (config: {run[k]})" for k, v in _flat(out.model).items()
+        if not k.startswith("backbone.") and k not in skip and run[k] != v
+    ]
+    return out, differ
 
 
 def build_model(cfg: Config, ds_config: dict) -> OmniModel:
@@ -88,6 +143,10 @@ def _partitioned(enabled: bool, ds_config: dict):
     is ignored on accelerators without fp16 (the CPU), a precedence slip in DeepSpeed 0.19's
     Init._set_dtype that yields bf16. mem_efficient_linear=False: otherwise Init replaces
     torch.nn.functional.linear for the rest of the process.
+
+    Weight initialisation is skipped (`no_init_weights`): every partitioned backbone is loaded
+    from a file right after, and HF's post-init runs on already partitioned (empty) parameters,
+    where zeroing the padding row of the embeddings (Chameleon: pad id 1) is an IndexError.
     """
     import contextlib
 
@@ -95,8 +154,12 @@ def _partitioned(enabled: bool, ds_config: dict):
         return contextlib.nullcontext()
     import deepspeed
     import torch._dynamo  # noqa: F401  (must not be first imported inside Init, see the module docstring)
+    from transformers.initialization import no_init_weights
 
-    return deepspeed.zero.Init(config_dict_or_path=ds_config, mem_efficient_linear=False)
+    stack = contextlib.ExitStack()
+    stack.enter_context(deepspeed.zero.Init(config_dict_or_path=ds_config, mem_efficient_linear=False))
+    stack.enter_context(no_init_weights())
+    return stack
 
 
 # ------------------------------------------------------------------------------------------------

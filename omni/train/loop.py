@@ -364,12 +364,13 @@ def write_run_files(cfg: Config, run_dir: Path, model, ds_config: dict, precisio
 
 def prepare(cfg: Config, batches: BatchSource | None = None, val_batches: BatchSource | None = None) -> Run:
     """Checks, process group, model, engine, resume: everything `fit` needs."""
-    from omni.train.build import build_model
+    from omni.train.build import build_model, with_init_model
     from omni.train.ema import EMA
     from omni.train.engine import batch_geometry, setup_engine
     from omni.train.monitor import Monitor
 
     precision, ds_config = preflight(cfg, batches)
+    cfg, from_checkpoint = with_init_model(cfg)  # train.init_from: the checkpoint's model shapes
     run_dir = Path(cfg.train.out_dir)
     resume_tag = checkpointing.find_resume(run_dir, cfg.train.resume)
     d = init_distributed()
@@ -403,6 +404,8 @@ def prepare(cfg: Config, batches: BatchSource | None = None, val_batches: BatchS
         f"{ds_config['train_batch_size']} rows, run dir {run_dir}"
         + (f", resumed from {resume_tag} (step {run.step})" if resume_tag is not None else "")
     )
+    if from_checkpoint:
+        run.monitor.print(f"model shapes from train.init_from, where the config differs: {', '.join(from_checkpoint)}")
     return run
 
 
