@@ -196,8 +196,8 @@ def run(args: argparse.Namespace) -> int:
     paths = build_data(out, n_train=4000 if quick else args.train_docs, n_val=300, force=args.force)
     overrides = list(args.overrides)
     if quick:
-        overrides = ["train.steps=150", "train.warmup_steps=20", "train.val_every=50", "train.save_every=75",
-                     "train.log_every=25", *overrides]
+        overrides = ["train.steps=400", "train.warmup_steps=30", "train.val_every=100", "train.save_every=200",
+                     "train.log_every=50", *overrides]
     if args.steps:
         overrides.append(f"train.steps={args.steps}")
     cfg = train_config(out, paths, overrides)
@@ -206,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
     _stage("3/5 evaluate on every built-in benchmark")
     if args.force:
         shutil.rmtree(out / "eval", ignore_errors=True)
-    results = evaluate_all(out, model_dir, paths, limit=args.limit or (24 if quick else None))
+    results = evaluate_all(out, model_dir, paths, limit=args.limit or (40 if quick else None))
     _stage("4/5 scorecard")
     table = scorecard(results)
     print(table)

@@ -32,9 +32,10 @@ def test_quick_demo_learns(tmp_path):
 
     scores = json.loads((out / "scorecard.json").read_text())
     assert set(scores) == {"shapes-t2i", "shapes-vqa", "shapes-caption", "shapes-story", "digits-t2i", "digits-read"}
-    # Chance: a VQA answer is one of 6 colours / 3 shapes / 4 counts / 4 positions; a digit one of 10.
-    assert scores["shapes-vqa"]["overall"] >= 0.5, scores["shapes-vqa"]
-    assert scores["digits-read"]["overall"] >= 0.4, scores["digits-read"]
+    # Chance: a VQA answer is one of 6 colours / 3 shapes / 4 counts / 4 positions (~0.25 averaged);
+    # a digit one of 10 (0.1).
+    assert scores["shapes-vqa"]["overall"] >= 0.45, scores["shapes-vqa"]
+    assert scores["digits-read"]["overall"] >= 0.5, scores["digits-read"]
     for name in scores:
         assert (out / "eval" / name / "report.html").exists()
     transcript = (out / "chat" / "transcript.md").read_text()
