@@ -22,18 +22,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-# The palette of the shapes world (the data contract). omni.data.shapes.COLORS is the source of
-# truth when it exists; the copy keeps the judge usable (and testable) on its own.
-PALETTE: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (230, 200, 40),
-    "purple": (150, 60, 200),
-    "orange": (240, 140, 30),
-}
-SHAPES = ("circle", "square", "triangle")
-BACKGROUND = (255, 255, 255)
+from omni.data.shapes import BACKGROUND, COLORS, SHAPES
+
+# The palette of the shapes world: the data generator's constants are the one source of truth.
+PALETTE = COLORS
 
 # A pixel belongs to its nearest palette colour only when it is this close (RGB Euclidean):
 # loose enough for a model's slightly-off colours, tight enough that a uniformly random pixel
