@@ -25,15 +25,6 @@ pexpect = pytest.importorskip("pexpect")
 OMNI = Path(sys.executable).with_name("omni")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared CPU are far slower with several threads fighting for cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model(tokenizer_dir):
     cfg = load_config("tiny", [f"model.tokenizer={tokenizer_dir}", *TINY, "generation.image_steps=2",

@@ -25,15 +25,6 @@ PROMPTS = [
 SEEDS = [11, 12, 13]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared CPU are ~500x slower with several threads fighting for cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def with_bias(model: OmniModel, boi: float = 3.0, extra: dict[int, float] | None = None) -> OmniModel:
     """Swap the bias-free LM head for one with a bias that favours <boi> (and `extra` tokens)."""
     old = model.lm_head
