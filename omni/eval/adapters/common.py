@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,21 @@ def load_image(name: str, roots: Sequence[Path]) -> Image.Image:
 def clean_text(text: str | None) -> str:
     """Benchmark text without its layout markers (<BEGIN>, <image>)."""
     return " ".join(MARKERS.sub(" ", text or "").split())
+
+
+def segments_from_steps(
+    steps: Sequence[dict[str, Any]] | None, roots: Sequence[Path], text: Callable[[Any], str] = str
+) -> list[Segment]:
+    """`[{text, image}, ...]` steps (OpenING, MMIE) -> interleaved segments; `text` shapes each text."""
+    out: list[Segment] = []
+    for step in steps or []:
+        raw = step.get("text")
+        t = text(raw) if raw else ""
+        if t:
+            out.append(t)
+        if step.get("image"):
+            out.append(load_image(step["image"], roots))
+    return out
 
 
 def take(items: Iterable[Any], limit: int | None) -> list[Any]:

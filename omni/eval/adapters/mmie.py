@@ -25,9 +25,9 @@ from omni.eval.adapters.common import (
     data_file,
     eval_sample,
     find_image,
-    load_image,
     read_json,
     record_segments,
+    segments_from_steps,
     steps_of,
     take,
     transcript,
@@ -72,13 +72,7 @@ def _category(item_id: str) -> str:
 def _segments(steps: list[dict[str, Any]] | str, roots: list[Path]) -> list[Segment]:
     if isinstance(steps, str):
         return [steps]
-    out: list[Segment] = []
-    for s in steps or []:
-        if s.get("text"):
-            out.append(str(s["text"]))
-        if s.get("image"):
-            out.append(load_image(s["image"], roots))
-    return out
+    return segments_from_steps(steps, roots)
 
 
 class MMIE(ModelJudged):

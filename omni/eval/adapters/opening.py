@@ -17,7 +17,6 @@ Scores: OpenING's seven criteria, each 0-10, by a judge model (--judge).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from omni.eval.adapters.common import (
     ModelJudged,
@@ -26,15 +25,14 @@ from omni.eval.adapters.common import (
     data_file,
     eval_sample,
     json_rubric_system,
-    load_image,
     read_jsonl,
     record_segments,
+    segments_from_steps,
     steps_of,
     take,
     transcript,
     write_json,
 )
-from omni.eval.benchmark import Segment
 from omni.eval.judges.http import Rubric, parse_json_scores
 
 MODEL_DIR = "omni_output"
@@ -64,17 +62,6 @@ RUBRIC = Rubric(
 )
 
 
-def _steps_to_segments(steps: list[dict[str, Any]], roots: list[Path]) -> list[Segment]:
-    segs: list[Segment] = []
-    for step in steps:
-        text = clean_text(step.get("text"))
-        if text:
-            segs.append(text)
-        if step.get("image"):
-            segs.append(load_image(step["image"], roots))
-    return segs
-
-
 class OpenING(ModelJudged):
     name = "opening"
     description = "OpenING: open-ended interleaved generation, 7 judged criteria (0-10)"
@@ -91,13 +78,13 @@ class OpenING(ModelJudged):
                 raise ValueError(f"{path} line {n + 1} lacks 'total_uid' or an 'input' conversation")
             outputs = next((c["output"] for c in conv if "output" in c), [])
             try:
-                answer = _steps_to_segments(outputs, roots)
+                answer = segments_from_steps(outputs, roots, text=clean_text)
             except FileNotFoundError:  # reference images are optional for generation
                 answer = [clean_text(s.get("text")) for s in outputs if s.get("text")]
             task = item.get("meta_task_name") or item.get("subtask_name") or "all"
             out.append(
                 eval_sample(
-                    str(item["total_uid"]), task, _steps_to_segments(inputs, roots), {"item": item}, answer
+                    str(item["total_uid"]), task, segments_from_steps(inputs, roots, text=clean_text), {"item": item}, answer
                 )
             )
         return out
