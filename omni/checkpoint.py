@@ -4,7 +4,7 @@
     DIR/config.yaml            the resolved omni config (model + generation defaults)
     DIR/backbone_config.json   the HF config of the backbone (rebuilds it without the source dir)
     DIR/tokenizer/             the text tokenizer (HF format + omni special tokens)
-    DIR/vae/ | DIR/vqgan/      image tokenizer weights when it has any
+    DIR/vae/ | DIR/vqgan/ | DIR/autoencoder/   image tokenizer weights when it has any
 
 The directory is written beside its destination and renamed into place, so an interrupted save
 never leaves a half-written checkpoint under the final name.
@@ -64,6 +64,8 @@ def save_pretrained(model, path: str | Path, state_dict: dict[str, torch.Tensor]
         model.image_tokenizer.save_pretrained(tmp)
         if mcfg.image.kind == "vae":
             mcfg.image.path = "vae"
+        elif mcfg.image.kind == "patch-ae":
+            mcfg.image.path = "autoencoder"
         elif mcfg.image.kind == "vq-features":
             mcfg.image.path = "vqgan"
         full = copy.deepcopy(config) if config is not None else Config()

@@ -47,11 +47,11 @@ class BackboneConfig:
 
 @dataclass
 class ImageTokenizerConfig:
-    kind: Literal["patch", "vae", "vq-features"] = "patch"  # how pixels become continuous tokens
+    kind: Literal["patch", "patch-ae", "vae", "vq-features"] = "patch"  # how pixels become continuous tokens
     image_size: int = 32  # square input/output resolution in pixels
     patch_size: int = 8  # pixels per patch side (patch) or latent cells per token side (vae)
     channels: int = 3  # image channels
-    path: str | None = None  # local directory of the VAE / VQGAN weights (vae, vq-features)
+    path: str | None = None  # local directory of the autoencoder / VAE / VQGAN weights (patch-ae, vae, vq-features)
     scale: float = 1.0  # latents are multiplied by this before becoming tokens (MAR KL-16: 0.2325)
     shift: float = 0.0  # subtracted from latents before scaling
 
@@ -68,6 +68,10 @@ class DiffusionHeadConfig:
     train_steps: int = 1000  # diffusion timesteps for v/eps
     noise_copies: int = 4  # noisy copies of each token per step (MAR's diffusion_batch_mul)
     grad_checkpointing: bool = False  # recompute head activations in backward
+    # Train the head's matmuls in bf16 when the run uses bf16 autocast (noise, targets, loss and
+    # sampling stay fp32). Off: the head trains wholly in fp32. bf16 has fp32's range, so MAR's
+    # fp16 NaNs do not apply; on the tiny preset the head is most of a CPU step and runs 2x faster.
+    bf16_train: bool = False
 
 
 @dataclass

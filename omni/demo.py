@@ -1,6 +1,7 @@
 """`omni demo`: the project's main job on its built-in data, end to end on a CPU.
 
-    data (shapes + handwritten digits shards, tokenizer) -> train the `tiny` preset (DeepSpeed
+    data (shapes + handwritten digits shards, text tokenizer, patch autoencoder) -> train the
+    `tiny` preset on the autoencoder's image tokens (DeepSpeed
     engine, one process) -> export the EMA weights -> every built-in benchmark -> scorecard,
     HTML reports -> a short sample chat (a caption, a drawn image, an illustrated story).
 
@@ -43,9 +44,9 @@ def _cli(argv: list[str]) -> None:
         raise RuntimeError(f"`omni {' '.join(argv)}` failed with exit code {code}")
 
 
-def build_data(out: Path, n_train: int, n_val: int, force: bool) -> dict[str, str]:
+def build_data(out: Path, n_train: int, n_val: int, force: bool, ae_steps: int = 3000) -> dict[str, str]:
     data = out / "data"
-    shapes, digits, tok = data / "shapes", data / "digits", data / "tokenizer"
+    shapes, digits, tok, ae = data / "shapes", data / "digits", data / "tokenizer", data / "autoencoder"
     if force:
         shutil.rmtree(data, ignore_errors=True)
     if not (shapes / "manifest.json").exists():
@@ -61,7 +62,12 @@ def build_data(out: Path, n_train: int, n_val: int, force: bool) -> dict[str, st
               "--out", str(tok), "--vocab-size", "256"])
     else:
         print(f"tokenizer exists in {tok}: skipped")
-    return {"shapes": str(shapes), "digits": str(digits), "tokenizer": str(tok)}
+    if not (ae / "autoencoder.json").exists():
+        _cli(["data", "autoencoder", "--shards", str(shapes / "train-*.tar"), str(digits / "train-*.tar"),
+              "--out", str(ae), "--steps", str(ae_steps)])
+    else:
+        print(f"image autoencoder exists in {ae}: skipped")
+    return {"shapes": str(shapes), "digits": str(digits), "tokenizer": str(tok), "autoencoder": str(ae)}
 
 
 def train_config(out: Path, paths: dict[str, str], overrides: list[str]):
@@ -69,6 +75,9 @@ def train_config(out: Path, paths: dict[str, str], overrides: list[str]):
 
     return load_config(PRESET, [
         f"model.tokenizer={paths['tokenizer']}",
+        # Image tokens are the learned patch autoencoder's 16-value latents, not raw pixels.
+        "model.image.kind=patch-ae",
+        f"model.image.path={paths['autoencoder']}",
         f"data.train={paths['shapes']}/train-*.tar::{paths['digits']}/train-*.tar",
         f"data.val={paths['shapes']}/val-*.tar::{paths['digits']}/val-*.tar",
         f"train.out_dir={out / 'run'}",
@@ -192,8 +201,9 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     quick = args.quick
-    _stage("1/5 data: shapes + handwritten digits shards, tokenizer")
-    paths = build_data(out, n_train=4000 if quick else args.train_docs, n_val=300, force=args.force)
+    _stage("1/5 data: shapes + handwritten digits shards, text tokenizer, image autoencoder")
+    paths = build_data(out, n_train=4000 if quick else args.train_docs, n_val=300, force=args.force,
+                       ae_steps=1000 if quick else 3000)
     overrides = list(args.overrides)
     if quick:
         overrides = ["train.steps=400", "train.warmup_steps=30", "train.val_every=100", "train.save_every=200",

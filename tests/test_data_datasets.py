@@ -116,6 +116,7 @@ def _check_semantics(record: dict) -> None:
             assert answer == T.CELL_NAMES[(row, col)]
     elif task == "story":
         assert 3 <= len(meta["steps"]) <= 4 and len(texts) == len(meta["steps"])
+        assert texts[0].startswith(f"a story in {T.number_word(len(meta['steps']))} pictures. ")
         for prev, step, text in zip(meta["steps"], meta["steps"][1:], texts[1:]):
             before = {o["shape"]: o for o in prev["objects"]}
             after = {o["shape"]: o for o in step["objects"]}

@@ -36,7 +36,15 @@ def reference_sample(head: DiffusionHead, cond, uncond, cfg_scale, steps, temper
         for i in range(steps):
             t, t_next = ts[i], ts[i + 1]
             v = predict(x, float(t) * 1000.0)
-            x = (1 - t_next) * (x - t * v) + t_next * noise() * temperature if stochastic else x - (t - t_next) * v
+            if not stochastic:
+                x = x - (t - t_next) * v
+                continue
+            # The Gaussian posterior q(x_s | x_t, x0) of alpha = 1 - t, sigma = t (Kingma et al.'s
+            # VDM form), at the predicted x0 = x - t v.
+            a_ts = (1 - t) / (1 - t_next)
+            var_ts = t**2 - a_ts**2 * t_next**2
+            mean = a_ts * t_next**2 / t**2 * x + (1 - t_next) * var_ts / t**2 * (x - t * v)
+            x = mean + (var_ts * t_next**2 / t**2).sqrt() * noise() * temperature
         return x
     sched = make_scheduler(head.cfg)
     sched.set_timesteps(steps)

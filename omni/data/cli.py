@@ -107,6 +107,33 @@ def run_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_autoencoder(args: argparse.Namespace) -> int:
+    from omni.data.document import Stats
+    from omni.data.shards import read_documents
+    from omni.tokenizers.patch_ae import train_patch_autoencoder
+
+    stats = Stats()
+    images = []
+    for doc in read_documents(args.shards, stats=stats):
+        images += [s for s in doc.segments if not isinstance(s, str)]
+        if len(images) >= args.max_images:
+            break
+    if stats.counts:
+        print(f"skipped while reading: {stats.as_dict()}")
+    if not images:
+        raise SystemExit(f"no images in {args.shards}; point --shards at shards with pictures")
+    sizes = {im.size for im in images}
+    if len(sizes) > 1:
+        raise SystemExit(f"images of several sizes {sorted(sizes)}; the autoencoder needs one size (write shards with one --size)")
+    meta = train_patch_autoencoder(images, args.out, patch_size=args.patch_size, latent_dim=args.latent_dim,
+                                   hidden=args.hidden, steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+    t = meta["trained"]
+    print(f"trained a {args.patch_size}x{args.patch_size} -> {args.latent_dim} patch autoencoder on {t['images']} images "
+          f"({t['patches']} patches) in {t['seconds']} s: mean abs error {t['mean_abs_error_255']} / 255 -> {args.out}")
+    print(f"use: model.image.kind=patch-ae model.image.patch_size={args.patch_size} model.image.path={args.out}")
+    return 0
+
+
 def run_convert(args: argparse.Namespace) -> int:
     from omni.data.adapters import iter_adapted
     from omni.data.document import Stats
@@ -134,7 +161,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    data = subparsers.add_parser("data", help="write datasets, convert shards, train a text tokenizer")
+    data = subparsers.add_parser("data", help="write datasets, convert shards, train the text tokenizer and image autoencoder")
     sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
     data.set_defaults(func=lambda args: data.print_help() or 2)
 
@@ -159,6 +186,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="tokenizer directory (set model.tokenizer to it)")
     p.add_argument("--vocab-size", type=int, default=384, help="vocabulary size (small corpora may give fewer)")
     p.set_defaults(func=run_tokenizer)
+
+    p = sub.add_parser("autoencoder", help="train a per-patch image autoencoder (model.image.kind=patch-ae)")
+    p.add_argument("--shards", nargs="+", required=True, help="shard specs whose images it learns")
+    p.add_argument("--out", required=True, help="output directory (set model.image.path to it)")
+    p.add_argument("--patch-size", type=int, default=8, help="pixels per patch side (default 8)")
+    p.add_argument("--latent-dim", type=int, default=16, help="values per token (default 16)")
+    p.add_argument("--hidden", type=int, default=512, help="MLP width (default 512)")
+    p.add_argument("--steps", type=int, default=3000, help="training steps of 512 patches (default 3000)")
+    p.add_argument("--batch-size", type=int, default=512, help="patches per step (default 512)")
+    p.add_argument("--max-images", type=int, default=20000, help="images read from the shards at most (default 20000)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.set_defaults(func=run_autoencoder)
 
     p = sub.add_parser("convert", help="MMC4 / CoMM-style records -> omni shards")
     p.add_argument("--format", required=True, choices=["mmc4", "comm"], help="input encoding")

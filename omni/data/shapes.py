@@ -231,9 +231,11 @@ class ShapesWorld:
         k = rng.randint(1, 2)
         cells = rng.sample(CELLS, k)
         objs = [self.in_cell(rng, s, rng.choice(colors), c) for s, c in zip(rng.sample(SHAPES, k), cells)]
-        segments: list = [T.scene_text(objs, cells), render(objs, self.canvas)]
+        n_scenes = rng.randint(3, 4)
+        # The opening says how many pictures follow, so a continuation's length is determined.
+        segments: list = [T.story_opening(n_scenes, objs, cells), render(objs, self.canvas)]
         steps = [{"objects": [dict(o) for o in objs], "event": "start"}]
-        for _ in range(rng.randint(3, 4) - 1):
+        for _ in range(n_scenes - 1):
             events = ["recolor"]
             if any(self._free_moves(cells, c) for c in cells):
                 events.append("move")

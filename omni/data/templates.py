@@ -180,6 +180,11 @@ def scene_text(objects: list[dict[str, Any]], cells: list[tuple[int, int]]) -> s
     return " and ".join(where_phrase(o, c) for o, c in zip(objects, cells)) + "."
 
 
+def story_opening(n_scenes: int, objects: list[dict[str, Any]], cells: list[tuple[int, int]]) -> str:
+    """`a story in three pictures. a red circle at the top left.`"""
+    return f"a story in {number_word(n_scenes)} pictures. {scene_text(objects, cells)}"
+
+
 # --------------------------------------------------------------------------------------------
 # Digits phrasing
 # --------------------------------------------------------------------------------------------

@@ -6,8 +6,9 @@ Its face is two methods (the transformer never sees a noise schedule):
     sample(cond, uncond=None, cfg_scale=...) -> (B, d)
 
 Parameterizations: `v` (v-prediction, the bf16-stable choice of MMAR and Orthus), `eps`, and
-`flow` (rectified flow, predicts noise - x0). The head always computes in fp32, also under bf16
-autocast: MAR's head produced NaNs under fp16 autocast.
+`flow` (rectified flow, predicts noise - x0). The head computes in fp32, also under autocast
+(MAR's head produced NaNs under fp16 autocast); with `bf16_train` its training matmuls follow a
+bf16 autocast (targets, noise and the loss stay fp32).
 
 Sampling is the hot loop of image generation (steps x tokens net calls), so it is written for
 speed without changing the math: every sampler (DDIM, DDPM, Euler, stochastic flow) is a linear
@@ -157,7 +158,9 @@ class DiffusionHead(nn.Module):
         """Mean denoising loss of tokens `target` (K, d) given hidden states `cond` (K, D)."""
         if target.shape[0] == 0:
             return cond.sum() * 0.0 + sum(p.sum() for p in self.parameters()) * 0.0
-        with torch.autocast(device_type=cond.device.type, enabled=False):
+        bf16 = (self.cfg.bf16_train and torch.is_autocast_enabled(cond.device.type)
+                and torch.get_autocast_dtype(cond.device.type) == torch.bfloat16)
+        with torch.autocast(device_type=cond.device.type, enabled=bf16):
             copies = self.cfg.noise_copies
             x0 = target.float().repeat(copies, 1)  # (C*K, d)
             # Embed the condition once per token, not once per noise copy: the copies share it.
@@ -176,7 +179,7 @@ class DiffusionHead(nn.Module):
                 goal = a.sqrt() * noise - (1 - a).sqrt() * x0 if self.cfg.parameterization == "v" else noise
                 t_net = t.float()
             pred = self.net.body(xt, self.net.embed_time(t_net) + zc)
-            return F.mse_loss(pred, goal)
+            return F.mse_loss(pred.float(), goal)
 
     # sampling --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -229,13 +232,21 @@ class DiffusionHead(nn.Module):
     def _plan(self, steps: int, stochastic: bool, temperature: float) -> tuple[list[float], list[tuple]]:
         """Net timesteps and the per-step update x <- a x + b pred + c noise, as Python floats."""
         if self.cfg.parameterization == "flow":
-            # Rectified flow on t = 1 -> 0. Euler: x - (t - t')v. Stochastic: x0 = x - t v, then
-            # re-noise x0 to t' with fresh noise: (1 - t') x0 + t' noise.
-            ts = torch.linspace(1.0, 0.0, steps + 1).tolist()
+            # Rectified flow on t = 1 -> 0, x_t = (1 - t) x0 + t eps, the net predicts v = eps - x0,
+            # so x0 = x - t v and eps = x + (1 - t) v. Euler: x - (t - t') v. Stochastic: the DDPM
+            # posterior q(x_t' | x_t, x0) of this schedule (DDIM with eta 1, written for any
+            # alpha_t = 1 - t, sigma_t = t): x' = (1 - t') x0 + sqrt(t'^2 - c^2) eps + c noise with
+            # c^2 = (t^2 - (alpha_t / alpha_t')^2 t'^2) t'^2 / t^2. Re-noising the x0 estimate with
+            # wholly fresh noise (c = t') instead drifts: the estimate is a blurred mean that is not
+            # an image, and on a trained tiny model the samples ran past white (mean 1.5 vs 0.84).
+            ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
             coefs = []
             for t, t_next in itertools.pairwise(ts):
                 if stochastic:
-                    coefs.append((1.0 - t_next, -(1.0 - t_next) * t, t_next * temperature))
+                    ratio = (1.0 - t) / (1.0 - t_next)
+                    c = math.sqrt(max(t * t - ratio * ratio * t_next * t_next, 0.0)) * t_next / t
+                    k = math.sqrt(max(t_next * t_next - c * c, 0.0))  # weight of the predicted noise
+                    coefs.append(((1.0 - t_next) + k, -(1.0 - t_next) * t + k * (1.0 - t), c * temperature))
                 else:
                     coefs.append((1.0, -(t - t_next), 0.0))
             return [t * 1000.0 for t in ts[:-1]], coefs

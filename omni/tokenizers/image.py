@@ -186,11 +186,15 @@ def build_image_tokenizer(cfg: ImageTokenizerConfig, root: str | Path | None = N
     """The tokenizer named by `cfg.kind`; relative paths resolve against `root` (a checkpoint)."""
     if cfg.kind == "patch":
         return PatchTokenizer(cfg)
+    if cfg.kind == "patch-ae":
+        from omni.tokenizers.patch_ae import PatchAETokenizer
+
+        return PatchAETokenizer(cfg, root=root)
     if cfg.kind == "vae":
         return VAETokenizer(cfg, root=root)
     if cfg.kind == "vq-features":
         from omni.tokenizers.vq import VQFeatureTokenizer
 
         return VQFeatureTokenizer(cfg, root=root)
-    raise ValueError(f"unknown image tokenizer kind {cfg.kind!r}; use patch, vae or vq-features")
+    raise ValueError(f"unknown image tokenizer kind {cfg.kind!r}; use patch, patch-ae, vae or vq-features")
 
