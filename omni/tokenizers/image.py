@@ -51,6 +51,15 @@ def fit_image(image: Image.Image, size: int) -> Image.Image:
     return image.resize((size, size), Image.BICUBIC) if s != size else image
 
 
+def weights_dir(cfg: ImageTokenizerConfig, root: str | Path | None, what: str) -> Path:
+    """`model.image.path` resolved against `root` (a checkpoint directory); `what` says what it
+    must hold and how to make it, for the error when the path is not set."""
+    if cfg.path is None:
+        raise ValueError(f"model.image.kind={cfg.kind} needs model.image.path: {what}")
+    path = Path(cfg.path)
+    return Path(root) / path if not path.is_absolute() and root is not None else path
+
+
 class ImageTokenizer:
     """Common checks and helpers; subclasses implement `_encode` / `_decode`."""
 
@@ -140,11 +149,7 @@ class VAETokenizer(ImageTokenizer):
 
         self.cfg = cfg
         if vae is None:
-            if cfg.path is None:
-                raise ValueError("model.image.kind=vae needs model.image.path: a local AutoencoderKL directory")
-            path = Path(cfg.path)
-            if not path.is_absolute() and root is not None:
-                path = Path(root) / path
+            path = weights_dir(cfg, root, "a local AutoencoderKL directory")
             if not (path / "config.json").exists():
                 raise FileNotFoundError(f"no AutoencoderKL at {str(path)!r} (config.json missing)")
             vae = AutoencoderKL.from_pretrained(str(path), use_safetensors=True)

@@ -36,7 +36,7 @@ from PIL import Image
 from torch import nn
 
 from omni.config import ImageTokenizerConfig
-from omni.tokenizers.image import ImageTokenizer, to_uint8_tensor
+from omni.tokenizers.image import ImageTokenizer, to_uint8_tensor, weights_dir
 
 WEIGHTS = "autoencoder.safetensors"
 META = "autoencoder.json"
@@ -145,14 +145,8 @@ class PatchAETokenizer(ImageTokenizer):
     def __init__(self, cfg: ImageTokenizerConfig, root: str | Path | None = None):
         from safetensors.torch import load_file
 
-        if cfg.path is None:
-            raise ValueError(
-                "model.image.kind=patch-ae needs model.image.path: train one with "
-                "`omni data autoencoder --shards SHARDS --out DIR` and set model.image.path=DIR"
-            )
-        path = Path(cfg.path)
-        if not path.is_absolute() and root is not None:
-            path = Path(root) / path
+        path = weights_dir(cfg, root, "train one with `omni data autoencoder --shards SHARDS --out DIR` "
+                                      "and set model.image.path=DIR")
         if not (path / META).exists() or not (path / WEIGHTS).exists():
             raise FileNotFoundError(
                 f"no patch autoencoder at {str(path)!r} ({META} / {WEIGHTS} missing); train one with "

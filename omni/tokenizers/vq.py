@@ -31,7 +31,7 @@ from einops import rearrange
 from torch import nn
 
 from omni.config import ImageTokenizerConfig
-from omni.tokenizers.image import ImageTokenizer
+from omni.tokenizers.image import ImageTokenizer, weights_dir
 from omni.utils import atomic_path, atomic_write_text
 
 CONFIG_FILE = "config.json"
@@ -207,14 +207,7 @@ class VQFeatureTokenizer(ImageTokenizer):
     def __init__(self, cfg: ImageTokenizerConfig, vqgan: VQGAN | None = None, root: str | Path | None = None):
         self.cfg = cfg
         if vqgan is None:
-            if cfg.path is None:
-                raise ValueError(
-                    "model.image.kind=vq-features needs model.image.path: a VQGAN directory "
-                    "(made by `omni convert chameleon`)"
-                )
-            path = Path(cfg.path)
-            if not path.is_absolute() and root is not None:
-                path = Path(root) / path
+            path = weights_dir(cfg, root, "a VQGAN directory (made by `omni convert chameleon`)")
             vqgan = VQGAN.from_pretrained(path)
         self.vqgan = vqgan
         self.multiple = vqgan.downsample
