@@ -42,6 +42,18 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a, mode="RGB") for a in arr]
 
 
+def to_patches(images: torch.Tensor, p: int) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> (B, N, p*p*C) in [-1, 1], patches in raster order."""
+    x = images.float() / 127.5 - 1.0
+    return rearrange(x, "b c (h p) (w q) -> b (h w) (p q c)", p=p, q=p)
+
+
+def from_patches(patches: torch.Tensor, rows: int, cols: int, p: int) -> torch.Tensor:
+    """(B, N, p*p*C) in [-1, 1] -> uint8 (B, C, H, W); values outside [-1, 1] are clamped."""
+    x = rearrange(patches.float(), "b (h w) (p q c) -> b c (h p) (w q)", h=rows, w=cols, p=p, q=p)
+    return ((x.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+
+
 def fit_image(image: Image.Image, size: int) -> Image.Image:
     """Center-crop to a square and resize: how user-supplied pictures are made model-sized."""
     image = image.convert("RGB")
@@ -130,15 +142,10 @@ class PatchTokenizer(ImageTokenizer):
         return self.cfg.patch_size**2 * self.cfg.channels
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float() / 127.5 - 1.0  # (B, C, H, W) in [-1, 1]
-        p = self.cfg.patch_size
-        return rearrange(x, "b c (h p) (w q) -> b (h w) (p q c)", p=p, q=p)  # (B, N, p*p*C)
+        return to_patches(x, self.cfg.patch_size)  # (B, N, p*p*C)
 
     def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        rows, cols = self.grid
-        p = self.cfg.patch_size
-        x = rearrange(tokens.float(), "b (h w) (p q c) -> b c (h p) (w q)", h=rows, w=cols, p=p, q=p)
-        return ((x.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)  # (B, C, H, W)
+        return from_patches(tokens, *self.grid, self.cfg.patch_size)  # (B, C, H, W)
 
 
 class VAETokenizer(ImageTokenizer):

@@ -31,12 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from einops import rearrange
 from PIL import Image
 from torch import nn
 
 from omni.config import ImageTokenizerConfig
-from omni.tokenizers.image import ImageTokenizer, to_uint8_tensor, weights_dir
+from omni.tokenizers.image import ImageTokenizer, from_patches, to_patches, to_uint8_tensor, weights_dir
 
 WEIGHTS = "autoencoder.safetensors"
 META = "autoencoder.json"
@@ -55,18 +54,6 @@ class PatchAutoencoder(nn.Module):
         if latent_noise:
             z = z + latent_noise * z.detach().std() * torch.randn_like(z)
         return self.decoder(z)  # (n, P)
-
-
-def to_patches(images: torch.Tensor, p: int) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> (B, N, P) in [-1, 1], raster order."""
-    x = images.float() / 127.5 - 1.0
-    return rearrange(x, "b c (h p) (w q) -> b (h w) (p q c)", p=p, q=p)
-
-
-def from_patches(patches: torch.Tensor, rows: int, cols: int, p: int) -> torch.Tensor:
-    """(B, N, P) -> uint8 (B, C, H, W)."""
-    x = rearrange(patches.float(), "b (h w) (p q c) -> b c (h p) (w q)", h=rows, w=cols, p=p, q=p)
-    return ((x.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
 
 
 def train_patch_autoencoder(
