@@ -82,6 +82,9 @@ class ModelConfig:
     tokenizer: str | None = None  # local directory of the text tokenizer
     in_proj: Literal["linear", "soft-vq"] = "linear"  # image token -> embedding
     soft_vq_tau: float = 1.0  # temperature of the soft-VQ lookup
+    # A learned embedding per grid cell (0 .. image tokens - 1) added to each image token's input:
+    # where a patch sits in its image, which 1-D RoPE only tells relative to every other position.
+    image_pos_embed: bool = False
     loss_weight_text: float = 1.0  # weight of the LM loss
     loss_weight_image: float = 1.0  # weight of the diffusion loss
 

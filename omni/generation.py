@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 
 from omni.config import GenerationConfig
+from omni.model import image_cells
 
 MODES = ("auto", "text", "image")
 Prompt = Sequence["str | Image.Image"]
@@ -296,7 +297,10 @@ class Sampler:
         tokens = [x for s in streams for x in s.images[start:] if x is not None]
         image_tokens = (torch.stack(tokens) if tokens
                         else torch.zeros(0, self.model.image_tokenizer.token_dim, device=dev))  # (M, d)
-        embeds = self.model.embed(ids, image_tokens, image_mask)  # (S, Q, D)
+        cells = None
+        if self.model.image_pos is not None:  # a cell counts from its image's start, maybe in the cache
+            cells = image_cells(torch.tensor([s.ids for s in streams], device=dev), self.sp.img)[:, start:]
+        embeds = self.model.embed(ids, image_tokens, image_mask, cells)  # (S, Q, D)
         q = torch.arange(start, T, device=dev)[None, :, None]  # (1, Q, 1)
         k = torch.arange(T, device=dev)[None, None, :]  # (1, 1, T)
         allowed = (k <= q) & ((k >= lo[:, :, None]) | (k == bos[:, None, None]))  # (S, Q, T)

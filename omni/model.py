@@ -96,6 +96,19 @@ def attention_bias(doc_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | 
     return bias.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]  # (B, 1, L, L)
 
 
+def image_cells(input_ids: torch.Tensor, img_id: int) -> torch.Tensor:
+    """(B, L) -> (B, L): each image position's index in its image (0 right after <boi>); 0 elsewhere.
+
+    An image is one run of `img_id` placeholders in raster order, so the cell is the distance to
+    the last position that is not a placeholder, minus one.
+    """
+    L = input_ids.shape[-1]
+    is_img = input_ids == img_id
+    where = torch.arange(L, device=input_ids.device).expand_as(input_ids)
+    last_other = torch.where(is_img, -1, where).cummax(dim=-1).values  # (B, L)
+    return torch.where(is_img, where - last_other - 1, 0)
+
+
 class OmniModel(nn.Module):
     def __init__(
         self,
@@ -116,6 +129,10 @@ class OmniModel(nn.Module):
         hidden = self.backbone.config.hidden_size
         token_dim = image_tokenizer.token_dim
         self.in_proj = self._build_in_proj(token_dim, hidden)
+        self.image_pos = None
+        if cfg.image_pos_embed:
+            self.image_pos = nn.Embedding(image_tokenizer.num_tokens, hidden)  # (N, D), cell -> vector
+            nn.init.normal_(self.image_pos.weight, std=0.02)
         self.head = DiffusionHead(cfg.head, token_dim=token_dim, cond_dim=hidden)
         self.special = SpecialIds(
             bos=tokenizer.bos_id,
@@ -159,12 +176,25 @@ class OmniModel(nn.Module):
     def lm_head(self) -> nn.Module:
         return self.backbone.get_output_embeddings()
 
-    def embed(self, input_ids: torch.Tensor, image_tokens: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
-        """Token embeddings with image positions replaced by in_proj(image token): (B, L, D)."""
+    def embed(self, input_ids: torch.Tensor, image_tokens: torch.Tensor, image_mask: torch.Tensor,
+              cells: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with image positions replaced by in_proj(image token): (B, L, D).
+
+        With `model.image_pos_embed`, each image token also gets its grid cell's embedding; `cells`
+        (B, L) gives every position's cell (`image_cells`), computed from `input_ids` when not given
+        (a caller feeding only the tail of a sequence passes the cells of the whole one, sliced).
+        """
         emb = self.backbone.get_input_embeddings()(input_ids)  # (B, L, D)
         if image_tokens.shape[0] == 0:
             return emb
         img = self.in_proj(image_tokens.to(emb.device, torch.float32)).to(emb.dtype)  # (M, D)
+        if self.image_pos is not None:
+            if cells is None:
+                if bool(image_mask[:, 0].any()):
+                    raise ValueError("these positions start inside an image, so its cells cannot be counted "
+                                     "from them; pass `cells` computed on the whole sequence (image_cells)")
+                cells = image_cells(input_ids, self.special.img)
+            img = img + self.image_pos(cells.to(emb.device)[image_mask.to(emb.device)]).to(emb.dtype)
         return emb.masked_scatter(image_mask[..., None].to(emb.device), img)
 
     def decoder(self, embeds, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):

@@ -174,6 +174,20 @@ def test_shapes_are_reproducible_and_scale_with_the_canvas():
         shapes.ShapesWorld(30)
 
 
+def test_two_object_prompts_name_objects_in_reading_order():
+    """two_objects / color_attr: the first object named sits in the earlier cell (row, then column)."""
+    seen = Counter()
+    for doc in shapes.generate(400, seed=3, mix={"t2i": 1.0}):
+        if doc.meta["subtask"] not in ("two_objects", "color_attr"):
+            continue
+        a, b = doc.meta["objects"]
+        seen[doc.meta["subtask"]] += 1
+        assert (a["cy"] // 16, a["cx"] // 16) < (b["cy"] // 16, b["cx"] // 16), doc.meta
+        text = doc.texts[0]
+        assert text.index(a["shape"]) < text.index(b["shape"]), text
+    assert min(seen.values()) > 30
+
+
 def test_digits_split_and_rendering(tmp_path):
     train_idx, held_idx = digits.split_indices("train"), digits.split_indices("heldout")
     assert len(train_idx) == 1500 and len(held_idx) == 297

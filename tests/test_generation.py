@@ -49,7 +49,8 @@ def wake_head(model: OmniModel) -> OmniModel:
 
 @pytest.fixture(scope="module")
 def model(tokenizer_dir):
-    cfg = load_config("tiny", [f"model.tokenizer={tokenizer_dir}", *TINY])
+    # Image cell embeddings on: cached, batched and reference paths must all count cells alike.
+    cfg = load_config("tiny", [f"model.tokenizer={tokenizer_dir}", *TINY, "model.image_pos_embed=true"])
     torch.manual_seed(0)
     return wake_head(with_bias(OmniModel.from_config(cfg.model).eval()))
 
@@ -102,10 +103,11 @@ def reference_t2i(model, text: str, cfg: GenerationConfig, seed: int) -> torch.T
     sp, d = model.special, model.image_tokenizer.token_dim
     gen = torch.Generator().manual_seed(seed)
 
-    def step(ids, x, cache):
+    def step(ids, x, cache, cell=0):
         ids_t = torch.tensor([ids])
         mask = ids_t == sp.img
-        emb = model.embed(ids_t, x if x is not None else torch.zeros(0, d), mask)
+        cells = torch.full_like(ids_t, cell)  # the one image token fed is the image's cell `cell`
+        emb = model.embed(ids_t, x if x is not None else torch.zeros(0, d), mask, cells)
         with torch.no_grad():
             hidden, cache = model.decoder(emb, past_key_values=cache, use_cache=True)
         return hidden[:, -1], cache
@@ -117,9 +119,9 @@ def reference_t2i(model, text: str, cfg: GenerationConfig, seed: int) -> torch.T
         x = model.head.sample(h_c, h_u, cfg_scale=cfg.cfg_scale, steps=cfg.image_steps,
                               temperature=cfg.image_temperature, sampler=cfg.sampler, generator=[gen])
         tokens.append(x[0])
-        h_c, cache_c = step([sp.img], x, cache_c)
+        h_c, cache_c = step([sp.img], x, cache_c, cell=j)
         if h_u is not None:
-            h_u, cache_u = step([sp.img], x, cache_u)
+            h_u, cache_u = step([sp.img], x, cache_u, cell=j)
     return torch.stack(tokens)  # (N, d)
 
 

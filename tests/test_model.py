@@ -169,3 +169,35 @@ def test_flash_attention_without_package_is_a_clear_error(tiny_cfg):
     tiny_cfg.model.backbone.attn_implementation = "flash_attention_2"
     with pytest.raises(ValueError, match="needs flash-attn"):
         OmniModel.from_config(tiny_cfg.model)
+
+
+def test_image_cells_count_from_each_images_start(tiny_model):
+    from omni.model import image_cells
+
+    sp = tiny_model.special
+    t = tiny_model.tokenizer.encode("a")[0]
+    ids = torch.tensor([[sp.bos, t, sp.boi, sp.img, sp.img, sp.img, sp.eoi, t, sp.boi, sp.img, sp.img],
+                        [sp.boi, sp.img, sp.img, sp.eoi, sp.pad, sp.pad, sp.pad, sp.pad, sp.pad, sp.pad, sp.pad]])
+    assert image_cells(ids, sp.img).tolist() == [[0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 1], [0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0]]
+
+
+def test_image_cell_embeddings_add_per_cell_train_and_round_trip(tmp_path, tiny_cfg):
+    tiny_cfg.model.image_pos_embed = True
+    torch.manual_seed(0)
+    model = OmniModel.from_config(tiny_cfg.model)
+    n = model.image_tokenizer.num_tokens
+    assert model.image_pos.weight.shape == (n, tiny_cfg.model.backbone.hidden_size)
+    batch = _mixed_batch(model, torch.Generator().manual_seed(0))
+    emb = model.embed(batch.input_ids, batch.image_tokens, batch.image_mask)[batch.image_mask]  # (M, D)
+    cells = torch.arange(n).repeat(2)  # two whole images, each cell 0..n-1 in raster order
+    torch.testing.assert_close(emb, model.in_proj(batch.image_tokens) + model.image_pos.weight[cells])
+    model(batch)["loss"].backward()
+    assert model.image_pos.weight.grad.abs().sum(-1).gt(0).all()  # every cell learns
+    model.save_pretrained(tmp_path / "ck")
+    loaded = OmniModel.from_pretrained(tmp_path / "ck")
+    assert torch.equal(loaded.image_pos.weight, model.image_pos.weight)
+    # Positions that start inside an image cannot count their cells: the caller must pass them.
+    inside = batch.input_ids[:, 3:]
+    mask = inside == model.special.img
+    with pytest.raises(ValueError, match="pass `cells`"):
+        model.embed(inside, batch.image_tokens[: int(mask.sum())], mask)

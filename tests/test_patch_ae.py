@@ -81,7 +81,11 @@ def test_cli_trains_from_shards(tmp_path, capsys):
     from omni.cli import main
 
     assert main(["data", "shapes", "--out", str(tmp_path / "s"), "--train", "60", "--val", "5"]) == 0
-    assert main(["data", "autoencoder", "--shards", str(tmp_path / "s" / "train-*.tar"), "--out",
-                 str(tmp_path / "ae"), "--steps", "20", "--batch-size", "64"]) == 0
+    assert main(["data", "digits", "--out", str(tmp_path / "d")]) == 0
+    s, d = str(tmp_path / "s" / "train-*.tar"), str(tmp_path / "d" / "train-*.tar")
+    assert main(["data", "autoencoder", "--shards", s, d, "--out", str(tmp_path / "ae"), "--steps", "20",
+                 "--batch-size", "64", "--max-images", "50"]) == 0
     out = capsys.readouterr().out
     assert "model.image.kind=patch-ae" in out and (tmp_path / "ae" / META).exists()
+    # Every source gets its turn: the first spec alone holds more than 50 images.
+    assert f"images per source: {s} 25, {d} 25" in out

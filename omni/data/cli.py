@@ -113,11 +113,27 @@ def run_autoencoder(args: argparse.Namespace) -> int:
     from omni.tokenizers.patch_ae import train_patch_autoencoder
 
     stats = Stats()
+    # Take an image from each --shards spec in turn, so every source gets its share of
+    # --max-images (reading them one after another, the first could fill it alone: 30,000 shapes
+    # documents left the digits out and the autoencoder never learned grey ink).
+    def pictures(spec: str):
+        for doc in read_documents(spec, stats=stats):
+            yield from (s for s in doc.segments if not isinstance(s, str))
+
+    sources = {spec: pictures(spec) for spec in args.shards}
+    per_source = dict.fromkeys(sources, 0)
     images = []
-    for doc in read_documents(args.shards, stats=stats):
-        images += [s for s in doc.segments if not isinstance(s, str)]
-        if len(images) >= args.max_images:
-            break
+    while sources and len(images) < args.max_images:
+        for spec, it in list(sources.items()):
+            image = next(it, None)
+            if image is None:
+                del sources[spec]  # run dry: the others fill its share
+                continue
+            images.append(image)
+            per_source[spec] += 1
+            if len(images) >= args.max_images:
+                break
+    print("images per source: " + ", ".join(f"{spec} {n}" for spec, n in per_source.items()))
     if stats.counts:
         print(f"skipped while reading: {stats.as_dict()}")
     if not images:
@@ -195,7 +211,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--hidden", type=int, default=512, help="MLP width (default 512)")
     p.add_argument("--steps", type=int, default=3000, help="training steps of 512 patches (default 3000)")
     p.add_argument("--batch-size", type=int, default=512, help="patches per step (default 512)")
-    p.add_argument("--max-images", type=int, default=20000, help="images read from the shards at most (default 20000)")
+    p.add_argument("--max-images", type=int, default=20000, help="images read at most, shared out over the --shards specs in turn (default 20000)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.set_defaults(func=run_autoencoder)
 

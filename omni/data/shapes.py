@@ -147,7 +147,10 @@ class ShapesWorld:
         elif subtask in ("two_objects", "color_attr"):
             s1, s2 = rng.sample(SHAPES, 2)
             c1, c2 = rng.sample(colors, 2) if subtask == "color_attr" else (rng.choice(colors), rng.choice(colors))
-            ca, cb = rng.sample(CELLS, 2)
+            # The prompt names the objects in reading order (the first named sits in the earlier
+            # cell), as raster-order drawing meets them: which colour goes with which shape is
+            # then decided by the text, not by a coin flip the drawing must guess.
+            ca, cb = sorted(rng.sample(CELLS, 2))
             objects = [self.in_cell(rng, s1, c1, ca), self.in_cell(rng, s2, c2, cb)]
         elif subtask == "position":
             (s1, c1), (s2, c2) = self.distinct_pair(rng)
