@@ -102,7 +102,8 @@ def test_weight_decay_groups_skip_norms_biases_embeddings(tiny_model):
     names = {id(p): n for n, p in tiny_model.named_parameters()}
     assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0
     for pid, name in names.items():
-        no_decay = "norm" in name or name.endswith("bias") or "embed_tokens" in name
+        embedding = "embed_tokens" in name or name.startswith("image_pos.")  # token rows, image cells
+        no_decay = "norm" in name or name.endswith("bias") or embedding
         assert (pid not in decay) == no_decay, name
     assert sum(len(g["params"]) for g in groups) == len(names)
 
