@@ -129,6 +129,8 @@ class OmniModel(nn.Module):
         hidden = self.backbone.config.hidden_size
         token_dim = image_tokenizer.token_dim
         self.in_proj = self._build_in_proj(token_dim, hidden)
+        if cfg.image_input_noise < 0:
+            raise ValueError(f"model.image_input_noise={cfg.image_input_noise} must be >= 0 (0 turns it off)")
         self.image_pos = None
         if cfg.image_pos_embed:
             self.image_pos = nn.Embedding(image_tokenizer.num_tokens, hidden)  # (N, D), cell -> vector
@@ -209,7 +211,10 @@ class OmniModel(nn.Module):
         return out.last_hidden_state, out.past_key_values
 
     def hidden_states(self, batch: Batch) -> torch.Tensor:
-        embeds = self.embed(batch.input_ids, batch.image_tokens, batch.image_mask)
+        tokens = batch.image_tokens  # (M, d)
+        if self.training and self.cfg.image_input_noise > 0:
+            tokens = tokens + self.cfg.image_input_noise * torch.randn_like(tokens)
+        embeds = self.embed(batch.input_ids, tokens, batch.image_mask)
         mask = attention_bias(batch.doc_ids, embeds.dtype)
         hidden, _ = self.decoder(embeds, attention_mask=mask, position_ids=batch.position_ids)
         return hidden  # (B, L, D)

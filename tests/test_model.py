@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from omni.layout import ImageSegment, TextSegment, layout
-from omni.model import OmniModel
+from omni.model import OmniModel, attention_bias
 
 
 def _mixed_batch(model, g):
@@ -201,3 +201,31 @@ def test_image_cell_embeddings_add_per_cell_train_and_round_trip(tmp_path, tiny_
     mask = inside == model.special.img
     with pytest.raises(ValueError, match="pass `cells`"):
         model.embed(inside, batch.image_tokens[: int(mask.sum())], mask)
+
+
+def test_image_input_noise_perturbs_only_what_the_backbone_reads_in_training(tiny_cfg):
+    tiny_cfg.model.image_input_noise = 0.5
+    torch.manual_seed(0)
+    model = OmniModel.from_config(tiny_cfg.model)
+    batch = _mixed_batch(model, torch.Generator().manual_seed(0))
+    clean = batch.image_tokens.clone()
+
+    def hidden_for(tokens):
+        embeds = model.embed(batch.input_ids, tokens, batch.image_mask)
+        hidden, _ = model.decoder(embeds, attention_mask=attention_bias(batch.doc_ids, embeds.dtype),
+                                  position_ids=batch.position_ids)
+        return hidden
+
+    with torch.no_grad():
+        model.eval()  # evaluation and generation read the tokens as they are
+        torch.testing.assert_close(model.hidden_states(batch), hidden_for(clean))
+        model.train()  # training reads tokens + 0.5 * N(0, 1), drawn from the global generator
+        torch.manual_seed(1)
+        noisy = model.hidden_states(batch)
+        torch.manual_seed(1)
+        torch.testing.assert_close(noisy, hidden_for(clean + 0.5 * torch.randn_like(clean)))
+        assert not torch.allclose(noisy, hidden_for(clean), atol=1e-3)
+    assert torch.equal(batch.image_tokens, clean)  # the diffusion targets stay clean
+    tiny_cfg.model.image_input_noise = -0.1
+    with pytest.raises(ValueError, match="image_input_noise=-0.1"):
+        OmniModel.from_config(tiny_cfg.model)
