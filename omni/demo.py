@@ -29,6 +29,8 @@ SCORECARD = {
     "shapes-story": None,
 }
 STORY_TARGETS = {"structure": 0.95, "state_accuracy": 0.60}
+# GenEval draws 4 images per prompt; so does the demo's shapes-t2i (a steadier estimate).
+SAMPLES_PER_PROMPT = {"shapes-t2i": 4}
 PRESET = "tiny"
 
 
@@ -113,7 +115,8 @@ def evaluate_all(out: Path, model_dir: Path, paths: dict[str, str], limit: int |
     for name in SCORECARD:
         data = paths["digits"] if name.startswith("digits") else paths["shapes"]
         print(f"-- {name}", flush=True)
-        results[name] = evaluate(model, name, out / "eval" / name, data=data, limit=limit)
+        results[name] = evaluate(model, name, out / "eval" / name, data=data, limit=limit,
+                                 samples_per_prompt=SAMPLES_PER_PROMPT.get(name))
     return results
 
 

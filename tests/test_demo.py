@@ -37,6 +37,7 @@ def test_quick_demo_learns(tmp_path):
     # Measured after the quick demo's 400 steps: vqa 0.375, digits-read 0.575 (the full demo: 0.65 / 0.96).
     assert scores["shapes-vqa"]["overall"] >= 0.3, scores["shapes-vqa"]
     assert scores["digits-read"]["overall"] >= 0.4, scores["digits-read"]
+    assert scores["shapes-t2i"]["n_samples"] == 4 * 40  # GenEval's 4 images for each of 40 prompts
     for name in scores:
         assert (out / "eval" / name / "report.html").exists()
     transcript = (out / "chat" / "transcript.md").read_text()
