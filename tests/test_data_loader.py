@@ -142,8 +142,11 @@ def test_cfg_drop_removes_the_caption_at_the_configured_rate(data, tok, itok):
     half = docs(0.5, 12)
     dropped = [d for d in half if d["ids"][1] == tok.boi_id]
     assert 0.4 < len(dropped) / len(half) < 0.6, (len(dropped), len(half))
-    for d in dropped:  # [bos] <boi> image <eoi> [eos], image and eos trained on
-        assert len(d["ids"]) == 20 and d["labels"] == [tok.boi_id, tok.eos_id] and d["targets"] == 16
+    for d in dropped:  # [bos] <boi> image <eoi> [eos]: the image is trained on, the [eos] is not
+        assert len(d["ids"]) == 20 and d["ids"][-1] == tok.eos_id
+        assert d["labels"] == [tok.boi_id] and d["targets"] == 16
+    kept = [d for d in half if d["ids"][1] != tok.boi_id]
+    assert all(d["labels"][-1] == tok.eos_id for d in kept)  # a captioned t2i still learns to end
 
 
 def test_task_weights_set_the_mix_across_sources(data, tok, itok):

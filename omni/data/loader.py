@@ -81,7 +81,10 @@ def prepare_document(doc: Document, encode_text, image_tokenizer, drop_prompt: b
     """Template + text tokenizer: segments with their loss flags (images still pending).
 
     `drop_prompt` is the classifier-free-guidance drop: the prompt segments (the t2i caption)
-    are removed, leaving `[bos] <boi> image <eoi> [eos]`, the unconditional branch's layout.
+    are removed, leaving `[bos] <boi> image <eoi> [eos]`, the unconditional branch's layout. Its
+    `[eos]` is not trained on: the unconditional branch only ever draws, and "an image, then the
+    end" would contradict the caption task, whose prompt is that same image (it made captions
+    come back empty).
     """
     segments, flags = doc.segments, T.loss_flags(doc)
     if drop_prompt:
@@ -98,6 +101,8 @@ def prepare_document(doc: Document, encode_text, image_tokenizer, drop_prompt: b
             raise BadSample("bad_image_size", f"{doc.key!r}: image is {seg.size[0]}x{seg.size[1]}, the tokenizer needs {size}x{size}")
         else:
             out.append(PendingImage(seg, n_tokens, loss))
+    if drop_prompt:
+        out.append(TextSegment([], loss=False))  # no tokens; layout leaves the [eos] after it untrained
     return out
 
 
