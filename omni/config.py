@@ -85,9 +85,10 @@ class ModelConfig:
     # A learned embedding per grid cell (0 .. image tokens - 1) added to each image token's input:
     # where a patch sits in its image, which 1-D RoPE only tells relative to every other position.
     image_pos_embed: bool = False
-    # Gaussian noise of this spread added to the image tokens the backbone reads in training
-    # (targets stay clean), so it reads its own approximate samples at generation time as it read
-    # training images. Tokens of patch-ae and scaled VAE latents have unit spread. 0 = off.
+    # Gaussian noise of this spread added, in training, to the tokens of drawn images (diffusion
+    # targets) as the backbone reads them (the targets stay clean), so it reads its own approximate
+    # samples at generation time as it read training images; prompt images stay clean. Tokens of
+    # patch-ae and scaled VAE latents have unit spread. 0 = off.
     image_input_noise: float = 0.0
     loss_weight_text: float = 1.0  # weight of the LM loss
     loss_weight_image: float = 1.0  # weight of the diffusion loss

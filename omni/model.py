@@ -213,7 +213,11 @@ class OmniModel(nn.Module):
     def hidden_states(self, batch: Batch) -> torch.Tensor:
         tokens = batch.image_tokens  # (M, d)
         if self.training and self.cfg.image_input_noise > 0:
-            tokens = tokens + self.cfg.image_input_noise * torch.randn_like(tokens)
+            # Only drawn images (diffusion targets) are read back from samples at generation time;
+            # prompt images (captioning, VQA) stay clean, as they are when the model reads them.
+            idx = batch.image_target_index  # (K,) rows of image_tokens that are targets
+            noise = torch.randn(idx.shape[0], tokens.shape[1], device=tokens.device, dtype=tokens.dtype)
+            tokens = tokens.index_add(0, idx, self.cfg.image_input_noise * noise)
         embeds = self.embed(batch.input_ids, tokens, batch.image_mask)
         mask = attention_bias(batch.doc_ids, embeds.dtype)
         hidden, _ = self.decoder(embeds, attention_mask=mask, position_ids=batch.position_ids)
