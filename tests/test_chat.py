@@ -97,11 +97,12 @@ def session(model, tmp_path, **overrides) -> tuple[ChatSession, io.StringIO]:
 
 def test_ctrl_c_cancels_the_answer_not_the_session(model, tmp_path, monkeypatch):
     s, out = session(model, tmp_path)
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler; SIG_IGN under `nohup ... &`
     monkeypatch.setattr(ChatEvents, "image_token", lambda self, row, done, total: os.kill(os.getpid(), signal.SIGINT))
     s.handle("/draw a blue square")
     assert "[cancelled]" in out.getvalue()
     assert s.history == [] and not list((tmp_path / "imgs").glob("img_*.png"))
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is before  # handler restored
     monkeypatch.undo()
     s.handle("/draw a blue square")
     assert len(s.history) == 2 and "image saved" in out.getvalue()
