@@ -92,6 +92,31 @@ def test_detector_reads_rendered_objects_exactly():
     assert not SJ.state_matches(dets, moved, 32)  # same objects, one in another cell
 
 
+def test_detector_reads_speckled_ragged_objects():
+    """Drawn objects have off-palette pixels inside and on their edges; their shape must survive."""
+    from omni.data.shapes import object_mask, render
+
+    objs = [
+        {"shape": "circle", "color": "blue", "cx": 8, "cy": 8, "size": 12},
+        {"shape": "square", "color": "red", "cx": 24, "cy": 8, "size": 12},
+        {"shape": "triangle", "color": "green", "cx": 8, "cy": 24, "size": 12},
+        {"shape": "square", "color": "orange", "cx": 24, "cy": 24, "size": 10},
+    ]
+    arr = np.array(render(objs))
+    rng = np.random.default_rng(0)
+    for o in objs:
+        mask = object_mask(o, 32)
+        inner = mask & np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1) & np.roll(mask, -1, 1)
+        edge = mask & ~inner
+        arr[inner & (rng.random(mask.shape) < 0.15)] = (180, 180, 180)  # specks: on no palette colour
+        arr[edge & (rng.random(mask.shape) < 0.2)] = (255, 255, 255)  # ragged outline
+    dets = SJ.detect(arr)
+    assert sorted((d.shape, d.color) for d in dets) == sorted((o["shape"], o["color"]) for o in objs)
+    red = SJ.color_labels(arr, SJ.palette())[2:14, 18:30] == list(SJ.palette()).index("red")
+    assert red.mean() < 0.9  # the square's box is no longer full: a fill-ratio rule calls it a disc
+    assert SJ.state_matches(dets, objs, 32)
+
+
 def test_specks_and_off_palette_pixels_are_not_objects():
     arr = np.full((32, 32, 3), 255, np.uint8)
     arr[2:4, 2:4] = (220, 40, 40)  # a 4-pixel red speck: below the 1% area floor

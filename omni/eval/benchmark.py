@@ -75,6 +75,9 @@ class Benchmark:
     tasks: tuple[str, ...] = ()
     description: str = ""
     samples_per_prompt: int = 1  # images drawn per prompt (GenEval draws 4)
+    # Raised whenever a rule-based judge changes what it accepts: a run directory scored by an older
+    # version is refused, not resumed into a mix of both.
+    judge_version: int = 1
     gen_defaults: ClassVar[
         dict[str, Any]
     ] = {}  # generation settings this benchmark needs (before user overrides)
@@ -107,7 +110,7 @@ class Benchmark:
         return {}
 
     def judge_identity(self, judge) -> dict[str, Any]:
-        return {"kind": "rule-based", "name": self.name}
+        return {"kind": "rule-based", "name": self.name, "version": self.judge_version}
 
 
 def mean_by_task(

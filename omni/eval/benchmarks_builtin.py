@@ -111,6 +111,7 @@ class ShapesT2I(Benchmark):
     description = "GenEval's protocol on the shapes world (rule-based detector on the generated pixels)"
     tasks = ("single_object", "two_objects", "counting", "colors", "position", "color_attr")
     default_count = 300
+    judge_version = 2  # 2: shapes by whole-outline overlap with holes filled (was: box fill ratio)
 
     def samples(self, data, limit):
         out = []
@@ -199,6 +200,7 @@ class ShapesStory(Benchmark):
     description = "interleaved story continuation: structure score and per-image state accuracy"
     tasks = ("story",)
     gen_defaults: ClassVar[dict[str, Any]] = {"max_new_tokens": 200, "max_images": 4}
+    judge_version = 2  # as shapes-t2i's
     default_count = 60
 
     def samples(self, data, limit):

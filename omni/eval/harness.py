@@ -266,6 +266,7 @@ def evaluate(
             "data": data,
             "samples_per_prompt": bench.samples_per_prompt,
             "judge": judge_id.get("model") or judge_id.get("name"),
+            "judge_version": judge_id.get("version"),
         },
         overwrite,
     )
