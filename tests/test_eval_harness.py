@@ -75,8 +75,8 @@ def test_results_records_and_rerun(tiny_ckpt, tmp_path):
     with pytest.raises(ValueError, match="seed"):
         evaluate(tiny_ckpt, "shapes-t2i", out, limit=4, seed=5, progress=False)
     # Samples scored by an older version of the judge are not resumed into the new one's results.
-    assert res["judge"]["version"] == json.loads((out / "run.json").read_text())["judge_version"] == 2
     spec = json.loads((out / "run.json").read_text())
+    assert res["judge"]["version"] == spec["judge_version"] == 2
     (out / "run.json").write_text(json.dumps(dict(spec, judge_version=1)))
     with pytest.raises(ValueError, match="judge_version"):
         evaluate(tiny_ckpt, "shapes-t2i", out, limit=4, progress=False)
