@@ -90,6 +90,11 @@ class ModelConfig:
     # samples at generation time as it read training images; prompt images stay clean. Tokens of
     # patch-ae and scaled VAE latents have unit spread. 0 = off.
     image_input_noise: float = 0.0
+    # How the positions of a prompt image (one the document gives, not one the model draws) see
+    # each other: "causal" in raster order like every other position, or "bidirectional": each
+    # token of the image sees the whole image, so a patch knows the object it is part of (as a ViT
+    # encoder would give). Drawn images stay causal: they are generated token by token.
+    prompt_image_attention: Literal["causal", "bidirectional"] = "causal"
     loss_weight_text: float = 1.0  # weight of the LM loss
     loss_weight_image: float = 1.0  # weight of the diffusion loss
 

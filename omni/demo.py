@@ -46,13 +46,34 @@ def _cli(argv: list[str]) -> None:
         raise RuntimeError(f"`omni {' '.join(argv)}` failed with exit code {code}")
 
 
-def build_data(out: Path, n_train: int, n_val: int, force: bool, ae_steps: int = 3000) -> dict[str, str]:
+def data_paths(out: Path) -> dict[str, str]:
     data = out / "data"
-    shapes, digits, tok, ae = data / "shapes", data / "digits", data / "tokenizer", data / "autoencoder"
+    return {name: str(data / name) for name in ("shapes", "digits", "tokenizer", "autoencoder")}
+
+
+def shapes_train_mix(cfg) -> str | None:
+    """The shapes tasks of the training mix as `--mix` text, so the training shards hold each task
+    in the share it is drawn: a task with a larger weight than its share of the shards repeats its
+    documents more often (at the default mix VQA and stories were read ~10 times each)."""
+    from omni.data.shapes import DEFAULT_MIX
+
+    weights = {t: w for t, w in cfg.data.task_weights.items() if t in DEFAULT_MIX and w > 0}
+    return ",".join(f"{t}={w:g}" for t, w in weights.items()) or None
+
+
+def build_data(out: Path, n_train: int, n_val: int, force: bool, ae_steps: int = 3000,
+               train_mix: str | None = None) -> dict[str, str]:
+    paths = data_paths(out)
+    shapes, digits, tok, ae = (Path(paths[k]) for k in ("shapes", "digits", "tokenizer", "autoencoder"))
     if force:
-        shutil.rmtree(data, ignore_errors=True)
+        shutil.rmtree(out / "data", ignore_errors=True)
     if not (shapes / "manifest.json").exists():
-        _cli(["data", "shapes", "--out", str(shapes), "--train", str(n_train), "--val", str(n_val)])
+        from omni.data.shapes import DEFAULT_MIX
+
+        # The validation split keeps the default mix: the built-in benchmarks read it.
+        val_mix = ",".join(f"{t}={w:g}" for t, w in DEFAULT_MIX.items())
+        mix = ["--mix", train_mix, "--val-mix", val_mix] if train_mix else []
+        _cli(["data", "shapes", "--out", str(shapes), "--train", str(n_train), "--val", str(n_val), *mix])
     else:
         print(f"shapes shards exist in {shapes}: skipped")
     if not (digits / "manifest.json").exists():
@@ -69,7 +90,7 @@ def build_data(out: Path, n_train: int, n_val: int, force: bool, ae_steps: int =
               "--out", str(ae), "--steps", str(ae_steps)])
     else:
         print(f"image autoencoder exists in {ae}: skipped")
-    return {"shapes": str(shapes), "digits": str(digits), "tokenizer": str(tok), "autoencoder": str(ae)}
+    return paths
 
 
 def train_config(out: Path, paths: dict[str, str], overrides: list[str]):
@@ -204,9 +225,6 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     quick = args.quick
-    _stage("1/5 data: shapes + handwritten digits shards, text tokenizer, image autoencoder")
-    paths = build_data(out, n_train=4000 if quick else args.train_docs, n_val=300, force=args.force,
-                       ae_steps=1000 if quick else 3000)
     overrides = list(args.overrides)
     if quick:
         # In 400 steps reading digits at the full mix's weight (0.04) swung between 0.18 and 0.43
@@ -215,7 +233,11 @@ def run(args: argparse.Namespace) -> int:
                      "train.log_every=50", "data.task_weights.digit_read=0.12", *overrides]
     if args.steps:
         overrides.append(f"train.steps={args.steps}")
+    paths = data_paths(out)
     cfg = train_config(out, paths, overrides)
+    _stage("1/5 data: shapes + handwritten digits shards, text tokenizer, image autoencoder")
+    build_data(out, n_train=4000 if quick else args.train_docs, n_val=300, force=args.force,
+               ae_steps=1000 if quick else 3000, train_mix=shapes_train_mix(cfg))
     _stage(f"2/5 train the {PRESET} preset ({cfg.train.steps} steps)")
     model_dir = train_and_export(out, cfg, force=args.force)
     _stage("3/5 evaluate on every built-in benchmark")

@@ -186,6 +186,7 @@ class _Stream:
     bos: int  # index of [bos] (= left padding)
     start: int  # `lo` for positions appended from now on
     next_pos: int
+    blocks: list[int]  # > 0: a prompt image's positions, which see each other (prompt_image_blocks)
     src: _Stream | None = None  # set on a fresh copy until its cache rows are copied
 
     def append(self, tok: int, image) -> None:
@@ -193,12 +194,13 @@ class _Stream:
         self.images.append(image)
         self.pos.append(self.next_pos)
         self.lo.append(self.start)
+        self.blocks.append(0)  # generated positions are causal
         self.next_pos += 1
 
     def unconditional(self) -> _Stream:
         """A copy that, from the next position on, sees only [bos] and what follows: the CFG branch."""
         return _Stream(list(self.ids), list(self.images), list(self.pos), list(self.lo), self.bos,
-                       start=len(self.ids), next_pos=1, src=self)
+                       start=len(self.ids), next_pos=1, blocks=list(self.blocks), src=self)
 
 
 @dataclass
@@ -252,6 +254,7 @@ class Sampler:
         self.use_cfg = cfg.cfg_scale != 1.0 and mode != "text"
         self.cfg_batching = cfg_batching
         self.sp = model.special
+        self.bidirectional = model.cfg.prompt_image_attention == "bidirectional"
         self.n_tokens = model.image_tokenizer.num_tokens
         self.device = model.device
         banned = {self.sp.img, self.sp.eoi, self.sp.bos} | ({self.sp.pad} - {self.sp.eos})
@@ -276,7 +279,12 @@ class Sampler:
             images = [None] * pad + [x for _, x in items]
             pos = [0] * pad + list(range(len(items)))
             lo = list(range(pad)) + [pad] * len(items)  # padding sees only itself
-            stream = _Stream(ids, images, pos, lo, bos=pad, start=pad, next_pos=len(items))
+            blocks = [0] * len(ids)
+            if self.bidirectional:  # number the runs of prompt image positions, as in training
+                for j in range(pad, len(ids)):
+                    if images[j] is not None:
+                        blocks[j] = blocks[j - 1] or max(blocks) + 1
+            stream = _Stream(ids, images, pos, lo, bos=pad, start=pad, next_pos=len(items), blocks=blocks)
             budget = min(self.cfg.max_new_tokens, ctx - len(items))
             if self.mode == "image":
                 budget = max(budget, need)  # image mode always draws its one image
@@ -304,6 +312,10 @@ class Sampler:
         q = torch.arange(start, T, device=dev)[None, :, None]  # (1, Q, 1)
         k = torch.arange(T, device=dev)[None, None, :]  # (1, 1, T)
         allowed = (k <= q) & ((k >= lo[:, :, None]) | (k == bos[:, None, None]))  # (S, Q, T)
+        if self.bidirectional:
+            blocks = torch.tensor([s.blocks for s in streams], device=dev)  # (S, T)
+            mine = blocks[:, start:, None]  # (S, Q, 1)
+            allowed |= (mine > 0) & (mine == blocks[:, None, :])
         bias = torch.zeros(allowed.shape, dtype=embeds.dtype, device=dev)
         bias = bias.masked_fill(~allowed, torch.finfo(embeds.dtype).min)[:, None]  # (S, 1, Q, T)
         hidden, cache = self.model.decoder(

@@ -79,21 +79,41 @@ def check_attention(impl: str) -> None:
         )
 
 
-def attention_bias(doc_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+def attention_bias(doc_ids: torch.Tensor, dtype: torch.dtype, blocks: torch.Tensor | None = None) -> torch.Tensor | None:
     """Causal, document-local additive mask (B, 1, L, L); None when a plain causal mask does.
 
+    `blocks` (B, L): positions with the same positive number also see each other in both
+    directions (the tokens of one prompt image, `prompt_image_blocks`).
     An additive float mask (0 / finfo.min), not a boolean one: eager attention silently
     mishandles custom boolean 4D masks in transformers.
     """
-    if bool((doc_ids == 1).all()):
+    bidirectional = blocks is not None and bool((blocks > 0).any())
+    if bool((doc_ids == 1).all()) and not bidirectional:
         return None
     L = doc_ids.shape[1]
     causal = torch.ones(L, L, dtype=torch.bool, device=doc_ids.device).tril()  # (L, L)
     same = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, L, L)
     allowed = same & causal & (doc_ids[:, None, :] > 0)
+    if bidirectional:
+        allowed |= (blocks[:, :, None] > 0) & (blocks[:, :, None] == blocks[:, None, :])
     allowed |= torch.eye(L, dtype=torch.bool, device=doc_ids.device)  # padding attends to itself
     bias = torch.zeros(allowed.shape, dtype=dtype, device=doc_ids.device)
     return bias.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]  # (B, 1, L, L)
+
+
+def prompt_image_blocks(image_mask: torch.Tensor, image_target_index: torch.Tensor) -> torch.Tensor:
+    """(B, L) long: 1, 2, ... per prompt image (image positions that are not diffusion targets),
+    numbered per row; 0 at every other position. Images are runs of image positions (<boi> and
+    <eoi> separate two images), and a target image has every token a target."""
+    flat = image_mask.flatten()
+    is_prompt = torch.ones(int(flat.sum()), dtype=torch.bool, device=image_mask.device)
+    is_prompt[image_target_index] = False
+    prompt = torch.zeros_like(flat)
+    prompt[flat] = is_prompt
+    prompt = prompt.view_as(image_mask)  # (B, L)
+    before = torch.nn.functional.pad(prompt[:, :-1], (1, 0))  # the previous position's flag
+    run = (prompt & ~before).long().cumsum(-1)
+    return torch.where(prompt, run, 0)
 
 
 def image_cells(input_ids: torch.Tensor, img_id: int) -> torch.Tensor:
@@ -131,6 +151,9 @@ class OmniModel(nn.Module):
         self.in_proj = self._build_in_proj(token_dim, hidden)
         if cfg.image_input_noise < 0:
             raise ValueError(f"model.image_input_noise={cfg.image_input_noise} must be >= 0 (0 turns it off)")
+        if cfg.prompt_image_attention == "bidirectional" and cfg.backbone.attn_implementation == "flash_attention_2":
+            raise ValueError("model.prompt_image_attention=bidirectional needs an attention mask that flash_attention_2 "
+                             "cannot take; use model.backbone.attn_implementation=sdpa (the default) or eager")
         self.image_pos = None
         if cfg.image_pos_embed:
             self.image_pos = nn.Embedding(image_tokenizer.num_tokens, hidden)  # (N, D), cell -> vector
@@ -219,7 +242,10 @@ class OmniModel(nn.Module):
             noise = torch.randn(idx.shape[0], tokens.shape[1], device=tokens.device, dtype=tokens.dtype)
             tokens = tokens.index_add(0, idx, self.cfg.image_input_noise * noise)
         embeds = self.embed(batch.input_ids, tokens, batch.image_mask)
-        mask = attention_bias(batch.doc_ids, embeds.dtype)
+        blocks = None
+        if self.cfg.prompt_image_attention == "bidirectional":
+            blocks = prompt_image_blocks(batch.image_mask, batch.image_target_index)
+        mask = attention_bias(batch.doc_ids, embeds.dtype, blocks)
         hidden, _ = self.decoder(embeds, attention_mask=mask, position_ids=batch.position_ids)
         return hidden  # (B, L, D)
 

@@ -162,6 +162,17 @@ def test_shapes_cli_writes_exact_ground_truth(tmp_path, capsys):
     assert manifest["train"]["documents"] == 2000 and manifest["generator"]["seed"] == 0
 
 
+def test_shapes_cli_val_mix_sets_the_validation_split_alone(tmp_path):
+    out = tmp_path / "shapes"
+    assert main(["data", "shapes", "--out", str(out), "--train", "100", "--val", "40",
+                 "--mix", "vqa=3,story=1", "--val-mix", "t2i=1,caption=1"]) == 0
+    train = Counter(r["meta"]["task"] for r, _ in _read_plain(sorted(out.glob("train-*.tar"))))
+    val = Counter(r["meta"]["task"] for r, _ in _read_plain(sorted(out.glob("val-*.tar"))))
+    assert train == {"vqa": 75, "story": 25} and val == {"t2i": 20, "caption": 20}
+    generator = json.loads((out / "manifest.json").read_text())["generator"]
+    assert generator["mix"] == {"vqa": 3.0, "story": 1.0} and generator["val_mix"] == {"t2i": 1.0, "caption": 1.0}
+
+
 def test_shapes_are_reproducible_and_scale_with_the_canvas():
     a = [d.to_sample() for d in shapes.generate(30, seed=5)]
     b = [d.to_sample() for d in shapes.generate(30, seed=5)]

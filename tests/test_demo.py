@@ -30,6 +30,16 @@ def test_quick_demo_learns(tmp_path):
     assert val[-1]["loss_text"] < 0.3 * val[0]["loss_text"], val
     assert val[-1]["loss_image"] < 0.7 * val[0]["loss_image"], val
 
+    # The shapes training shards hold the tasks in the shares training draws them; the validation
+    # split, which the benchmarks read, keeps the default mix.
+    from omni.config import load_config
+    from omni.data.shapes import DEFAULT_MIX
+
+    weights = load_config("tiny").data.task_weights
+    generator = json.loads((out / "data" / "shapes" / "manifest.json").read_text())["generator"]
+    assert generator["mix"] == {t: w for t, w in weights.items() if t in DEFAULT_MIX}
+    assert generator["val_mix"] == DEFAULT_MIX
+
     scores = json.loads((out / "scorecard.json").read_text())
     assert set(scores) == {"shapes-t2i", "shapes-vqa", "shapes-caption", "shapes-story", "digits-t2i", "digits-read"}
     # Chance: a VQA answer is one of 6 colours / 3 shapes / 4 counts / 4 positions (~0.25 averaged);

@@ -259,3 +259,39 @@ def test_cancel_stops_every_row(model):
     res = generate(model, PROMPTS, gcfg(), seeds=SEEDS, events=rec)
     assert all(r.finish_reason == "cancelled" for r in res)
     assert all(len(r.ids) <= 3 for r in res)
+
+
+def test_bidirectional_prompt_images_read_as_in_training(tokenizer_dir):
+    """prompt_image_attention=bidirectional: the sampler's prefill gives the training forward's
+    hidden state (a prompt with two images), and the KV cache still equals recomputing."""
+    from omni.generation import Sampler, _Group
+    from omni.layout import ImageSegment, TextSegment, layout
+
+    cfg = load_config("tiny", [f"model.tokenizer={tokenizer_dir}", *TINY, "model.image_pos_embed=true",
+                               "model.prompt_image_attention=bidirectional"])
+    torch.manual_seed(0)
+    model = wake_head(with_bias(OmniModel.from_config(cfg.model).eval()))
+    tok, it = model.tokenizer, model.image_tokenizer
+    red, blue = Image.new("RGB", (32, 32), (220, 40, 40)), Image.new("RGB", (32, 32), (40, 80, 220))
+    red.paste((40, 170, 60), (0, 0, 12, 12))  # tokens that differ within an image
+    prompt = [red, "and", blue, "what color is the square?"]
+    doc = [ImageSegment(it.encode([red])[0], loss=False), TextSegment(tok.encode("and"), loss=False),
+           ImageSegment(it.encode([blue])[0], loss=False), TextSegment(tok.encode("what color is the square?"))]
+    batch = layout([[doc]], model.special, add_eos=False)
+
+    def prefill(m):
+        sampler = Sampler(m, gcfg(), "text", seeds=[0])
+        row = sampler._rows(encode_prompts(m, [prompt]))[0]
+        with torch.no_grad():
+            return sampler._forward(_Group(streams=[row.cond]), 0)[0]
+
+    with torch.no_grad():
+        trained = model.hidden_states(batch)[0, -1]
+    torch.testing.assert_close(prefill(model), trained, atol=1e-5, rtol=0)
+    model.cfg.prompt_image_attention = "causal"  # the same weights read the images causally: another state
+    assert (prefill(model) - trained).abs().max() > 1e-3
+    model.cfg.prompt_image_attention = "bidirectional"
+    prompts = [prompt, PROMPTS[0], PROMPTS[1]]
+    for mode in ("auto", "image"):
+        assert_same(generate(model, prompts, gcfg(use_cache=True), seeds=SEEDS, mode=mode),
+                    generate(model, prompts, gcfg(use_cache=False), seeds=SEEDS, mode=mode))

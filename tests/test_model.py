@@ -1,5 +1,7 @@
 """OmniModel: parity with Hugging Face on text, gradients, bf16, checkpoints."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -235,3 +237,54 @@ def test_image_input_noise_perturbs_only_what_the_backbone_reads_in_training(tin
     tiny_cfg.model.image_input_noise = -0.1
     with pytest.raises(ValueError, match="image_input_noise=-0.1"):
         OmniModel.from_config(tiny_cfg.model)
+
+
+def test_bidirectional_prompt_images_see_themselves_whole_and_drawn_images_stay_causal(tiny_cfg):
+    """prompt_image_attention=bidirectional: a later token of a prompt image changes the hidden
+    state of an earlier one; a drawn image's later token changes nothing before it; nothing leaks
+    across documents or into the text before an image."""
+    tiny_cfg.model.prompt_image_attention = "bidirectional"
+    torch.manual_seed(0)
+    model = OmniModel.from_config(tiny_cfg.model).eval()
+    tok = model.tokenizer
+    n, d = model.image_tokenizer.num_tokens, model.image_tokenizer.token_dim
+    g = torch.Generator().manual_seed(1)
+    vqa = [ImageSegment(torch.randn(n, d, generator=g), loss=False),
+           TextSegment(tok.encode("what color is the square?"), loss=False), TextSegment(tok.encode("red"))]
+    t2i = [TextSegment(tok.encode("a red square."), loss=False), ImageSegment(torch.randn(n, d, generator=g))]
+    batch = layout([[vqa, t2i]], model.special)
+    img = batch.image_mask[0].nonzero().flatten()  # positions: the prompt image's n, then the drawn one's n
+    prompt_pos, drawn_pos = img[:n], img[n:]
+    assert batch.image_target_index.tolist() == list(range(n, 2 * n))
+
+    def hidden(tokens):
+        with torch.no_grad():
+            return model.hidden_states(dataclasses.replace(batch, image_tokens=tokens))[0]
+
+    base = hidden(batch.image_tokens)
+    last_prompt, last_drawn = batch.image_tokens.clone(), batch.image_tokens.clone()
+    last_prompt[n - 1] += 1.0  # the prompt image's last token
+    last_drawn[2 * n - 1] += 1.0  # the drawn image's last token
+    a, b = hidden(last_prompt), hidden(last_drawn)
+    moved = lambda h: (h - base).abs().amax(-1) > 1e-5  # (L,) positions whose state changed
+    assert moved(a)[prompt_pos].all()  # every token of the prompt image sees its last token
+    assert not moved(a)[drawn_pos[0]:].any()  # the next document does not
+    assert not moved(b)[: drawn_pos[-1]].any() and moved(b)[drawn_pos[-1]]  # causal inside a drawn image
+    # causal (the default): the prompt image's earlier tokens do not see its last one
+    model.cfg.prompt_image_attention = "causal"
+    base = hidden(batch.image_tokens)
+    assert not moved(hidden(last_prompt))[prompt_pos[:-1]].any()
+
+
+def test_prompt_image_blocks_number_each_prompt_image(tiny_model):
+    from omni.model import prompt_image_blocks
+
+    image_mask = torch.tensor([[0, 1, 1, 1, 0, 0, 1, 1, 0, 1, 1, 0], [0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0]]).bool()
+    # image tokens in row-major order: row 0 has images A (0-2), B (3-4), C (5-6); row 1 has D (7-8)
+    blocks = prompt_image_blocks(image_mask, torch.tensor([3, 4]))  # B is drawn (diffusion targets)
+    assert blocks.tolist() == [[0, 1, 1, 1, 0, 0, 0, 0, 0, 2, 2, 0], [0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0]]
+    with pytest.raises(ValueError, match="prompt_image_attention=bidirectional .* flash_attention_2"):
+        cfg = tiny_model.cfg
+        bad = dataclasses.replace(cfg, prompt_image_attention="bidirectional",
+                                  backbone=dataclasses.replace(cfg.backbone, attn_implementation="flash_attention_2"))
+        OmniModel(bad, tiny_model.tokenizer, tiny_model.image_tokenizer, backbone=tiny_model.backbone)

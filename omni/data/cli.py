@@ -1,6 +1,7 @@
 """`omni data ...`: write the built-in datasets, convert foreign ones, train a text tokenizer.
 
-    omni data shapes    --out DIR [--train N --val N --shard-size N --seed S --size 32 --mix t2i=0.5,...]
+    omni data shapes    --out DIR [--train N --val N --shard-size N --seed S --size 32 --mix t2i=0.5,...
+                                   --val-mix t2i=0.5,...]
     omni data digits    --out DIR [--size 32 --shard-size N]
     omni data tokenizer --shards SPEC [SPEC ...] --out DIR [--vocab-size N]
     omni data convert   --format mmc4|comm --input FILE [FILE ...] --out DIR [--size 32]
@@ -71,10 +72,12 @@ def run_shapes(args: argparse.Namespace) -> int:
     out = Path(args.out)
     _check_dir(out, "shapes")
     mix = shapes.parse_mix(args.mix)
-    manifest: dict[str, Any] = {"generator": {"name": "shapes", "seed": args.seed, "canvas": args.size, "mix": mix}}
-    for split, n in (("train", args.train), ("val", args.val)):
+    val_mix = shapes.parse_mix(args.val_mix) if args.val_mix else mix
+    manifest: dict[str, Any] = {"generator": {"name": "shapes", "seed": args.seed, "canvas": args.size, "mix": mix,
+                                              "val_mix": val_mix}}
+    for split, n, split_mix in (("train", args.train, mix), ("val", args.val, val_mix)):
         if n > 0:
-            docs = shapes.generate(n, split, seed=args.seed, canvas=args.size, mix=mix)
+            docs = shapes.generate(n, split, seed=args.seed, canvas=args.size, mix=split_mix)
             manifest[split] = _write_split(docs, out, split, args.shard_size, n)
     return _finish(out, manifest)
 
@@ -188,7 +191,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-size", type=int, default=500, help="documents per shard")
     p.add_argument("--seed", type=int, default=0, help="dataset seed")
     p.add_argument("--size", type=int, default=32, help="canvas side in pixels")
-    p.add_argument("--mix", default=None, help="task shares, e.g. t2i=0.45,caption=0.15,vqa=0.2,story=0.12,text=0.08")
+    p.add_argument("--mix", default=None, help="task shares, e.g. t2i=0.45,caption=0.15,vqa=0.2,story=0.12,text=0.08 "
+                                               "(default: that one)")
+    p.add_argument("--val-mix", default=None,
+                   help="task shares of the validation split, which the built-in benchmarks read (default: --mix)")
     p.set_defaults(func=run_shapes)
 
     p = sub.add_parser("digits", help="real handwritten digits (scikit-learn) with a held-out split")
