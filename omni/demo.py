@@ -55,9 +55,9 @@ def shapes_train_mix(cfg) -> str | None:
     """The shapes tasks of the training mix as `--mix` text, so the training shards hold each task
     in the share it is drawn: a task with a larger weight than its share of the shards repeats its
     documents more often (at the default mix VQA and stories were read ~10 times each)."""
-    from omni.data.shapes import DEFAULT_MIX
+    from omni.data.shapes import TASKS
 
-    weights = {t: w for t, w in cfg.data.task_weights.items() if t in DEFAULT_MIX and w > 0}
+    weights = {t: w for t, w in cfg.data.task_weights.items() if t in TASKS and w > 0}
     return ",".join(f"{t}={w:g}" for t, w in weights.items()) or None
 
 
@@ -268,7 +268,7 @@ def register(sub) -> None:
     p.add_argument("--force", action="store_true", help="redo every stage")
     p.add_argument("--quick", action="store_true", help="a shortened demo (a few minutes): smoke test")
     p.add_argument("--steps", type=int, help="training steps (default: the preset's)")
-    p.add_argument("--train-docs", type=int, default=30000, help="shapes training documents")
+    p.add_argument("--train-docs", type=int, default=90000, help="shapes training documents (in the training mix)")
     p.add_argument("--limit", type=int, help="evaluate only the first N prompts per benchmark")
     p.add_argument("--no-preview", action="store_true", help="no inline image previews")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.lr=5e-4")

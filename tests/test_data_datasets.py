@@ -91,8 +91,9 @@ def _check_semantics(record: dict) -> None:
         if meta.get("subtask") == "counting":
             assert meta["count"] == len(objects) and T.number_word(len(objects)) in text
             assert len({(o["shape"], o["color"]) for o in objects}) == 1
-    elif task == "vqa":
+    elif task in ("vqa", "vqa_position"):
         objects, (question, answer) = meta["objects"], texts
+        assert task == "vqa" or meta["question_type"] == "position"
         assert answer == meta["answer"]
         qt = meta["question_type"]
         if qt == "color":
@@ -171,6 +172,22 @@ def test_shapes_cli_val_mix_sets_the_validation_split_alone(tmp_path):
     assert train == {"vqa": 75, "story": 25} and val == {"t2i": 20, "caption": 20}
     generator = json.loads((out / "manifest.json").read_text())["generator"]
     assert generator["mix"] == {"vqa": 3.0, "story": 1.0} and generator["val_mix"] == {"t2i": 1.0, "caption": 1.0}
+
+
+def test_vqa_position_task_asks_only_where_objects_are(tmp_path):
+    out = tmp_path / "shapes"
+    assert main(["data", "shapes", "--out", str(out), "--train", "60", "--val", "0",
+                 "--mix", "vqa=1,vqa_position=1"]) == 0
+    records = _read_plain(sorted(out.glob("train-*.tar")))
+    assert Counter(r["meta"]["task"] for r, _ in records) == {"vqa": 30, "vqa_position": 30}
+    kinds = Counter(r["meta"]["question_type"] for r, _ in records if r["meta"]["task"] == "vqa_position")
+    relative = sum("relation" in r["meta"] for r, _ in records if r["meta"]["task"] == "vqa_position")
+    assert kinds == {"position": 30} and 5 <= relative <= 25  # both kinds of position question
+    for record, images in records:
+        _check_semantics(record)
+        _check_pixels(images[0], _image_objects(record["meta"])[0])
+    with pytest.raises(ValueError, match="unknown shapes task.*vqa_position"):
+        shapes.task_plan(10, {"vqa_where": 1.0}, seed=0, split="train")
 
 
 def test_shapes_are_reproducible_and_scale_with_the_canvas():

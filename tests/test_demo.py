@@ -33,11 +33,11 @@ def test_quick_demo_learns(tmp_path):
     # The shapes training shards hold the tasks in the shares training draws them; the validation
     # split, which the benchmarks read, keeps the default mix.
     from omni.config import load_config
-    from omni.data.shapes import DEFAULT_MIX
+    from omni.data.shapes import DEFAULT_MIX, TASKS
 
     weights = load_config("tiny").data.task_weights
     generator = json.loads((out / "data" / "shapes" / "manifest.json").read_text())["generator"]
-    assert generator["mix"] == {t: w for t, w in weights.items() if t in DEFAULT_MIX}
+    assert generator["mix"] == {t: w for t, w in weights.items() if t in TASKS}
     assert generator["val_mix"] == DEFAULT_MIX
 
     scores = json.loads((out / "scorecard.json").read_text())

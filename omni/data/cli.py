@@ -191,8 +191,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-size", type=int, default=500, help="documents per shard")
     p.add_argument("--seed", type=int, default=0, help="dataset seed")
     p.add_argument("--size", type=int, default=32, help="canvas side in pixels")
-    p.add_argument("--mix", default=None, help="task shares, e.g. t2i=0.45,caption=0.15,vqa=0.2,story=0.12,text=0.08 "
-                                               "(default: that one)")
+    p.add_argument("--mix", default=None,
+                   help="task shares (default t2i=0.45,caption=0.15,vqa=0.2,story=0.12,text=0.08; "
+                        "vqa_position: VQA documents that ask only where objects are)")
     p.add_argument("--val-mix", default=None,
                    help="task shares of the validation split, which the built-in benchmarks read (default: --mix)")
     p.set_defaults(func=run_shapes)

@@ -43,6 +43,10 @@ BACKGROUND = (255, 255, 255)
 T2I_SUBTASKS = ("single_object", "colors", "two_objects", "color_attr", "position", "counting")
 VQA_TYPES = ("color", "shape", "count", "position")
 DEFAULT_MIX = {"t2i": 0.45, "caption": 0.15, "vqa": 0.2, "story": 0.12, "text": 0.08}
+# Every task a mix may name: the default mix's, plus `vqa_position` (VQA documents that ask only
+# where objects are, the reading skill that takes longest to learn; meta["task"] tells them apart
+# so `data.task_weights` can weight them on their own).
+TASKS = (*DEFAULT_MIX, "vqa_position")
 CELLS = [(0, 0), (0, 1), (1, 0), (1, 1)]
 MOVES = {"right": (0, 1), "left": (0, -1), "up": (-1, 0), "down": (1, 0)}
 
@@ -186,8 +190,8 @@ class ShapesWorld:
         meta["objects"] = objects
         return [render(objects, self.canvas), T.caption_text(objects, relation, counting=kind == "counting")], meta
 
-    def vqa(self, rng: random.Random) -> tuple[list, dict[str, Any]]:
-        qtype = rng.choice(VQA_TYPES)
+    def vqa(self, rng: random.Random, qtype: str | None = None) -> tuple[list, dict[str, Any]]:
+        qtype = qtype or rng.choice(VQA_TYPES)
         colors = list(COLORS)
         meta: dict[str, Any] = {"task": "vqa", "question_type": qtype}
         if qtype == "color":  # distinct shapes, so "the circle" names one object
@@ -227,6 +231,11 @@ class ShapesWorld:
             question, answer = f"where is the {objects[i]['shape']}?", T.CELL_NAMES[cells[i]]
         meta.update(question=question, answer=answer, objects=objects)
         return [render(objects, self.canvas), question, answer], meta
+
+    def vqa_position(self, rng: random.Random) -> tuple[list, dict[str, Any]]:
+        segments, meta = self.vqa(rng, qtype="position")
+        meta["task"] = "vqa_position"
+        return segments, meta
 
     def story(self, rng: random.Random) -> tuple[list, dict[str, Any]]:
         """3-4 scenes; between them one object moves, changes color, appears or disappears."""
@@ -312,9 +321,9 @@ class ShapesWorld:
 
 def task_plan(n: int, mix: dict[str, float], seed: int, split: str) -> list[str]:
     """Exactly `round(n * share)` documents per task (largest remainder), in a seeded order."""
-    unknown = [t for t in mix if t not in DEFAULT_MIX]
+    unknown = [t for t in mix if t not in TASKS]
     if unknown:
-        raise ValueError(f"unknown shapes task(s) {unknown}; choose from {list(DEFAULT_MIX)}")
+        raise ValueError(f"unknown shapes task(s) {unknown}; choose from {list(TASKS)}")
     total = sum(mix.values())
     if total <= 0:
         raise ValueError(f"task mix {mix} has no positive weight")
@@ -347,4 +356,7 @@ def parse_mix(text: str | None) -> dict[str, float]:
             out[name.strip()] = float(value)
         except ValueError:
             raise ValueError(f"bad --mix entry {part!r}; write task=weight,task=weight (e.g. t2i=0.5,vqa=0.5)") from None
+    unknown = [t for t in out if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown shapes task(s) {unknown} in --mix; choose from {list(TASKS)}")
     return out
