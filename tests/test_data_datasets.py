@@ -91,9 +91,10 @@ def _check_semantics(record: dict) -> None:
         if meta.get("subtask") == "counting":
             assert meta["count"] == len(objects) and T.number_word(len(objects)) in text
             assert len({(o["shape"], o["color"]) for o in objects}) == 1
-    elif task in ("vqa", "vqa_position"):
+    elif task in ("vqa", "vqa_position", "vqa_binding"):
         objects, (question, answer) = meta["objects"], texts
-        assert task == "vqa" or meta["question_type"] == "position"
+        assert task != "vqa_position" or meta["question_type"] == "position"
+        assert task != "vqa_binding" or (meta["question_type"] in ("color", "shape") and len(objects) >= 2)
         assert answer == meta["answer"]
         qt = meta["question_type"]
         if qt == "color":
@@ -188,6 +189,20 @@ def test_vqa_position_task_asks_only_where_objects_are(tmp_path):
         _check_pixels(images[0], _image_objects(record["meta"])[0])
     with pytest.raises(ValueError, match="unknown shapes task.*vqa_position"):
         shapes.task_plan(10, {"vqa_where": 1.0}, seed=0, split="train")
+
+
+def test_vqa_binding_task_asks_attributes_of_one_object_among_several(tmp_path):
+    out = tmp_path / "shapes"
+    assert main(["data", "shapes", "--out", str(out), "--train", "60", "--val", "0", "--mix", "vqa_binding=1"]) == 0
+    records = _read_plain(sorted(out.glob("train-*.tar")))
+    assert Counter(r["meta"]["task"] for r, _ in records) == {"vqa_binding": 60}
+    kinds = Counter(r["meta"]["question_type"] for r, _ in records)
+    sizes = Counter(len(r["meta"]["objects"]) for r, _ in records)
+    assert set(kinds) == {"color", "shape"} and min(kinds.values()) >= 15
+    assert set(sizes) == {2, 3} and min(sizes.values()) >= 15
+    for record, images in records:
+        _check_semantics(record)
+        _check_pixels(images[0], _image_objects(record["meta"])[0])
 
 
 def test_shapes_are_reproducible_and_scale_with_the_canvas():

@@ -43,10 +43,12 @@ BACKGROUND = (255, 255, 255)
 T2I_SUBTASKS = ("single_object", "colors", "two_objects", "color_attr", "position", "counting")
 VQA_TYPES = ("color", "shape", "count", "position")
 DEFAULT_MIX = {"t2i": 0.45, "caption": 0.15, "vqa": 0.2, "story": 0.12, "text": 0.08}
-# Every task a mix may name: the default mix's, plus `vqa_position` (VQA documents that ask only
-# where objects are, the reading skill that takes longest to learn; meta["task"] tells them apart
-# so `data.task_weights` can weight them on their own).
-TASKS = (*DEFAULT_MIX, "vqa_position")
+# Every task a mix may name: the default mix's, plus two narrower VQA tasks for training mixes
+# (meta["task"] tells them apart so `data.task_weights` can weight them on their own):
+# `vqa_position` asks only where objects are, the reading skill that takes longest to learn;
+# `vqa_binding` asks the colour of a named shape or the shape of a named colour in scenes of two
+# or three objects, where every binding error sits (one-object questions are always right).
+TASKS = (*DEFAULT_MIX, "vqa_position", "vqa_binding")
 CELLS = [(0, 0), (0, 1), (1, 0), (1, 1)]
 MOVES = {"right": (0, 1), "left": (0, -1), "up": (-1, 0), "down": (1, 0)}
 
@@ -190,18 +192,21 @@ class ShapesWorld:
         meta["objects"] = objects
         return [render(objects, self.canvas), T.caption_text(objects, relation, counting=kind == "counting")], meta
 
-    def vqa(self, rng: random.Random, qtype: str | None = None) -> tuple[list, dict[str, Any]]:
+    def vqa(self, rng: random.Random, qtype: str | None = None,
+            min_objects: int = 1) -> tuple[list, dict[str, Any]]:
+        """One scene and a question about it; `min_objects` raises the smallest scene of the
+        colour, shape and absolute-position questions (1-3 objects by default)."""
         qtype = qtype or rng.choice(VQA_TYPES)
         colors = list(COLORS)
         meta: dict[str, Any] = {"task": "vqa", "question_type": qtype}
         if qtype == "color":  # distinct shapes, so "the circle" names one object
-            k = rng.randint(1, 3)
+            k = rng.randint(min_objects, 3)
             objects = [self.in_cell(rng, s, rng.choice(colors), c)
                        for s, c in zip(rng.sample(SHAPES, k), rng.sample(CELLS, k))]
             target = rng.choice(objects)
             question, answer = f"what color is the {target['shape']}?", target["color"]
         elif qtype == "shape":  # distinct colors, so "the red object" names one object
-            k = rng.randint(1, 3)
+            k = rng.randint(min_objects, 3)
             objects = [self.in_cell(rng, rng.choice(SHAPES), col, c)
                        for col, c in zip(rng.sample(colors, k), rng.sample(CELLS, k))]
             target = rng.choice(objects)
@@ -224,7 +229,7 @@ class ShapesWorld:
             else:
                 question, answer = f"is the {s1} above or below the {s2}?", rel
         else:  # absolute position: which cell
-            k = rng.randint(1, 3)
+            k = rng.randint(min_objects, 3)
             cells = rng.sample(CELLS, k)
             objects = [self.in_cell(rng, s, rng.choice(colors), c) for s, c in zip(rng.sample(SHAPES, k), cells)]
             i = rng.randrange(k)
@@ -235,6 +240,11 @@ class ShapesWorld:
     def vqa_position(self, rng: random.Random) -> tuple[list, dict[str, Any]]:
         segments, meta = self.vqa(rng, qtype="position")
         meta["task"] = "vqa_position"
+        return segments, meta
+
+    def vqa_binding(self, rng: random.Random) -> tuple[list, dict[str, Any]]:
+        segments, meta = self.vqa(rng, qtype=rng.choice(("color", "shape")), min_objects=2)
+        meta["task"] = "vqa_binding"
         return segments, meta
 
     def story(self, rng: random.Random) -> tuple[list, dict[str, Any]]:
