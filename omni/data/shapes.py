@@ -329,11 +329,15 @@ class ShapesWorld:
 # --------------------------------------------------------------------------------------------
 
 
+def check_tasks(names, where: str = "") -> None:
+    unknown = [t for t in names if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown shapes task(s) {unknown}{where}; choose from {list(TASKS)}")
+
+
 def task_plan(n: int, mix: dict[str, float], seed: int, split: str) -> list[str]:
     """Exactly `round(n * share)` documents per task (largest remainder), in a seeded order."""
-    unknown = [t for t in mix if t not in TASKS]
-    if unknown:
-        raise ValueError(f"unknown shapes task(s) {unknown}; choose from {list(TASKS)}")
+    check_tasks(mix)
     total = sum(mix.values())
     if total <= 0:
         raise ValueError(f"task mix {mix} has no positive weight")
@@ -366,7 +370,5 @@ def parse_mix(text: str | None) -> dict[str, float]:
             out[name.strip()] = float(value)
         except ValueError:
             raise ValueError(f"bad --mix entry {part!r}; write task=weight,task=weight (e.g. t2i=0.5,vqa=0.5)") from None
-    unknown = [t for t in out if t not in TASKS]
-    if unknown:
-        raise ValueError(f"unknown shapes task(s) {unknown} in --mix; choose from {list(TASKS)}")
+    check_tasks(out, where=" in --mix")
     return out
