@@ -55,10 +55,9 @@ def shapes_train_mix(cfg) -> str | None:
     """The shapes tasks of the training mix as `--mix` text, so the training shards hold each task
     in the share it is drawn: a task with a larger weight than its share of the shards repeats its
     documents more often (at the default mix VQA and stories were read ~10 times each)."""
-    from omni.data.shapes import TASKS
+    from omni.data.shapes import TASKS, format_mix
 
-    weights = {t: w for t, w in cfg.data.task_weights.items() if t in TASKS and w > 0}
-    return ",".join(f"{t}={w:g}" for t, w in weights.items()) or None
+    return format_mix({t: w for t, w in cfg.data.task_weights.items() if t in TASKS and w > 0}) or None
 
 
 def build_data(out: Path, n_train: int, n_val: int, force: bool, ae_steps: int = 3000,
@@ -68,10 +67,10 @@ def build_data(out: Path, n_train: int, n_val: int, force: bool, ae_steps: int =
     if force:
         shutil.rmtree(out / "data", ignore_errors=True)
     if not (shapes / "manifest.json").exists():
-        from omni.data.shapes import DEFAULT_MIX
+        from omni.data.shapes import DEFAULT_MIX, format_mix
 
         # The validation split keeps the default mix: the built-in benchmarks read it.
-        val_mix = ",".join(f"{t}={w:g}" for t, w in DEFAULT_MIX.items())
+        val_mix = format_mix(DEFAULT_MIX)
         mix = ["--mix", train_mix, "--val-mix", val_mix] if train_mix else []
         _cli(["data", "shapes", "--out", str(shapes), "--train", str(n_train), "--val", str(n_val), *mix])
     else:

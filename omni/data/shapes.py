@@ -372,3 +372,8 @@ def parse_mix(text: str | None) -> dict[str, float]:
             raise ValueError(f"bad --mix entry {part!r}; write task=weight,task=weight (e.g. t2i=0.5,vqa=0.5)") from None
     check_tasks(out, where=" in --mix")
     return out
+
+
+def format_mix(mix: dict[str, float]) -> str:
+    """{"t2i": 0.5, "vqa": 0.5} -> `t2i=0.5,vqa=0.5`: the inverse of `parse_mix`."""
+    return ",".join(f"{t}={w:g}" for t, w in mix.items())
