@@ -2,8 +2,9 @@
 
     data (shapes + handwritten digits shards, text tokenizer, patch autoencoder) -> train the
     `tiny` preset on the autoencoder's image tokens (DeepSpeed
-    engine, one process) -> export the EMA weights -> every built-in benchmark -> scorecard,
-    HTML reports -> a short sample chat (a caption, a drawn image, an illustrated story).
+    engine, one process) -> export the EMA weights -> every built-in benchmark (VQA on 1,000
+    held-out questions of its own) -> scorecard, HTML reports -> a short sample chat (a caption,
+    a drawn image, an illustrated story).
 
 Every stage writes into OUT and is skipped when its output exists, so re-running resumes an
 interrupted demo (training resumes from its last checkpoint); `--force` redoes everything.
@@ -31,6 +32,9 @@ SCORECARD = {
 STORY_TARGETS = {"structure": 0.95, "state_accuracy": 0.60}
 # GenEval draws 4 images per prompt; so does the demo's shapes-t2i (a steadier estimate).
 SAMPLES_PER_PROMPT = {"shapes-t2i": 4}
+# VQA reads a held-out set of its own, 1,000 questions (a few seconds to answer): the ~60 questions
+# of the validation split put a +-4-point standard error on the score, as wide as the gap to target.
+VQA_QUESTIONS = 1000
 PRESET = "tiny"
 
 
@@ -48,7 +52,9 @@ def _cli(argv: list[str]) -> None:
 
 def data_paths(out: Path) -> dict[str, str]:
     data = out / "data"
-    return {name: str(data / name) for name in ("shapes", "digits", "tokenizer", "autoencoder")}
+    paths = {name: str(data / name) for name in ("shapes", "digits", "tokenizer", "autoencoder")}
+    paths["shapes_vqa"] = str(data / "shapes-vqa")
+    return paths
 
 
 def shapes_train_mix(cfg) -> str | None:
@@ -61,9 +67,10 @@ def shapes_train_mix(cfg) -> str | None:
 
 
 def build_data(out: Path, n_train: int, n_val: int, force: bool, ae_steps: int = 3000,
-               train_mix: str | None = None) -> dict[str, str]:
+               train_mix: str | None = None, n_vqa: int = VQA_QUESTIONS) -> dict[str, str]:
     paths = data_paths(out)
-    shapes, digits, tok, ae = (Path(paths[k]) for k in ("shapes", "digits", "tokenizer", "autoencoder"))
+    shapes, digits, tok, ae, vqa = (Path(paths[k]) for k in ("shapes", "digits", "tokenizer", "autoencoder",
+                                                               "shapes_vqa"))
     if force:
         shutil.rmtree(out / "data", ignore_errors=True)
     if not (shapes / "manifest.json").exists():
@@ -75,6 +82,12 @@ def build_data(out: Path, n_train: int, n_val: int, force: bool, ae_steps: int =
         _cli(["data", "shapes", "--out", str(shapes), "--train", str(n_train), "--val", str(n_val), *mix])
     else:
         print(f"shapes shards exist in {shapes}: skipped")
+    if not (vqa / "manifest.json").exists():
+        # Held-out questions only (no training split), seeded apart from the shards above.
+        _cli(["data", "shapes", "--out", str(vqa), "--train", "0", "--val", str(n_vqa), "--mix", "vqa=1",
+              "--seed", "1"])
+    else:
+        print(f"held-out VQA questions exist in {vqa}: skipped")
     if not (digits / "manifest.json").exists():
         _cli(["data", "digits", "--out", str(digits)])
     else:
@@ -134,8 +147,11 @@ def evaluate_all(out: Path, model_dir: Path, paths: dict[str, str], limit: int |
     results = {}
     for name in SCORECARD:
         data = paths["digits"] if name.startswith("digits") else paths["shapes"]
+        n = limit
+        if name == "shapes-vqa":
+            data, n = paths["shapes_vqa"], limit or VQA_QUESTIONS
         print(f"-- {name}", flush=True)
-        results[name] = evaluate(model, name, out / "eval" / name, data=data, limit=limit,
+        results[name] = evaluate(model, name, out / "eval" / name, data=data, limit=n,
                                  samples_per_prompt=SAMPLES_PER_PROMPT.get(name))
     return results
 
@@ -236,7 +252,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = train_config(out, paths, overrides)
     _stage("1/5 data: shapes + handwritten digits shards, text tokenizer, image autoencoder")
     build_data(out, n_train=4000 if quick else args.train_docs, n_val=300, force=args.force,
-               ae_steps=1000 if quick else 3000, train_mix=shapes_train_mix(cfg))
+               ae_steps=1000 if quick else 3000, train_mix=shapes_train_mix(cfg),
+               n_vqa=200 if quick else VQA_QUESTIONS)
     _stage(f"2/5 train the {PRESET} preset ({cfg.train.steps} steps)")
     model_dir = train_and_export(out, cfg, force=args.force)
     _stage("3/5 evaluate on every built-in benchmark")

@@ -39,6 +39,10 @@ def test_quick_demo_learns(tmp_path):
     generator = json.loads((out / "data" / "shapes" / "manifest.json").read_text())["generator"]
     assert generator["mix"] == {t: w for t, w in weights.items() if t in TASKS}
     assert generator["val_mix"] == DEFAULT_MIX
+    # VQA reads held-out questions of its own, seeded apart from the shards training reads.
+    vqa = json.loads((out / "data" / "shapes-vqa" / "manifest.json").read_text())
+    assert vqa["generator"]["mix"] == {"vqa": 1.0} and vqa["generator"]["seed"] != generator["seed"]
+    assert "train" not in vqa and vqa["val"]["tasks"] == {"vqa": 200}
 
     scores = json.loads((out / "scorecard.json").read_text())
     assert set(scores) == {"shapes-t2i", "shapes-vqa", "shapes-caption", "shapes-story", "digits-t2i", "digits-read"}
