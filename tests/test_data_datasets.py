@@ -94,7 +94,7 @@ def _check_semantics(record: dict) -> None:
     elif task in ("vqa", "vqa_position", "vqa_binding"):
         objects, (question, answer) = meta["objects"], texts
         assert task != "vqa_position" or meta["question_type"] == "position"
-        assert task != "vqa_binding" or (meta["question_type"] in ("color", "shape") and len(objects) >= 2)
+        assert task != "vqa_binding" or (meta["question_type"] in ("color", "shape", "position") and len(objects) >= 2)
         assert answer == meta["answer"]
         qt = meta["question_type"]
         if qt == "color":
@@ -112,8 +112,12 @@ def _check_semantics(record: dict) -> None:
             _check_relation(objects, meta["relation"])
             assert answer == meta["relation"]["rel"].split()[0]
         else:
-            shape = re.search(r"where is the (\w+)\?", question).group(1)
-            (obj,) = [o for o in objects if o["shape"] == shape]
+            by_color = re.search(r"where is the (\w+) object\?", question)
+            if by_color:
+                (obj,) = [o for o in objects if o["color"] == by_color.group(1)]
+            else:
+                shape = re.search(r"where is the (\w+)\?", question).group(1)
+                (obj,) = [o for o in objects if o["shape"] == shape]
             row, col = int(obj["cy"] >= meta["canvas"] // 2), int(obj["cx"] >= meta["canvas"] // 2)
             assert answer == T.CELL_NAMES[(row, col)]
     elif task == "story":
@@ -198,11 +202,22 @@ def test_vqa_binding_task_asks_attributes_of_one_object_among_several(tmp_path):
     assert Counter(r["meta"]["task"] for r, _ in records) == {"vqa_binding": 60}
     kinds = Counter(r["meta"]["question_type"] for r, _ in records)
     sizes = Counter(len(r["meta"]["objects"]) for r, _ in records)
-    assert set(kinds) == {"color", "shape"} and min(kinds.values()) >= 15
+    assert set(kinds) == {"color", "shape", "position"} and min(kinds.values()) >= 10
+    assert all(r["meta"]["question"].endswith("object?") for r, _ in records if r["meta"]["question_type"] == "position")
     assert set(sizes) == {2, 3} and min(sizes.values()) >= 15
     for record, images in records:
         _check_semantics(record)
         _check_pixels(images[0], _image_objects(record["meta"])[0])
+
+
+@pytest.mark.parametrize("task", ["vqa", "vqa_position", "vqa_binding"])
+def test_vqa_tasks_train_only_on_the_answer(task):
+    """The narrower VQA tasks of training mixes follow the vqa template: the image and question
+    are the prompt (the image is read clean, not drawn), only the answer is trained on."""
+    for doc in shapes.generate(10, seed=2, mix={task: 1.0}):
+        assert doc.task == task and T.loss_flags(doc) == [False, False, True]
+        prompt, answer = T.split_prompt(doc)
+        assert answer == [doc.meta["answer"]] and prompt[1] == doc.meta["question"]
 
 
 def test_shapes_are_reproducible_and_scale_with_the_canvas():

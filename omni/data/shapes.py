@@ -46,8 +46,10 @@ DEFAULT_MIX = {"t2i": 0.45, "caption": 0.15, "vqa": 0.2, "story": 0.12, "text": 
 # Every task a mix may name: the default mix's, plus two narrower VQA tasks for training mixes
 # (meta["task"] tells them apart so `data.task_weights` can weight them on their own):
 # `vqa_position` asks only where objects are, the reading skill that takes longest to learn;
-# `vqa_binding` asks the colour of a named shape or the shape of a named colour in scenes of two
-# or three objects, where every binding error sits (one-object questions are always right).
+# `vqa_binding` asks the colour of a named shape, or the shape or place of a named colour, in
+# scenes of two or three objects, where every binding error sits (one-object questions are always
+# right). Only it asks "where is the red object?": the one question of the benchmark's that looks
+# an object up by its colour is "what shape is the red object?", and that lookup stayed at chance.
 TASKS = (*DEFAULT_MIX, "vqa_position", "vqa_binding")
 CELLS = [(0, 0), (0, 1), (1, 0), (1, 1)]
 MOVES = {"right": (0, 1), "left": (0, -1), "up": (-1, 0), "down": (1, 0)}
@@ -195,7 +197,9 @@ class ShapesWorld:
     def vqa(self, rng: random.Random, qtype: str | None = None,
             min_objects: int = 1) -> tuple[list, dict[str, Any]]:
         """One scene and a question about it; `min_objects` raises the smallest scene of the
-        colour, shape and absolute-position questions (1-3 objects by default)."""
+        colour, shape and absolute-position questions (1-3 objects by default). `qtype` is one of
+        VQA_TYPES, or "place_by_color" (where is the red object?, a position question that only
+        training mixes ask)."""
         qtype = qtype or rng.choice(VQA_TYPES)
         colors = list(COLORS)
         meta: dict[str, Any] = {"task": "vqa", "question_type": qtype}
@@ -219,6 +223,13 @@ class ShapesWorld:
             objects = [self.in_cell(rng, s, rng.choice(colors), c) for s, c in zip(kinds, rng.sample(CELLS, len(kinds)))]
             question, answer = f"how many {T.plural(shape)} are there?", T.number_word(n)
             meta["count"] = n
+        elif qtype == "place_by_color":  # distinct colors, so "the red object" names one object
+            k = rng.randint(min_objects, 3)
+            cells = rng.sample(CELLS, k)
+            objects = [self.in_cell(rng, rng.choice(SHAPES), col, c) for col, c in zip(rng.sample(colors, k), cells)]
+            i = rng.randrange(k)
+            question, answer = f"where is the {objects[i]['color']} object?", T.CELL_NAMES[cells[i]]
+            meta["question_type"] = "position"
         elif rng.random() < 0.5:  # relative position of two objects with distinct shapes
             s1, s2 = rng.sample(SHAPES, 2)
             ca, cb, rel = self.adjacent_pair(rng)
@@ -243,7 +254,8 @@ class ShapesWorld:
         return segments, meta
 
     def vqa_binding(self, rng: random.Random) -> tuple[list, dict[str, Any]]:
-        segments, meta = self.vqa(rng, qtype=rng.choice(("color", "shape")), min_objects=2)
+        qtype = rng.choice(("color", "shape", "place_by_color"))
+        segments, meta = self.vqa(rng, qtype=qtype, min_objects=2)
         meta["task"] = "vqa_binding"
         return segments, meta
 

@@ -13,6 +13,8 @@ prefix the model was trained to continue:
 | story       | text, image, text, image, ...     | first text                | everything after        |
 | text / other| text ...                          | (nothing)                 | everything              |
 
+A task named `vqa_<kind>` (a narrower VQA task of a training mix) follows the vqa template.
+
 Phrasing is lowercase, short and consistent with a little variety (t2i prompts have a few
 variants; captions, answers and digit texts have one form, so a judge can parse them).
 """
@@ -42,8 +44,17 @@ def _first(segments: Sequence[Segment], kind: type) -> int:
     return next((i for i, s in enumerate(segments) if isinstance(s, kind)), len(segments))
 
 
+def template(task: str | None) -> str | None:
+    """The template a task's documents follow: a task named `vqa_<kind>` (a narrower VQA task of a
+    training mix, e.g. the shapes world's `vqa_position`) is VQA; other names are their own."""
+    if task and task.startswith("vqa_"):
+        return "vqa"
+    return task
+
+
 def split_index(task: str | None, segments: Sequence[Segment]) -> int:
     """Number of leading segments that form the prompt of a document of `task`."""
+    task = template(task)
     if task in ("t2i", "digit_t2i"):
         return _first(segments, Image.Image)  # everything before the first image
     if task in ("caption", "digit_read"):
