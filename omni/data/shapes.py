@@ -49,7 +49,8 @@ DEFAULT_MIX = {"t2i": 0.45, "caption": 0.15, "vqa": 0.2, "story": 0.12, "text": 
 # `vqa_binding` asks the colour of a named shape, or the shape or place of a named colour, in
 # scenes of two or three objects, where every binding error sits (one-object questions are always
 # right). Only it asks "where is the red object?": the one question of the benchmark's that looks
-# an object up by its colour is "what shape is the red object?", and that lookup stayed at chance.
+# an object up by its colour is "what shape is the red object?", the lookup most runs fail
+# (README: training notes).
 TASKS = (*DEFAULT_MIX, "vqa_position", "vqa_binding")
 CELLS = [(0, 0), (0, 1), (1, 0), (1, 1)]
 MOVES = {"right": (0, 1), "left": (0, -1), "up": (-1, 0), "down": (1, 0)}
