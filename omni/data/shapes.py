@@ -210,12 +210,16 @@ class ShapesWorld:
                        for s, c in zip(rng.sample(SHAPES, k), rng.sample(CELLS, k))]
             target = rng.choice(objects)
             question, answer = f"what color is the {target['shape']}?", target["color"]
-        elif qtype == "shape":  # distinct colors, so "the red object" names one object
+        elif qtype in ("shape", "place_by_color"):  # distinct colors: "the red object" names one object
             k = rng.randint(min_objects, 3)
-            objects = [self.in_cell(rng, rng.choice(SHAPES), col, c)
-                       for col, c in zip(rng.sample(colors, k), rng.sample(CELLS, k))]
-            target = rng.choice(objects)
-            question, answer = f"what shape is the {target['color']} object?", target["shape"]
+            placed = list(zip(rng.sample(colors, k), rng.sample(CELLS, k)))
+            objects = [self.in_cell(rng, rng.choice(SHAPES), col, c) for col, c in placed]
+            i = rng.randrange(k)
+            if qtype == "shape":
+                question, answer = f"what shape is the {objects[i]['color']} object?", objects[i]["shape"]
+            else:
+                question, answer = f"where is the {objects[i]['color']} object?", T.CELL_NAMES[placed[i][1]]
+                meta["question_type"] = "position"
         elif qtype == "count":
             shape = rng.choice(SHAPES)
             n = rng.randint(1, 4)
@@ -224,13 +228,6 @@ class ShapesWorld:
             objects = [self.in_cell(rng, s, rng.choice(colors), c) for s, c in zip(kinds, rng.sample(CELLS, len(kinds)))]
             question, answer = f"how many {T.plural(shape)} are there?", T.number_word(n)
             meta["count"] = n
-        elif qtype == "place_by_color":  # distinct colors, so "the red object" names one object
-            k = rng.randint(min_objects, 3)
-            cells = rng.sample(CELLS, k)
-            objects = [self.in_cell(rng, rng.choice(SHAPES), col, c) for col, c in zip(rng.sample(colors, k), cells)]
-            i = rng.randrange(k)
-            question, answer = f"where is the {objects[i]['color']} object?", T.CELL_NAMES[cells[i]]
-            meta["question_type"] = "position"
         elif rng.random() < 0.5:  # relative position of two objects with distinct shapes
             s1, s2 = rng.sample(SHAPES, 2)
             ca, cb, rel = self.adjacent_pair(rng)
