@@ -118,8 +118,10 @@ def backbone_from_config(hf_cfg, attn_implementation: str):
     """A fresh HF backbone from its config; Chameleon is registered as image-text-to-text, not causal LM."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+    from omni.attention import hf_attention
+
     auto = AutoModelForImageTextToText if hf_cfg.model_type == "chameleon" else AutoModelForCausalLM
-    return auto.from_config(hf_cfg, attn_implementation=attn_implementation)
+    return auto.from_config(hf_cfg, attn_implementation=hf_attention(attn_implementation))
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):

@@ -346,6 +346,7 @@ def convert_chameleon(
     from tqdm import tqdm
     from transformers import AutoTokenizer, ChameleonConfig, ChameleonForConditionalGeneration
 
+    from omni.attention import hf_attention
     from omni.checkpoint import save_pretrained
     from omni.model import OmniModel
     from omni.tokenizers.text import TextTokenizer
@@ -367,7 +368,7 @@ def convert_chameleon(
 
     with torch.device("meta"):  # shapes and names only: the weights are streamed, never loaded
         backbone = ChameleonForConditionalGeneration._from_config(
-            copy.deepcopy(hf_cfg), attn_implementation=cfg.model.backbone.attn_implementation
+            copy.deepcopy(hf_cfg), attn_implementation=hf_attention(cfg.model.backbone.attn_implementation)
         )
     model = OmniModel(cfg.model, tokenizer, VQFeatureTokenizer(cfg.model.image, vqgan=vq), backbone=backbone)
     rows = _image_embed_rows(tensors, hf_cfg, vq.config.num_embeddings, src)

@@ -142,8 +142,9 @@ def train_and_export(out: Path, cfg, force: bool) -> Path:
 def evaluate_all(out: Path, model_dir: Path, paths: dict[str, str], limit: int | None) -> dict[str, dict]:
     from omni.eval.harness import evaluate
     from omni.model import OmniModel
+    from omni.utils import default_device
 
-    model = OmniModel.from_pretrained(model_dir)
+    model = OmniModel.from_pretrained(model_dir, device=default_device())
     results = {}
     for name in SCORECARD:
         data = paths["digits"] if name.startswith("digits") else paths["shapes"]
@@ -186,8 +187,9 @@ def sample_chat(out: Path, model_dir: Path, paths: dict[str, str], preview: bool
     from omni.generation import generate, generation_config
     from omni.model import OmniModel
     from omni.preview import supports_color
+    from omni.utils import default_device
 
-    model = OmniModel.from_pretrained(model_dir)
+    model = OmniModel.from_pretrained(model_dir, device=default_device())
     picks = {}
     for doc in read_documents(f"{paths['shapes']}/val-*.tar", resampled=False, shuffle_buffer=0):
         picks.setdefault(doc.task, doc)

@@ -22,6 +22,7 @@ from torch import nn
 from omni.config import ModelConfig
 from omni.heads.diffusion import DiffusionHead
 from omni.heads.lm import lm_loss
+from omni.attention import hf_attention
 from omni.layout import Batch, SpecialIds
 from omni.tokenizers.image import ImageTokenizer, build_image_tokenizer
 from omni.tokenizers.text import TextTokenizer
@@ -46,7 +47,8 @@ def build_backbone(cfg: ModelConfig, vocab_size: int) -> nn.Module:
                 "(config.json missing); download it once and point at the local copy"
             )
         model = AutoModelForCausalLM.from_pretrained(
-            str(path), attn_implementation=bb.attn_implementation, dtype=torch.float32, trust_remote_code=False
+            str(path), attn_implementation=hf_attention(bb.attn_implementation), dtype=torch.float32,
+            trust_remote_code=False
         )
         if model.get_input_embeddings().weight.shape[0] < vocab_size:
             model.resize_token_embeddings(vocab_size, mean_resizing=True)
@@ -65,7 +67,7 @@ def build_backbone(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     }
     hf_cfg = LlamaConfig(**kwargs) if bb.arch == "llama" else Qwen2Config(**kwargs)
     # _from_config mutates the config it is given: pass a copy.
-    return AutoModelForCausalLM.from_config(copy.deepcopy(hf_cfg), attn_implementation=bb.attn_implementation)
+    return AutoModelForCausalLM.from_config(copy.deepcopy(hf_cfg), attn_implementation=hf_attention(bb.attn_implementation))
 
 
 def check_attention(impl: str) -> None:
