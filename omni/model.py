@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from omni.attention import hf_attention
 from omni.config import ModelConfig
 from omni.heads.diffusion import DiffusionHead
 from omni.heads.lm import lm_loss
-from omni.attention import hf_attention
 from omni.layout import Batch, SpecialIds
 from omni.tokenizers.image import ImageTokenizer, build_image_tokenizer
 from omni.tokenizers.text import TextTokenizer
