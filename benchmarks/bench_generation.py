@@ -150,6 +150,9 @@ def _run(quick: bool, preset: str, dev: torch.device, peaks: dict[str, Any], tmp
         if "kv_cfg_graph" in row:
             row["cuda_graph_speedup"] = round(row["kv_cfg"]["seconds"] / row["kv_cfg_graph"]["seconds"], 2)
         table[str(b)] = row
+        # One line per batch size as it finishes, so a run cut short still shows what it measured.
+        print(f"  batch {b}: " + ", ".join(f"{name} {row[name]['seconds_per_image']:.3f}" for name in runs)
+              + " s/image", flush=True)
     return {
         "preset": preset,
         "device": str(dev),

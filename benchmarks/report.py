@@ -107,6 +107,8 @@ def section(r: dict[str, Any]) -> list[str]:
              (f"{r['created']} on {hw}; torch {m['torch']}, transformers {m['transformers']}, "
              f"diffusers {m['diffusers']}, Python {m['python']}, commit {m['commit']}; "
              f"load average {m.get('load_average_1m')}; suite took {r['seconds']} s."), ""]
+    if r.get("note"):  # how the run was made, where it differs from one plain invocation
+        lines += [f"Note: {r['note']}", ""]
     if "targets" in r:
         lines += _targets(r["targets"])
     if "train" in r:
