@@ -320,7 +320,7 @@ class Sampler:
         bias = bias.masked_fill(~allowed, torch.finfo(embeds.dtype).min)[:, None]  # (S, 1, Q, T)
         hidden, cache = self.model.decoder(
             embeds, attention_mask=bias, position_ids=pos,
-            past_key_values=group.cache if self.use_cache else None, use_cache=self.use_cache,
+            cache=group.cache if self.use_cache else None, use_cache=self.use_cache,
         )
         group.cache = cache if self.use_cache else None
         return hidden[:, -1]  # (S, D)

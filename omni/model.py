@@ -14,6 +14,8 @@ unchanged; everything new (in_proj, head) lives beside it.
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 from pathlib import Path
 
 import torch
@@ -68,6 +70,13 @@ def build_backbone(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     hf_cfg = LlamaConfig(**kwargs) if bb.arch == "llama" else Qwen2Config(**kwargs)
     # _from_config mutates the config it is given: pass a copy.
     return AutoModelForCausalLM.from_config(copy.deepcopy(hf_cfg), attn_implementation=hf_attention(bb.attn_implementation))
+
+
+@functools.cache
+def _cache_kwarg(model_cls: type) -> str:
+    """What the backbone calls its KV cache: `cache` from transformers 5.2x (which warns on the old
+    name), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model_cls.forward).parameters else "past_key_values"
 
 
 def check_attention(impl: str) -> None:
@@ -224,16 +233,17 @@ class OmniModel(nn.Module):
             img = img + self.image_pos(cells.to(emb.device)[image_mask.to(emb.device)]).to(emb.dtype)
         return emb.masked_scatter(image_mask[..., None].to(emb.device), img)
 
-    def decoder(self, embeds, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
-        """The backbone's transformer without its LM head -> (hidden (B, L, D), cache)."""
+    def decoder(self, embeds, attention_mask=None, position_ids=None, cache=None, use_cache=False):
+        """The backbone's transformer without its LM head -> (hidden (B, L, D), KV cache)."""
+        name = _cache_kwarg(type(self.backbone.model))
         out = self.backbone.model(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
+            **{name: cache},
         )
-        return out.last_hidden_state, out.past_key_values
+        return out.last_hidden_state, getattr(out, name)
 
     def hidden_states(self, batch: Batch) -> torch.Tensor:
         tokens = batch.image_tokens  # (M, d)

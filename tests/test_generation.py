@@ -109,7 +109,7 @@ def reference_t2i(model, text: str, cfg: GenerationConfig, seed: int) -> torch.T
         cells = torch.full_like(ids_t, cell)  # the one image token fed is the image's cell `cell`
         emb = model.embed(ids_t, x if x is not None else torch.zeros(0, d), mask, cells)
         with torch.no_grad():
-            hidden, cache = model.decoder(emb, past_key_values=cache, use_cache=True)
+            hidden, cache = model.decoder(emb, cache=cache, use_cache=True)
         return hidden[:, -1], cache
 
     h_c, cache_c = step([sp.bos, *model.tokenizer.encode(text), sp.boi], None, None)
