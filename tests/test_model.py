@@ -288,3 +288,17 @@ def test_prompt_image_blocks_number_each_prompt_image(tiny_model):
         bad = dataclasses.replace(cfg, prompt_image_attention="bidirectional",
                                   backbone=dataclasses.replace(cfg.backbone, attn_implementation="flash_attention_2"))
         OmniModel(bad, tiny_model.tokenizer, tiny_model.image_tokenizer, backbone=tiny_model.backbone)
+
+
+def test_decoder_cache_matches_a_full_pass_without_deprecation_warnings(tiny_cfg):
+    import warnings
+
+    model = OmniModel.from_config(tiny_cfg.model).eval()
+    emb = torch.randn(1, 6, model.backbone.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # transformers 5.2x warns on `past_key_values`
+        _, cache = model.decoder(emb[:, :4], use_cache=True)
+        step, cache = model.decoder(emb[:, 4:], cache=cache, use_cache=True)
+        full, _ = model.decoder(emb)
+    assert cache.get_seq_length() == 6
+    torch.testing.assert_close(step, full[:, 4:], rtol=1e-5, atol=1e-5)
