@@ -139,12 +139,9 @@ def train_and_export(out: Path, cfg, force: bool) -> Path:
     return model_dir
 
 
-def evaluate_all(out: Path, model_dir: Path, paths: dict[str, str], limit: int | None) -> dict[str, dict]:
+def evaluate_all(out: Path, model, paths: dict[str, str], limit: int | None) -> dict[str, dict]:
     from omni.eval.harness import evaluate
-    from omni.model import OmniModel
-    from omni.utils import default_device
 
-    model = OmniModel.from_pretrained(model_dir, device=default_device())
     results = {}
     for name in SCORECARD:
         data = paths["digits"] if name.startswith("digits") else paths["shapes"]
@@ -180,16 +177,13 @@ def scorecard(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def sample_chat(out: Path, model_dir: Path, paths: dict[str, str], preview: bool) -> Path:
+def sample_chat(out: Path, model, paths: dict[str, str], preview: bool) -> Path:
     """A short scripted conversation: read an image, draw one, continue an illustrated story."""
     from omni.data.shards import read_documents
     from omni.data.templates import split_prompt
     from omni.generation import generate, generation_config
-    from omni.model import OmniModel
     from omni.preview import supports_color
-    from omni.utils import default_device
 
-    model = OmniModel.from_pretrained(model_dir, device=default_device())
     picks = {}
     for doc in read_documents(f"{paths['shapes']}/val-*.tar", resampled=False, shuffle_buffer=0):
         picks.setdefault(doc.task, doc)
@@ -261,7 +255,11 @@ def run(args: argparse.Namespace) -> int:
     _stage("3/5 evaluate on every built-in benchmark")
     if args.force:
         shutil.rmtree(out / "eval", ignore_errors=True)
-    results = evaluate_all(out, model_dir, paths, limit=args.limit or (40 if quick else None))
+    from omni.model import OmniModel
+    from omni.utils import default_device
+
+    model = OmniModel.from_pretrained(model_dir, device=default_device())  # read by both stages below
+    results = evaluate_all(out, model, paths, limit=args.limit or (40 if quick else None))
     _stage("4/5 scorecard")
     table = scorecard(results)
     print(table)
@@ -273,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
     for name in results:
         print(f"report: {out / 'eval' / name / 'report.html'}")
     _stage("5/5 sample chat")
-    transcript = sample_chat(out, model_dir, paths, preview=not args.no_preview)
+    transcript = sample_chat(out, model, paths, preview=not args.no_preview)
     print(f"\ntranscript: {transcript}")
     print(f"demo finished in {time.time() - t0:.0f} s; everything is in {out}")
     return 0
