@@ -220,6 +220,41 @@ def test_vqa_tasks_train_only_on_the_answer(task):
         assert answer == [doc.meta["answer"]] and prompt[1] == doc.meta["question"]
 
 
+def test_vqa_multi_asks_several_questions_about_one_picture_and_trains_every_answer(tmp_path):
+    out = tmp_path / "shapes"
+    assert main(["data", "shapes", "--out", str(out), "--train", "80", "--val", "0", "--mix", "vqa_multi=1"]) == 0
+    records = _read_plain(sorted(out.glob("train-*.tar")))
+    kinds, full = Counter(), 0
+    for record, images in records:
+        meta, texts = record["meta"], [t for t in record["texts"] if t is not None]
+        # Fewer questions only where the scene has fewer with one answer (e.g. two blue circles).
+        assert meta["task"] == "vqa_multi" and 2 <= len(texts) <= 2 * shapes.QUESTIONS_PER_SCENE
+        full += len(texts) == 2 * shapes.QUESTIONS_PER_SCENE
+        questions, answers = texts[0::2], texts[1::2]
+        assert questions == meta["questions"] and answers == meta["answers"]
+        assert len(set(questions)) == len(questions)  # no question asked twice
+        for q, a in zip(questions, answers):  # every answer checked against the scene on its own
+            one = {**meta, "task": "vqa", "question": q, "answer": a}
+            one.pop("relation", None)
+            rel = re.search(r"is the (\w+) (?:left or right of|above or below) the (\w+)\?", q)
+            if rel:
+                by_shape = {o["shape"]: i for i, o in enumerate(meta["objects"])}
+                word = {"left": "left of", "right": "right of"}.get(a, a)
+                one["relation"] = {"a": by_shape[rel.group(1)], "b": by_shape[rel.group(2)], "rel": word}
+            one["question_type"] = ("color" if q.startswith("what color") else "shape" if q.startswith("what shape")
+                                    else "count" if q.startswith("how many") else "position")
+            kinds[one["question_type"]] += 1
+            _check_semantics({"meta": one, "texts": [None, q, a]})
+        _check_pixels(images[0], _image_objects(meta)[0])
+    assert set(kinds) == {"color", "shape", "count", "position"} and min(kinds.values()) >= 25
+    assert full >= 0.9 * len(records)
+    doc = next(shapes.generate(1, seed=3, mix={"vqa_multi": 1.0}))
+    n = len(doc) - 1
+    assert T.loss_flags(doc) == [False] + [False, True] * (n // 2)  # the answers, not the questions
+    prompt, answer = T.split_prompt(doc)
+    assert answer == [doc.meta["answers"][-1]] and len(prompt) == n
+
+
 def test_shapes_are_reproducible_and_scale_with_the_canvas():
     a = [d.to_sample() for d in shapes.generate(30, seed=5)]
     b = [d.to_sample() for d in shapes.generate(30, seed=5)]

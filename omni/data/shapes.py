@@ -20,7 +20,9 @@ always inside the object, so a judge can read colors at object centers.
 
 from __future__ import annotations
 
+import itertools
 import random
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -50,8 +52,11 @@ DEFAULT_MIX = {"t2i": 0.45, "caption": 0.15, "vqa": 0.2, "story": 0.12, "text": 
 # scenes of two or three objects, where every binding error sits (one-object questions are always
 # right). Only it asks "where is the red object?": the one question of the benchmark's that looks
 # an object up by its colour is "what shape is the red object?", the lookup most runs fail
-# (README: training notes).
-TASKS = (*DEFAULT_MIX, "vqa_position", "vqa_binding")
+# (README: training notes). `vqa_multi` asks vqa's question and then QUESTIONS_PER_SCENE - 1 more
+# about the same picture: each answer is one or two trained tokens, so one question per picture
+# spends most of a VQA document's tokens on a picture that is read, not learned from.
+TASKS = (*DEFAULT_MIX, "vqa_position", "vqa_binding", "vqa_multi")
+QUESTIONS_PER_SCENE = 3
 CELLS = [(0, 0), (0, 1), (1, 0), (1, 1)]
 MOVES = {"right": (0, 1), "left": (0, -1), "up": (-1, 0), "down": (1, 0)}
 
@@ -256,6 +261,43 @@ class ShapesWorld:
         segments, meta = self.vqa(rng, qtype=qtype, min_objects=2)
         meta["task"] = "vqa_binding"
         return segments, meta
+
+    def vqa_multi(self, rng: random.Random) -> tuple[list, dict[str, Any]]:
+        """vqa's picture and question, then more questions about the same picture, each with one
+        answer for it, drawn from `scene_questions`: image, q1, a1, q2, a2, ..."""
+        segments, meta = self.vqa(rng)
+        others = [(q, a) for _, q, a in self.scene_questions(meta["objects"]) if q != meta["question"]]
+        for q, a in rng.sample(others, min(len(others), QUESTIONS_PER_SCENE - 1)):
+            segments += [q, a]
+        meta.update(task="vqa_multi", questions=segments[1::2], answers=segments[2::2])
+        return segments, meta
+
+    def cell_of(self, obj: dict[str, Any]) -> tuple[int, int]:
+        return obj["cy"] // self.cell, obj["cx"] // self.cell
+
+    def scene_questions(self, objects: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+        """Every question of the VQA task's kinds that has exactly one answer for a scene of
+        in-cell objects: (question type, question, answer)."""
+        shapes = Counter(o["shape"] for o in objects)
+        colors = Counter(o["color"] for o in objects)
+        out = []
+        for o in objects:
+            if shapes[o["shape"]] == 1:
+                out.append(("color", f"what color is the {o['shape']}?", o["color"]))
+                out.append(("position", f"where is the {o['shape']}?", T.CELL_NAMES[self.cell_of(o)]))
+            if colors[o["color"]] == 1:
+                out.append(("shape", f"what shape is the {o['color']} object?", o["shape"]))
+        for shape, n in shapes.items():
+            out.append(("count", f"how many {T.plural(shape)} are there?", T.number_word(n)))
+        for a, b in itertools.permutations([o for o in objects if shapes[o["shape"]] == 1], 2):
+            (ra, ca), (rb, cb) = self.cell_of(a), self.cell_of(b)
+            if ra == rb and abs(ca - cb) == 1:
+                out.append(("position", f"is the {a['shape']} left or right of the {b['shape']}?",
+                            "left" if ca < cb else "right"))
+            elif ca == cb and abs(ra - rb) == 1:
+                out.append(("position", f"is the {a['shape']} above or below the {b['shape']}?",
+                            "above" if ra < rb else "below"))
+        return out
 
     def story(self, rng: random.Random) -> tuple[list, dict[str, Any]]:
         """3-4 scenes; between them one object moves, changes color, appears or disappears."""

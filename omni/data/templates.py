@@ -9,11 +9,13 @@ prefix the model was trained to continue:
 | digit_t2i   | "draw the digit 7.", image        | text                      | image                   |
 | caption     | image, caption                    | image                     | caption                 |
 | digit_read  | image, "this is the digit 7."     | image                     | text                    |
-| vqa         | image, question, answer           | image, question           | answer                  |
+| vqa         | image, question, answer [, q, a]  | image, question           | answer(s)               |
 | story       | text, image, text, image, ...     | first text                | everything after        |
 | text / other| text ...                          | (nothing)                 | everything              |
 
-A task named `vqa_<kind>` (a narrower VQA task of a training mix) follows the vqa template.
+A task named `vqa_<kind>` (a narrower VQA task of a training mix) follows the vqa template. A VQA
+document may ask several questions about its image (question, answer, question, answer, ...):
+every answer is trained on, no question is, and its prompt is everything before the last answer.
 
 Phrasing is lowercase, short and consistent with a little variety (t2i prompts have a few
 variants; captions, answers and digit texts have one form, so a judge can parse them).
@@ -78,7 +80,11 @@ def split_prompt(doc: Document | Sequence[Segment], task: str | None = None) -> 
 
 
 def loss_flags(doc: Document) -> list[bool]:
-    """Which segments are trained on: the answer part of `split_prompt`."""
+    """Which segments are trained on: the answer part of `split_prompt`, and in a VQA document
+    every answer (the texts after the image alternate question, answer)."""
+    if template(doc.task) == "vqa":
+        k = _first(doc.segments, str)
+        return [i >= k and (i - k) % 2 == 1 for i in range(len(doc))]
     k = split_index(doc.task, doc.segments)
     return [i >= k for i in range(len(doc))]
 
