@@ -214,16 +214,16 @@ class ShapesWorld:
             objects = [self.in_cell(rng, s, rng.choice(colors), c)
                        for s, c in zip(rng.sample(SHAPES, k), rng.sample(CELLS, k))]
             target = rng.choice(objects)
-            question, answer = f"what color is the {target['shape']}?", target["color"]
+            question, answer = T.color_question(target["shape"]), target["color"]
         elif qtype in ("shape", "place_by_color"):  # distinct colors: "the red object" names one object
             k = rng.randint(min_objects, 3)
             placed = list(zip(rng.sample(colors, k), rng.sample(CELLS, k)))
             objects = [self.in_cell(rng, rng.choice(SHAPES), col, c) for col, c in placed]
             i = rng.randrange(k)
             if qtype == "shape":
-                question, answer = f"what shape is the {objects[i]['color']} object?", objects[i]["shape"]
+                question, answer = T.shape_question(objects[i]["color"]), objects[i]["shape"]
             else:
-                question, answer = f"where is the {objects[i]['color']} object?", T.CELL_NAMES[placed[i][1]]
+                question, answer = T.where_question(color=objects[i]["color"]), T.CELL_NAMES[placed[i][1]]
                 meta["question_type"] = "position"
         elif qtype == "count":
             shape = rng.choice(SHAPES)
@@ -231,23 +231,20 @@ class ShapesWorld:
             others = rng.randint(0, 4 - n)
             kinds = [shape] * n + [rng.choice([s for s in SHAPES if s != shape]) for _ in range(others)]
             objects = [self.in_cell(rng, s, rng.choice(colors), c) for s, c in zip(kinds, rng.sample(CELLS, len(kinds)))]
-            question, answer = f"how many {T.plural(shape)} are there?", T.number_word(n)
+            question, answer = T.count_question(shape), T.number_word(n)
             meta["count"] = n
         elif rng.random() < 0.5:  # relative position of two objects with distinct shapes
             s1, s2 = rng.sample(SHAPES, 2)
             ca, cb, rel = self.adjacent_pair(rng)
             objects = [self.in_cell(rng, s1, rng.choice(colors), ca), self.in_cell(rng, s2, rng.choice(colors), cb)]
             meta["relation"] = {"a": 0, "b": 1, "rel": rel}
-            if rel in ("left of", "right of"):
-                question, answer = f"is the {s1} left or right of the {s2}?", rel.split()[0]
-            else:
-                question, answer = f"is the {s1} above or below the {s2}?", rel
+            question, answer = T.relation_question(s1, s2, rel)
         else:  # absolute position: which cell
             k = rng.randint(min_objects, 3)
             cells = rng.sample(CELLS, k)
             objects = [self.in_cell(rng, s, rng.choice(colors), c) for s, c in zip(rng.sample(SHAPES, k), cells)]
             i = rng.randrange(k)
-            question, answer = f"where is the {objects[i]['shape']}?", T.CELL_NAMES[cells[i]]
+            question, answer = T.where_question(objects[i]["shape"]), T.CELL_NAMES[cells[i]]
         meta.update(question=question, answer=answer, objects=objects)
         return [render(objects, self.canvas), question, answer], meta
 
@@ -283,20 +280,21 @@ class ShapesWorld:
         out = []
         for o in objects:
             if shapes[o["shape"]] == 1:
-                out.append(("color", f"what color is the {o['shape']}?", o["color"]))
-                out.append(("position", f"where is the {o['shape']}?", T.CELL_NAMES[self.cell_of(o)]))
+                out.append(("color", T.color_question(o["shape"]), o["color"]))
+                out.append(("position", T.where_question(o["shape"]), T.CELL_NAMES[self.cell_of(o)]))
             if colors[o["color"]] == 1:
-                out.append(("shape", f"what shape is the {o['color']} object?", o["shape"]))
+                out.append(("shape", T.shape_question(o["color"]), o["shape"]))
         for shape, n in shapes.items():
-            out.append(("count", f"how many {T.plural(shape)} are there?", T.number_word(n)))
+            out.append(("count", T.count_question(shape), T.number_word(n)))
         for a, b in itertools.permutations([o for o in objects if shapes[o["shape"]] == 1], 2):
             (ra, ca), (rb, cb) = self.cell_of(a), self.cell_of(b)
             if ra == rb and abs(ca - cb) == 1:
-                out.append(("position", f"is the {a['shape']} left or right of the {b['shape']}?",
-                            "left" if ca < cb else "right"))
+                rel = "left of" if ca < cb else "right of"
             elif ca == cb and abs(ra - rb) == 1:
-                out.append(("position", f"is the {a['shape']} above or below the {b['shape']}?",
-                            "above" if ra < rb else "below"))
+                rel = "above" if ra < rb else "below"
+            else:
+                continue
+            out.append(("position", *T.relation_question(a["shape"], b["shape"], rel)))
         return out
 
     def story(self, rng: random.Random) -> tuple[list, dict[str, Any]]:

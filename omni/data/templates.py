@@ -197,6 +197,30 @@ def scene_text(objects: list[dict[str, Any]], cells: list[tuple[int, int]]) -> s
     return " and ".join(where_phrase(o, c) for o, c in zip(objects, cells)) + "."
 
 
+def color_question(shape: str) -> str:
+    return f"what color is the {shape}?"
+
+
+def shape_question(color: str) -> str:
+    return f"what shape is the {color} object?"
+
+
+def where_question(shape: str | None = None, color: str | None = None) -> str:
+    """`where is the circle?`, or by colour `where is the red object?`."""
+    return f"where is the {shape}?" if shape else f"where is the {color} object?"
+
+
+def count_question(shape: str) -> str:
+    return f"how many {plural(shape)} are there?"
+
+
+def relation_question(a: str, b: str, rel: str) -> tuple[str, str]:
+    """(question, answer) for where shape `a` is relative to shape `b` (`rel` one of RELATIONS)."""
+    if rel in ("left of", "right of"):
+        return f"is the {a} left or right of the {b}?", rel.split()[0]
+    return f"is the {a} above or below the {b}?", rel
+
+
 def story_opening(n_scenes: int, objects: list[dict[str, Any]], cells: list[tuple[int, int]]) -> str:
     """`a story in three pictures. a red circle at the top left.`"""
     return f"a story in {number_word(n_scenes)} pictures. {scene_text(objects, cells)}"
