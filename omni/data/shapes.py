@@ -272,6 +272,17 @@ class ShapesWorld:
     def cell_of(self, obj: dict[str, Any]) -> tuple[int, int]:
         return obj["cy"] // self.cell, obj["cx"] // self.cell
 
+    @staticmethod
+    def cell_relation(a: tuple[int, int], b: tuple[int, int]) -> str | None:
+        """Where cell `a` is relative to cell `b` when they share a row or a column (on the 2 x 2
+        grid: neighbours), else None."""
+        (ra, ca), (rb, cb) = a, b
+        if ra == rb and ca != cb:
+            return "left of" if ca < cb else "right of"
+        if ca == cb and ra != rb:
+            return "above" if ra < rb else "below"
+        return None
+
     def scene_questions(self, objects: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
         """Every question of the VQA task's kinds that has exactly one answer for a scene of
         in-cell objects: (question type, question, answer)."""
@@ -287,14 +298,9 @@ class ShapesWorld:
         for shape, n in shapes.items():
             out.append(("count", T.count_question(shape), T.number_word(n)))
         for a, b in itertools.permutations([o for o in objects if shapes[o["shape"]] == 1], 2):
-            (ra, ca), (rb, cb) = self.cell_of(a), self.cell_of(b)
-            if ra == rb and abs(ca - cb) == 1:
-                rel = "left of" if ca < cb else "right of"
-            elif ca == cb and abs(ra - rb) == 1:
-                rel = "above" if ra < rb else "below"
-            else:
-                continue
-            out.append(("position", *T.relation_question(a["shape"], b["shape"], rel)))
+            rel = self.cell_relation(self.cell_of(a), self.cell_of(b))
+            if rel:
+                out.append(("position", *T.relation_question(a["shape"], b["shape"], rel)))
         return out
 
     def story(self, rng: random.Random) -> tuple[list, dict[str, Any]]:
@@ -362,9 +368,8 @@ class ShapesWorld:
         objs = [self.in_cell(rng, s, rng.choice(list(COLORS)), c) for s, c in zip(rng.sample(SHAPES, k), cells)]
         words = T.scene_text(objs, cells)
         if k >= 2:
-            (ra, ca), (rb, cb) = cells[0], cells[1]
-            rel = "left of" if ca < cb else "right of" if ca > cb else "above" if ra < rb else "below"
-            if ra == rb or ca == cb:
+            rel = self.cell_relation(cells[0], cells[1])
+            if rel:
                 words += f" the {objs[0]['shape']} is {rel} the {objs[1]['shape']}."
         return [words], {"task": "text", "objects": objs}
 
