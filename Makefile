@@ -23,7 +23,7 @@ browser:
 	  || echo "chromium is missing: install it (apt-get install chromium) for the report test"; }
 
 test: $(STAMP) browser
-	DS_ACCELERATOR=cpu $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	DS_ACCELERATOR=cpu $(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	DS_ACCELERATOR=cpu $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)

@@ -52,7 +52,7 @@ PRESET_OVERRIDES = {"tiny": ["model.image.patch_size=4"]}  # 32 px / 4 = 8 x 8 =
 
 
 def _model(preset: str, tmp: str, dev: torch.device):
-    from omni.model import OmniModel
+    from omni.models.model import OmniModel
 
     cfg = bench_config(preset, tmp, PRESET_OVERRIDES.get(preset, []))
     torch.manual_seed(0)
@@ -93,7 +93,7 @@ def run(quick: bool = False, preset: str = "tiny", device: str | torch.device | 
 
 
 def _run(quick: bool, preset: str, dev: torch.device, peaks: dict[str, Any], tmp: str) -> dict[str, Any]:
-    from omni.generation import generate
+    from omni.inference.generate import generate
 
     model, cfg = _model(preset, tmp, dev)
     n_tok = model.image_tokenizer.num_tokens

@@ -200,7 +200,8 @@ def run(quick: bool = False, preset: str = "tiny", device: str | torch.device | 
 
 
 def _run(quick: bool, preset: str, dev: torch.device, peaks: dict[str, Any]) -> dict[str, Any]:
-    from omni.model import OmniModel, attention_bias, build_backbone
+    from omni.models.backbone import build_backbone
+    from omni.models.model import OmniModel, attention_bias
 
     bf16 = dev.type == "cuda"
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext

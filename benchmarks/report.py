@@ -15,7 +15,7 @@ machine, library versions and settings). Ratios are measured within one run; abs
 shared CPU are noisy. Reproduce:
 
     python -m benchmarks.run                  # CPU, tiny preset (one thread)
-    python -m benchmarks.run --device cuda    # GPU, configs/bench-1b.yaml, bf16, SDPA
+    python -m benchmarks.run --device cuda    # GPU, omni/configs/bench-1b.yaml, bf16, SDPA
     python -m benchmarks.run --quick          # a < 2 minute schema check (what the test runs)
 """
 

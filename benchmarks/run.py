@@ -1,7 +1,7 @@
 """The benchmark suite's one entry point: training step, generation, data loader -> JSON + RESULTS.md.
 
     python -m benchmarks.run                          # CPU: tiny preset
-    python -m benchmarks.run --device cuda            # GPU: the ~1B preset (configs/bench-1b.yaml), bf16
+    python -m benchmarks.run --device cuda            # GPU: the ~1B preset (omni/configs/bench-1b.yaml), bf16
     python -m benchmarks.run --quick                  # < 2 minutes on CPU; what the test runs
     python -m benchmarks.run --only train,generation --preset tiny --out /tmp/bench
 
@@ -46,7 +46,7 @@ def flop_model() -> dict[str, Any]:
 
     from benchmarks.bench_train import DOC_SHAPES, make_batch, train_flops
     from benchmarks.common import bench_config
-    from omni.model import OmniModel
+    from omni.models.model import OmniModel
 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -14,11 +14,10 @@ import sys
 COMMANDS = [
     "omni.data.cli",  # omni data shapes|digits|tokenizer
     "omni.train.cli",  # omni train, omni export
-    "omni.generate_cli",  # omni generate
-    "omni.chat",  # omni chat
+    "omni.inference.cli",  # omni generate, omni chat
     "omni.eval.cli",  # omni eval
     "omni.demo",  # omni demo
-    "omni.convert",  # omni convert chameleon
+    "omni.models.convert",  # omni convert chameleon
 ]
 
 

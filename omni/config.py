@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,7 +18,10 @@ from typing import Any, Literal, Union
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Presets ship inside the package (package data), so a wheel or `pip install .` has them too.
+CONFIG_DIR = Path(str(importlib.resources.files("omni") / "configs"))
+MODES = ("auto", "text", "image")  # generation modes: interleaved, text only, exactly one image
+SAMPLERS = ("ddim", "ddpm", "euler", "stochastic")  # image-token samplers (omni.heads.diffusion)
 
 
 class ConfigError(ValueError):
@@ -148,14 +152,14 @@ class TrainConfig:
 
 @dataclass
 class GenerationConfig:
-    mode: Literal["auto", "text", "image"] = "auto"  # free interleaved, text only, image only
+    mode: Literal[MODES] = "auto"  # free interleaved, text only, image only
     max_new_tokens: int = 64  # generated positions (text + image) per answer
     max_images: int = 4  # images per answer
     temperature: float = 0.0  # text sampling temperature (0 = greedy)
     top_k: int = 0  # 0 disables
     top_p: float = 1.0  # nucleus sampling
     repetition_stop: int = 0  # stop a row after this many identical text tokens in a row; 0 off
-    sampler: Literal["ddim", "ddpm", "euler", "stochastic"] = "stochastic"  # image token sampler
+    sampler: Literal[SAMPLERS] = "stochastic"  # image token sampler
     image_steps: int = 20  # denoising steps per image token
     image_temperature: float = 0.7  # noise scale of the image sampler
     cfg_scale: float = 3.0  # classifier-free guidance on image tokens; 1 disables

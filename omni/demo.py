@@ -42,14 +42,6 @@ def _stage(title: str) -> None:
     print(f"\n== {title} ==", flush=True)
 
 
-def _cli(argv: list[str]) -> None:
-    from omni.cli import main
-
-    code = main(argv)
-    if code:
-        raise RuntimeError(f"`omni {' '.join(argv)}` failed with exit code {code}")
-
-
 def data_paths(out: Path) -> dict[str, str]:
     data = out / "data"
     paths = {name: str(data / name) for name in ("shapes", "digits", "tokenizer", "autoencoder")}
@@ -68,6 +60,8 @@ def shapes_train_mix(cfg) -> str | None:
 
 def build_data(out: Path, n_train: int, n_val: int, force: bool, ae_steps: int = 3000,
                train_mix: str | None = None, n_vqa: int = VQA_QUESTIONS) -> dict[str, str]:
+    from omni.data import writers
+
     paths = data_paths(out)
     shapes, digits, tok, ae, vqa = (Path(paths[k]) for k in ("shapes", "digits", "tokenizer", "autoencoder",
                                                                "shapes_vqa"))
@@ -77,29 +71,26 @@ def build_data(out: Path, n_train: int, n_val: int, force: bool, ae_steps: int =
         from omni.data.shapes import DEFAULT_MIX, format_mix
 
         # The validation split keeps the default mix: the built-in benchmarks read it.
-        val_mix = format_mix(DEFAULT_MIX)
-        mix = ["--mix", train_mix, "--val-mix", val_mix] if train_mix else []
-        _cli(["data", "shapes", "--out", str(shapes), "--train", str(n_train), "--val", str(n_val), *mix])
+        val_mix = format_mix(DEFAULT_MIX) if train_mix else None
+        writers.write_shapes(shapes, n_train, n_val, mix=train_mix, val_mix=val_mix)
     else:
         print(f"shapes shards exist in {shapes}: skipped")
     if not (vqa / "manifest.json").exists():
         # Held-out questions only (no training split), seeded apart from the shards above.
-        _cli(["data", "shapes", "--out", str(vqa), "--train", "0", "--val", str(n_vqa), "--mix", "vqa=1",
-              "--seed", "1"])
+        writers.write_shapes(vqa, 0, n_vqa, mix="vqa=1", seed=1)
     else:
         print(f"held-out VQA questions exist in {vqa}: skipped")
     if not (digits / "manifest.json").exists():
-        _cli(["data", "digits", "--out", str(digits)])
+        writers.write_digits(digits)
     else:
         print(f"digits shards exist in {digits}: skipped")
+    train_shards = [str(shapes / "train-*.tar"), str(digits / "train-*.tar")]
     if not (tok / "tokenizer.json").exists():
-        _cli(["data", "tokenizer", "--shards", str(shapes / "train-*.tar"), str(digits / "train-*.tar"),
-              "--out", str(tok), "--vocab-size", "256"])
+        writers.train_tokenizer(train_shards, tok, vocab_size=256)
     else:
         print(f"tokenizer exists in {tok}: skipped")
     if not (ae / "autoencoder.json").exists():
-        _cli(["data", "autoencoder", "--shards", str(shapes / "train-*.tar"), str(digits / "train-*.tar"),
-              "--out", str(ae), "--steps", str(ae_steps)])
+        writers.train_autoencoder(train_shards, ae, steps=ae_steps)
     else:
         print(f"image autoencoder exists in {ae}: skipped")
     return paths
@@ -181,8 +172,8 @@ def sample_chat(out: Path, model, paths: dict[str, str], preview: bool) -> Path:
     """A short scripted conversation: read an image, draw one, continue an illustrated story."""
     from omni.data.shards import read_documents
     from omni.data.templates import split_prompt
-    from omni.generation import generate, generation_config
-    from omni.preview import supports_color
+    from omni.inference.generate import generate, generation_config
+    from omni.inference.preview import supports_color
 
     picks = {}
     for doc in read_documents(f"{paths['shapes']}/val-*.tar", resampled=False, shuffle_buffer=0):
@@ -219,7 +210,7 @@ def sample_chat(out: Path, model, paths: dict[str, str], preview: bool) -> Path:
 
 
 def _show(seg, png: Path, color: bool) -> str:
-    from omni.preview import halfblock
+    from omni.inference.preview import halfblock
 
     if isinstance(seg, str):
         print(f"  {seg}")
@@ -255,10 +246,9 @@ def run(args: argparse.Namespace) -> int:
     _stage("3/5 evaluate on every built-in benchmark")
     if args.force:
         shutil.rmtree(out / "eval", ignore_errors=True)
-    from omni.model import OmniModel
-    from omni.utils import default_device
+    from omni.inference.generate import load
 
-    model = OmniModel.from_pretrained(model_dir, device=default_device())  # read by both stages below
+    model = load(model_dir)  # on the default device; read by both stages below
     results = evaluate_all(out, model, paths, limit=args.limit or (40 if quick else None))
     _stage("4/5 scorecard")
     table = scorecard(results)

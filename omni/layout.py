@@ -84,8 +84,11 @@ def doc_length(doc: TokenizedDoc, add_bos: bool = True, add_eos: bool = True) ->
     return n
 
 
-def _doc_positions(doc: TokenizedDoc, ids: SpecialIds, add_bos: bool, add_eos: bool):
-    """Flatten one document: (token ids, predicted?, image-token index or -1, forced?)."""
+def doc_positions(doc: TokenizedDoc, ids: SpecialIds, add_bos: bool = True, add_eos: bool = True):
+    """Flatten one document: (token ids, predicted?, image-token index or -1, image tensors).
+
+    The layout rule in one place: training (`layout`) and the sampler's prompts both use it.
+    """
     tok, pred, img, images = [], [], [], []
     n_img = 0  # image tokens in this document so far
     if add_bos:
@@ -122,7 +125,7 @@ def layout(
     seq_len pads every row to that length (an over-long row is an error: pack or cut first);
     None pads to the longest row.
     """
-    flat = [[_doc_positions(d, ids, add_bos, add_eos) for d in row] for row in rows]
+    flat = [[doc_positions(d, ids, add_bos, add_eos) for d in row] for row in rows]
     lengths = [sum(len(t) for t, *_ in row) for row in flat]
     L = seq_len if seq_len is not None else max(lengths, default=1)
     for r, n in enumerate(lengths):

@@ -40,6 +40,15 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def save_png(image, path: str | Path) -> None:
+    """Write a PIL image as PNG, atomically."""
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def default_device() -> torch.device:
     """The one place that picks a device: CUDA when present, else CPU."""
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -52,10 +61,21 @@ def seed_everything(seed: int) -> None:
 
 
 def rank() -> int:
+    """This process's rank: the one way ranks are read. The process group's once it exists, else
+    what the launcher exported (torchrun / deepspeed set RANK before any group), else 0."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
     return int(os.environ.get("RANK", "0"))
 
 
 def world_size() -> int:
+    """Processes in the run, read the same way as `rank`."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 

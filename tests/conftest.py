@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +18,19 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch
 
 torch.set_num_threads(1)
+
+
+def _omni_entry_point() -> str:
+    """The `omni` console script of the environment running the tests (a venv, conda env or CI
+    image alike): beside this interpreter, else on PATH."""
+    beside = Path(sys.executable).with_name("omni")
+    found = str(beside) if beside.exists() else shutil.which("omni")
+    if found is None:
+        raise RuntimeError(f"no `omni` entry point beside {sys.executable} or on PATH: pip install -e . first")
+    return found
+
+
+OMNI = _omni_entry_point()
 
 CORPUS = [
     "a red circle left of a blue square.",
@@ -57,7 +73,7 @@ def tiny_cfg(tokenizer_dir):
 def tiny_model(tiny_cfg):
     import torch
 
-    from omni.model import OmniModel
+    from omni.models.model import OmniModel
 
     torch.manual_seed(0)
     return OmniModel.from_config(tiny_cfg.model)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from omni.attention import OMNI_SDPA, _omni_sdpa, hf_attention
+from omni.models.attention import OMNI_SDPA, _omni_sdpa, hf_attention
 
 
 class _Attn(torch.nn.Module):
@@ -78,7 +78,7 @@ def test_saved_config_loads_without_omni(tmp_path):
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_omni_backbone_uses_the_mapped_kernel(tiny_cfg, impl):
-    from omni.model import OmniModel
+    from omni.models.model import OmniModel
 
     tiny_cfg.model.backbone.attn_implementation = impl
     model = OmniModel.from_config(tiny_cfg.model)

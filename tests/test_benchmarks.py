@@ -86,7 +86,7 @@ def test_quick_run_writes_schema(quick):
 
 def test_make_batch_packs_rows_and_flops_add_up(tiny_cfg):
     from benchmarks.bench_train import attention_pairs, make_batch, train_flops
-    from omni.model import OmniModel
+    from omni.models.model import OmniModel
 
     model = OmniModel.from_config(tiny_cfg.model)
     batch = make_batch(model, rows=2, seq_len=100, caption=5, tail=3)

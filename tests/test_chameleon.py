@@ -16,17 +16,18 @@ import itertools
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import OMNI
 
-from omni.soft_vq import image_token_ids, token_name_of_code
+from omni.models.soft_vq import image_token_ids, token_name_of_code
 
 ROOT = Path(__file__).resolve().parents[1]
-OMNI = str(ROOT / ".venv" / "bin" / "omni")
-PY = str(ROOT / ".venv" / "bin" / "python")
+PY = sys.executable
 WORDS = ["a", "an", "the", "red", "green", "blue", "yellow", "purple", "orange", "circle", "square", "triangle",
          "cat", "photo", "of", "draw", "is"]
 CODES = 32  # codebook size of the tiny VQGAN
@@ -125,7 +126,7 @@ def images(n: int, seed: int = 0) -> torch.Tensor:
     from PIL import Image
     from skimage import data
 
-    from omni.tokenizers.image import fit_image, to_uint8_tensor
+    from omni.tokenizers.base import fit_image, to_uint8_tensor
 
     pics = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()]
     out = [
@@ -137,7 +138,7 @@ def images(n: int, seed: int = 0) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def chameleon(tmp_path_factory):
     """(HF reference model, source dir, converted omni checkpoint dir)."""
-    from omni.convert import convert_chameleon
+    from omni.models.convert import convert_chameleon
 
     root = tmp_path_factory.mktemp("chameleon")
     hf, vqgan = make_chameleon(root / "hf")
@@ -147,7 +148,7 @@ def chameleon(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def converted(chameleon):
-    from omni.model import OmniModel
+    from omni.models.model import OmniModel
 
     return OmniModel.from_pretrained(chameleon[2])
 
@@ -277,7 +278,7 @@ def test_soft_vq_is_fp32_under_bf16_autocast(converted):
 
 
 def test_convert_without_decoder_names_the_fix(tmp_path):
-    from omni.convert import convert_chameleon
+    from omni.models.convert import convert_chameleon
 
     make_chameleon(tmp_path / "hf", shard=None)
     with pytest.raises(ValueError, match="--vqgan"):
@@ -286,7 +287,7 @@ def test_convert_without_decoder_names_the_fix(tmp_path):
 
 
 def test_checkpoint_round_trip(chameleon, converted, tmp_path):
-    from omni.model import OmniModel
+    from omni.models.model import OmniModel
 
     converted.save_pretrained(tmp_path / "again")
     again = OmniModel.from_pretrained(tmp_path / "again")
@@ -306,7 +307,7 @@ import gc, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[2])
 from test_chameleon import HEAD, make_chameleon
-from omni.convert import convert_chameleon
+from omni.models.convert import convert_chameleon
 
 root = Path(sys.argv[1])
 hf, vqgan = make_chameleon(root / "big", hidden=512, layers=4, intermediate=1376, extra_words=8000,
@@ -381,7 +382,7 @@ def test_stage1_preset_trains_only_new_parts_and_loss_falls(chameleon, converted
     from safetensors.torch import load_file
 
     from omni.config import load_config
-    from omni.model import OmniModel
+    from omni.models.model import OmniModel
     from omni.train.export import export
     from omni.train.loop import train
 

@@ -7,22 +7,19 @@ import io
 import os
 import re
 import signal
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import OMNI, TINY
 from PIL import Image
 
-from omni.chat import ChatEvents, ChatSession, Turn, chat_prompt
 from omni.config import load_config
-from omni.generation import generation_config
-from omni.model import OmniModel
-from omni.preview import halfblock
+from omni.inference.chat import ChatEvents, ChatSession, Turn, chat_prompt
+from omni.inference.generate import generation_config
+from omni.inference.preview import halfblock
+from omni.models.model import OmniModel
 
 pexpect = pytest.importorskip("pexpect")
-OMNI = Path(sys.executable).with_name("omni")
 
 
 @pytest.fixture(scope="module")

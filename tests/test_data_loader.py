@@ -19,7 +19,8 @@ from omni.data.document import Document
 from omni.data.loader import BatchStream, fit_length
 from omni.data.shards import ShardWriter, write_shards
 from omni.layout import IGNORE, ImageSegment, TextSegment
-from omni.tokenizers.image import PatchTokenizer, to_pil
+from omni.tokenizers.base import to_pil
+from omni.tokenizers.image import PatchTokenizer
 from omni.tokenizers.text import train_sentencepiece
 
 ITEMS = [f"item {i:04d}." for i in range(200)]

@@ -17,7 +17,8 @@ from PIL import Image
 from test_eval_http_judge import FakeJudgeServer
 
 from omni.eval.benchmark import Output
-from omni.eval.harness import evaluate, get_benchmark
+from omni.eval.harness import evaluate
+from omni.eval.registry import get_benchmark
 
 
 def canned(name: str, answers):

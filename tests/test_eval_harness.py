@@ -23,7 +23,7 @@ def tiny_ckpt(tmp_path_factory, tokenizer_dir):
     import torch
 
     from omni.config import load_config
-    from omni.model import OmniModel
+    from omni.models.model import OmniModel
 
     cfg = load_config("tiny", [f"model.tokenizer={tokenizer_dir}", *TINY, "generation.image_steps=2"])
     torch.manual_seed(0)

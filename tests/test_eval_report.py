@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from omni.eval.benchmark import EvalSample, Output
-from omni.eval.harness import write_record
+from omni.eval.records import write_record
 from omni.eval.report import IMAGE_PX, write_report
 
 CHROMIUM = "/usr/bin/chromium"

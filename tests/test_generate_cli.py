@@ -5,19 +5,17 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import OMNI, TINY
 from PIL import Image
 
 from omni.config import load_config
-from omni.generate_cli import build_prompt, load_image
-from omni.model import OmniModel
+from omni.inference.prompts import build_prompt, load_image
+from omni.models.model import OmniModel
 
-OMNI = Path(sys.executable).with_name("omni")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 

@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from omni.config import ImageTokenizerConfig
-from omni.tokenizers.image import PatchTokenizer, VAETokenizer, build_image_tokenizer, fit_image, to_pil
+from omni.tokenizers.base import fit_image, to_pil
+from omni.tokenizers.image import PatchTokenizer, VAETokenizer, build_image_tokenizer
 
 
 def test_patch_roundtrip_exact_and_shapes():

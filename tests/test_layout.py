@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from omni.layout import ImageSegment, SpecialIds, TextSegment, doc_length, layout
-from omni.model import attention_bias
+from omni.models.model import attention_bias
 
 IDS = SpecialIds(bos=1, eos=2, pad=0, boi=90, eoi=91, img=92)
 X = -100  # IGNORE

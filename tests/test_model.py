@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from omni.layout import ImageSegment, TextSegment, layout
-from omni.model import OmniModel, attention_bias
+from omni.models.model import OmniModel, attention_bias
 
 
 def _mixed_batch(model, g):
@@ -174,7 +174,7 @@ def test_flash_attention_without_package_is_a_clear_error(tiny_cfg):
 
 
 def test_image_cells_count_from_each_images_start(tiny_model):
-    from omni.model import image_cells
+    from omni.models.model import image_cells
 
     sp = tiny_model.special
     t = tiny_model.tokenizer.encode("a")[0]
@@ -277,7 +277,7 @@ def test_bidirectional_prompt_images_see_themselves_whole_and_drawn_images_stay_
 
 
 def test_prompt_image_blocks_number_each_prompt_image(tiny_model):
-    from omni.model import prompt_image_blocks
+    from omni.models.model import prompt_image_blocks
 
     image_mask = torch.tensor([[0, 1, 1, 1, 0, 0, 1, 1, 0, 1, 1, 0], [0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0]]).bool()
     # image tokens in row-major order: row 0 has images A (0-2), B (3-4), C (5-6); row 1 has D (7-8)

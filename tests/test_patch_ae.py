@@ -51,7 +51,7 @@ def test_learns_held_out_shapes(ae_dir):
 
 
 def test_checkpoint_round_trip(ae_dir, tiny_cfg, tmp_path):
-    from omni.model import OmniModel
+    from omni.models.model import OmniModel
 
     tiny_cfg.model.image.kind = "patch-ae"
     tiny_cfg.model.image.path = str(ae_dir)

@@ -215,7 +215,7 @@ def test_zero_stages_on_two_ranks_match_one_rank_and_zero3_export(tokenizer_dir,
 
     # The ZeRO-3 export, loaded by OmniModel.from_pretrained, reproduces the live engine.
     from omni.layout import SpecialIds
-    from omni.model import OmniModel
+    from omni.models.model import OmniModel
     from omni.tokenizers.text import TextTokenizer
     from omni.train.synthetic import SyntheticBatches
 

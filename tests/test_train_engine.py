@@ -173,7 +173,7 @@ def test_rng_state_roundtrip_through_json():
 
 @pytest.mark.parametrize("preset, world", [("mmar-0.5b", 8), ("omni-7b-zero3", 16)])
 def test_pretrained_presets_give_valid_deepspeed_configs(preset, world, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the preset's configs/ds/*.json resolves against the repository
+    monkeypatch.chdir(tmp_path)  # the preset's configs/ds/*.json resolves inside the package, from any directory
     cfg = load_config(preset)
     ds = deepspeed_config(cfg, world)
     assert ds["train_batch_size"] == cfg.train.global_batch_size

@@ -96,7 +96,7 @@ def test_consecutive_nan_batches_stop_naming_step_and_checkpoint(tokenizer_dir, 
 
 
 def test_export_ema_and_raw_load_with_from_pretrained(tokenizer_dir, tmp_path):
-    from omni.model import OmniModel
+    from omni.models.model import OmniModel
     from omni.train.export import export
     from omni.train.loop import train
 

@@ -44,7 +44,7 @@ def _image_from_b64(text: str, where: str) -> Image.Image:
 def _fit(image: Image.Image, size: int | None) -> Image.Image:
     if size is None:
         return image
-    from omni.tokenizers.image import fit_image
+    from omni.tokenizers.base import fit_image
 
     return fit_image(image, size)
 

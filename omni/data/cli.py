@@ -16,146 +16,44 @@ from __future__ import annotations
 import argparse
 import json
 from collections import Counter
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
-
-
-def _clear_stale(out: Path, prefix: str, keep: list[Path]) -> None:
-    """Remove `prefix-*.tar` left by an earlier, larger run (a directory spec would read them)."""
-    for path in sorted(out.glob(f"{prefix}-*.tar")):
-        if path not in keep:
-            path.unlink()
-            print(f"removed stale shard {path}")
-
-
-def _write_split(docs: Iterable, out: Path, prefix: str, shard_size: int, total: int | None) -> dict[str, Any]:
-    from omni.data.shards import brace_pattern, write_shards
-
-    tasks: Counter = Counter()
-
-    def counted():
-        for d in docs:
-            tasks[d.task] += 1
-            yield d
-
-    paths = write_shards(counted(), out, prefix, shard_size, total=total)
-    _clear_stale(out, prefix, paths)
-    return {"pattern": brace_pattern(paths) if paths else None, "shards": [p.name for p in paths],
-            "documents": sum(tasks.values()), "tasks": dict(sorted(tasks.items()))}
-
-
-def _check_dir(out: Path, generator: str) -> None:
-    manifest = out / "manifest.json"
-    if manifest.exists():
-        other = json.loads(manifest.read_text()).get("generator", {}).get("name")
-        if other != generator:
-            raise ValueError(f"{out} already holds {other!r} shards; write {generator!r} shards to another --out")
-
-
-def _finish(out: Path, manifest: dict[str, Any]) -> int:
-    from omni.utils import atomic_write_text
-
-    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
-    for split in ("train", "val"):
-        info = manifest.get(split)
-        if info and info["pattern"]:
-            print(f"{split}: {info['documents']} documents in {len(info['shards'])} shard(s)  {info['tasks']}")
-    sets = " ".join(f"data.{s}={manifest[s]['pattern']}" for s in ("train", "val") if manifest.get(s, {}).get("pattern"))
-    print(f"use: {sets}")
-    return 0
 
 
 def run_shapes(args: argparse.Namespace) -> int:
-    from omni.data import shapes
+    from omni.data.writers import write_shapes
 
-    out = Path(args.out)
-    _check_dir(out, "shapes")
-    mix = shapes.parse_mix(args.mix)
-    val_mix = shapes.parse_mix(args.val_mix) if args.val_mix else mix
-    manifest: dict[str, Any] = {"generator": {"name": "shapes", "seed": args.seed, "canvas": args.size, "mix": mix,
-                                              "val_mix": val_mix}}
-    for split, n, split_mix in (("train", args.train, mix), ("val", args.val, val_mix)):
-        if n > 0:
-            docs = shapes.generate(n, split, seed=args.seed, canvas=args.size, mix=split_mix)
-            manifest[split] = _write_split(docs, out, split, args.shard_size, n)
-    return _finish(out, manifest)
+    write_shapes(args.out, args.train, args.val, seed=args.seed, canvas=args.size, mix=args.mix,
+                 val_mix=args.val_mix, shard_size=args.shard_size)
+    return 0
 
 
 def run_digits(args: argparse.Namespace) -> int:
-    from omni.data import digits
+    from omni.data.writers import write_digits
 
-    out = Path(args.out)
-    _check_dir(out, "digits")
-    manifest: dict[str, Any] = {"generator": {"name": "digits", "canvas": args.size, "heldout": digits.N_HELDOUT,
-                                              "source": "sklearn.datasets.load_digits"}}
-    for split, prefix in (("train", "train"), ("heldout", "val")):
-        n = 2 * len(digits.split_indices(split))
-        manifest[prefix] = _write_split(digits.documents(split, args.size), out, prefix, args.shard_size, n)
-    return _finish(out, manifest)
+    write_digits(args.out, canvas=args.size, shard_size=args.shard_size)
+    return 0
 
 
 def run_tokenizer(args: argparse.Namespace) -> int:
-    from omni.data.document import Stats
-    from omni.data.shards import read_documents
-    from omni.tokenizers.text import train_sentencepiece
+    from omni.data.writers import train_tokenizer
 
-    stats = Stats()
-    texts = [t for doc in read_documents(args.shards, decode_images=False, stats=stats) for t in doc.texts if t]
-    if stats.counts:
-        print(f"skipped while reading: {stats.as_dict()}")
-    tok = train_sentencepiece(texts, args.out, vocab_size=args.vocab_size)
-    print(f"trained a {len(tok)}-token sentencepiece tokenizer on {len(texts)} texts -> {args.out}")
-    print(f"use: model.tokenizer={args.out}")
+    train_tokenizer(args.shards, args.out, vocab_size=args.vocab_size)
     return 0
 
 
 def run_autoencoder(args: argparse.Namespace) -> int:
-    from omni.data.document import Stats
-    from omni.data.shards import read_documents
-    from omni.tokenizers.patch_ae import train_patch_autoencoder
+    from omni.data.writers import train_autoencoder
 
-    stats = Stats()
-    # Take an image from each --shards spec in turn, so every source gets its share of
-    # --max-images (reading them one after another, the first could fill it alone: 30,000 shapes
-    # documents left the digits out and the autoencoder never learned grey ink).
-    def pictures(spec: str):
-        for doc in read_documents(spec, stats=stats):
-            yield from (s for s in doc.segments if not isinstance(s, str))
-
-    sources = {spec: pictures(spec) for spec in args.shards}
-    per_source = dict.fromkeys(sources, 0)
-    images = []
-    while sources and len(images) < args.max_images:
-        for spec, it in list(sources.items()):
-            image = next(it, None)
-            if image is None:
-                del sources[spec]  # run dry: the others fill its share
-                continue
-            images.append(image)
-            per_source[spec] += 1
-            if len(images) >= args.max_images:
-                break
-    print("images per source: " + ", ".join(f"{spec} {n}" for spec, n in per_source.items()))
-    if stats.counts:
-        print(f"skipped while reading: {stats.as_dict()}")
-    if not images:
-        raise SystemExit(f"no images in {args.shards}; point --shards at shards with pictures")
-    sizes = {im.size for im in images}
-    if len(sizes) > 1:
-        raise SystemExit(f"images of several sizes {sorted(sizes)}; the autoencoder needs one size (write shards with one --size)")
-    meta = train_patch_autoencoder(images, args.out, patch_size=args.patch_size, latent_dim=args.latent_dim,
-                                   hidden=args.hidden, steps=args.steps, batch_size=args.batch_size, seed=args.seed)
-    t = meta["trained"]
-    print(f"trained a {args.patch_size}x{args.patch_size} -> {args.latent_dim} patch autoencoder on {t['images']} images "
-          f"({t['patches']} patches) in {t['seconds']} s: mean abs error {t['mean_abs_error_255']} / 255 -> {args.out}")
-    print(f"use: model.image.kind=patch-ae model.image.patch_size={args.patch_size} model.image.path={args.out}")
+    train_autoencoder(args.shards, args.out, patch_size=args.patch_size, latent_dim=args.latent_dim,
+                      hidden=args.hidden, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+                      max_images=args.max_images)
     return 0
 
 
 def run_convert(args: argparse.Namespace) -> int:
     from omni.data.adapters import iter_adapted
     from omni.data.document import Stats
+    from omni.data.writers import _write_split
 
     out = Path(args.out)
     stats = Stats()

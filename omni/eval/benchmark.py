@@ -87,17 +87,11 @@ class Benchmark:
 
     def generate(self, model, samples: list[EvalSample], cfg, seeds: list[int]) -> list[Output]:
         """One batched call of the shared sampler per generation mode in the batch."""
-        from omni.generation import generate
+        from omni.inference.generate import generate_by_mode
 
-        outputs: list[Output | None] = [None] * len(samples)
-        for mode in sorted({s.mode for s in samples}):
-            idx = [i for i, s in enumerate(samples) if s.mode == mode]
-            results = generate(
-                model, [samples[i].prompt for i in idx], cfg, seeds=[seeds[i] for i in idx], mode=mode
-            )
-            for i, r in zip(idx, results):
-                outputs[i] = Output(list(r.segments), r.finish_reason, dict(r.settings))
-        return [o for o in outputs if o is not None]
+        results = generate_by_mode(model, [s.prompt for s in samples], [s.mode for s in samples], seeds, cfg,
+                                   batch_size=len(samples))
+        return [Output(list(r.segments), r.finish_reason, dict(r.settings)) for r in results]
 
     def score(self, sample: EvalSample, output: Output, judge) -> dict[str, float | None]:
         raise NotImplementedError

@@ -217,7 +217,7 @@ class ShapesStory(Benchmark):
         return out
 
     def generate(self, model, samples, cfg, seeds):
-        from omni.generation import generate
+        from omni.inference.generate import generate
 
         outputs = super().generate(model, samples, cfg, seeds)  # free continuations
         guided: list[list[Image.Image]] = [[] for _ in samples]

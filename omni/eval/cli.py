@@ -73,7 +73,8 @@ def _gen_overrides(items: list[str]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from omni.eval.harness import benchmarks, evaluate
+    from omni.eval.harness import evaluate
+    from omni.eval.registry import benchmarks
 
     if args.list:
         for name, cls in benchmarks().items():

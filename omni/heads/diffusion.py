@@ -34,10 +34,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from omni.config import DiffusionHeadConfig
+from omni.config import SAMPLERS, DiffusionHeadConfig
 from omni.heads.schedules import make_scheduler
 
+# Each sampler name (the list lives in omni.config.SAMPLERS) -> the update it runs: `ddim` steps are
+# deterministic given the start noise, `ddpm` steps draw fresh noise (the schedule's posterior).
 DETERMINISTIC = {"ddim": "ddim", "euler": "ddim", "ddpm": "ddpm", "stochastic": "ddpm"}
+assert set(DETERMINISTIC) == set(SAMPLERS), "omni.config.SAMPLERS and the head's table must name the same samplers"
 MODULATION_BYTES = 64 << 20  # sampling precomputes adaLN modulations for as many steps as fit here
 
 
@@ -207,7 +210,7 @@ class DiffusionHead(nn.Module):
         two-pass baseline that the one-batch design is measured against (same result).
         """
         if sampler not in DETERMINISTIC:
-            raise ValueError(f"unknown sampler {sampler!r}; use one of {sorted(DETERMINISTIC)}")
+            raise ValueError(f"unknown sampler {sampler!r}; use one of {list(SAMPLERS)}")
         if steps < 1:
             raise ValueError(f"steps={steps} must be >= 1")
         stochastic = DETERMINISTIC[sampler] == "ddpm"

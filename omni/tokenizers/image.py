@@ -1,9 +1,4 @@
-"""Image tokenizers: pixels <-> continuous tokens, one interface for every kind.
-
-    encode(images) -> (B, N, d_tok) float   images: uint8 (B, C, H, W) tensor or PIL images
-    decode(tokens) -> (B, C, H, W) uint8
-    grid           -> (rows, cols) of tokens, N = rows * cols, raster order
-    token_dim      -> d_tok
+"""Image tokenizers: pixels <-> continuous tokens (the interface: omni.tokenizers.base).
 
 `patch` cuts pixels into p x p patches scaled to [-1, 1]; `vae` patchifies the scaled latents of a
 diffusers `AutoencoderKL`; `vq-features` (omni.tokenizers.vq) uses a VQGAN's pre-quantization
@@ -12,118 +7,15 @@ features.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from einops import rearrange
-from PIL import Image
 
 from omni.config import ImageTokenizerConfig
-
-
-def to_uint8_tensor(images: torch.Tensor | Sequence[Image.Image] | Image.Image) -> torch.Tensor:
-    """PIL image(s) or a uint8 tensor -> uint8 tensor (B, C, H, W)."""
-    if isinstance(images, Image.Image):
-        images = [images]
-    if isinstance(images, torch.Tensor):
-        return images if images.dim() == 4 else images[None]
-    arrays = [np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images]
-    sizes = {a.shape for a in arrays}
-    if len(sizes) > 1:
-        raise ValueError(f"images in one batch must share a size, got {sorted(sizes)}")
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # (B, C, H, W)
-
-
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """uint8 (B, C, H, W) -> list of PIL RGB images."""
-    arr = images.permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a, mode="RGB") for a in arr]
-
-
-def to_patches(images: torch.Tensor, p: int) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> (B, N, p*p*C) in [-1, 1], patches in raster order."""
-    x = images.float() / 127.5 - 1.0
-    return rearrange(x, "b c (h p) (w q) -> b (h w) (p q c)", p=p, q=p)
-
-
-def from_patches(patches: torch.Tensor, rows: int, cols: int, p: int) -> torch.Tensor:
-    """(B, N, p*p*C) in [-1, 1] -> uint8 (B, C, H, W); values outside [-1, 1] are clamped."""
-    x = rearrange(patches.float(), "b (h w) (p q c) -> b c (h p) (w q)", h=rows, w=cols, p=p, q=p)
-    return ((x.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
-
-
-def fit_image(image: Image.Image, size: int) -> Image.Image:
-    """Center-crop to a square and resize: how user-supplied pictures are made model-sized."""
-    image = image.convert("RGB")
-    w, h = image.size
-    s = min(w, h)
-    image = image.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-    return image.resize((size, size), Image.BICUBIC) if s != size else image
-
-
-def weights_dir(cfg: ImageTokenizerConfig, root: str | Path | None, what: str) -> Path:
-    """`model.image.path` resolved against `root` (a checkpoint directory); `what` says what it
-    must hold and how to make it, for the error when the path is not set."""
-    if cfg.path is None:
-        raise ValueError(f"model.image.kind={cfg.kind} needs model.image.path: {what}")
-    path = Path(cfg.path)
-    return Path(root) / path if not path.is_absolute() and root is not None else path
-
-
-class ImageTokenizer:
-    """Common checks and helpers; subclasses implement `_encode` / `_decode`."""
-
-    cfg: ImageTokenizerConfig
-    multiple: int  # image sides must be multiples of this
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        n = self.cfg.image_size // self.multiple
-        return (n, n)
-
-    @property
-    def num_tokens(self) -> int:
-        rows, cols = self.grid
-        return rows * cols
-
-    @property
-    def token_dim(self) -> int:
-        raise NotImplementedError
-
-    def check(self, images: torch.Tensor) -> None:
-        size = self.cfg.image_size
-        for i, im in enumerate(images):
-            h, w = im.shape[-2:]
-            if (h, w) != (size, size):
-                hint = (
-                    f"a multiple of {self.multiple}, set model.image.image_size"
-                    if h % self.multiple or w % self.multiple
-                    else "set model.image.image_size to match, or resize with omni.tokenizers.image.fit_image"
-                )
-                raise ValueError(f"image {i} is {w}x{h}; this tokenizer needs {size}x{size} ({hint})")
-
-    @torch.no_grad()
-    def encode(self, images) -> torch.Tensor:
-        x = to_uint8_tensor(images)
-        self.check(x)
-        return self._encode(x)
-
-    @torch.no_grad()
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        rows, cols = self.grid
-        if tokens.dim() != 3 or tokens.shape[1:] != (rows * cols, self.token_dim):
-            raise ValueError(
-                f"tokens of shape {tuple(tokens.shape)}; expected (B, {rows * cols}, {self.token_dim})"
-            )
-        return self._decode(tokens)
-
-    def save_pretrained(self, path: str | Path) -> None:
-        """Write whatever weights the tokenizer needs into a checkpoint directory."""
-
-    def to(self, device) -> ImageTokenizer:
-        return self
+from omni.tokenizers.base import ImageTokenizer, from_patches, to_patches, weights_dir
+from omni.tokenizers.patch_ae import PatchAETokenizer
+from omni.tokenizers.vq import VQFeatureTokenizer
 
 
 class PatchTokenizer(ImageTokenizer):
@@ -199,14 +91,10 @@ def build_image_tokenizer(cfg: ImageTokenizerConfig, root: str | Path | None = N
     if cfg.kind == "patch":
         return PatchTokenizer(cfg)
     if cfg.kind == "patch-ae":
-        from omni.tokenizers.patch_ae import PatchAETokenizer
-
         return PatchAETokenizer(cfg, root=root)
     if cfg.kind == "vae":
         return VAETokenizer(cfg, root=root)
     if cfg.kind == "vq-features":
-        from omni.tokenizers.vq import VQFeatureTokenizer
-
         return VQFeatureTokenizer(cfg, root=root)
     raise ValueError(f"unknown image tokenizer kind {cfg.kind!r}; use patch, patch-ae, vae or vq-features")
 

@@ -35,7 +35,7 @@ from PIL import Image
 from torch import nn
 
 from omni.config import ImageTokenizerConfig
-from omni.tokenizers.image import ImageTokenizer, from_patches, to_patches, to_uint8_tensor, weights_dir
+from omni.tokenizers.base import ImageTokenizer, from_patches, to_patches, to_uint8_tensor, weights_dir
 
 WEIGHTS = "autoencoder.safetensors"
 META = "autoencoder.json"

@@ -6,7 +6,7 @@
 
 z is the feature *before* quantization, so an image never loses information to the codebook;
 the codebook is still kept (`codebook`, `nearest_codes`) because the soft-VQ input embedding
-(omni.soft_vq) is initialised from it and the hard VQ tokens are what a Chameleon model saw.
+(omni.models.soft_vq) is initialised from it and the hard VQ tokens are what a Chameleon model saw.
 
 The encoder, quantizer and 1x1 convolutions are transformers' own Chameleon modules, so the
 features match `ChameleonVQVAE` bit for bit. transformers ships no Chameleon VQGAN *decoder*
@@ -31,7 +31,7 @@ from einops import rearrange
 from torch import nn
 
 from omni.config import ImageTokenizerConfig
-from omni.tokenizers.image import ImageTokenizer, weights_dir
+from omni.tokenizers.base import ImageTokenizer, weights_dir
 from omni.utils import atomic_path, atomic_write_text
 
 CONFIG_FILE = "config.json"

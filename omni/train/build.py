@@ -32,9 +32,10 @@ import torch
 import transformers
 from torch import nn
 
-from omni.checkpoint import backbone_from_config, check_checkpoint_dir, load_config_from_checkpoint
 from omni.config import Config
-from omni.model import OmniModel, build_backbone
+from omni.models.backbone import backbone_from_config, build_backbone, rebuild_backbone, tied_elsewhere
+from omni.models.checkpoint import check_checkpoint_dir, load_config_from_checkpoint
+from omni.models.model import OmniModel
 from omni.tokenizers.image import build_image_tokenizer
 from omni.tokenizers.text import TextTokenizer
 
@@ -111,12 +112,8 @@ def build_model(cfg: Config, ds_config: dict) -> OmniModel:
         tokenizer = TextTokenizer.from_pretrained(mcfg.tokenizer)
     torch.manual_seed(cfg.train.seed)
     if root is not None:
-        from transformers import AutoConfig
-
-        hf_dict = json.loads((root / "backbone_config.json").read_text())
-        hf_cfg = AutoConfig.for_model(hf_dict.pop("model_type"), **hf_dict)
         with _partitioned(zero3, ds_config):
-            backbone = backbone_from_config(hf_cfg, mcfg.backbone.attn_implementation)
+            backbone = rebuild_backbone(root, mcfg.backbone.attn_implementation)
     elif mcfg.backbone.pretrained is not None and zero3:
         path = Path(mcfg.backbone.pretrained)
         if not (path / "config.json").exists():
@@ -201,14 +198,14 @@ def load_weights(module: nn.Module, path: Path, allow_new_rows: bool) -> None:
     Tied parameters absent from the file (lm_head = embed_tokens) are fine.
     """
     import deepspeed
-    import torch.distributed as dist
     from safetensors import safe_open
 
-    is_rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    from omni.utils import rank
+
+    is_rank0 = rank() == 0
     where = _tensor_files(path)
     params = dict(module.named_parameters(remove_duplicate=False))
-    shared = {n for n, p in params.items() if any(q is p and m != n and m in where for m, q in params.items())}
-    missing = [n for n in params if n not in where and n not in shared]
+    missing = [n for n in params if n not in where and not tied_elsewhere(module, n, where)]
     if missing:
         raise ValueError(f"{path} lacks weights for {missing[:5]} ({len(missing)} in all)")
     for name, p in dict(module.named_parameters()).items():

@@ -13,7 +13,7 @@ import sys
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="tiny", help="preset name (configs/*.yaml) or YAML file")
+    p.add_argument("--config", default="tiny", help="preset name (omni/configs/*.yaml, shipped in the package) or YAML file")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
     p.add_argument("--resume", default=None, metavar="auto|TAG_DIR",
                    help="auto: continue from the run's latest checkpoint (fresh start if none); or a checkpoint dir")

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from omni.config import CONFIG_DIR, Config
-from omni.utils import cpu_has_bf16
+from omni.utils import cpu_has_bf16, rank, world_size
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def init_distributed() -> Dist:
     created = not dist.is_initialized()
     if created:
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, created, tuple(added))
+    return Dist(rank(), world_size(), local_rank, created, tuple(added))
 
 
 def close_distributed(d: Dist, barrier: bool = True) -> None:
@@ -241,7 +241,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     if t.deepspeed_config:
         path = Path(t.deepspeed_config)
         if not path.exists() and not path.is_absolute() and (CONFIG_DIR.parent / path).exists():
-            path = CONFIG_DIR.parent / path  # presets name configs/ds/*.json relative to the repository
+            path = CONFIG_DIR.parent / path  # presets name configs/ds/*.json, shipped in the package
         if not path.exists():
             raise FileNotFoundError(f"train.deepspeed_config={str(path)!r} does not exist")
         try:

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from omni.checkpoint import save_pretrained
 from omni.config import Config, from_dict
+from omni.models.backbone import tied_elsewhere
+from omni.models.checkpoint import save_pretrained
 from omni.train.checkpointing import CKPT_DIR, COMPLETE, latest_tag
 from omni.train.ema import has_ema, merge_ema_shards
 
@@ -50,21 +51,17 @@ def consolidated_state(tag_dir: Path, zero_stage: int) -> dict[str, torch.Tensor
 
 def skeleton(cfg: Config, run_dir: Path):
     """The run's OmniModel with weights on the meta device (structure, tokenizers, configs only)."""
-    from transformers import AutoConfig
-
-    from omni.checkpoint import backbone_from_config
-    from omni.model import OmniModel
+    from omni.models.backbone import rebuild_backbone
+    from omni.models.model import OmniModel
     from omni.tokenizers.image import build_image_tokenizer
     from omni.tokenizers.text import TextTokenizer
 
-    hf_dict = json.loads((run_dir / "backbone_config.json").read_text())
-    hf_cfg = AutoConfig.for_model(hf_dict.pop("model_type"), **hf_dict)
     tok_dir = run_dir / "tokenizer" if (run_dir / "tokenizer").exists() else Path(cfg.model.tokenizer)
     tokenizer = TextTokenizer.from_pretrained(tok_dir)
     # Real weights (save_pretrained copies them); relative paths are relative to the starting checkpoint.
     image_tokenizer = build_image_tokenizer(cfg.model.image, root=cfg.train.init_from)
     with torch.device("meta"):
-        backbone = backbone_from_config(hf_cfg, cfg.model.backbone.attn_implementation)
+        backbone = rebuild_backbone(run_dir, cfg.model.backbone.attn_implementation)
         model = OmniModel(cfg.model, tokenizer, image_tokenizer, backbone=backbone)
     return model
 
@@ -88,7 +85,7 @@ def export(run_dir: str | Path, out: str | Path, ema: bool | None = None, tag: s
         state.update(averaged)
     model = skeleton(cfg, run_dir)
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state and not _shares_storage(model, k, state)]
+    missing = [k for k in expected if k not in state and not tied_elsewhere(model, k, state)]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
         raise ValueError(f"{tag_dir} does not match the run's model: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -100,12 +97,3 @@ def export(run_dir: str | Path, out: str | Path, ema: bool | None = None, tag: s
     meta = {"run": str(run_dir.resolve()), "tag": tag_dir.name, "step": info["step"], "ema": bool(use_ema)}
     (Path(out) / "export.json").write_text(json.dumps(meta, indent=2))
     return Path(out)
-
-
-def _shares_storage(model, key: str, state: dict) -> bool:
-    """Tied weights (e.g. lm_head = embed_tokens) appear once in ZeRO checkpoints."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    if key not in params:
-        return False
-    p = params[key]
-    return any(q is p and k in state for k, q in params.items() if k != key)

@@ -322,7 +322,7 @@ def preflight(cfg: Config, batches: BatchSource | None) -> tuple[str, dict]:
         raise ValueError("train.trainable=new freezes the backbone, so it needs model.backbone.pretrained "
                          "or train.init_from")
     if cfg.train.init_from is not None:
-        from omni.checkpoint import check_checkpoint_dir
+        from omni.models.checkpoint import check_checkpoint_dir
 
         check_checkpoint_dir(cfg.train.init_from)
     if cfg.train.steps < 1 or cfg.train.save_every < 1 or cfg.train.log_every < 1:

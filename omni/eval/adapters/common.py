@@ -101,7 +101,7 @@ def safe_id(text: str) -> str:
 
 def record_segments(record: dict[str, Any], run_dir: Path, key: str = "output") -> list[Segment]:
     """A record's generated segments with images loaded from the run directory."""
-    from omni.eval.harness import load_segments
+    from omni.eval.records import load_segments
 
     return load_segments(record[key], run_dir / "samples" / record["id"])
 

@@ -1,4 +1,4 @@
-"""The interleaved sampler used by `omni generate`, `omni chat` and `omni eval`.
+"""The interleaved sampler behind `omni.inference.generate` (generate, chat, eval, serve).
 
 Every row of a batch continues one document:
 
@@ -29,7 +29,6 @@ D backbone width, V vocabulary, d image-token dim, N image tokens per image.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,10 +37,10 @@ import torch
 from PIL import Image
 
 from omni.config import GenerationConfig
-from omni.model import image_cells
-
-MODES = ("auto", "text", "image")
-Prompt = Sequence["str | Image.Image"]
+from omni.inference.prompts import Item, Prompt, context_length, encode_prompts
+from omni.models.attention import additive_mask, see_own_block
+from omni.models.model import image_cells
+from omni.tokenizers.base import to_pil
 
 
 @dataclass
@@ -82,92 +81,6 @@ class GenerationEvents:
     def should_stop(self) -> bool:
         """Polled once per step; True cancels every unfinished row (finish_reason "cancelled")."""
         return False
-
-
-# --------------------------------------------------------------------------------------------
-# Prompts
-# --------------------------------------------------------------------------------------------
-
-Item = tuple[int, "torch.Tensor | None"]  # (token id, continuous image token (d,) or None)
-
-
-def encode_prompts(model, prompts: Sequence[Prompt]) -> list[list[Item]]:
-    """Lay out prompts as training did: [bos] text ... <boi> x1..xN <eoi> text ...
-
-    Each text segment is encoded on its own; images are fitted to the model's size and encoded in
-    one batch (one VAE call for every image of every prompt).
-    """
-    from omni.tokenizers.image import fit_image
-
-    sp = model.special
-    size = model.image_tokenizer.cfg.image_size
-    pictures = []
-    for i, prompt in enumerate(prompts):
-        if isinstance(prompt, (str, Image.Image)):
-            raise TypeError(f"prompt {i} must be a list of segments (str | PIL.Image), got a bare {type(prompt).__name__}")
-        for j, seg in enumerate(prompt):
-            if isinstance(seg, Image.Image):
-                pictures.append(fit_image(seg, size))
-            elif not isinstance(seg, str):
-                raise TypeError(f"prompt {i} segment {j} is a {type(seg).__name__}; use str or PIL.Image")
-    tokens = model.image_tokenizer.encode(pictures).to(model.device) if pictures else None  # (M, N, d)
-    out, k = [], 0
-    for prompt in prompts:
-        items: list[Item] = [(sp.bos, None)]
-        for seg in prompt:
-            if isinstance(seg, str):
-                items += [(t, None) for t in model.tokenizer.encode(seg)]
-            else:
-                items += [(sp.boi, None)] + [(sp.img, x) for x in tokens[k]] + [(sp.eoi, None)]
-                k += 1
-        out.append(items)
-    return out
-
-
-def prompt_length(model, prompt: Prompt) -> int:
-    """Positions `prompt` occupies, without encoding its images (chat trims history with it)."""
-    n = model.image_tokenizer.num_tokens + 2
-    return 1 + sum(len(model.tokenizer.encode(s)) if isinstance(s, str) else n for s in prompt)
-
-
-def context_length(model) -> int:
-    return int(model.backbone.config.get_text_config().max_position_embeddings)
-
-
-def check_config(cfg: GenerationConfig, mode: str) -> None:
-    """Fail before any work on settings that cannot run, naming the setting."""
-    from omni.heads.diffusion import DETERMINISTIC
-
-    if mode not in MODES:
-        raise ValueError(f"generation mode {mode!r} is not one of {list(MODES)}")
-    if cfg.sampler not in DETERMINISTIC:
-        raise ValueError(f"sampler {cfg.sampler!r} is not one of {sorted(DETERMINISTIC)}")
-    if cfg.temperature < 0 or cfg.image_temperature < 0:
-        raise ValueError(f"temperatures must be >= 0, got {cfg.temperature} and {cfg.image_temperature}")
-    if not 0.0 < cfg.top_p <= 1.0:
-        raise ValueError(f"top_p={cfg.top_p} must be in (0, 1]")
-    if cfg.top_k < 0 or cfg.max_new_tokens < 1 or cfg.image_steps < 1 or cfg.max_images < 0:
-        raise ValueError(
-            f"top_k={cfg.top_k} must be >= 0, max_new_tokens={cfg.max_new_tokens} and "
-            f"image_steps={cfg.image_steps} >= 1, max_images={cfg.max_images} >= 0"
-        )
-
-
-def generation_config(model=None, **overrides: Any) -> GenerationConfig:
-    """The checkpoint's generation defaults (model.run_config.generation) with `overrides` on top.
-
-    None values in `overrides` are ignored, so argparse flags that were not given can pass through.
-    """
-    run_config = getattr(model, "run_config", None)
-    base = dataclasses.replace(run_config.generation) if run_config is not None else GenerationConfig()
-    names = {f.name for f in dataclasses.fields(GenerationConfig)}
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        if key not in names:
-            raise ValueError(f"unknown generation setting {key!r}; valid: {', '.join(sorted(names))}")
-        setattr(base, key, value)
-    return base
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,10 +227,8 @@ class Sampler:
         allowed = (k <= q) & ((k >= lo[:, :, None]) | (k == bos[:, None, None]))  # (S, Q, T)
         if self.bidirectional:
             blocks = torch.tensor([s.blocks for s in streams], device=dev)  # (S, T)
-            mine = blocks[:, start:, None]  # (S, Q, 1)
-            allowed |= (mine > 0) & (mine == blocks[:, None, :])
-        bias = torch.zeros(allowed.shape, dtype=embeds.dtype, device=dev)
-        bias = bias.masked_fill(~allowed, torch.finfo(embeds.dtype).min)[:, None]  # (S, 1, Q, T)
+            allowed = see_own_block(allowed, blocks[:, start:], blocks)
+        bias = additive_mask(allowed, embeds.dtype)  # (S, 1, Q, T)
         hidden, cache = self.model.decoder(
             embeds, attention_mask=bias, position_ids=pos,
             cache=group.cache if self.use_cache else None, use_cache=self.use_cache,
@@ -467,8 +378,6 @@ class Sampler:
         done = [r for r, xi in zip(drawing, x) if self._image_token(r, xi)]
         if done:
             pixels = model.image_tokenizer.decode(torch.stack([r.image_tokens[-1] for r in done]))  # (k, C, H, W)
-            from omni.tokenizers.image import to_pil
-
             for r, im in zip(done, to_pil(pixels)):
                 r.segments.append(im)
                 self.events.image_done(r.index, im)
@@ -532,44 +441,3 @@ class Sampler:
             "use_cache": cfg.use_cache,
             "checkpoint": getattr(self.model, "checkpoint_path", None),
         }
-
-
-def generate(
-    model,
-    prompts: Sequence[Prompt],
-    cfg: GenerationConfig | None = None,
-    *,
-    seeds: Sequence[int] | None = None,
-    mode: str | None = None,
-    progress: bool | None = None,
-    events: GenerationEvents | None = None,
-    cfg_batching: bool = True,
-) -> list[GenerationResult]:
-    """Continue each prompt (a list of str | PIL.Image segments) with text and/or images.
-
-    cfg: sampling settings (default: the checkpoint's `generation` section). seeds: one per
-    prompt (default cfg.seed + index); a row's result depends only on its prompt, seed and cfg.
-    mode: "auto" (interleaved), "text" (no images), "image" (exactly one image, <boi> forced
-    right after the prompt); default cfg.mode. progress: a tqdm bar over decoding steps.
-    events: streaming hooks and cancellation (GenerationEvents).
-    """
-    cfg = cfg if cfg is not None else generation_config(model)
-    mode = mode or cfg.mode
-    check_config(cfg, mode)
-    if not prompts:
-        return []
-    seeds = list(seeds) if seeds is not None else [cfg.seed + i for i in range(len(prompts))]
-    if len(seeds) != len(prompts):
-        raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt")
-    sampler = Sampler(model, cfg, mode, seeds, events=events, cfg_batching=cfg_batching)
-    was_training = model.training
-    model.eval()
-    try:
-        rows = sampler.run(prompts, progress=bool(progress))
-    finally:
-        model.train(was_training)
-    return [
-        GenerationResult(segments=r.segments, settings=sampler.settings(r.seed), finish_reason=r.finish or "eos",
-                         ids=r.ids, image_tokens=r.image_tokens)
-        for r in rows
-    ]

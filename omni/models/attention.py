@@ -42,6 +42,25 @@ def _register() -> None:
     AttentionMaskInterface.register(OMNI_SDPA, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean (B, Q, T) "query may see key" -> additive (B, 1, Q, T) mask of 0 / finfo.min.
+
+    Additive, not boolean: transformers' eager attention silently mishandles custom boolean 4D
+    masks. Training (`OmniModel.attention_bias`) and the sampler both end here.
+    """
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return bias.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def see_own_block(allowed: torch.Tensor, q_blocks: torch.Tensor, k_blocks: torch.Tensor) -> torch.Tensor:
+    """Let positions of one prompt image (same positive block number) see each other both ways.
+
+    q_blocks (B, Q), k_blocks (B, T): block number per position, 0 outside prompt images.
+    """
+    mine = q_blocks[:, :, None]  # (B, Q, 1)
+    return allowed | ((mine > 0) & (mine == k_blocks[:, None, :]))
+
+
 def hf_attention(impl: str) -> str:
     """The transformers attention name for a config's `attn_implementation`."""
     if impl != "sdpa":

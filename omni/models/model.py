@@ -13,81 +13,27 @@ unchanged; everything new (in_proj, head) lives beside it.
 
 from __future__ import annotations
 
-import copy
-import functools
-import inspect
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from omni.attention import hf_attention
 from omni.config import ModelConfig
 from omni.heads.diffusion import DiffusionHead
 from omni.heads.lm import lm_loss
 from omni.layout import Batch, SpecialIds
-from omni.tokenizers.image import ImageTokenizer, build_image_tokenizer
+from omni.models import checkpoint
+from omni.models.attention import additive_mask, see_own_block
+from omni.models.backbone import (
+    build_backbone,
+    cache_kwarg,
+    prepare_chameleon_backbone,
+    rebuild_backbone,
+    tied_elsewhere,
+)
+from omni.tokenizers.base import ImageTokenizer
+from omni.tokenizers.image import build_image_tokenizer
 from omni.tokenizers.text import TextTokenizer
-
-
-def build_backbone(cfg: ModelConfig, vocab_size: int) -> nn.Module:
-    """A HF causal LM, built from the config fields or loaded from a local directory."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
-
-    bb = cfg.backbone
-    check_attention(bb.attn_implementation)
-    if bb.arch == "chameleon":
-        raise ValueError(
-            "model.backbone.arch=chameleon is built from a converted checkpoint: run "
-            "`omni convert chameleon --src HF_DIR --out DIR`, then load or train from DIR"
-        )
-    if bb.pretrained is not None:
-        path = Path(bb.pretrained)
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(
-                f"model.backbone.pretrained={bb.pretrained!r} is not a Hugging Face model directory "
-                "(config.json missing); download it once and point at the local copy"
-            )
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), attn_implementation=hf_attention(bb.attn_implementation), dtype=torch.float32,
-            trust_remote_code=False
-        )
-        if model.get_input_embeddings().weight.shape[0] < vocab_size:
-            model.resize_token_embeddings(vocab_size, mean_resizing=True)
-        return model
-    kwargs = {
-        "vocab_size": vocab_size,
-        "hidden_size": bb.hidden_size,
-        "num_hidden_layers": bb.num_layers,
-        "num_attention_heads": bb.num_heads,
-        "num_key_value_heads": bb.num_kv_heads or bb.num_heads,
-        "intermediate_size": bb.intermediate_size,
-        "max_position_embeddings": bb.max_position_embeddings,
-        "rope_theta": bb.rope_theta,
-        "rms_norm_eps": bb.rms_norm_eps,
-        "tie_word_embeddings": bb.tie_word_embeddings,
-    }
-    hf_cfg = LlamaConfig(**kwargs) if bb.arch == "llama" else Qwen2Config(**kwargs)
-    # _from_config mutates the config it is given: pass a copy.
-    return AutoModelForCausalLM.from_config(copy.deepcopy(hf_cfg), attn_implementation=hf_attention(bb.attn_implementation))
-
-
-@functools.cache
-def _cache_kwarg(model_cls: type) -> str:
-    """What the backbone calls its KV cache: `cache` from transformers 5.2x (which warns on the old
-    name), `past_key_values` before."""
-    return "cache" if "cache" in inspect.signature(model_cls.forward).parameters else "past_key_values"
-
-
-def check_attention(impl: str) -> None:
-    """flash_attention_2 needs the optional flash-attn package (CUDA only): say so up front."""
-    import importlib.util
-
-    if impl == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        raise ValueError(
-            "model.backbone.attn_implementation=flash_attention_2 needs flash-attn, which is not "
-            "installed (GPU machines: pip install -e .[gpu]); use sdpa (the default) or eager"
-        )
 
 
 def attention_bias(doc_ids: torch.Tensor, dtype: torch.dtype, blocks: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -95,8 +41,6 @@ def attention_bias(doc_ids: torch.Tensor, dtype: torch.dtype, blocks: torch.Tens
 
     `blocks` (B, L): positions with the same positive number also see each other in both
     directions (the tokens of one prompt image, `prompt_image_blocks`).
-    An additive float mask (0 / finfo.min), not a boolean one: eager attention silently
-    mishandles custom boolean 4D masks in transformers.
     """
     bidirectional = blocks is not None and bool((blocks > 0).any())
     if bool((doc_ids == 1).all()) and not bidirectional:
@@ -106,10 +50,9 @@ def attention_bias(doc_ids: torch.Tensor, dtype: torch.dtype, blocks: torch.Tens
     same = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, L, L)
     allowed = same & causal & (doc_ids[:, None, :] > 0)
     if bidirectional:
-        allowed |= (blocks[:, :, None] > 0) & (blocks[:, :, None] == blocks[:, None, :])
+        allowed = see_own_block(allowed, blocks, blocks)
     allowed |= torch.eye(L, dtype=torch.bool, device=doc_ids.device)  # padding attends to itself
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=doc_ids.device)
-    return bias.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]  # (B, 1, L, L)
+    return additive_mask(allowed, dtype)  # (B, 1, L, L)
 
 
 def prompt_image_blocks(image_mask: torch.Tensor, image_target_index: torch.Tensor) -> torch.Tensor:
@@ -154,8 +97,6 @@ class OmniModel(nn.Module):
         self.image_tokenizer = image_tokenizer
         self.backbone = backbone if backbone is not None else build_backbone(cfg, len(tokenizer))
         if self.backbone.config.model_type == "chameleon":
-            from omni.convert import prepare_chameleon_backbone
-
             prepare_chameleon_backbone(self.backbone)  # its VQGAN lives in the image tokenizer
         hidden = self.backbone.config.hidden_size
         token_dim = image_tokenizer.token_dim
@@ -186,7 +127,7 @@ class OmniModel(nn.Module):
             nn.init.normal_(proj.weight, std=0.02 / max(token_dim, 1) ** 0.5 * hidden**0.5)
             nn.init.zeros_(proj.bias)
             return proj
-        from omni.soft_vq import SoftVQEmbedding
+        from omni.models.soft_vq import SoftVQEmbedding
 
         return SoftVQEmbedding.from_model(self, token_dim)
 
@@ -235,7 +176,7 @@ class OmniModel(nn.Module):
 
     def decoder(self, embeds, attention_mask=None, position_ids=None, cache=None, use_cache=False):
         """The backbone's transformer without its LM head -> (hidden (B, L, D), KV cache)."""
-        name = _cache_kwarg(type(self.backbone.model))
+        name = cache_kwarg(type(self.backbone.model))
         out = self.backbone.model(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
@@ -285,12 +226,28 @@ class OmniModel(nn.Module):
 
     # persistence ----------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        from omni.checkpoint import save_pretrained
-
-        save_pretrained(self, path, state_dict=state_dict, config=getattr(self, "run_config", None))
+        checkpoint.save_pretrained(self, path, state_dict=state_dict, config=getattr(self, "run_config", None))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> OmniModel:
-        from omni.checkpoint import load_pretrained
-
         return load_pretrained(path, device=device)
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> OmniModel:
+    """Rebuild an OmniModel from a checkpoint directory written by `save_pretrained` (no pickle)."""
+    path = checkpoint.check_checkpoint_dir(path)
+    cfg = checkpoint.load_config_from_checkpoint(path)
+    mcfg: ModelConfig = cfg.model
+    backbone = rebuild_backbone(path, mcfg.backbone.attn_implementation)
+    tokenizer = TextTokenizer.from_pretrained(path / "tokenizer")
+    image_tokenizer = build_image_tokenizer(mcfg.image, root=path)
+    model = OmniModel(mcfg, tokenizer, image_tokenizer, backbone=backbone)
+    state = checkpoint.load_weights_file(path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not tied_elsewhere(model, k, state)]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.run_config = cfg  # generation defaults and the recipe it was trained with
+    model.checkpoint_path = str(path)  # recorded in every generation result's settings
+    model.image_tokenizer.to(device)  # not a submodule: VAE / VQGAN follow the model by hand
+    return model.to(device).eval()

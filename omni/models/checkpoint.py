@@ -22,9 +22,10 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from omni.config import Config, ModelConfig, from_dict
+from omni.config import Config, from_dict
 
 WEIGHTS = "model.safetensors"
+BACKBONE_CONFIG = "backbone_config.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
@@ -45,7 +46,7 @@ def save_pretrained(model, path: str | Path, state_dict: dict[str, torch.Tensor]
                     config: Config | None = None, write_weights=None) -> Path:
     """Write `model` (or `state_dict` with its structure) as an inference checkpoint.
 
-    `write_weights(path)`, when given, writes the weights file itself (omni.convert streams a
+    `write_weights(path)`, when given, writes the weights file itself (omni.models.convert streams a
     large source checkpoint into it without holding the weights in memory).
     """
     path = Path(path)
@@ -71,7 +72,7 @@ def save_pretrained(model, path: str | Path, state_dict: dict[str, torch.Tensor]
         full = copy.deepcopy(config) if config is not None else Config()
         full.model = mcfg
         (tmp / "config.yaml").write_text(full.to_yaml())
-        (tmp / "backbone_config.json").write_text(model.backbone.config.to_json_string())
+        (tmp / BACKBONE_CONFIG).write_text(model.backbone.config.to_json_string())
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -114,49 +115,14 @@ def load_config_from_checkpoint(path: str | Path) -> Config:
     return from_dict(data)
 
 
-def backbone_from_config(hf_cfg, attn_implementation: str):
-    """A fresh HF backbone from its config; Chameleon is registered as image-text-to-text, not causal LM."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
-    from omni.attention import hf_attention
-
-    auto = AutoModelForImageTextToText if hf_cfg.model_type == "chameleon" else AutoModelForCausalLM
-    return auto.from_config(hf_cfg, attn_implementation=hf_attention(attn_implementation))
-
-
-def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
-    """Rebuild an OmniModel from a checkpoint directory written by `save_pretrained`."""
+def read_backbone_config(directory: str | Path):
+    """The Hugging Face config saved as `directory/backbone_config.json` (checkpoints and run dirs)."""
     from transformers import AutoConfig
 
-    from omni.model import OmniModel
-    from omni.tokenizers.image import build_image_tokenizer
-    from omni.tokenizers.text import TextTokenizer
-
-    path = check_checkpoint_dir(path)
-    cfg = load_config_from_checkpoint(path)
-    mcfg: ModelConfig = cfg.model
-    hf_dict = json.loads((path / "backbone_config.json").read_text())
-    hf_cfg = AutoConfig.for_model(hf_dict.pop("model_type"), **hf_dict)
-    backbone = backbone_from_config(hf_cfg, mcfg.backbone.attn_implementation)
-    tokenizer = TextTokenizer.from_pretrained(path / "tokenizer")
-    image_tokenizer = build_image_tokenizer(mcfg.image, root=path)
-    model = OmniModel(mcfg, tokenizer, image_tokenizer, backbone=backbone)
-    state = load_file(str(path / WEIGHTS))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {k for k in missing if _is_tied(model, k, state)}
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model.run_config = cfg  # generation defaults and the recipe it was trained with
-    model.checkpoint_path = str(path)  # recorded in every generation result's settings
-    model.image_tokenizer.to(device)  # not a submodule: VAE / VQGAN follow the model by hand
-    return model.to(device).eval()
+    hf_dict = json.loads((Path(directory) / BACKBONE_CONFIG).read_text())
+    return AutoConfig.for_model(hf_dict.pop("model_type"), **hf_dict)
 
 
-def _is_tied(model, key: str, state: dict) -> bool:
-    """A key absent from the file because it shares storage with one that is present."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    if key not in params:
-        return False
-    ptr = params[key].data_ptr()
-    return any(k in state and params[k].data_ptr() == ptr for k in params if k != key)
+def load_weights_file(directory: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of `directory/model.safetensors` on the CPU (safetensors: no code runs)."""
+    return load_file(str(Path(directory) / WEIGHTS))

@@ -9,7 +9,7 @@ backbone and the VQGAN and changes only how images enter and leave:
 
 The backbone stays a `ChameleonForConditionalGeneration` with its own parameter names
 (`backbone.model.layers.0...`, `backbone.lm_head.weight`), minus its VQGAN, which lives once in
-DIR/vqgan/ (`prepare_chameleon_backbone`). `<boi>`/`<eoi>` are Chameleon's `<racm3:break>` and
+DIR/vqgan/ (`omni.models.backbone.prepare_chameleon_backbone`). `<boi>`/`<eoi>` are Chameleon's `<racm3:break>` and
 `<eoss>`; image positions carry its `<image>` placeholder.
 
 Memory: backbone tensors are copied byte for byte from the source shards into the output file,
@@ -39,43 +39,6 @@ DTYPES = {"F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "
           "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1),
           "U64": ("uint64", 8), "U32": ("uint32", 4), "U16": ("uint16", 2), "U8": ("uint8", 1),
           "BOOL": ("bool", 1), "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1)}
-
-
-# --------------------------------------------------------------------------------------------
-# The Chameleon backbone inside OmniModel
-# --------------------------------------------------------------------------------------------
-
-
-class _SuppressImageTokenLogits:
-    """Forward hook on the LM head: image-token logits -> dtype min, as Chameleon's own forward does.
-
-    In omni images come from the diffusion head, so the LM head must never emit a VQ image token.
-    A hook (not a wrapper module) keeps the head's parameter name `backbone.lm_head.weight`.
-    """
-
-    def __call__(self, module, args, output):
-        import torch
-
-        ids = module.suppressed_token_ids.to(output.device)
-        return output.index_fill(-1, ids, torch.finfo(output.dtype).min)
-
-
-def prepare_chameleon_backbone(backbone) -> None:
-    """Adapt a ChameleonForConditionalGeneration for OmniModel (called from OmniModel.__init__).
-
-    - drops `model.vqmodel`: the image tokenizer owns the VQGAN (saved once, in DIR/vqgan/);
-    - suppresses the logits of the VQ image tokens, exactly as Chameleon's forward does.
-    """
-    import torch
-
-    inner = backbone.model
-    if getattr(inner, "vqmodel", None) is not None:
-        del inner.vqmodel
-    head = backbone.get_output_embeddings()
-    if not hasattr(head, "suppressed_token_ids"):
-        ids = torch.tensor(sorted(inner.vocabulary_mapping.image_tokens), dtype=torch.long)
-        head.register_buffer("suppressed_token_ids", ids, persistent=False)
-        head.register_forward_hook(_SuppressImageTokenLogits())
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,7 +251,7 @@ def _check_tokenizer(tokenizer, hf_cfg) -> None:
 
 def _image_embed_rows(tensors: dict[str, SourceTensor], hf_cfg, num_codes: int, src: Path):
     """The backbone's embedding rows of the image tokens, in code order (K, D), read row-sliced."""
-    from omni.soft_vq import image_token_ids
+    from omni.models.soft_vq import image_token_ids
 
     name = "model.embed_tokens.weight"
     if name not in tensors:
@@ -346,9 +309,9 @@ def convert_chameleon(
     from tqdm import tqdm
     from transformers import AutoTokenizer, ChameleonConfig, ChameleonForConditionalGeneration
 
-    from omni.attention import hf_attention
-    from omni.checkpoint import save_pretrained
-    from omni.model import OmniModel
+    from omni.models.attention import hf_attention
+    from omni.models.checkpoint import save_pretrained
+    from omni.models.model import OmniModel
     from omni.tokenizers.text import TextTokenizer
     from omni.tokenizers.vq import VQGAN, VQFeatureTokenizer
 

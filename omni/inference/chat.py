@@ -14,13 +14,12 @@ bar, saved as PNG, and previewed inline). Commands:
     /quit            leave (also Ctrl-D)
 
 Ctrl-C cancels the answer being written, not the session. Every answer uses the same sampler as
-`omni generate` (omni.generation) with seed = --seed + answer number, so a transcript can be
+`omni generate` (omni.inference.generate) with seed = --seed + answer number, so a transcript can be
 replayed.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import re
@@ -32,7 +31,8 @@ from typing import TextIO
 
 from PIL import Image
 
-from omni.generate_cli import add_sampling_flags, load_image, load_model, sampling_overrides, save_png
+from omni.inference.prompts import load_image
+from omni.utils import save_png
 
 HELP = __doc__.split("Commands:\n\n", 1)[1].split("\n\n", 1)[0]
 INLINE_IMAGE = re.compile(r"<image:([^>]+)>")
@@ -78,7 +78,7 @@ def chat_prompt(tokenizer, turns: list[Turn]) -> list:
 class ChatEvents:
     """Streams one answer to the terminal: text as it comes, a bar while drawing, saved images.
 
-    It implements every hook of omni.generation.GenerationEvents without subclassing it, so that
+    It implements every hook of omni.inference.sampler.GenerationEvents without subclassing it, so that
     importing this module (for `omni --help`) does not import torch.
     """
 
@@ -150,7 +150,7 @@ class ChatSession:
 
     def show(self, image: Image.Image) -> None:
         if self.preview:
-            from omni.preview import halfblock
+            from omni.inference.preview import halfblock
 
             self.write(halfblock(image) + "\n")
 
@@ -204,7 +204,7 @@ class ChatSession:
         import yaml
 
         from omni.config import Config, ConfigError, from_dict
-        from omni.generation import check_config
+        from omni.inference.generate import check_config
 
         if not arg:
             self.say(" ".join(f"{k}={v}" for k, v in dataclasses.asdict(self.cfg).items()))
@@ -283,7 +283,7 @@ class ChatSession:
 
     def fit_history(self, turn: Turn, mode: str) -> list | None:
         """The prompt for `turn`, dropping the oldest turns (with a notice) until it fits."""
-        from omni.generation import context_length, prompt_length
+        from omni.inference.prompts import context_length, prompt_length
 
         ctx = context_length(self.model)
         image_room = self.model.image_tokenizer.num_tokens + 2
@@ -309,7 +309,7 @@ class ChatSession:
         return prompt
 
     def ask(self, text: str, mode: str | None) -> None:
-        from omni.generation import generate
+        from omni.inference.generate import generate
 
         turn = self.user_turn(text)
         if turn is None:
@@ -362,29 +362,3 @@ def repl(session: ChatSession) -> int:
             session.say("\n[cancelled]")
         except Exception as e:  # noqa: BLE001  (keep the session alive; say what went wrong)
             session.say(f"\nerror: {type(e).__name__}: {e}")
-
-
-def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from omni.generation import generation_config
-    from omni.preview import supports_color
-
-    torch.set_grad_enabled(False)
-    model = load_model(args.ckpt, args.device)
-    cfg = generation_config(model, **sampling_overrides(args))
-    seed = args.seed if args.seed is not None else cfg.seed
-    preview = not args.no_preview and supports_color(sys.stdout)
-    session = ChatSession(model, cfg, args.out, seed, preview)
-    return repl(session)
-
-
-def register(sub) -> None:
-    p = sub.add_parser("chat", help="interactive chat that writes text and draws images",
-                       description=__doc__.split("\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="inference checkpoint directory")
-    p.add_argument("--out", default="chat", help="folder for images (default: chat)")
-    p.add_argument("--seed", type=int, help="seed of the first answer; answer k uses seed + k")
-    p.add_argument("--no-preview", action="store_true", dest="no_preview", help="no inline image previews")
-    add_sampling_flags(p)
-    p.set_defaults(func=run)

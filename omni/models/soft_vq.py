@@ -15,7 +15,7 @@ every entry.
 `image_embed` is a copy, not a view of the backbone's embedding table: the first Orthus stage
 trains it (optionally) with the backbone frozen, and ZeRO shards it like any other parameter.
 The backbone rows of the image tokens are never read again (image positions carry the `<image>`
-placeholder), and their logits are suppressed (omni.convert.prepare_chameleon_backbone).
+placeholder), and their logits are suppressed (omni.models.backbone.prepare_chameleon_backbone).
 
 Shape legend: M image tokens, K codebook size, d codebook dim, D backbone width.
 """

@@ -1,4 +1,4 @@
-"""`omni generate`: one-shot, scriptable sampling from a checkpoint.
+"""`omni generate` (one-shot, scriptable sampling) and `omni chat` (interactive): their commands.
 
     omni generate --ckpt DIR --prompt "a red circle" --mode image --out imgs --json
     omni generate --ckpt DIR --prompt "<image> what color is it?" --image cat.png
@@ -10,18 +10,17 @@ text when the prompt has no markers. A JSONL file holds one request per line:
 relative image paths resolve against the file's folder). `--json` prints
 {"segments": [{"type": "text", "text": ...}, {"type": "image", "path": ...}], "settings": {...}}
 per prompt (one line each for a JSONL batch). The sampling flags and their defaults
-(the checkpoint's `generation` section) are shared with `omni chat`.
+(the checkpoint's `generation` section) are shared with `omni chat` (omni.inference.chat).
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 from pathlib import Path
 
-IMAGE_MARKER = "<image>"
+from omni.config import MODES, SAMPLERS
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -37,7 +36,7 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cfg", type=float, dest="cfg_scale", help="classifier-free guidance scale; 1 = off")
     g.add_argument("--steps", type=int, dest="image_steps", help="denoising steps per image token")
     g.add_argument("--image-temperature", type=float, dest="image_temperature", help="image noise scale")
-    g.add_argument("--sampler", choices=["ddim", "ddpm", "euler", "stochastic"], help="image token sampler")
+    g.add_argument("--sampler", choices=SAMPLERS, help="image token sampler")
     g.add_argument("--no-cache", action="store_false", dest="use_cache", default=None,
                    help="recompute the whole prefix every step (slow; for checking)")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
@@ -49,47 +48,6 @@ SAMPLING_KEYS = ("temperature", "top_k", "top_p", "max_new_tokens", "max_images"
 
 def sampling_overrides(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k, None) for k in SAMPLING_KEYS}
-
-
-def load_model(ckpt: str, device: str | None):
-    """Load a checkpoint for inference on `device` (default: CUDA when present)."""
-    from omni.checkpoint import load_pretrained
-    from omni.utils import default_device
-
-    return load_pretrained(ckpt, device=device or default_device())
-
-
-def load_image(path: str | Path):
-    """Open an image as RGB, with an error that names the path and what went wrong."""
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"image {str(path)!r} does not exist")
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot read image {str(path)!r}: {e}") from e
-
-
-def build_prompt(text: str, images: list) -> list:
-    """Segments of one prompt: images at `<image>` markers, or all images before the text."""
-    parts = text.split(IMAGE_MARKER)
-    if len(parts) == 1:
-        return [*images, text] if text else list(images)
-    if len(parts) - 1 != len(images):
-        raise ValueError(
-            f"the prompt has {len(parts) - 1} {IMAGE_MARKER} markers but {len(images)} images were given; "
-            "give one --image per marker, or drop the markers to put the images first"
-        )
-    segments: list = []
-    for i, part in enumerate(parts):
-        if i:
-            segments.append(images[i - 1])
-        if part:
-            segments.append(part)
-    return segments
 
 
 def read_requests(args: argparse.Namespace) -> list[dict]:
@@ -119,18 +77,12 @@ def image_name(index: int, seed: int, k: int) -> str:
     return f"p{index:04d}_s{seed}_{k}.png"
 
 
-def save_png(image, path: Path) -> None:
-    from omni.utils import atomic_write_bytes
-
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from omni.generation import MODES, generate, generation_config
+    from omni.inference.generate import generate_by_mode, generation_config, load
+    from omni.inference.prompts import build_prompt, load_image
+    from omni.utils import save_png
 
     if (args.prompt is None) == (args.prompts is None):
         raise ValueError("give exactly one of --prompt TEXT or --prompts FILE.jsonl")
@@ -142,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         req["mode"] = req.get("mode") or args.mode
         if req["mode"] is not None and req["mode"] not in MODES:
             raise ValueError(f"request {i}: mode {req['mode']!r} is not one of {list(MODES)}")
-    model = load_model(args.ckpt, args.device)
+    model = load(args.ckpt, args.device)
     cfg = generation_config(model, **sampling_overrides(args))
     seed = args.seed if args.seed is not None else cfg.seed
     for i, req in enumerate(requests):
@@ -150,15 +102,8 @@ def run(args: argparse.Namespace) -> int:
         req["mode"] = req["mode"] or cfg.mode
     torch.manual_seed(seed)  # anything outside the per-row generators is seeded too
     out_dir = Path(args.out)
-    results: list = [None] * len(requests)
-    for mode in MODES:  # one generate call per mode and batch; output keeps the request order
-        todo = [i for i, r in enumerate(requests) if r["mode"] == mode]
-        for start in range(0, len(todo), args.batch_size):
-            chunk = todo[start:start + args.batch_size]
-            got = generate(model, [requests[i]["segments"] for i in chunk], cfg,
-                           seeds=[requests[i]["seed"] for i in chunk], mode=mode, progress=not args.json)
-            for i, res in zip(chunk, got):
-                results[i] = res
+    results = generate_by_mode(model, [r["segments"] for r in requests], [r["mode"] for r in requests],
+                               [r["seed"] for r in requests], cfg, batch_size=args.batch_size, progress=not args.json)
     for i, (req, res) in enumerate(zip(requests, results)):
         segments, k = [], 0
         for seg in res.segments:
@@ -179,6 +124,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_chat(args: argparse.Namespace) -> int:
+    import torch
+
+    from omni.inference.chat import ChatSession, repl
+    from omni.inference.generate import generation_config, load
+    from omni.inference.preview import supports_color
+
+    torch.set_grad_enabled(False)
+    model = load(args.ckpt, args.device)
+    cfg = generation_config(model, **sampling_overrides(args))
+    seed = args.seed if args.seed is not None else cfg.seed
+    preview = not args.no_preview and supports_color(sys.stdout)
+    session = ChatSession(model, cfg, args.out, seed, preview)
+    return repl(session)
+
+
 def print_human(record: dict, index: int | None) -> None:
     if index is not None:
         print(f"--- {index}: {record['prompt']}")
@@ -197,6 +158,11 @@ def _positive(text: str) -> int:
 
 
 def register(sub) -> None:
+    register_generate(sub)
+    register_chat(sub)
+
+
+def register_generate(sub) -> None:
     p = sub.add_parser(
         "generate",
         help="sample text and images from a checkpoint",
@@ -207,10 +173,23 @@ def register(sub) -> None:
     p.add_argument("--prompt", help="prompt text; <image> marks where each --image goes")
     p.add_argument("--image", action="append", metavar="PATH", help="attach an image (repeatable, in order)")
     p.add_argument("--prompts", metavar="FILE.jsonl", help="batch: one JSON request per line")
-    p.add_argument("--mode", choices=["auto", "text", "image"], help="interleaved, text only, or one image")
+    p.add_argument("--mode", choices=MODES, help="interleaved, text only, or one image")
     p.add_argument("--out", default="outputs", help="folder for generated PNGs (default: outputs)")
     p.add_argument("--seed", type=int, help="seed of the first prompt; prompt i uses seed + i")
     p.add_argument("--json", action="store_true", help="print JSON (one object per prompt)")
     p.add_argument("--batch-size", type=_positive, default=8, dest="batch_size", help="prompts per batch")
     add_sampling_flags(p)
     p.set_defaults(func=run)
+
+
+def register_chat(sub) -> None:
+    from omni.inference import chat
+
+    p = sub.add_parser("chat", help="interactive chat that writes text and draws images",
+                       description=chat.__doc__.split("\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="inference checkpoint directory")
+    p.add_argument("--out", default="chat", help="folder for images (default: chat)")
+    p.add_argument("--seed", type=int, help="seed of the first answer; answer k uses seed + k")
+    p.add_argument("--no-preview", action="store_true", dest="no_preview", help="no inline image previews")
+    add_sampling_flags(p)
+    p.set_defaults(func=run_chat)

@@ -1,0 +1,158 @@
+"""Writers of the built-in datasets and the trained tokenizers: what `omni data` and the demo call.
+
+    write_shapes(out, n_train, n_val, ...)     synthetic interleaved documents (omni.data.shapes)
+    write_digits(out, ...)                     scikit-learn's handwritten digits (omni.data.digits)
+    train_tokenizer(shards, out, vocab_size)   a sentencepiece text tokenizer on the shards' texts
+    train_autoencoder(shards, out, ...)        the per-patch image autoencoder (patch-ae tokens)
+
+Each dataset writer leaves OUT/train-000000.tar ... (and OUT/val-...), OUT/manifest.json, and
+prints the brace patterns to put in data.train / data.val.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+
+def _clear_stale(out: Path, prefix: str, keep: list[Path]) -> None:
+    """Remove `prefix-*.tar` left by an earlier, larger run (a directory spec would read them)."""
+    for path in sorted(out.glob(f"{prefix}-*.tar")):
+        if path not in keep:
+            path.unlink()
+            print(f"removed stale shard {path}")
+
+
+def _write_split(docs: Iterable, out: Path, prefix: str, shard_size: int, total: int | None) -> dict[str, Any]:
+    from omni.data.shards import brace_pattern, write_shards
+
+    tasks: Counter = Counter()
+
+    def counted():
+        for d in docs:
+            tasks[d.task] += 1
+            yield d
+
+    paths = write_shards(counted(), out, prefix, shard_size, total=total)
+    _clear_stale(out, prefix, paths)
+    return {"pattern": brace_pattern(paths) if paths else None, "shards": [p.name for p in paths],
+            "documents": sum(tasks.values()), "tasks": dict(sorted(tasks.items()))}
+
+
+def _check_dir(out: Path, generator: str) -> None:
+    manifest = out / "manifest.json"
+    if manifest.exists():
+        other = json.loads(manifest.read_text()).get("generator", {}).get("name")
+        if other != generator:
+            raise ValueError(f"{out} already holds {other!r} shards; write {generator!r} shards to another --out")
+
+
+def _finish(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    from omni.utils import atomic_write_text
+
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    for split in ("train", "val"):
+        info = manifest.get(split)
+        if info and info["pattern"]:
+            print(f"{split}: {info['documents']} documents in {len(info['shards'])} shard(s)  {info['tasks']}")
+    sets = " ".join(f"data.{s}={manifest[s]['pattern']}" for s in ("train", "val") if manifest.get(s, {}).get("pattern"))
+    print(f"use: {sets}")
+    return manifest
+
+
+def write_shapes(out: str | Path, n_train: int, n_val: int, *, seed: int = 0, canvas: int = 32,
+                 mix: str | None = None, val_mix: str | None = None, shard_size: int = 500) -> dict[str, Any]:
+    """Shapes documents; `mix` / `val_mix` as `omni data shapes --mix` text (None: the default mix;
+    val_mix None: the training mix). Returns the manifest."""
+    from omni.data import shapes
+
+    out = Path(out)
+    _check_dir(out, "shapes")
+    train_mix = shapes.parse_mix(mix)
+    held_mix = shapes.parse_mix(val_mix) if val_mix else train_mix
+    manifest: dict[str, Any] = {"generator": {"name": "shapes", "seed": seed, "canvas": canvas, "mix": train_mix,
+                                              "val_mix": held_mix}}
+    for split, n, split_mix in (("train", n_train, train_mix), ("val", n_val, held_mix)):
+        if n > 0:
+            docs = shapes.generate(n, split, seed=seed, canvas=canvas, mix=split_mix)
+            manifest[split] = _write_split(docs, out, split, shard_size, n)
+    return _finish(out, manifest)
+
+
+def write_digits(out: str | Path, *, canvas: int = 32, shard_size: int = 500) -> dict[str, Any]:
+    """The handwritten digits as t2i and read documents, training and held-out splits; the manifest."""
+    from omni.data import digits
+
+    out = Path(out)
+    _check_dir(out, "digits")
+    manifest: dict[str, Any] = {"generator": {"name": "digits", "canvas": canvas, "heldout": digits.N_HELDOUT,
+                                              "source": "sklearn.datasets.load_digits"}}
+    for split, prefix in (("train", "train"), ("heldout", "val")):
+        n = 2 * len(digits.split_indices(split))
+        manifest[prefix] = _write_split(digits.documents(split, canvas), out, prefix, shard_size, n)
+    return _finish(out, manifest)
+
+
+def train_tokenizer(shards: list[str], out: str | Path, vocab_size: int = 384):
+    """A sentencepiece tokenizer on every text of `shards`, saved to `out`; the tokenizer."""
+    from omni.data.document import Stats
+    from omni.data.shards import read_documents
+    from omni.tokenizers.text import train_sentencepiece
+
+    stats = Stats()
+    texts = [t for doc in read_documents(shards, decode_images=False, stats=stats) for t in doc.texts if t]
+    if stats.counts:
+        print(f"skipped while reading: {stats.as_dict()}")
+    tok = train_sentencepiece(texts, out, vocab_size=vocab_size)
+    print(f"trained a {len(tok)}-token sentencepiece tokenizer on {len(texts)} texts -> {out}")
+    print(f"use: model.tokenizer={out}")
+    return tok
+
+
+def train_autoencoder(shards: list[str], out: str | Path, *, patch_size: int = 8, latent_dim: int = 16,
+                      hidden: int = 512, steps: int = 3000, batch_size: int = 512, seed: int = 0,
+                      max_images: int = 20000) -> dict[str, Any]:
+    """The per-patch image autoencoder on pictures of `shards` (a fair share of each); its metadata."""
+    from omni.data.document import Stats
+    from omni.data.shards import read_documents
+    from omni.tokenizers.patch_ae import train_patch_autoencoder
+
+    stats = Stats()
+    # Take an image from each --shards spec in turn, so every source gets its share of
+    # --max-images (reading them one after another, the first could fill it alone: 30,000 shapes
+    # documents left the digits out and the autoencoder never learned grey ink).
+    def pictures(spec: str):
+        for doc in read_documents(spec, stats=stats):
+            yield from (s for s in doc.segments if not isinstance(s, str))
+
+    sources = {spec: pictures(spec) for spec in shards}
+    per_source = dict.fromkeys(sources, 0)
+    images = []
+    while sources and len(images) < max_images:
+        for spec, it in list(sources.items()):
+            image = next(it, None)
+            if image is None:
+                del sources[spec]  # run dry: the others fill its share
+                continue
+            images.append(image)
+            per_source[spec] += 1
+            if len(images) >= max_images:
+                break
+    print("images per source: " + ", ".join(f"{spec} {n}" for spec, n in per_source.items()))
+    if stats.counts:
+        print(f"skipped while reading: {stats.as_dict()}")
+    if not images:
+        raise ValueError(f"no images in {shards}; point --shards at shards with pictures")
+    sizes = {im.size for im in images}
+    if len(sizes) > 1:
+        raise ValueError(f"images of several sizes {sorted(sizes)}; the autoencoder needs one size (write shards with one --size)")
+    meta = train_patch_autoencoder(images, out, patch_size=patch_size, latent_dim=latent_dim,
+                                   hidden=hidden, steps=steps, batch_size=batch_size, seed=seed)
+    t = meta["trained"]
+    print(f"trained a {patch_size}x{patch_size} -> {latent_dim} patch autoencoder on {t['images']} images "
+          f"({t['patches']} patches) in {t['seconds']} s: mean abs error {t['mean_abs_error_255']} / 255 -> {out}")
+    print(f"use: model.image.kind=patch-ae model.image.patch_size={patch_size} model.image.path={out}")
+    return meta
