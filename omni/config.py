@@ -46,7 +46,7 @@ class BackboneConfig:
     rope_theta: float = 10000.0  # RoPE base
     rms_norm_eps: float = 1e-5  # RMSNorm epsilon
     tie_word_embeddings: bool = False  # share input embedding and LM head
-    # attention kernel; sdpa runs in fp32 under CPU bf16 autocast, the faster kernel there (omni/attention.py)
+    # attention kernel; sdpa runs in fp32 under CPU bf16 autocast, the faster kernel there (omni/models/attention.py)
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
 
 

@@ -109,8 +109,8 @@ class OmniModel(nn.Module):
         self.image_pos = None
         if cfg.image_pos_embed:
             self.image_pos = nn.Embedding(image_tokenizer.num_tokens, hidden)  # (N, D), cell -> vector
-            nn.init.normal_(self.image_pos.weight, std=0.02)
         self.head = DiffusionHead(cfg.head, token_dim=token_dim, cond_dim=hidden)
+        self.initialize_weights()
         self.special = SpecialIds(
             bos=tokenizer.bos_id,
             eos=tokenizer.eos_id,
@@ -122,14 +122,27 @@ class OmniModel(nn.Module):
 
     def _build_in_proj(self, token_dim: int, hidden: int) -> nn.Module:
         if self.cfg.in_proj == "linear":
-            proj = nn.Linear(token_dim, hidden)
-            # Image embeddings start at the scale of the token embeddings.
-            nn.init.normal_(proj.weight, std=0.02 / max(token_dim, 1) ** 0.5 * hidden**0.5)
-            nn.init.zeros_(proj.bias)
-            return proj
+            return nn.Linear(token_dim, hidden)
         from omni.models.soft_vq import SoftVQEmbedding
 
         return SoftVQEmbedding.from_model(self, token_dim)
+
+    def initialize_weights(self) -> None:
+        """Every initialisation rule of what OmniModel adds to the backbone, in one place (the
+        backbone keeps its pretrained or Hugging Face initialisation)."""
+        if isinstance(self.in_proj, nn.Linear):
+            # Image embeddings start at the scale of the token embeddings: the std of W x for a
+            # unit-variance token of d values is 0.02 * sqrt(D), like a row of embed_tokens.
+            token_dim, hidden = self.in_proj.in_features, self.in_proj.out_features
+            nn.init.normal_(self.in_proj.weight, std=0.02 / max(token_dim, 1) ** 0.5 * hidden**0.5)
+            nn.init.zeros_(self.in_proj.bias)
+        # soft-vq in_proj starts from the backbone's own image-token embeddings (SoftVQEmbedding.from_model).
+        if self.image_pos is not None:
+            # Small, like a token embedding, so the cell vector nudges rather than drowns the token.
+            nn.init.normal_(self.image_pos.weight, std=0.02)
+        # The head's rules (zero adaLN modulation and output: the untrained head is the identity
+        # plus a zero prediction) live with the head, which is also used on its own.
+        self.head.net.initialize_weights()
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, root: str | Path | None = None) -> OmniModel:
