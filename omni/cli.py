@@ -16,6 +16,7 @@ COMMANDS = [
     "omni.train.cli",  # omni train, omni export
     "omni.inference.cli",  # omni generate, omni chat
     "omni.eval.cli",  # omni eval
+    "omni.serve.cli",  # omni serve
     "omni.demo",  # omni demo
     "omni.models.convert",  # omni convert chameleon
 ]
