@@ -18,7 +18,7 @@ from conftest import TINY
 from PIL import Image
 
 from omni.config import load_config
-from omni.model import OmniModel
+from omni.models.model import OmniModel
 
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
@@ -42,9 +42,9 @@ def ckpt(tokenizer_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(ckpt):
-    from omni.checkpoint import load_pretrained
+    import omni
 
-    return load_pretrained(ckpt)
+    return omni.load(ckpt, device="cpu")
 
 
 def free_port() -> int:

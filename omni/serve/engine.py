@@ -9,7 +9,7 @@ Admission: at most `max_running` jobs run in the sampler's batch, at most `max_w
 for a slot; beyond that `submit` raises `Busy` and the client gets a 429 with Retry-After. A job
 whose client went away, or whose deadline passed, is cancelled between decode steps.
 
-This module is the one place in omni.serve that imports the sampler (omni.generation); the
+This module is the one place in omni.serve that imports the sampler (omni.inference); the
 other modules take what they need from here.
 """
 
@@ -23,19 +23,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from omni.chat import Turn, chat_prompt
-from omni.config import GenerationConfig
-from omni.generate_cli import load_model
-from omni.generation import (
-    MODES,
-    GenerationEvents,
-    GenerationResult,
-    check_config,
-    context_length,
-    generate,
-    generation_config,
-    prompt_length,
-)
+from omni.config import MODES, GenerationConfig
+from omni.inference.chat import Turn, chat_prompt
+from omni.inference.generate import check_config, generate, generation_config
+from omni.inference.generate import load as load_model
+from omni.inference.prompts import context_length, prompt_length
+from omni.inference.sampler import GenerationEvents, GenerationResult
 
 __all__ = ["MODES", "Busy", "GenerationConfig", "GenerationResult", "Job", "Turn", "Worker", "chat_prompt",
            "check_config", "context_length", "generation_config", "load_model", "prompt_length"]
