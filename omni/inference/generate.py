@@ -97,11 +97,7 @@ def generate(
         rows = sampler.run(prompts, progress=bool(progress))
     finally:
         model.train(was_training)
-    return [
-        GenerationResult(segments=r.segments, settings=sampler.settings(r.seed), finish_reason=r.finish or "eos",
-                         ids=r.ids, image_tokens=r.image_tokens)
-        for r in rows
-    ]
+    return [r.result() for r in rows]
 
 
 def generate_by_mode(model, prompts: Sequence[Prompt], modes: Sequence[str], seeds: Sequence[int],

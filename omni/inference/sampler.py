@@ -23,6 +23,17 @@ additive 4D mask (built here, so the cached and the recomputed paths use the sam
 has its own torch.Generator for text sampling and diffusion noise, so a row's result does not
 depend on the rest of the batch.
 
+Continuous batching (omni serve). Rows join and leave between steps: `add` queues a row with
+its own prompt, settings, mode, seed and events; `step` prefills the rows queued since the last
+step together (left-padded among themselves), then merges them into the running batch: whichever
+side is shorter gets left padding, in its streams and its KV cache, and padding is masked the way
+prompt padding always was (it sits before `bos` and `lo`). Rows that finish or are cancelled
+leave through the same cache gather that CFG rows use, and the padding every remaining stream
+shares is trimmed, so the batch is as long as its longest live row, not as old as the server.
+Settings are per row: text sampling reads the row's own temperature / top-k / top-p and banned
+ids, and the diffusion head runs once per distinct (cfg scale, steps, temperature, sampler) among
+the rows drawing in that step. Only use_cache and cfg_batching belong to the whole sampler.
+
 Shape legend: S streams in a forward, Q positions fed, T positions in total (cached + fed),
 D backbone width, V vocabulary, d image-token dim, N image tokens per image.
 """
@@ -79,7 +90,8 @@ class GenerationEvents:
         """The row finished an image."""
 
     def should_stop(self) -> bool:
-        """Polled once per step; True cancels every unfinished row (finish_reason "cancelled")."""
+        """Polled once per step; True cancels every unfinished row that reports to this object
+        (finish_reason "cancelled"): all of a generate() call, or one row of a server batch."""
         return False
 
 
@@ -115,14 +127,35 @@ class _Stream:
         return _Stream(list(self.ids), list(self.images), list(self.pos), list(self.lo), self.bos,
                        start=len(self.ids), next_pos=1, blocks=list(self.blocks), src=self)
 
+    def shift(self, n: int, pad_id: int) -> None:
+        """n > 0: put n padding positions in front (each sees only itself); n < 0: drop -n of them."""
+        if n > 0:
+            self.ids[:0] = [pad_id] * n
+            self.images[:0] = [None] * n
+            self.pos[:0] = [0] * n
+            self.blocks[:0] = [0] * n
+            self.lo = list(range(n)) + [x + n for x in self.lo]
+        else:
+            m = -n
+            assert self.bos >= m, "only padding can be dropped"
+            del self.ids[:m], self.images[:m], self.pos[:m], self.blocks[:m]
+            self.lo = [x - m for x in self.lo[m:]]
+        self.bos += n
+        self.start += n
+
 
 @dataclass
 class _Row:
-    index: int
+    index: int  # the `row` the events hear: the prompt's index in a generate() call
     seed: int
     gen: torch.Generator
     budget: int  # generated positions allowed
     cond: _Stream
+    cfg: GenerationConfig  # this row's sampling settings
+    mode: str
+    events: GenerationEvents
+    banned: torch.Tensor  # text ids this row never samples
+    settings: dict  # recorded in the result
     uncond: _Stream | None = None
     feed: list = field(default_factory=list)  # items waiting to be fed, oldest first
     drawing: bool = False
@@ -138,6 +171,18 @@ class _Row:
     run: int = 0
     finish: str | None = None
 
+    @property
+    def use_cfg(self) -> bool:
+        return self.cfg.cfg_scale != 1.0 and self.mode != "text"
+
+    @property
+    def stream_text(self) -> bool:  # decode text as it comes only if someone listens
+        return type(self.events).text is not GenerationEvents.text
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(segments=self.segments, settings=self.settings, finish_reason=self.finish or "eos",
+                                ids=self.ids, image_tokens=self.image_tokens)
+
 
 @dataclass
 class _Group:
@@ -147,64 +192,133 @@ class _Group:
     cache: Any = None
 
 
+def _cache(layers: list[tuple[torch.Tensor, torch.Tensor]], config):
+    from transformers import DynamicCache
+
+    return DynamicCache(layers, config=config)
+
+
 class Sampler:
-    """One generation call: build the batch, step until every row finishes, return results.
+    """The decode loop, as a batch that rows join and leave between steps.
+
+    `add` queues a row with its own prompt, settings, seed and events; `step` prefills the rows
+    that joined since the last step (together, left-padded among themselves), merges them into
+    the running batch, samples one position for every row and returns the rows that finished.
+    `run` is the offline use: add every prompt, step until all are done.
 
     use_cache=False recomputes every position at every step (the reference the cache is tested
     against); cfg_batching=False runs the unconditional streams as a second forward pass and a
     second diffusion-head call per step (the baseline the one-batch design is measured against).
     """
 
-    def __init__(self, model, cfg: GenerationConfig, mode: str, seeds: list[int],
-                 events: GenerationEvents | None = None, cfg_batching: bool = True):
+    def __init__(self, model, cfg: GenerationConfig | None = None, mode: str | None = None,
+                 seeds: Sequence[int] | None = None, events: GenerationEvents | None = None,
+                 cfg_batching: bool = True):
         self.model = model
-        self.cfg = cfg
-        self.mode = mode
-        self.seeds = seeds
+        self.cfg = cfg or GenerationConfig()  # defaults of `add` and `run`
+        self.mode = mode or self.cfg.mode
+        self.seeds = list(seeds) if seeds is not None else None
         self.events = events or GenerationEvents()
-        self.stream_text = type(self.events).text is not GenerationEvents.text  # decode only if someone listens
-        self.use_cache = cfg.use_cache
-        self.use_cfg = cfg.cfg_scale != 1.0 and mode != "text"
+        self.use_cache = self.cfg.use_cache  # one batch, one cache: every row follows the sampler's choice
         self.cfg_batching = cfg_batching
         self.sp = model.special
         self.bidirectional = model.cfg.prompt_image_attention == "bidirectional"
         self.n_tokens = model.image_tokenizer.num_tokens
         self.device = model.device
+        self.ctx = context_length(model)
+        self.groups = [_Group()] + ([] if cfg_batching else [_Group()])
+        self.live: list[_Row] = []  # rows in the batch
+        self.joining: list[_Row] = []  # rows added since the last step
+        self.cached = 0  # positions of every stream already in the caches
+
+    # -- rows join -----------------------------------------------------------------------------
+    def add(self, prompt: Prompt, cfg: GenerationConfig | None = None, mode: str | None = None, seed: int = 0,
+            events: GenerationEvents | None = None, index: int = 0) -> _Row:
+        """Queue one prompt; it joins the batch at the next `step`. The row is returned as a handle."""
+        return self._row(encode_prompts(self.model, [prompt])[0], cfg or self.cfg, mode or self.mode, seed,
+                         events or self.events, index)
+
+    def _row(self, items: list[Item], cfg: GenerationConfig, mode: str, seed: int, events: GenerationEvents,
+             index: int) -> _Row:
+        need = self.n_tokens + 2 if mode == "image" else 1
+        if len(items) + need > self.ctx:
+            raise ValueError(
+                f"prompt {index} takes {len(items)} positions and needs {need} more to answer, but the "
+                f"context holds {self.ctx}: {len(items) + need - self.ctx} too many; shorten the prompt"
+            )
+        images = [x for _, x in items]
+        blocks = [0] * len(items)
+        if self.bidirectional:  # number the runs of prompt image positions, as in training
+            for j in range(1, len(items)):
+                if images[j] is not None:
+                    blocks[j] = blocks[j - 1] or max(blocks) + 1
+        stream = _Stream([t for t, _ in items], images, list(range(len(items))), [0] * len(items), bos=0, start=0,
+                         next_pos=len(items), blocks=blocks)
+        budget = min(cfg.max_new_tokens, self.ctx - len(items))
+        if mode == "image":
+            budget = max(budget, need)  # image mode always draws its one image
         banned = {self.sp.img, self.sp.eoi, self.sp.bos} | ({self.sp.pad} - {self.sp.eos})
         if mode == "text":
             banned.add(self.sp.boi)
-        self.banned = torch.tensor(sorted(banned), device=self.device)
+        row = _Row(index=index, seed=int(seed), gen=torch.Generator(device=self.device).manual_seed(int(seed)),
+                   budget=budget, cond=stream, cfg=cfg, mode=mode, events=events,
+                   banned=torch.tensor(sorted(banned), device=self.device), settings=self._settings(cfg, mode, seed))
+        self.joining.append(row)
+        return row
 
-    # -- batch ---------------------------------------------------------------------------------
     def _rows(self, encoded: list[list[Item]]) -> list[_Row]:
-        ctx = context_length(self.model)
-        need = self.n_tokens + 2 if self.mode == "image" else 1
-        width = max(len(p) for p in encoded)
-        rows = []
-        for i, items in enumerate(encoded):
-            if len(items) + need > ctx:
-                raise ValueError(
-                    f"prompt {i} takes {len(items)} positions and needs {need} more to answer, but the "
-                    f"context holds {ctx}: {len(items) + need - ctx} too many; shorten the prompt"
-                )
-            pad = width - len(items)
-            ids = [self.sp.pad] * pad + [t for t, _ in items]
-            images = [None] * pad + [x for _, x in items]
-            pos = [0] * pad + list(range(len(items)))
-            lo = list(range(pad)) + [pad] * len(items)  # padding sees only itself
-            blocks = [0] * len(ids)
-            if self.bidirectional:  # number the runs of prompt image positions, as in training
-                for j in range(pad, len(ids)):
-                    if images[j] is not None:
-                        blocks[j] = blocks[j - 1] or max(blocks) + 1
-            stream = _Stream(ids, images, pos, lo, bos=pad, start=pad, next_pos=len(items), blocks=blocks)
-            budget = min(self.cfg.max_new_tokens, ctx - len(items))
-            if self.mode == "image":
-                budget = max(budget, need)  # image mode always draws its one image
-            gen = torch.Generator(device=self.device).manual_seed(int(self.seeds[i]))
-            rows.append(_Row(index=i, seed=int(self.seeds[i]), gen=gen, budget=budget, cond=stream))
+        """Rows of `encoded` prompts with the sampler's settings, left-padded to one width."""
+        seeds = self.seeds or [self.cfg.seed + i for i in range(len(encoded))]
+        rows = [self._row(items, self.cfg, self.mode, seeds[i], self.events, i) for i, items in enumerate(encoded)]
+        width = max(len(r.cond.ids) for r in rows)
+        for r in rows:
+            r.cond.shift(width - len(r.cond.ids), self.sp.pad)
         return rows
 
+    def _merge(self, group: _Group) -> None:
+        """Bring a prefilled group of joiners into the batch: the shorter side gets left padding
+        (its keys are masked: padding sits before `bos` and `lo`) so every stream has one length."""
+        T = len(self.live[0].cond.ids) if self.live else 0
+        L = len(group.streams[0].ids)
+        if T < L:
+            for grp in self.groups:
+                for s in grp.streams:
+                    s.shift(L - T, self.sp.pad)
+                grp.cache = self._pad(grp.cache, L - T)
+        elif L < T:
+            for s in group.streams:
+                s.shift(T - L, self.sp.pad)
+            group.cache = self._pad(group.cache, T - L)
+        main = self.groups[0]
+        if main.cache is not None and group.cache is not None:
+            layers = [(torch.cat([a.keys, b.keys]), torch.cat([a.values, b.values]))  # (S + s, H, T, hd)
+                      for a, b in zip(main.cache.layers, group.cache.layers)]
+            main.cache = _cache(layers, self.model.backbone.config)
+        elif not main.streams:
+            main.cache = group.cache
+        main.streams = main.streams + group.streams
+
+    def _pad(self, cache, n: int):
+        if cache is None or n == 0:
+            return cache
+        return _cache([(torch.nn.functional.pad(c.keys, (0, 0, n, 0)), torch.nn.functional.pad(c.values, (0, 0, n, 0)))
+                       for c in cache.layers], self.model.backbone.config)  # (S, H, n + T, hd)
+
+    def _trim(self) -> None:
+        """Drop the left padding every stream shares (it grows as rows join a long-running batch)."""
+        streams = [s for grp in self.groups for s in grp.streams]
+        m = min(s.bos for s in streams)
+        if m < 16:  # not worth a copy of the cache
+            return
+        for s in streams:
+            s.shift(-m, self.sp.pad)
+        for grp in self.groups:
+            if grp.cache is not None:
+                grp.cache = _cache([(c.keys[:, :, m:], c.values[:, :, m:]) for c in grp.cache.layers],
+                                   self.model.backbone.config)
+        self.cached -= m
+
+    # -- the model -----------------------------------------------------------------------------
     def _forward(self, group: _Group, start: int) -> torch.Tensor:
         """Feed positions [start, T) of every stream of `group`; hidden state of the last one (S, D)."""
         streams = group.streams
@@ -257,8 +371,6 @@ class Sampler:
 
     def _gather(self, groups: list[_Group], src: list[tuple[int, int]]):
         """A new DynamicCache whose rows are the cache rows `src` = [(group, row), ...]."""
-        from transformers import DynamicCache
-
         offsets, n = [], 0
         for grp in groups:
             offsets.append(n)
@@ -270,13 +382,13 @@ class Sampler:
             keys = torch.cat([p.keys for p in parts]) if len(parts) > 1 else parts[0].keys  # (S_all, H, T, hd)
             values = torch.cat([p.values for p in parts]) if len(parts) > 1 else parts[0].values
             layers.append((keys.index_select(0, index), values.index_select(0, index)))
-        return DynamicCache(layers, config=self.model.backbone.config)
+        return _cache(layers, self.model.backbone.config)
 
     # -- decisions -----------------------------------------------------------------------------
     def _pick(self, row: _Row, logits: torch.Tensor) -> int:
         """Next text token from logits (V,): greedy, or temperature / top-k / top-p sampling."""
-        cfg = self.cfg
-        logits = logits.float().index_fill(0, self.banned, float("-inf"))
+        cfg = row.cfg
+        logits = logits.float().index_fill(0, row.banned, float("-inf"))
         if cfg.temperature == 0:
             return int(logits.argmax())
         logits = logits / cfg.temperature
@@ -307,12 +419,12 @@ class Sampler:
         row.n_new += 1
         row.ids.append(self.sp.boi)
         row.feed.append((self.sp.boi, None))
-        if self.use_cfg:
+        if row.use_cfg:
             row.uncond = row.cond.unconditional()
-        self.events.image_start(row.index, self.n_tokens)
+        row.events.image_start(row.index, self.n_tokens)
 
     def _text_token(self, row: _Row, tok: int) -> None:
-        cfg = self.cfg
+        cfg = row.cfg
         if tok == self.sp.eos:
             return self._finish(row, "eos")
         if tok == self.sp.boi:
@@ -326,10 +438,10 @@ class Sampler:
         row.text_ids.append(tok)
         row.run = row.run + 1 if tok == row.last else 1
         row.last = tok
-        if self.stream_text:
+        if row.stream_text:
             text = self.model.tokenizer.decode(row.text_ids)
             if text.startswith(row.streamed) and len(text) > len(row.streamed):
-                self.events.text(row.index, text[len(row.streamed):])
+                row.events.text(row.index, text[len(row.streamed):])
                 row.streamed = text
         if cfg.repetition_stop and row.run >= cfg.repetition_stop:
             return self._finish(row, "repetition")
@@ -342,14 +454,14 @@ class Sampler:
         row.current.append(x)
         row.ids.append(self.sp.img)
         row.n_new += 1
-        self.events.image_token(row.index, len(row.current), self.n_tokens)
+        row.events.image_token(row.index, len(row.current), self.n_tokens)
         if len(row.current) < self.n_tokens:
             row.feed.append((self.sp.img, x))
             return False
         row.image_tokens.append(torch.stack(row.current))  # (N, d)
         row.n_images += 1
         row.drawing, row.current, row.uncond = False, [], None
-        if self.mode != "image":
+        if row.mode != "image":
             row.ids.append(self.sp.eoi)
             row.n_new += 1
             row.feed += [(self.sp.img, x), (self.sp.eoi, None)]  # <eoi> is forced, never sampled
@@ -357,74 +469,98 @@ class Sampler:
 
     def _decide(self, ready: list[_Row], hidden: dict[int, torch.Tensor]) -> None:
         """Sample the next text or image token of every row that has nothing left to feed."""
-        cfg, model = self.cfg, self.model
+        model = self.model
+        for r in ready:
+            if r.mode == "image" and not r.drawing:
+                self._start_image(r)  # image mode: <boi> is forced right after the prompt
         texts = [r for r in ready if not r.drawing]
-        for r in [r for r in texts if self.mode == "image"]:
-            self._start_image(r)  # image mode: <boi> is forced right after the prompt
-        texts = [r for r in texts if self.mode != "image"]
         if texts:
             logits = model.lm_head(torch.stack([hidden[id(r.cond)] for r in texts]))  # (b, V)
             for r, lg in zip(texts, logits):
                 self._text_token(r, self._pick(r, lg))
         drawing = [r for r in ready if r.drawing and not r.feed]
-        if not drawing:
-            return
-        cond = torch.stack([hidden[id(r.cond)] for r in drawing])  # (b, D)
-        uncond = torch.stack([hidden[id(r.uncond)] for r in drawing]) if self.use_cfg else None
-        x = model.head.sample(cond, uncond, cfg_scale=cfg.cfg_scale, steps=cfg.image_steps,
-                              temperature=cfg.image_temperature, sampler=cfg.sampler,
-                              generator=[r.gen for r in drawing], cuda_graph=cfg.cuda_graphs,
-                              cfg_batching=self.cfg_batching)  # (b, d)
-        done = [r for r, xi in zip(drawing, x) if self._image_token(r, xi)]
+        # One diffusion-head call per distinct image setting; a row's noise comes from its own generator.
+        by_setting: dict[tuple, list[_Row]] = {}
+        for r in drawing:
+            c = r.cfg
+            key = (c.cfg_scale if r.use_cfg else 1.0, c.image_steps, c.image_temperature, c.sampler, c.cuda_graphs)
+            by_setting.setdefault(key, []).append(r)
+        done = []
+        for (scale, steps, temperature, sampler, graphs), rows in by_setting.items():
+            cond = torch.stack([hidden[id(r.cond)] for r in rows])  # (b, D)
+            uncond = torch.stack([hidden[id(r.uncond)] for r in rows]) if scale != 1.0 else None
+            x = model.head.sample(cond, uncond, cfg_scale=scale, steps=steps, temperature=temperature,
+                                  sampler=sampler, generator=[r.gen for r in rows], cuda_graph=graphs,
+                                  cfg_batching=self.cfg_batching)  # (b, d)
+            done += [r for r, xi in zip(rows, x) if self._image_token(r, xi)]
         if done:
             pixels = model.image_tokenizer.decode(torch.stack([r.image_tokens[-1] for r in done]))  # (k, C, H, W)
             for r, im in zip(done, to_pil(pixels)):
                 r.segments.append(im)
-                self.events.image_done(r.index, im)
-                if self.mode == "image":
+                r.events.image_done(r.index, im)
+                if r.mode == "image":
                     self._finish(r, "eos")
 
     # -- loop ----------------------------------------------------------------------------------
     @torch.no_grad()
+    def step(self) -> list[_Row]:
+        """One decode step of every row (joiners are prefilled first); the rows that finished."""
+        hidden = {}
+        if self.live:
+            for grp in self.groups:
+                if grp.streams:
+                    h = self._forward(grp, self.cached if self.use_cache else 0)  # (S, D)
+                    hidden.update({id(s): hs for s, hs in zip(grp.streams, h)})
+        if self.joining:
+            joiners, self.joining = self.joining, []
+            width = max(len(r.cond.ids) for r in joiners)
+            for r in joiners:
+                r.cond.shift(width - len(r.cond.ids), self.sp.pad)
+            group = _Group([r.cond for r in joiners])
+            hidden.update({id(r.cond): h for r, h in zip(joiners, self._forward(group, 0))})
+            self._merge(group)
+            self.live += joiners
+        if not self.live:
+            return []
+        self.cached = len(self.live[0].cond.ids)
+        stop = {}  # poll each events object once: one shared by a whole generate() call cancels it all
+        for r in self.live:
+            if stop.setdefault(id(r.events), r.events.should_stop()):
+                self._finish(r, "cancelled")
+        self._decide([r for r in self.live if r.finish is None and not r.feed], hidden)
+        finished = [r for r in self.live if r.finish is not None]
+        self.live = [r for r in self.live if r.finish is None]
+        if not self.live:
+            self.groups = [_Group() for _ in self.groups]
+            self.cached = 0
+            return finished
+        self._regroup(self.groups, self.live)
+        for r in self.live:
+            tok, x = r.feed.pop(0)
+            for s in (r.cond, r.uncond):
+                if s is not None:
+                    s.append(tok, x)
+        self._trim()
+        return finished
+
+    @torch.no_grad()
     def run(self, prompts: Sequence[Prompt], progress: bool = False) -> list[_Row]:
+        """Generate for every prompt with the sampler's settings: the offline path (generate())."""
         rows = self._rows(encode_prompts(self.model, prompts))
-        groups = [_Group([r.cond for r in rows])] + ([] if self.cfg_batching else [_Group()])
         bar = None
         if progress:
             from tqdm import tqdm
 
             bar = tqdm(total=max(r.budget for r in rows), desc="generate", unit="tok", leave=False)
-        cached = 0
-        live = rows
-        while True:
-            hidden = {}
-            for grp in groups:
-                if grp.streams:
-                    h = self._forward(grp, cached if self.use_cache else 0)  # (S, D)
-                    hidden.update({id(s): hs for s, hs in zip(grp.streams, h)})
-            cached = len(live[0].cond.ids)
-            if self.events.should_stop():
-                for r in live:
-                    self._finish(r, "cancelled")
-                break
-            self._decide([r for r in live if not r.feed], hidden)
-            live = [r for r in live if r.finish is None]
-            if not live:
-                break
-            self._regroup(groups, live)
-            for r in live:
-                tok, x = r.feed.pop(0)
-                for s in (r.cond, r.uncond):
-                    if s is not None:
-                        s.append(tok, x)
+        while self.live or self.joining:
+            self.step()
             if bar is not None:
                 bar.update(1)
         if bar is not None:
             bar.close()
         return rows
 
-    def settings(self, seed: int) -> dict:
-        cfg = self.cfg
+    def _settings(self, cfg: GenerationConfig, mode: str, seed: int) -> dict:
         return {
             "sampler": cfg.sampler,
             "image_steps": cfg.image_steps,
@@ -433,11 +569,11 @@ class Sampler:
             "image_temperature": cfg.image_temperature,
             "top_k": cfg.top_k,
             "top_p": cfg.top_p,
-            "seed": seed,
-            "mode": self.mode,
+            "seed": int(seed),
+            "mode": mode,
             "max_new_tokens": cfg.max_new_tokens,
             "max_images": cfg.max_images,
             "repetition_stop": cfg.repetition_stop,
-            "use_cache": cfg.use_cache,
+            "use_cache": self.use_cache,
             "checkpoint": getattr(self.model, "checkpoint_path", None),
         }

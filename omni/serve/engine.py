@@ -25,10 +25,10 @@ from typing import Any
 
 from omni.config import MODES, GenerationConfig
 from omni.inference.chat import Turn, chat_prompt
-from omni.inference.generate import check_config, generate, generation_config
+from omni.inference.generate import check_config, generation_config
 from omni.inference.generate import load as load_model
 from omni.inference.prompts import context_length, prompt_length
-from omni.inference.sampler import GenerationEvents, GenerationResult
+from omni.inference.sampler import GenerationEvents, GenerationResult, Sampler
 
 __all__ = ["MODES", "Busy", "GenerationConfig", "GenerationResult", "Job", "Turn", "Worker", "chat_prompt",
            "check_config", "context_length", "generation_config", "load_model", "prompt_length"]
@@ -71,30 +71,30 @@ class Job:
 
 
 class _JobEvents(GenerationEvents):
-    """Routes the sampler's per-row hooks to the job of each row."""
+    """The sampler's hooks for one job's row: they become the job's events."""
 
-    def __init__(self, jobs: list[Job]):
-        self.jobs = jobs
+    def __init__(self, job: Job):
+        self.job = job
 
     def text(self, row: int, delta: str) -> None:
-        self.jobs[row].emit("text", delta)
+        self.job.emit("text", delta)
 
     def image_start(self, row: int, total: int) -> None:
-        self.jobs[row].emit("image_start", total)
+        self.job.emit("image_start", total)
 
     def image_token(self, row: int, done: int, total: int) -> None:
-        self.jobs[row].emit("image_token", done, total)
+        self.job.emit("image_token", done, total)
 
     def image_done(self, row: int, image) -> None:
-        self.jobs[row].emit("image", image)
+        self.job.emit("image", image)
 
     def should_stop(self) -> bool:
-        # Phase-1 batches stop as a whole, so a batch stops only when every job in it wants to.
-        return all(j.should_stop() for j in self.jobs)
+        return self.job.should_stop()
 
 
 class Worker:
-    """Runs jobs on `model` in a background thread, batching the ones that wait together."""
+    """Runs jobs on `model` in a background thread with continuous batching: a job joins the
+    sampler's batch at the next decode step after a slot frees up, and leaves when it is done."""
 
     def __init__(self, model, max_running: int = 8, max_waiting: int = 32):
         if max_running < 1 or max_waiting < 0:
@@ -109,6 +109,7 @@ class Worker:
         self.thread: threading.Thread | None = None
         self.served = 0
         self.cancelled = 0  # jobs stopped because their client went away
+        self.steps = 0
         self.step_seconds = 0.05  # running mean of one decode step, for Retry-After
 
     # -- the HTTP side -------------------------------------------------------------------------
@@ -137,63 +138,76 @@ class Worker:
 
     def load(self) -> dict:
         with self.cond:
-            return {"running": len(self.running), "waiting": len(self.waiting), "served": self.served, "cancelled": self.cancelled,
-                    "max_running": self.max_running, "max_waiting": self.max_waiting}
+            return {"running": len(self.running), "waiting": len(self.waiting), "served": self.served,
+                    "cancelled": self.cancelled, "steps": self.steps, "max_running": self.max_running,
+                    "max_waiting": self.max_waiting}
 
     # -- the worker thread ---------------------------------------------------------------------
-    def _next_batch(self) -> list[Job] | None:
-        """Up to max_running waiting jobs that share settings (phase 1: one generate call each)."""
+    def _admit(self, busy: bool) -> list[Job] | None:
+        """Waiting jobs that fit in the batch now (blocks while there is nothing to do); None: stop."""
         with self.cond:
-            while not self.stopping and not self.waiting:
+            while not self.stopping and not self.waiting and not busy:
                 self.cond.wait()
             if self.stopping:
                 return None
-            first = self.waiting[0]
-            key = (first.cfg, first.mode)
-            batch = [j for j in self.waiting if (j.cfg, j.mode) == key][: self.max_running]
-            for j in batch:
-                self.waiting.remove(j)
-            self.running = batch
-            return batch
+            new = []
+            while self.waiting and len(self.running) < self.max_running:
+                job = self.waiting.popleft()
+                if job.should_stop():  # gone, or out of time while it waited
+                    job.emit("error", 503, "the request waited past its time limit for a free slot; retry later")
+                    self.served += 1
+                    continue
+                self.running.append(job)
+                new.append(job)
+            return new
 
     def _loop(self) -> None:
         import torch
 
         torch.set_grad_enabled(False)
+        sampler = Sampler(self.model, cfg=default_config(self.model))
+        rows: dict[int, Job] = {}  # id(row) -> job
         while True:
-            batch = self._next_batch()
-            if batch is None:
+            new = self._admit(busy=bool(rows))
+            if new is None:
                 break
-            live = [j for j in batch if not j.should_stop()]
-            for j in batch:
-                if j not in live:
-                    j.emit("error", 503, "the request waited past its time limit for a free slot; retry later")
-            if live:
-                self._run(live)
-            with self.cond:
-                self.running = []
-                self.served += len(batch)
+            now = time.monotonic()
+            for job in new:
+                job.started = now
+                try:
+                    rows[id(sampler.add(job.prompt, job.cfg, job.mode, job.seed, events=_JobEvents(job)))] = job
+                except ValueError as e:  # the prompt does not fit: this job's fault only
+                    self._done(job, ("error", 400, str(e)))
+            if not rows:
+                continue
+            try:
+                t = time.monotonic()
+                finished = sampler.step()
+                self.step_seconds = 0.9 * self.step_seconds + 0.1 * (time.monotonic() - t)
+                self.steps += 1
+            except Exception:  # a failure is the batch's, not the server's: fail its jobs, start afresh
+                log.exception("decode step failed for %s", ", ".join(j.id for j in rows.values()))
+                for job in rows.values():
+                    self._done(job, ("error", 500, (f"internal error while generating (request {job.id}); "
+                                                   "the server log has the details")))
+                rows.clear()
+                sampler = Sampler(self.model, cfg=default_config(self.model))
+                continue
+            for row in finished:
+                job = rows.pop(id(row))
+                result = row.result()
+                if result.finish_reason == "cancelled" and job.timed_out:
+                    result.finish_reason = "time_limit"
+                elif result.finish_reason == "cancelled":
+                    self.cancelled += 1
+                self._done(job, ("done", result))
 
-    def _run(self, jobs: list[Job]) -> None:
-        now = time.monotonic()
-        for j in jobs:
-            j.started = now
-        try:
-            results = generate(self.model, [j.prompt for j in jobs], jobs[0].cfg, seeds=[j.seed for j in jobs],
-                               mode=jobs[0].mode, events=_JobEvents(jobs))
-        except Exception:  # (a failure is one batch's, not the server's)
-            log.exception("generation failed for %s", ", ".join(j.id for j in jobs))
-            for j in jobs:
-                j.emit("error", 500, f"internal error while generating (request {j.id}); the server log has the details")
-            return
-        steps = max(1, max(len(r.ids) for r in results))
-        self.step_seconds = 0.8 * self.step_seconds + 0.2 * (time.monotonic() - now) / steps
-        for j, r in zip(jobs, results):
-            if r.finish_reason == "cancelled" and j.timed_out:
-                r.finish_reason = "time_limit"
-            elif r.finish_reason == "cancelled":
-                self.cancelled += 1
-            j.emit("done", r)
+    def _done(self, job: Job, event: tuple) -> None:
+        job.emit(*event)
+        with self.cond:
+            if job in self.running:
+                self.running.remove(job)
+            self.served += 1
 
 
 def default_config(model, **overrides: Any) -> GenerationConfig:
