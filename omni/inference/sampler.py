@@ -523,9 +523,11 @@ class Sampler:
         if not self.live:
             return []
         self.cached = len(self.live[0].cond.ids)
-        stop = {}  # poll each events object once: one shared by a whole generate() call cancels it all
+        stop: dict[int, bool] = {}  # poll each events object once: one shared by a generate() call stops it all
         for r in self.live:
-            if stop.setdefault(id(r.events), r.events.should_stop()):
+            if id(r.events) not in stop:
+                stop[id(r.events)] = r.events.should_stop()
+            if stop[id(r.events)]:
                 self._finish(r, "cancelled")
         self._decide([r for r in self.live if r.finish is None and not r.feed], hidden)
         finished = [r for r in self.live if r.finish is not None]
