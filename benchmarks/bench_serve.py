@@ -1,0 +1,281 @@
+"""`omni serve` under load: continuous batching vs one request at a time, latency, memory.
+
+    python -m benchmarks.bench_serve [--preset tiny] [--clients 8] [--long 500] [--json OUT]
+
+A random-weight model of the preset is saved as a checkpoint and served on 127.0.0.1 by a server
+process running `omni serve`'s app, with the LM head given a bias towards <boi> so that an
+interleaved answer really draws (as tests/test_generation.py `with_bias` does). Every client sends a mix of four requests, in turn:
+
+    text     "what color is the square?"                   mode text   -> text parts only
+    drawing  "draw a red circle left of a blue square."    mode image  -> exactly one image
+    caption  [picture] "this is"                           mode text   -> text parts only
+    story    "a story with pictures: the circle moves..."  mode auto   -> text and images
+
+1. The same requests (same seeds) one at a time, then from `--clients` concurrent clients:
+   throughput ratio, p50 / p95 time to first token (first streamed text or image start) and
+   latency; every answer checked for the right kinds of parts; every concurrent answer compared
+   with its one-at-a-time twin (text equal, pixels within one step).
+2. `--long` requests in a row (a text answer, every fifth a drawing): the server's resident
+   memory every 50 requests and the mean latency of the first and last hundred.
+
+On a CPU the server runs on one thread (OMP_NUM_THREADS=1), as the clients share the machine.
+There the tiny preset is compute-bound once batched: its diffusion head (256 wide, 10 steps, CFG
+doubling the rows) costs several times the backbone per image token, so 8 rows cost ~3.5x one row
+and the throughput ratio stays near that; `--small` (the tests' 64-wide model) shows the
+overhead-bound regime that a GPU is in for much larger models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+from PIL import Image
+
+from benchmarks.common import bench_config
+
+GEN = ["generation.image_steps=10", "generation.cfg_scale=2.0", "generation.max_new_tokens=48",
+       "generation.temperature=0.8", "generation.max_images=2"]
+
+
+def picture() -> str:
+    im = Image.new("RGB", (32, 32), (240, 240, 240))
+    im.paste((220, 40, 40), (4, 4, 14, 14))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def mix(model: str) -> list[dict]:
+    """The four kinds of request, each with what a correct answer holds."""
+    img = {"type": "image_url", "image_url": {"url": picture()}}
+    return [
+        {"kind": "text", "want": {"text"}, "body": {"model": model, "mode": "text", "max_tokens": 24,
+                                                     "messages": [{"role": "user", "content": "what color is the square?"}]}},
+        {"kind": "drawing", "want": {"image"}, "body": {"model": model, "mode": "image", "messages": [
+            {"role": "user", "content": "draw a red circle left of a blue square."}]}},
+        {"kind": "caption", "want": {"text"}, "body": {"model": model, "mode": "text", "max_tokens": 24, "messages": [
+            {"role": "user", "content": [img, {"type": "text", "text": "this is"}]}]}},
+        {"kind": "story", "want": {"text", "image"}, "body": {"model": model, "mode": "auto", "max_tokens": 64,
+                                                              "messages": [{"role": "user", "content":
+                                                                            "a story with pictures: the circle moves to the right."}]}},
+    ]
+
+
+SMALL = ["model.backbone.hidden_size=64", "model.backbone.num_layers=2", "model.backbone.num_heads=4",
+         "model.backbone.intermediate_size=128", "model.head.width=64", "model.head.depth=2"]  # tests' size
+
+
+def make_checkpoint(preset: str, tmp: Path, small: bool = False) -> Path:
+    from omni.models.model import OmniModel
+
+    cfg = bench_config(preset, tmp, GEN + (SMALL if small else []))
+    torch.manual_seed(0)
+    model = OmniModel.from_config(cfg.model).eval()
+    with torch.no_grad():  # the head's zero-initialised output would draw flat grey; wake it
+        for p in model.head.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.05)
+    model.run_config = cfg
+    path = tmp / "bench-model"
+    model.save_pretrained(path)
+    return path
+
+
+def serve(ckpt: str, port: int, clients: int) -> None:
+    """The server process: `omni serve`'s app on the checkpoint, its LM head given a bias towards
+    <boi> (random weights that decide to draw now and then; a checkpoint cannot hold the bias, as
+    the backbone's LM head has none)."""
+    import uvicorn
+
+    import omni
+    from omni.serve.app import create_app
+    from omni.serve.schemas import Limits
+
+    torch.set_grad_enabled(False)
+    model = omni.load(ckpt, device="cpu")
+    old = model.lm_head
+    head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+    head.weight.data.copy_(old.weight.data)
+    head.bias.data.zero_()
+    head.bias.data[model.special.boi] = 2.5
+    model.backbone.lm_head = head
+    app = create_app(model, model_name=Path(ckpt).name, limits=Limits(max_running=clients))
+    uvicorn.run(app, host="127.0.0.1", port=port, access_log=False, log_level="warning")
+
+
+def ask(url: str, body: dict) -> dict:
+    """One streamed request: parts in order, time to first token, latency."""
+    t0 = time.perf_counter()
+    first, parts, finish = None, [], None
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=300) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"{r.status_code}: {r.read()[:300]!r}")
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            ev = json.loads(line[6:])
+            if "error" in ev:
+                raise RuntimeError(ev["error"]["message"])
+            delta = ev["choices"][0]["delta"]
+            if first is None and (delta.get("content") or "image_start" in delta):
+                first = time.perf_counter() - t0
+            if delta.get("content"):
+                if parts and parts[-1][0] == "text":
+                    parts[-1] = ("text", parts[-1][1] + delta["content"])
+                else:
+                    parts.append(("text", delta["content"]))
+            if "image" in delta:
+                data = base64.b64decode(delta["image"]["image_url"]["url"].split(",", 1)[1])
+                parts.append(("image", np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))))
+            finish = ev["choices"][0]["finish_reason"] or finish
+    return {"parts": parts, "ttft": first if first is not None else time.perf_counter() - t0,
+            "latency": time.perf_counter() - t0, "finish": finish}
+
+
+def same(a: list, b: list) -> bool:
+    if [k for k, _ in a] != [k for k, _ in b]:
+        return False
+    return all(x == y if k == "text" else int(np.abs(x.astype(int) - y.astype(int)).max()) <= 1
+               for (k, x), (_, y) in zip(a, b))
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q / 100 * (len(xs) - 1)))]
+
+
+def summary(results: list[dict]) -> dict:
+    ttft = [r["ttft"] for r in results]
+    lat = [r["latency"] for r in results]
+    return {"ttft_p50_s": pct(ttft, 50), "ttft_p95_s": pct(ttft, 95), "latency_p50_s": pct(lat, 50),
+            "latency_p95_s": pct(lat, 95)}
+
+
+def run(preset: str = "tiny", clients: int = 8, long: int = 500, small: bool = False) -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
+    ckpt = make_checkpoint(preset, tmp, small)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    log = open(tmp / "server.log", "w")  # noqa: SIM115  (open for the server's whole life)
+    server = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_serve", "--serve", str(ckpt), "--port", str(port),
+                               "--clients", str(clients)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                httpx.get(f"{url}/health", timeout=2)
+                break
+            except httpx.TransportError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the server did not start: " + (tmp / "server.log").read_text()[-2000:]) from None
+                time.sleep(0.2)
+        kinds = mix(ckpt.name)
+        # client c sends the four kinds, rotated; request (c, k) always has the same seed
+        plan = [[(c, k, {**kinds[(c + k) % 4]["body"], "seed": 1000 + 4 * c + k}) for k in range(4)]
+                for c in range(clients)]
+        for c, k, body in plan[0]:
+            ask(url, body)  # warm up every path once
+        t = time.perf_counter()
+        alone = {(c, k): ask(url, body) for reqs in plan for c, k, body in reqs}
+        t_alone = time.perf_counter() - t
+
+        def client(reqs):
+            return [((c, k), ask(url, body)) for c, k, body in reqs]
+
+        t = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            crowd = dict(pair for got in pool.map(client, plan) for pair in got)
+        t_crowd = time.perf_counter() - t
+
+        wrong, differ = [], []
+        for (c, k), r in crowd.items():
+            kind = kinds[(c + k) % 4]
+            for which, res in (("concurrent", r), ("alone", alone[(c, k)])):
+                if {p for p, _ in res["parts"]} != kind["want"]:
+                    wrong.append(f"{which} {kind['kind']} c{c}k{k}: {[p for p, _ in res['parts']]}")
+            if not same(r["parts"], alone[(c, k)]["parts"]):
+                differ.append(f"{kind['kind']} c{c}k{k}")
+        n = len(crowd)
+        out = {
+            "requests": n, "clients": clients, "alone_s": t_alone, "concurrent_s": t_crowd,
+            "throughput_alone_rps": n / t_alone, "throughput_concurrent_rps": n / t_crowd,
+            "throughput_ratio": t_alone / t_crowd,
+            "alone": summary(list(alone.values())), "concurrent": summary(list(crowd.values())),
+            "wrong_kinds": wrong, "same_seed_differs": differ,
+            "kinds": {k["kind"]: sorted(k["want"]) for k in kinds},
+        }
+
+        # many requests in a row: memory and latency must not creep
+        rss, lat = [], []
+        small = {**kinds[0]["body"], "max_tokens": 16}
+        for i in range(long):
+            body = {**(kinds[1]["body"] if i % 5 == 4 else small), "seed": i}
+            lat.append(ask(url, body)["latency"])
+            if (i + 1) % 50 == 0:
+                rss.append((i + 1, round(rss_mib(server.pid), 1)))
+        head, tail = lat[: min(100, long)], lat[-min(100, long):]
+        out["long"] = {"requests": long, "rss_mib": rss, "latency_first100_mean_s": statistics.mean(head),
+                       "latency_median_by_100_s": [round(statistics.median(lat[i:i + 100]), 4)
+                                                   for i in range(0, long, 100)],
+                       "latency_last100_mean_s": statistics.mean(tail),
+                       "rss_growth_after_100_mib": (rss[-1][1] - rss[1][1]) if len(rss) > 2 else None}
+        out["health"] = httpx.get(f"{url}/health").json()
+        return out
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--long", type=int, default=500, help="requests in a row for the memory check")
+    p.add_argument("--small", action="store_true", help="the tests' model size (64 wide, 2 layers), not the preset's")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--serve", metavar="CKPT", help=argparse.SUPPRESS)  # the server process
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.serve:
+        serve(args.serve, args.port, args.clients)
+        return 0
+    out = run(args.preset, args.clients, args.long, args.small)
+    out["model"] = f"{args.preset}{' (small)' if args.small else ''}"
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    ok = out["throughput_ratio"] >= 4 and not out["wrong_kinds"] and not out["same_seed_differs"]
+    print(f"\nthroughput x{out['throughput_ratio']:.2f} (target 4), wrong kinds {len(out['wrong_kinds'])}, "
+          f"same-seed differences {len(out['same_seed_differs'])}: {'ok' if ok else 'MISSED'}", file=sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
