@@ -46,8 +46,10 @@ class BackboneConfig:
     rope_theta: float = 10000.0  # RoPE base
     rms_norm_eps: float = 1e-5  # RMSNorm epsilon
     tie_word_embeddings: bool = False  # share input embedding and LM head
-    # attention kernel; sdpa runs in fp32 under CPU bf16 autocast, the faster kernel there (omni/attention.py)
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    # attention kernel, which also sets how packed rows keep documents apart (omni/models/attention.py):
+    # sdpa (dense mask; fp32 under CPU bf16 autocast), eager (dense mask), flex_attention (BlockMask;
+    # GPU training, CPU forward only), flash_attention_2 (varlen lengths, causal only; needs flash-attn)
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
 
 
 @dataclass
