@@ -132,7 +132,7 @@ def varlen_kwargs(doc_ids: torch.Tensor) -> dict[str, torch.Tensor | int]:
     cu_seq_lens are its offsets in the flattened (1, B*L) row. max_length is L, an upper bound,
     so nothing is read back to the host.
     """
-    B, L = doc_ids.shape
+    L = doc_ids.shape[1]
     flat = doc_ids.reshape(-1)  # (B*L,)
     starts = torch.ones_like(flat, dtype=torch.bool)
     starts[1:] = flat[1:] != flat[:-1]

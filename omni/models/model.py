@@ -23,7 +23,14 @@ from omni.heads.diffusion import DiffusionHead
 from omni.heads.lm import lm_loss
 from omni.layout import Batch, SpecialIds
 from omni.models import checkpoint
-from omni.models.attention import FLEX, additive_mask, document_block_mask, mask_kind, see_own_block, varlen_kwargs
+from omni.models.attention import (
+    FLEX,
+    additive_mask,
+    document_block_mask,
+    mask_kind,
+    see_own_block,
+    varlen_kwargs,
+)
 from omni.models.backbone import (
     build_backbone,
     cache_kwarg,
