@@ -20,22 +20,25 @@ READS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__int__, torch.T
 
 
 class HostReads(TorchFunctionMode):
-    def __init__(self, ignore_ptrs: set[int] | None = None):
+    def __init__(self, ignore: tuple[str, ...] = ()):
         super().__init__()
         self.n = 0
         self.where: collections.Counter = collections.Counter()
-        self.ignore_ptrs = ignore_ptrs or set()
+        self.ignore = ignore  # reads made from files whose path contains one of these are not counted
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in READS and args[0].data_ptr() not in self.ignore_ptrs:
+        if func in READS:
+            stack = traceback.extract_stack()
+            if any(part in f.filename for f in stack for part in self.ignore):
+                return func(*args, **(kwargs or {}))
             self.n += 1
-            frames = [f for f in traceback.extract_stack() if "/omni/" in f.filename]
+            frames = [f for f in stack if "/omni/" in f.filename]
             self.where[f"{frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" if frames else "?"] += 1
         return func(*args, **(kwargs or {}))
 
 
 @contextlib.contextmanager
-def count_host_reads(ignore_ptrs: set[int] | None = None):
-    mode = HostReads(ignore_ptrs)
+def count_host_reads(ignore: tuple[str, ...] = ()):
+    mode = HostReads(ignore)
     with mode:
         yield mode
