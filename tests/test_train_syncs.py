@@ -14,7 +14,7 @@ NOT_THE_STEP = ("torch/optim/", "omni/train/synthetic.py")
 
 
 def test_one_host_read_per_step_and_metrics_only_when_logged(tokenizer_dir, tmp_path, monkeypatch):
-    import omni.train.loop as loop
+    from omni.train import loop
 
     steps, log_every = 6, 3
     cfg = run_cfg(tokenizer_dir, tmp_path / "run", f"train.steps={steps}", f"train.log_every={log_every}",
