@@ -46,8 +46,10 @@ class BackboneConfig:
     rope_theta: float = 10000.0  # RoPE base
     rms_norm_eps: float = 1e-5  # RMSNorm epsilon
     tie_word_embeddings: bool = False  # share input embedding and LM head
-    # attention kernel; sdpa runs in fp32 under CPU bf16 autocast, the faster kernel there (omni/models/attention.py)
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    # attention kernel, which also sets how packed rows keep documents apart (omni/models/attention.py):
+    # sdpa (dense mask; fp32 under CPU bf16 autocast), eager (dense mask), flex_attention (BlockMask;
+    # GPU training, CPU forward only), flash_attention_2 (varlen lengths, causal only; needs flash-attn)
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
 
 
 @dataclass
@@ -77,6 +79,9 @@ class DiffusionHeadConfig:
     # sampling stay fp32). Off: the head trains wholly in fp32. bf16 has fp32's range, so MAR's
     # fp16 NaNs do not apply; on the tiny preset the head is most of a CPU step and runs 2x faster.
     bf16_train: bool = False
+    # torch.compile the training loss (noise and timesteps stay eager): inductor fuses the adaLN
+    # blocks' LayerNorm / modulate / SiLU / gate into a few kernels. Costs a compile on first use.
+    compile: bool = False
 
 
 @dataclass
@@ -135,6 +140,14 @@ class TrainConfig:
     offload: bool = False  # ZeRO optimizer offload to CPU
     offload_params: bool = False  # ZeRO-3 parameter offload to CPU
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the hardware has it
+    # How bf16 is applied: "autocast" (fp32 weights, bf16 matmuls in the forward) or "deepspeed"
+    # (DeepSpeed's bf16 mode: bf16 weights and gradients, fp32 master weights in the optimizer;
+    # halves ZeRO-3 all-gather bytes; the diffusion head still computes in fp32 unless bf16_train)
+    bf16_mode: Literal["autocast", "deepspeed"] = "autocast"
+    tf32: bool = False  # CUDA: let fp32 matmuls (the fp32 diffusion head, the LM loss) use TF32 tensor cores
+    # Fused Liger kernels in the backbone (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy), GPU
+    # only; needs the liger-kernel package (pip install -e .[gpu])
+    liger: bool = False
     activation_checkpointing: bool = False  # recompute backbone activations in backward
     ema_decay: float = 0.0  # EMA of weights; 0 disables
     trainable: Literal["all", "new"] | list[str] = "all"  # new: in_proj/head/new rows; or name globs

@@ -163,26 +163,52 @@ class DiffusionHead(nn.Module):
             return cond.sum() * 0.0 + sum(p.sum() for p in self.parameters()) * 0.0
         bf16 = (self.cfg.bf16_train and torch.is_autocast_enabled(cond.device.type)
                 and torch.get_autocast_dtype(cond.device.type) == torch.bfloat16)
-        with torch.autocast(device_type=cond.device.type, enabled=bf16):
+        bf16 |= self.net.out.weight.dtype == torch.bfloat16  # bf16 weights (train.bf16_mode=deepspeed)
+        # The random draws stay eager (a compiled graph draws other numbers); the rest may be compiled.
+        n = target.shape[0] * self.cfg.noise_copies
+        noise = torch.randn(n, target.shape[1], device=target.device)  # (C*K, d)
+        if self.cfg.parameterization == "flow":
+            t = torch.rand(n, device=target.device)  # (C*K,)
+        else:
+            t = torch.randint(0, self.cfg.train_steps, (n,), device=target.device)
+        return self._loss_fn()(target, cond, noise, t, bf16)
+
+    def _loss_fn(self) -> Callable:
+        """`_loss_given_noise`, compiled once when `model.head.compile` (adaLN blocks fused by inductor)."""
+        if not self.cfg.compile:
+            return self._loss_given_noise
+        if getattr(self, "_compiled_loss", None) is None:
+            self._compiled_loss = torch.compile(self._loss_given_noise)
+        return self._compiled_loss
+
+    def _loss_given_noise(self, target: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                          bf16: bool) -> torch.Tensor:
+        """The denoising loss given the noise (C*K, d) and timesteps (C*K,) drawn for it."""
+        with torch.autocast(device_type=cond.device.type, dtype=torch.bfloat16, enabled=bf16):
             copies = self.cfg.noise_copies
             x0 = target.float().repeat(copies, 1)  # (C*K, d)
             # Embed the condition once per token, not once per noise copy: the copies share it.
             zc = self.net.cond_embed(cond.float()).repeat(copies, 1)  # (C*K, W)
-            noise = torch.randn_like(x0)
-            n = x0.shape[0]
             if self.cfg.parameterization == "flow":
-                t = torch.rand(n, device=x0.device)  # (C*K,)
                 xt = (1 - t[:, None]) * x0 + t[:, None] * noise
                 goal = noise - x0
                 t_net = t * 1000.0
             else:
-                t = torch.randint(0, self.cfg.train_steps, (n,), device=x0.device)
                 a = self.alphas_cumprod[t][:, None]  # (C*K, 1)
                 xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
                 goal = a.sqrt() * noise - (1 - a).sqrt() * x0 if self.cfg.parameterization == "v" else noise
                 t_net = t.float()
             pred = self.net.body(xt, self.net.embed_time(t_net) + zc)
             return F.mse_loss(pred.float(), goal)
+
+    def _apply(self, fn, recurse=True):
+        """Casts move the schedule but keep it fp32: DeepSpeed's bf16 mode casts every buffer, and
+        bf16 rounds alphas_cumprod near 1 so far that sqrt(1 - a), the noise level, is wrong."""
+        super()._apply(fn, recurse)
+        ac = getattr(self, "alphas_cumprod", None)
+        if ac is not None and ac.dtype != torch.float32:
+            self.alphas_cumprod = make_scheduler(self.cfg).alphas_cumprod.float().to(ac.device)
+        return self
 
     # sampling --------------------------------------------------------------------------------
     @torch.no_grad()

@@ -67,3 +67,76 @@ def hf_attention(impl: str) -> str:
         return impl
     _register()
     return OMNI_SDPA
+
+
+# --------------------------------------------------------------------------------------------
+# Packed rows without a dense mask
+# --------------------------------------------------------------------------------------------
+# Which form a packed row's document structure takes depends on the kernel the backbone runs
+# (`model.backbone.attn_implementation`): sdpa / eager read a dense additive (B, 1, L, L) mask,
+# flex_attention a BlockMask (blocks of 128 x 128 that no query of a document can see are never
+# computed), flash_attention_2 the cumulative document lengths of varlen attention (causal only).
+
+FLEX = "flex_attention"
+VARLEN = ("flash_attention_2", "flash_attention_3")
+
+
+def mask_kind(hf_impl: str) -> str:
+    """`dense`, `flex` or `varlen`: the form of the packed-document mask for a transformers kernel name."""
+    if hf_impl == FLEX:
+        return "flex"
+    if hf_impl in VARLEN:
+        return "varlen"
+    return "dense"
+
+
+def document_block_mask(doc_ids: torch.Tensor, blocks: torch.Tensor | None = None, block_size: int = 128):
+    """FlexAttention BlockMask of the causal, document-local pattern `attention_bias` draws densely.
+
+    doc_ids (B, L): 1.. per document, 0 = padding (which sees only itself). blocks (B, L): positions
+    with the same positive number also see each other both ways (bidirectional prompt images).
+    Built without a host read, so it adds no sync to the step.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, L = doc_ids.shape
+    docs = doc_ids.contiguous()
+
+    def same_doc_causal(b, h, q, kv):
+        return ((docs[b, q] == docs[b, kv]) & (q >= kv) & (docs[b, kv] > 0)) | (q == kv)
+
+    mask_mod = same_doc_causal
+    if blocks is not None:
+        blk = blocks.contiguous()
+
+        def mask_mod(b, h, q, kv):
+            return same_doc_causal(b, h, q, kv) | ((blk[b, q] > 0) & (blk[b, q] == blk[b, kv]))
+
+    return create_block_mask(mask_mod, B, None, L, L, device=doc_ids.device, BLOCK_SIZE=block_size)
+
+
+def block_fraction(block_mask) -> float:
+    """Fraction of the (query block, key block) tiles a BlockMask computes (partial or full)."""
+    computed = block_mask.kv_num_blocks.sum()
+    if block_mask.full_kv_num_blocks is not None:
+        computed = computed + block_mask.full_kv_num_blocks.sum()
+    B, H, nq = block_mask.kv_num_blocks.shape
+    nk = block_mask.kv_indices.shape[-1]
+    return float(computed) / (B * H * nq * nk)
+
+
+def varlen_kwargs(doc_ids: torch.Tensor) -> dict[str, torch.Tensor | int]:
+    """Keyword arguments of transformers' flash-attention varlen path for rows flattened to one.
+
+    Every run of equal doc ids (padding runs too: they see only themselves) is one sequence;
+    cu_seq_lens are its offsets in the flattened (1, B*L) row. max_length is L, an upper bound,
+    so nothing is read back to the host.
+    """
+    L = doc_ids.shape[1]
+    flat = doc_ids.reshape(-1)  # (B*L,)
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    starts[::L] = True  # every row starts a sequence, even if its first doc id equals the last row's
+    ends = torch.cat([starts[1:], starts.new_ones(1)])  # (B*L,) the last position of each sequence
+    cu = torch.cat([flat.new_zeros(1), (ends.nonzero().flatten() + 1)]).to(torch.int32)  # (S + 1,)
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": L, "max_length_k": L}

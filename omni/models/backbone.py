@@ -142,3 +142,37 @@ def prepare_chameleon_backbone(backbone: nn.Module) -> None:
         ids = torch.tensor(sorted(inner.vocabulary_mapping.image_tokens), dtype=torch.long)
         head.register_buffer("suppressed_token_ids", ids, persistent=False)
         head.register_forward_hook(_SuppressImageTokenLogits())
+
+
+# --------------------------------------------------------------------------------------------
+# Fused kernels (GPU)
+# --------------------------------------------------------------------------------------------
+
+
+def fuse_with_liger(backbone: nn.Module) -> None:
+    """Swap the backbone's RMSNorm, RoPE and SwiGLU MLP for Liger's fused Triton kernels, in place.
+
+    Parameter names and values are unchanged (checkpoints load either way). The LM loss is
+    omni's own (`heads/lm.py`, on labelled positions only), so Liger's fused linear cross-entropy,
+    which patches the HF forward with labels, does not apply and stays off.
+    """
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise ValueError("train.liger=true needs the liger-kernel package, which is not installed "
+                         "(GPU machines: pip install liger-kernel); or set train.liger=false")
+    if not torch.cuda.is_available():
+        raise ValueError("train.liger=true runs Triton kernels, which need a CUDA device; set train.liger=false on CPU")
+    from liger_kernel import transformers as liger
+
+    arch = backbone.config.model_type
+    apply = {"llama": liger.apply_liger_kernel_to_llama, "qwen2": liger.apply_liger_kernel_to_qwen2}.get(arch)
+    if apply is None:
+        raise ValueError(f"train.liger=true supports llama and qwen2 backbones, not {arch!r}; set train.liger=false")
+    apply(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False,
+          model=backbone)
+
+
+def allow_tf32(on: bool) -> None:
+    """CUDA only: fp32 matmuls on TF32 tensor cores (10-bit mantissa inputs, fp32 accumulation)."""
+    if on and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True

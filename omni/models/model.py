@@ -23,7 +23,14 @@ from omni.heads.diffusion import DiffusionHead
 from omni.heads.lm import lm_loss
 from omni.layout import Batch, SpecialIds
 from omni.models import checkpoint
-from omni.models.attention import additive_mask, see_own_block
+from omni.models.attention import (
+    FLEX,
+    additive_mask,
+    document_block_mask,
+    mask_kind,
+    see_own_block,
+    varlen_kwargs,
+)
 from omni.models.backbone import (
     build_backbone,
     cache_kwarg,
@@ -105,7 +112,8 @@ class OmniModel(nn.Module):
             raise ValueError(f"model.image_input_noise={cfg.image_input_noise} must be >= 0 (0 turns it off)")
         if cfg.prompt_image_attention == "bidirectional" and cfg.backbone.attn_implementation == "flash_attention_2":
             raise ValueError("model.prompt_image_attention=bidirectional needs an attention mask that flash_attention_2 "
-                             "cannot take; use model.backbone.attn_implementation=sdpa (the default) or eager")
+                             "cannot take; use model.backbone.attn_implementation=sdpa (the default), flex_attention "
+                             "or eager")
         self.image_pos = None
         if cfg.image_pos_embed:
             self.image_pos = nn.Embedding(image_tokenizer.num_tokens, hidden)  # (N, D), cell -> vector
@@ -187,8 +195,10 @@ class OmniModel(nn.Module):
             img = img + self.image_pos(cells.to(emb.device)[image_mask.to(emb.device)]).to(emb.dtype)
         return emb.masked_scatter(image_mask[..., None].to(emb.device), img)
 
-    def decoder(self, embeds, attention_mask=None, position_ids=None, cache=None, use_cache=False):
-        """The backbone's transformer without its LM head -> (hidden (B, L, D), KV cache)."""
+    def decoder(self, embeds, attention_mask=None, position_ids=None, cache=None, use_cache=False, **attn_kwargs):
+        """The backbone's transformer without its LM head -> (hidden (B, L, D), KV cache).
+
+        `attn_kwargs` reach the attention kernel (the varlen lengths of `packed_attention`)."""
         name = cache_kwarg(type(self.backbone.model))
         out = self.backbone.model(
             inputs_embeds=embeds,
@@ -196,6 +206,7 @@ class OmniModel(nn.Module):
             position_ids=position_ids,
             use_cache=use_cache,
             **{name: cache},
+            **attn_kwargs,
         )
         return out.last_hidden_state, getattr(out, name)
 
@@ -207,13 +218,35 @@ class OmniModel(nn.Module):
             idx = batch.image_target_index  # (K,) rows of image_tokens that are targets
             noise = torch.randn(idx.shape[0], tokens.shape[1], device=tokens.device, dtype=tokens.dtype)
             tokens = tokens.index_add(0, idx, self.cfg.image_input_noise * noise)
-        embeds = self.embed(batch.input_ids, tokens, batch.image_mask)
+        # A training batch holds whole sequences, so the cells count from each row's start.
+        cells = image_cells(batch.input_ids, self.special.img) if self.image_pos is not None else None
+        embeds = self.embed(batch.input_ids, tokens, batch.image_mask, cells=cells)
         blocks = None
         if self.cfg.prompt_image_attention == "bidirectional":
             blocks = prompt_image_blocks(batch.image_mask, batch.image_target_index)
-        mask = attention_bias(batch.doc_ids, embeds.dtype, blocks)
-        hidden, _ = self.decoder(embeds, attention_mask=mask, position_ids=batch.position_ids)
+        mask, attn_kwargs = self.packed_attention(batch.doc_ids, embeds.dtype, blocks)
+        hidden, _ = self.decoder(embeds, attention_mask=mask, position_ids=batch.position_ids, **attn_kwargs)
         return hidden  # (B, L, D)
+
+    def packed_attention(self, doc_ids: torch.Tensor, dtype: torch.dtype, blocks: torch.Tensor | None = None):
+        """The document structure of packed rows in the form the backbone's kernel reads -> (mask, kwargs).
+
+        sdpa / eager: the dense additive (B, 1, L, L) mask (None when every row is one document);
+        flex_attention: a BlockMask (only the 128 x 128 tiles some query can see are computed);
+        flash_attention_2: no mask, varlen lengths (causal only: __init__ refuses bidirectional).
+        """
+        kind = mask_kind(self.backbone.config._attn_implementation)
+        if kind == "flex":
+            if doc_ids.device.type == "cpu" and self.training and torch.is_grad_enabled():
+                raise ValueError(
+                    "model.backbone.attn_implementation=flex_attention cannot train on the CPU: PyTorch's "
+                    "FlexAttention has no CPU backward. Train on CPU with sdpa (the default); flex_attention "
+                    "is for GPUs (its CPU forward serves parity tests and evaluation)"
+                )
+            return document_block_mask(doc_ids, blocks), {}
+        if kind == "varlen":
+            return None, varlen_kwargs(doc_ids)
+        return attention_bias(doc_ids, dtype, blocks), {}
 
     def text_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Text-only forward -> logits (B, L, V); what the parity tests compare with HF."""
@@ -233,7 +266,7 @@ class OmniModel(nn.Module):
             "loss": loss,
             "loss_text": loss_text.detach(),
             "loss_image": loss_image.detach(),
-            "n_text_tokens": torch.tensor(n_text),
+            "n_text_tokens": n_text,  # a device tensor: counting reads nothing back
             "n_image_tokens": torch.tensor(target.shape[0]),
         }
 
@@ -251,7 +284,9 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Omn
     path = checkpoint.check_checkpoint_dir(path)
     cfg = checkpoint.load_config_from_checkpoint(path)
     mcfg: ModelConfig = cfg.model
-    backbone = rebuild_backbone(path, mcfg.backbone.attn_implementation)
+    # FlexAttention is a training kernel for packed rows; generation (KV cache, dense step masks) runs SDPA.
+    attn = "sdpa" if mcfg.backbone.attn_implementation == FLEX else mcfg.backbone.attn_implementation
+    backbone = rebuild_backbone(path, attn)
     tokenizer = TextTokenizer.from_pretrained(path / "tokenizer")
     image_tokenizer = build_image_tokenizer(mcfg.image, root=path)
     model = OmniModel(mcfg, tokenizer, image_tokenizer, backbone=backbone)

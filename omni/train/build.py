@@ -33,7 +33,14 @@ import transformers
 from torch import nn
 
 from omni.config import Config
-from omni.models.backbone import backbone_from_config, build_backbone, rebuild_backbone, tied_elsewhere
+from omni.models.backbone import (
+    allow_tf32,
+    backbone_from_config,
+    build_backbone,
+    fuse_with_liger,
+    rebuild_backbone,
+    tied_elsewhere,
+)
 from omni.models.checkpoint import check_checkpoint_dir, load_config_from_checkpoint
 from omni.models.model import OmniModel
 from omni.tokenizers.image import build_image_tokenizer
@@ -130,6 +137,9 @@ def build_model(cfg: Config, ds_config: dict) -> OmniModel:
     if root is not None:
         load_weights(model, root, allow_new_rows=False)
     select_trainable(model, cfg)
+    if cfg.train.liger:
+        fuse_with_liger(model.backbone)
+    allow_tf32(cfg.train.tf32)
     return model
 
 

@@ -7,9 +7,11 @@ Everything DeepSpeed needs is derived from the omni `Config` here and nowhere el
                                      with a user JSON merged over it (conflicts are errors)
     setup_engine(cfg, model, world_size) -> (engine, ds_config)
 
-Precision: parameters, gradients and optimizer state stay fp32; bf16 is `torch.autocast` around
-the forward pass (see `autocast`). DeepSpeed's own `bf16` mode would cast every parameter,
-the diffusion head's included, to bf16, and the head must compute in fp32 (MMAR, MAR).
+Precision: by default parameters, gradients and optimizer state stay fp32 and bf16 is
+`torch.autocast` around the forward pass (see `autocast`). `train.bf16_mode=deepspeed` uses
+DeepSpeed's own bf16 mode instead (bf16 parameters and gradients, fp32 master weights; half the
+ZeRO-3 all-gather bytes), still under autocast so fp32 inputs meet bf16 weights; the diffusion
+head then keeps its schedule in fp32 but its weights are bf16 like every other parameter.
 """
 
 from __future__ import annotations
@@ -208,6 +210,10 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     if t.offload_params and t.zero_stage != 3:
         raise ValueError("train.offload_params=true needs train.zero_stage=3 (only ZeRO-3 partitions parameters)")
     micro, gas, total = batch_geometry(cfg, world_size)
+    bf16_weights = t.bf16_mode == "deepspeed"
+    if bf16_weights and resolve_precision(t.precision) != "bf16":
+        raise ValueError(f"train.bf16_mode=deepspeed needs bf16, but train.precision={t.precision!r} resolves to fp32 "
+                         "here; set train.precision=bf16 on bf16 hardware, or train.bf16_mode=autocast")
     zero: dict[str, Any] = {"stage": t.zero_stage}
     if t.offload:
         zero["offload_optimizer"] = {"device": "cpu"}
@@ -220,6 +226,8 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         "gradient_clipping": float(t.grad_clip),
         "zero_optimization": zero,
     }
+    if bf16_weights:  # bf16 parameters and gradients, fp32 master weights in DeepSpeed's optimizer
+        owned["bf16"] = {"enabled": True}
     tuning: dict[str, Any] = {  # omni's defaults; a user JSON may change them
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,  # omni logs; DeepSpeed stays quiet

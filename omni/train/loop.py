@@ -18,6 +18,7 @@ draws exactly what the uninterrupted one would have.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -51,11 +52,19 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class Meter:
-    """Sums over one log interval, reduced across ranks before printing."""
+    """Sums over one log interval, reduced across ranks before printing.
+
+    What the model computes (losses, text-token counts) is summed on the device and read back
+    only when a line is logged (`totals`): reading it every micro-batch would make the host wait
+    for the GPU to finish the step, five times over. Host numbers (lr, image-token and token
+    counts of the host-side batch) are summed on the host.
+    """
 
     start_step: int = 0
     sums: dict[str, float] = field(default_factory=dict)
     t0: float = field(default_factory=time.perf_counter)
+    on_device: torch.Tensor | None = None  # (4,) float64: loss, text loss x count, text count, image loss x count
+    tokens: torch.Tensor | int = 0  # real (non-padding) positions, a host tensor until read
 
     def add(self, **values: float) -> None:
         for k, v in values.items():
@@ -63,10 +72,21 @@ class Meter:
 
     def add_micro(self, out: dict[str, torch.Tensor], batch: Batch, lr: float) -> None:
         """One trained micro-batch: losses weighted by their token counts, so means are per token."""
-        n_text, n_image = out["n_text_tokens"].item(), out["n_image_tokens"].item()
-        self.add(loss=out["loss"].item(), micro=1, lr=lr, tokens=batch.n_tokens,
-                 text=out["loss_text"].item() * n_text, n_text=n_text,
-                 image=out["loss_image"].item() * n_image, n_image=n_image)
+        n_image = batch.image_target_index.numel()  # a shape: known on the host
+        n_text = out["n_text_tokens"].to(out["loss"].device, torch.float64)
+        part = torch.stack([out["loss"].detach().double(), out["loss_text"].double() * n_text, n_text,
+                            out["loss_image"].double() * n_image])  # (4,)
+        self.on_device = part if self.on_device is None else self.on_device + part
+        self.tokens = self.tokens + (batch.doc_ids > 0).sum()
+        self.add(micro=1, lr=lr, n_image=n_image)
+
+    def totals(self) -> dict[str, float]:
+        """Every sum of the interval as host numbers: the interval's one read of the device sums."""
+        out = dict(self.sums)
+        if self.on_device is not None:
+            out.update(zip(("loss", "text", "n_text", "image"), self.on_device.tolist()))
+        out["tokens"] = float(self.tokens)
+        return out
 
 
 @dataclass
@@ -122,7 +142,8 @@ def fit(run: Run) -> None:
         batch = next_batch(run, batches)
         lr = engine.get_lr()[0]
         out = forward(run, batch)
-        bad, stop = agree(run, not bool(torch.isfinite(out["loss"])), run.stop.received is not None)
+        # The step's one host read: is the loss finite (and did a rank get a stop signal)?
+        bad, stop = agree(run, ~torch.isfinite(out["loss"].detach()), run.stop.received is not None)
         run.stopping |= stop
         if bad:  # skip: no backward, no optimizer step; the next batch takes its place
             count_bad(run)
@@ -176,17 +197,28 @@ def forward(run: Run, batch: Batch, index: int | None = None) -> dict[str, torch
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(run.cfg.train.seed * 1_000_003 + index)
         with autocast(run.precision, run.engine.device):
-            return run.engine(batch.to(run.engine.device))
+            return run.engine(to_device(batch, run.engine.device))
 
 
-def agree(run: Run, *flags: bool) -> list[bool]:
-    """OR each flag over all ranks, so every rank skips / stops at the same micro-batch."""
-    if run.dist.world_size == 1:
-        return list(flags)
-    import torch.distributed as dist
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """The batch on the engine's device. On CUDA through pinned memory, so the copy does not make
+    the host wait for the GPU (a copy from pageable memory synchronizes the stream first)."""
+    if device.type != "cuda" or batch.input_ids.device.type != "cpu":
+        return batch.to(device)
+    pinned = Batch(**{f.name: getattr(batch, f.name).pin_memory() for f in dataclasses.fields(batch)})
+    return pinned.to(device, non_blocking=True)
 
-    t = torch.tensor([float(f) for f in flags], device=run.engine.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+
+def agree(run: Run, *flags: bool | torch.Tensor) -> list[bool]:
+    """OR each flag (a bool or a 0-d device tensor) over all ranks, so every rank skips / stops at
+    the same micro-batch. One host read in all: the flags travel as one tensor."""
+    dev = run.engine.device
+    t = torch.stack([f.to(dev, torch.float32) if torch.is_tensor(f) else torch.full((), float(f), device=dev)
+                     for f in flags])
+    if run.dist.world_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(v) for v in t.tolist()]
 
 
@@ -231,7 +263,7 @@ def data_stats(run: Run) -> dict[str, int]:
 def log_train(run: Run) -> None:
     m, elapsed = run.meter, time.perf_counter() - run.meter.t0
     keys = ["loss", "micro", "text", "n_text", "image", "n_image", "tokens", "lr", "bad"]
-    s = reduce_sums(run, keys, m.sums)
+    s = reduce_sums(run, keys, m.totals())
     steps = max(1, run.step - m.start_step)
     record = {
         "loss": s["loss"] / max(s["micro"], 1),
