@@ -93,6 +93,34 @@ def old_plan(head: DiffusionHead, steps: int, stochastic: bool, temperature: flo
     return [float(t) for t in sched.timesteps], coefs
 
 
+def old_denoise(head: DiffusionHead):
+    """The sampling loop as it was before (87f8eb1): modules per step, modulations indexed per step."""
+    def run(z, noise, t_net, coefs, cfg_scale, batched=True, bf16=False):
+        net, b = head.net, noise.shape[1]
+        x, zc, temb = noise[0], net.cond_embed(z), net.embed_time(t_net)
+        per_step = z.shape[0] * net.final_ada[-1].in_features * (3 * len(net.blocks) + 2) * 4
+        chunk = max(1, (64 << 20) // per_step)
+        for i, (a, bc, c) in enumerate(coefs):
+            if i % chunk == 0:
+                mods = net.modulations(temb[i:i + chunk, None] + zc[None])
+            h = net.in_proj(x)
+            if z.shape[0] != b:
+                h = torch.cat([h, h])
+            step_mods = [tuple(m[i % chunk] for m in mod) for mod in mods]
+            if batched or z.shape[0] == b:
+                pred = net.modulated(h, step_mods)
+            else:
+                pred = torch.cat([net.modulated(h[:b], [tuple(m[:b] for m in mod) for mod in step_mods]),
+                                  net.modulated(h[b:], [tuple(m[b:] for m in mod) for mod in step_mods])])
+            if z.shape[0] != b:
+                pred = torch.lerp(pred[b:], pred[:b], cfg_scale)
+            x = torch.add(x * a, pred, alpha=bc) if a != 1.0 else x.add(pred, alpha=bc)
+            if c:
+                x = x.add(noise[1 + i], alpha=c)
+        return x
+    return run
+
+
 def uncached(head: DiffusionHead):
     """The old per-call path: the old plan and `torch.tensor(t_net)` on every call."""
     def plan(steps, stochastic, temperature, device):
@@ -132,20 +160,23 @@ def test_the_counter_sees_the_old_per_call_plan(kind, monkeypatch):
 
 @pytest.mark.parametrize("kind", list(HEADS))
 @pytest.mark.parametrize("sampler,steps", [("ddim", 1), ("ddim", 7), ("ddpm", 20), ("euler", 50), ("stochastic", 7)])
-def test_cached_plan_gives_bitwise_the_old_samples(kind, sampler, steps, monkeypatch):
+@pytest.mark.parametrize("batched", [True, False])
+def test_sampling_gives_bitwise_the_old_samples(kind, sampler, steps, batched, monkeypatch):
+    """The cached plan and the lean loop give the numbers of the old plan and loop, bit for bit."""
     head = make_head(kind)
     cond, uncond, _ = inputs()
     for cfg_scale in (1.0, 3.0):
         new = [head.sample(cond, uncond, cfg_scale=cfg_scale, steps=steps, sampler=sampler, temperature=0.7,
-                           generator=inputs()[2]) for _ in range(2)]  # the second call from the cache
+                           generator=inputs()[2], cfg_batching=batched) for _ in range(2)]  # 2nd: cached plan
         stochastic = sampler in ("ddpm", "stochastic")
         t_net, coefs = head._cached_plan(steps, stochastic, 0.7, cond.device)
         ref_t, ref_coefs = old_plan(head, steps, stochastic, 0.7)
         assert t_net.tolist() == torch.tensor(ref_t).tolist() and list(coefs) == ref_coefs
         with monkeypatch.context() as m:
             m.setattr(head, "_cached_plan", uncached(head))
+            m.setattr(head, "_denoise", old_denoise(head))
             old = head.sample(cond, uncond, cfg_scale=cfg_scale, steps=steps, sampler=sampler, temperature=0.7,
-                              generator=inputs()[2])
+                              generator=inputs()[2], cfg_batching=batched)
         assert torch.equal(new[0], old) and torch.equal(new[1], old)
 
 
@@ -217,3 +248,26 @@ def test_bf16_head_is_close_to_fp32_and_returns_fp32(kind):
     assert rel < 0.05, rel  # measured ~0.01 on this toy head (wide random weights, CFG 3)
     with pytest.raises(ValueError, match="dtype=torch.float16"):
         head.sample(cond, dtype=torch.float16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_cuda_sample_never_synchronizes_after_the_first_call(cuda_graph):
+    """On a GPU: after the first call, eager and graphed sampling (CFG, bf16 too) raise under
+    torch.cuda.set_sync_debug_mode("error") never, and copy nothing between host and device."""
+    head = make_head("v-zsnr").cuda()
+    cond, uncond = torch.randn(4, D_COND, device="cuda"), torch.randn(4, D_COND, device="cuda")
+    gens = [torch.Generator("cuda").manual_seed(r) for r in range(4)]
+    for dtype in (None, torch.bfloat16):
+        kw = {"cfg_scale": 3.0, "steps": 9, "sampler": "ddpm", "dtype": dtype, "cuda_graph": cuda_graph}
+        head.sample(cond, uncond, generator=gens, **kw)  # plan, capture
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with HostTraffic() as traffic:
+                for _ in range(3):
+                    head.sample(cond, uncond, generator=gens, **kw)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert traffic.counts == {"scalar_reads": 0, "from_python": 0, "cross_device_copies": 0}, traffic.counts

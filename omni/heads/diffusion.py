@@ -149,6 +149,27 @@ class Denoiser(nn.Module):
         shift, scale1 = mods[-1]
         return self.out(torch.addcmul(shift, self.final_norm(h), scale1))  # (R, d)
 
+    def sampling_weights(self, dtype: torch.dtype = torch.float32) -> tuple:
+        """The weights of `fast_modulated`, transposed (and cast) once per sampling call: a step
+        then runs addmm on them directly, the kernel nn.Linear runs, without a transpose or an
+        autocast copy per step. Returns (in_proj, blocks, out); each linear is (weight^T, bias)."""
+        def lin(m: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+            return m.weight.to(dtype).t(), m.bias.to(dtype)
+
+        blocks = [(b.norm.weight, b.norm.bias, b.norm.eps, *lin(b.mlp[0]), *lin(b.mlp[2])) for b in self.blocks]
+        return lin(self.in_proj), blocks, lin(self.out)
+
+    def fast_modulated(self, h: torch.Tensor, weights: tuple, mods: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
+        """`modulated` on `sampling_weights`, op for op the same kernels (h (R, W) -> (R, d))."""
+        _, blocks, (w_out, b_out) = weights
+        width = (h.shape[-1],)
+        for (nw, nb, eps, w1, b1, w2, b2), (shift, scale1, gate) in zip(blocks, mods):
+            u = torch.addcmul(shift, F.layer_norm(h, width, nw, nb, eps), scale1)
+            h = torch.addcmul(h, gate, torch.addmm(b2, F.silu(torch.addmm(b1, u, w1)), w2))
+        shift, scale1 = mods[-1]
+        return torch.addmm(b_out, torch.addcmul(shift, F.layer_norm(h, width, None, None, self.final_norm.eps), scale1),
+                           w_out)  # (R, d)
+
 
 class DiffusionHead(nn.Module):
     def __init__(self, cfg: DiffusionHeadConfig, token_dim: int, cond_dim: int):
@@ -327,35 +348,48 @@ class DiffusionHead(nn.Module):
         """The sampling loop from noise[0] (already scaled); z (R, D) with R = B or 2B (guided)."""
         if bf16:
             with torch.autocast(device_type=z.device.type, dtype=torch.bfloat16):
-                return self._denoise(z, noise, t_net, coefs, cfg_scale, batched)
+                return self._loop(z, noise, t_net, coefs, cfg_scale, batched, torch.bfloat16)
+        return self._loop(z, noise, t_net, coefs, cfg_scale, batched, torch.float32)
+
+    def _loop(self, z: torch.Tensor, noise: torch.Tensor, t_net: torch.Tensor, coefs: tuple[tuple, ...],
+              cfg_scale: float, batched: bool, dtype: torch.dtype) -> torch.Tensor:
+        # Host work per step is the cost of an eager loop (a GPU waits on it; a CPU spends it), so
+        # everything a step only indexes is split once: noise and modulations are unbound into
+        # per-step views and the weights transposed/cast once per call (sampling_weights).
         net = self.net
         b = noise.shape[1]
-        x = noise[0]  # (B, d)
+        noise_steps = noise.unbind(0)  # each (B, d)
+        x = noise_steps[0]
+        weights = net.sampling_weights(dtype)
+        w_in, b_in = weights[0]
         zc = net.cond_embed(z)  # (R, W): the condition is the same at every step
         temb = net.embed_time(t_net)  # (S, W): the same for every row
         # Every modulation of every step in a few large matmuls instead of S x (depth + 1) small
         # ones; chunked over steps so the buffer stays under MODULATION_BYTES for large heads/batches.
         per_step = z.shape[0] * net.final_ada[-1].in_features * (3 * len(net.blocks) + 2) * 4
         chunk = max(1, MODULATION_BYTES // per_step)
-        mods: list[tuple[torch.Tensor, ...]] = []
+        mods: list[list[tuple[torch.Tensor, ...]]] = []
         for i, (a, bc, c) in enumerate(coefs):
             if i % chunk == 0:
-                mods = net.modulations(temb[i:i + chunk, None] + zc[None])  # each part (s, R, W)
-            h = net.in_proj(x)  # (B, W): guided rows share x, so project it once
+                parts = net.modulations(temb[i:i + chunk, None] + zc[None])  # each part (s, R, W)
+                unbound = [[p.unbind(0) for p in group] for group in parts]  # [group][part][step]
+                mods = [[tuple(p[j] for p in group) for group in unbound] for j in range(len(unbound[0][0]))]
+            step_mods = mods[i % chunk]  # [group] -> its parts at this step, each (R, W)
+            h = torch.addmm(b_in, x, w_in)  # (B, W): guided rows share x, so project it once
             if z.shape[0] != b:
                 h = torch.cat([h, h])  # (2B, W)
-            step_mods = [tuple(m[i % chunk] for m in mod) for mod in mods]  # each (R, W)
             if batched or z.shape[0] == b:
-                pred = net.modulated(h, step_mods)  # (R, d)
+                pred = net.fast_modulated(h, weights, step_mods)  # (R, d)
             else:  # two passes: conditional rows, then unconditional rows
-                pred = torch.cat([net.modulated(h[:b], [tuple(m[:b] for m in mod) for mod in step_mods]),
-                                  net.modulated(h[b:], [tuple(m[b:] for m in mod) for mod in step_mods])])
+                pred = torch.cat([net.fast_modulated(h[:b], weights, [tuple(m[:b] for m in g) for g in step_mods]),
+                                  net.fast_modulated(h[b:], weights, [tuple(m[b:] for m in g) for g in step_mods])])
             pred = pred.float()  # a no-op in fp32; under bf16 autocast the guidance and update stay fp32
             if z.shape[0] != b:
-                pred = torch.lerp(pred[b:], pred[:b], cfg_scale)  # uncond + s (cond - uncond)
+                cond_pred, uncond_pred = pred.split(b)
+                pred = torch.lerp(uncond_pred, cond_pred, cfg_scale)  # uncond + s (cond - uncond)
             x = torch.add(x * a, pred, alpha=bc) if a != 1.0 else x.add(pred, alpha=bc)
             if c:
-                x = x.add(noise[1 + i], alpha=c)
+                x = x.add(noise_steps[1 + i], alpha=c)
         return x
 
     def _graphed(self, key: tuple, run: Callable, z: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
