@@ -33,17 +33,19 @@ def _check(cfg: DiffusionHeadConfig) -> None:
 
 
 def _betas(cfg: DiffusionHeadConfig) -> torch.Tensor:
-    n = cfg.train_steps
+    # On the CPU whatever the default device (models are also built on `meta` to count FLOPs): the
+    # head reads the table back once, as host floats.
+    n, cpu = cfg.train_steps, torch.device("cpu")
     if cfg.schedule == "linear":
-        return torch.linspace(cfg.beta_start, cfg.beta_end, n, dtype=torch.float32)
+        return torch.linspace(cfg.beta_start, cfg.beta_end, n, dtype=torch.float32, device=cpu)
     if cfg.schedule == "scaled_linear":
-        return torch.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, n, dtype=torch.float32) ** 2
+        return torch.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, n, dtype=torch.float32, device=cpu) ** 2
 
     def alpha_bar(t: float) -> float:  # the Glide cosine schedule
         return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
     betas = [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), MAX_BETA) for i in range(n)]
-    return torch.tensor(betas, dtype=torch.float32)
+    return torch.tensor(betas, dtype=torch.float32, device=cpu)
 
 
 def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
