@@ -1,31 +1,43 @@
-"""Image generation speed: batch 1/4/16, CFG on/off, KV cache vs recompute, where the time goes.
+"""Image generation speed: batch 1/4/16, CFG on/off, KV cache vs recompute, head graph, step schedule.
 
     python -m benchmarks.bench_generation [--preset tiny] [--device cpu|cuda] [--quick]
 
 Text-to-image sampling (mode "image", the call the eval benchmarks make hundreds of times) with a
 random-weight model of the preset: speed does not depend on what the weights learned. The tiny
 preset is measured with 4-pixel patches, so one image is 64 tokens (the size the KV-cache target
-names). Per batch size B the runs below are timed in interleaved rounds (best of n):
+names); bench-1b (the GPU default) draws 256-token images with DDIM 50 and CFG 3. The runs:
 
 - kv_cfg: KV cache, guidance with the unconditional rows in the same batch (omni's design);
 - kv_nocfg: cfg_scale 1 (no unconditional rows);
 - kv_cfg_two_pass: the unconditional rows as a second backbone pass and a second head call per
   diffusion step (what codebases that double the tokens do), the baseline of the CFG target;
 - recompute_cfg: no KV cache, every step recomputes the whole prefix;
-- kv_cfg_graph (CUDA only): the per-token diffusion loop replayed from a CUDA graph.
+- kv_cfg_schedule (CPU) / kv_cfg_graph_schedule (CUDA): the head step schedule `step_schedule`
+  (generation.image_steps_schedule, applied around the head by benchmarks.common.head_options);
+- kv_cfg_graph (CUDA): the per-token diffusion loop replayed from a CUDA graph
+  (generation.cuda_graphs); kv_cfg_graph_bf16_head: the same with the head's matmuls in bf16.
 
-Reported: seconds per batch and per image, image tokens/s, the split of kv_cfg and recompute_cfg
-time between the backbone, the diffusion head and the rest (a separate run with timers around
-`model.decoder` and `model.head.sample`), and a memory-bandwidth floor for kv_cfg:
+CPU: every run at every batch size, timed in interleaved rounds (best of 3), one line per batch
+size. CUDA (`run_plan`): kv_cfg and the three graphed runs at every batch size, the baselines at
+batch 1 only, one timed call each, one line per run as it finishes, and runs that would start
+past CUDA_BUDGET_S are skipped (named in the row), so the part ends inside 7 minutes.
+
+Reported per run: seconds per batch and per image, image tokens/s, ms per token step (one step
+draws one token of every row), ms per image token, the ratio to the memory-bandwidth floor and
+the head steps per token; the split of kv_cfg (and on CPU recompute_cfg) time between the
+backbone, the diffusion head and the rest (a separate run with timers around `model.decoder` and
+`model.head.sample`). The floor is that of kv_cfg (fp32 head, constant steps):
 
     bytes per token step = backbone weights (no embeddings, no LM head)
                          + head weights used every diffusion step x steps + its adaLN weights once
                          + KV cache read at the mean context, every stream
     floor per batch      = image tokens x bytes per token step / bandwidth
 
-On a GPU the bandwidth is the data-sheet HBM figure (common.GPU_SPECS); on a CPU it is a measured
-tensor copy, and a tiny model's weights sit in cache, so there it is no floor, only a scale.
-On a CPU the benchmark runs on one thread (see common.cpu_threads).
+On a GPU the bandwidth is the data-sheet HBM figure by device name (common.GPU_SPECS: H100 3.35
+TB/s, H200 4.8 TB/s); on a CPU it is a measured tensor copy, and a tiny model's weights sit in
+cache, so there it is no floor, only a scale. On a CPU the benchmark runs on one thread (see
+common.cpu_threads). The whole image-token step graphed from a static KV cache does not exist yet
+and is reported as not available (STEP_GRAPH).
 """
 
 from __future__ import annotations

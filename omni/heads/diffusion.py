@@ -346,8 +346,9 @@ class DiffusionHead(nn.Module):
     def _denoise(self, z: torch.Tensor, noise: torch.Tensor, t_net: torch.Tensor, coefs: tuple[tuple, ...],
                  cfg_scale: float, batched: bool = True, bf16: bool = False) -> torch.Tensor:
         """The sampling loop from noise[0] (already scaled); z (R, D) with R = B or 2B (guided)."""
-        if bf16:
-            with torch.autocast(device_type=z.device.type, dtype=torch.bfloat16):
+        if bf16:  # (no autocast cache: the loop's weights are cast once by sampling_weights, and a
+            # cache that outlived a CUDA graph capture would hand the graph freed memory)
+            with torch.autocast(device_type=z.device.type, dtype=torch.bfloat16, cache_enabled=False):
                 return self._loop(z, noise, t_net, coefs, cfg_scale, batched, torch.bfloat16)
         return self._loop(z, noise, t_net, coefs, cfg_scale, batched, torch.float32)
 
