@@ -3,7 +3,7 @@
 v / eps parameterizations use the schedule of diffusers' DDIMScheduler (betas, zero-terminal-SNR
 rescaling, alphas_cumprod, trailing timestep spacing). It is written out here in the same float32
 / numpy arithmetic, so the head needs no diffusers at inference (GPU images often lack it);
-tests/test_diffusion_sampling.py checks both tables equal diffusers' bit for bit. `flow` is
+tests/test_decode_head.py checks both tables equal diffusers' bit for bit. `flow` is
 rectified flow: x_t = (1 - t) x0 + t noise, t in [0, 1], no table needed.
 """
 
