@@ -17,6 +17,7 @@ import platform
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -205,8 +206,14 @@ def _git_commit() -> str | None:
 
 def machine_info(device: torch.device) -> dict[str, Any]:
     """Everything needed to tell two result files apart: hardware, library versions, commit."""
-    import diffusers
     import transformers
+
+    try:  # not needed to train or draw (the head's schedule tables are computed without it)
+        import diffusers
+
+        diffusers_version = diffusers.__version__
+    except ImportError:
+        diffusers_version = "not installed"
 
     info: dict[str, Any] = {
         "device": str(device),
@@ -217,7 +224,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "diffusers": diffusers.__version__,
+        "diffusers": diffusers_version,
         "platform": platform.platform(),
         "commit": _git_commit(),
     }
@@ -260,3 +267,42 @@ def fmt_bytes(n: float) -> str:
             return f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"
+
+
+@contextmanager
+def head_options(model, schedule: str = "constant", dtype: torch.dtype | None = None,
+                 stats: dict | None = None) -> Iterator[None]:
+    """model.head.sample with per-token steps (generation.image_steps_schedule) and a compute dtype.
+
+    Until the sampler passes `steps_for_token(cfg, i, N)` and the head dtype itself, this wraps
+    the head: in image mode every row of a batch draws token i in the same call, so call k is
+    token k mod N (checked: the batch size stays the same through each image). `stats` collects
+    the head steps run ("steps") and the calls ("calls").
+    """
+    from omni.config import GenerationConfig, steps_for_token
+
+    head, n = model.head, model.image_tokenizer.num_tokens
+    sample, state = head.sample, {"k": 0, "rows": None}
+    stats = {} if stats is None else stats
+
+    def wrapped(cond, *args, steps=20, **kwargs):
+        i = state["k"] % n
+        if i == 0:
+            state["rows"] = cond.shape[0]
+        elif cond.shape[0] != state["rows"]:
+            raise RuntimeError(f"token {i} drew {cond.shape[0]} rows, token 0 drew {state['rows']}: not lockstep")
+        state["k"] += 1
+        steps = steps_for_token(GenerationConfig(image_steps=steps, image_steps_schedule=schedule), i, n)
+        stats["steps"] = stats.get("steps", 0) + steps
+        stats["calls"] = stats.get("calls", 0) + 1
+        return sample(cond, *args, steps=steps, dtype=dtype, **kwargs)
+
+    own = "sample" in vars(head)  # already wrapped (a Stopwatch): put that wrapper back after
+    head.sample = wrapped
+    try:
+        yield
+    finally:
+        if own:
+            head.sample = sample
+        else:
+            del head.sample

@@ -63,20 +63,26 @@ def _generation(g: dict[str, Any]) -> list[str]:
     lines = [(f"### Generation ({g['precision']}; {g['image_tokens_per_image']} tokens of {g['token_dim']} per image, "
              f"{g['sampler']} {g['image_steps']} steps, CFG {g['cfg_scale']}, prompt {g['prompt_positions']} positions)"),
              ""]
-    runs = [k for k in next(iter(g["batches"].values())) if isinstance(next(iter(g["batches"].values()))[k], dict)]
     rows = []
     for b, row in g["batches"].items():
-        for name in runs:
-            r = row[name]
+        for name, r in row.items():
+            if not isinstance(r, dict):
+                continue
             split = r.get("split")
-            rows.append([b, name, r["seconds_per_image"], r["image_tokens_per_s"],
+            rows.append([b, name, r["seconds_per_image"], r["image_tokens_per_s"], r.get("ms_per_token_step"),
+                         r.get("over_floor"), r.get("head_steps_per_token"),
                          f"{_fmt(100 * split['backbone'])} / {_fmt(100 * split['head'])} / {_fmt(100 * split['other'])}"
                          if split else "-"])
-    lines += _table(["batch", "run", "s/image", "image tokens/s", "% backbone / head / other"], rows)
-    ratio_rows = [[b, r["kv_cache_speedup"], r["cfg_one_batch_speedup"], r["cfg_cost"], r["bandwidth_floor_s"],
-                   r["kv_cfg"]["over_floor"], r.get("cuda_graph_speedup")] for b, r in g["batches"].items()]
+    lines += _table(["batch", "run", "s/image", "image tokens/s", "ms/token step", "x floor", "head steps/token",
+                     "% backbone / head / other"], rows)
+    keys = ["kv_cache_speedup", "cfg_one_batch_speedup", "cfg_cost", "bandwidth_floor_s", "cuda_graph_speedup",
+            "schedule_speedup", "graph_schedule_speedup", "bf16_head_speedup"]
     lines += _table(["batch", "KV cache vs recompute", "CFG one batch vs two passes", "CFG cost", "bandwidth floor (s)",
-                     "kv_cfg / floor", "CUDA graph speedup"], ratio_rows)
+                     "head graph speedup", "schedule speedup", "schedule speedup (graphed)", "bf16 head speedup"],
+                    [[b, *(r.get(k) for k in keys)] for b, r in g["batches"].items()])
+    step_graph = next(iter(g["batches"].values())).get("step_graph")
+    if step_graph:
+        lines += [f"Whole-step CUDA graph: {step_graph}. Schedule: {g.get('image_steps_schedule')}.", ""]
     lines += [(f"Bandwidth floor: image tokens x bytes per token step / {g['bandwidth_gbs']} GB/s "
               f"(weights per token step: {json.dumps({k: fmt_bytes(v) for k, v in g['weight_bytes_per_token_step'].items()})})."),
               ""]

@@ -173,12 +173,52 @@ class GenerationConfig:
     top_p: float = 1.0  # nucleus sampling
     repetition_stop: int = 0  # stop a row after this many identical text tokens in a row; 0 off
     sampler: Literal[SAMPLERS] = "stochastic"  # image token sampler
-    image_steps: int = 20  # denoising steps per image token
+    image_steps: int = 20  # denoising steps per image token (with image_steps_schedule "constant")
+    # Steps by token (DiSA, arXiv 2505.20297: later tokens are pinned down by their context and need
+    # fewer): "constant" (image_steps for every token) or "anneal:START:END[:LEVELS]" (START at the
+    # first token, linearly to END at the last; LEVELS plateaus bound the CUDA graphs to capture).
+    image_steps_schedule: str = "constant"
     image_temperature: float = 0.7  # noise scale of the image sampler
     cfg_scale: float = 3.0  # classifier-free guidance on image tokens; 1 disables
     seed: int = 0  # generation seed
     use_cache: bool = True  # KV cache (False recomputes the prefix every step)
     cuda_graphs: bool = False  # replay each image token's diffusion loop from a CUDA graph (CUDA only)
+    head_dtype: Literal["float32", "bfloat16"] = "float32"  # diffusion head matmuls when sampling
+
+    def __post_init__(self) -> None:
+        parse_steps_schedule(self.image_steps_schedule)
+
+
+def parse_steps_schedule(spec: str) -> tuple[int, int, int] | None:
+    """`generation.image_steps_schedule` -> None ("constant") or (START, END, LEVELS); LEVELS 0
+    means a separate step count for every token."""
+    if spec == "constant":
+        return None
+    parts = spec.split(":")
+    numbers = parts[1:]
+    if parts[0] == "anneal" and len(numbers) in (2, 3) and all(n.isdigit() for n in numbers):
+        start, end, levels = int(numbers[0]), int(numbers[1]), int(numbers[2]) if len(numbers) == 3 else 0
+        if start >= 1 and end >= 1 and (len(numbers) == 2 or levels >= 2):
+            return start, end, levels
+    raise ConfigError(
+        f"generation.image_steps_schedule={spec!r}: use \"constant\" or \"anneal:START:END[:LEVELS]\" with "
+        "START, END >= 1 steps and LEVELS >= 2 plateaus, e.g. anneal:50:10 or anneal:50:10:5"
+    )
+
+
+def steps_for_token(cfg: GenerationConfig, index: int, total: int) -> int:
+    """Denoising steps for image token `index` (0-based) of `total` under cfg's schedule."""
+    plan = parse_steps_schedule(cfg.image_steps_schedule)
+    if plan is None:
+        return cfg.image_steps
+    if not 0 <= index < total:
+        raise ValueError(f"image token index {index} is outside 0..{total - 1}")
+    start, end, levels = plan
+    if levels:  # plateau k of LEVELS holds tokens [k total / LEVELS, (k + 1) total / LEVELS)
+        frac = min(index * levels // total, levels - 1) / (levels - 1)
+    else:
+        frac = index / (total - 1) if total > 1 else 0.0
+    return round(start + (end - start) * frac)
 
 
 @dataclass
@@ -300,6 +340,9 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "", base: Any = None) 
         else:
             v = _coerce(v, tp, prefix + k)
         setattr(obj, k, v)
+    check = getattr(obj, "__post_init__", None)
+    if check is not None:  # field checks that types alone cannot express
+        check()
     return obj
 
 

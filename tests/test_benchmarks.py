@@ -109,11 +109,50 @@ def test_targets_judge_by_device():
     from benchmarks.run import evaluate_targets
 
     gen_row = {"kv_cache_speedup": 6.0, "cfg_one_batch_speedup": 1.2, "kv_cfg": {"over_floor": 2.0}}
+    # Batch 16 on CUDA has no baselines; the faster of eager and the graphed head loop is judged.
+    row16 = {"kv_cfg": {"over_floor": 4.0, "seconds_per_image": 0.05},
+             "kv_cfg_graph": {"over_floor": 2.5, "seconds_per_image": 0.025}}
     result = {"settings": {"device": "cuda:0"}, "train": {"overhead_ratio": 1.1, "full": {"mfu": 0.35}},
-              "generation": {"image_tokens_per_image": 64, "batches": {"1": gen_row}}}
-    met = {t["name"]: t["met"] for t in evaluate_targets(result)}
-    assert met == {"train_overhead": True, "mfu": False, "kv_cache_speedup": True, "cfg_one_batch_speedup": False,
-                   "generation_over_bandwidth_floor": True}
+              "generation": {"image_tokens_per_image": 64, "batches": {"1": gen_row, "16": row16}}}
+    rows = evaluate_targets(result)
+    met = {(t["name"], t["where"].split(",")[0]): t["met"] for t in rows}
+    assert met == {("train_overhead", ""): True, ("mfu", ""): False, ("kv_cache_speedup", "batch 1"): True,
+                   ("cfg_one_batch_speedup", "batch 1"): False, ("generation_over_bandwidth_floor", "batch 1"): True,
+                   ("generation_over_bandwidth_floor", "batch 16"): True, ("generation_images_per_s", "batch 16"): True}
+    assert {t["name"]: t["value"] for t in rows if t["where"].startswith("batch 16")} == {
+        "generation_over_bandwidth_floor": 2.5, "generation_images_per_s": 40.0}
     result["settings"]["device"] = "cpu"
     met = {t["name"]: t["met"] for t in evaluate_targets(result)}
     assert met["mfu"] is None and met["generation_over_bandwidth_floor"] is None and met["train_overhead"] is True
+
+
+def test_generation_plans_put_the_targets_and_the_gpu_questions_first():
+    from benchmarks.bench_generation import run_plan
+
+    cpu = run_plan("cpu", 20, (1, 4, 16))
+    assert all(set(runs) == RUNS | {"kv_cfg_schedule"} for runs in cpu.values())
+    assert cpu[1]["kv_cfg_schedule"][2] == {"schedule": "anneal:20:4:5"}
+    gpu = run_plan("cuda", 50, (1, 4, 16))
+    graphed = ["kv_cfg_graph", "kv_cfg_graph_schedule", "kv_cfg_graph_bf16_head"]
+    assert list(gpu[1]) == ["kv_cfg", *graphed, "kv_nocfg", "kv_cfg_two_pass", "recompute_cfg"]
+    assert list(gpu[4]) == list(gpu[16]) == ["kv_cfg", *graphed]  # the baselines at batch 1 only
+    assert all(gpu[16][name][0] == {"cuda_graphs": True} for name in graphed)
+    assert gpu[16]["kv_cfg_graph_bf16_head"][2] == {"dtype": torch.bfloat16}
+
+
+@pytest.mark.slow
+def test_gpu_matrix_code_path_runs_on_cpu(capsys):
+    """The CUDA matrix (sequential runs, one line each, ratios) run on a CPU: its code path is
+    checked here so that a GPU session does not spend its minutes finding a typo."""
+    from benchmarks.bench_generation import run
+
+    g = run(quick=True, preset="tiny", device="cpu", threads=1, matrix="cuda")
+    assert g["matrix"] == "cuda" and set(g["batches"]) == {"1", "4"}
+    one, four = g["batches"]["1"], g["batches"]["4"]
+    assert {"kv_cfg", "kv_cfg_graph", "kv_cfg_graph_schedule", "kv_cfg_graph_bf16_head", "recompute_cfg"} <= set(one)
+    assert "recompute_cfg" not in four and positive(four["cuda_graph_speedup"]) and positive(one["kv_cache_speedup"])
+    assert one["kv_cfg_graph_schedule"]["head_steps_per_token"] < one["kv_cfg_graph"]["head_steps_per_token"] == 5
+    assert one["kv_cfg"]["ms_per_token_step"] == pytest.approx(1000 * one["kv_cfg"]["seconds"] / 64, rel=0.01)
+    assert one["step_graph"].startswith("not available")
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("batch")]
+    assert len(lines) == 7 + 4 and all("ms/token step" in x and "x floor" in x for x in lines)

@@ -143,15 +143,37 @@ def test_one_generator_per_row_is_checked():
         head.sample(torch.randn(3, D_COND), generator=[torch.Generator()] * 2)
 
 
+GRAPH_CASES = [  # (head config, sampler, compute dtype, tolerance)
+    ({"parameterization": "v", "schedule": "scaled_linear", "zero_terminal_snr": True}, "ddpm", None, 1e-5),
+    ({"parameterization": "v", "schedule": "scaled_linear", "zero_terminal_snr": True}, "ddim", torch.bfloat16, 1e-2),
+    ({"parameterization": "flow"}, "stochastic", None, 1e-5),
+    ({"parameterization": "flow"}, "stochastic", torch.bfloat16, 1e-2),
+]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-def test_cuda_graph_replay_equals_eager():
-    """The captured loop replays with new conditions and noise and gives the eager result."""
-    head = make_head(parameterization="v", schedule="scaled_linear", zero_terminal_snr=True).cuda()
-    for seed in (0, 1):  # the first call captures, the second replays the same graph
+@pytest.mark.parametrize("overrides,sampler,dtype,tol", GRAPH_CASES)
+def test_cuda_graph_replay_equals_eager(overrides, sampler, dtype, tol):
+    """The captured loop replays with new conditions and noise and gives the eager result, for
+    every step count of a schedule (one graph each), with one generator per row as the sampler
+    passes them.
+
+    Tolerance: the replay runs the very kernels of the eager call, so the results are expected to
+    be equal; atol = rtol = 1e-5 (fp32) or 1e-2 (bf16 head) only allow cuBLAS to pick another
+    algorithm under capture.
+    """
+    head = make_head(**overrides).cuda()
+    schedule = [9, 9, 5, 5, 9]  # a step schedule's counts: capture 9, replay, capture 5, replay, replay 9
+    for i, steps in enumerate(schedule):
         cond, uncond = torch.randn(4, D_COND, device="cuda"), torch.randn(4, D_COND, device="cuda")
-        kw = {"cfg_scale": 3.0, "steps": 9, "sampler": "ddpm", "temperature": 0.9}
-        eager = head.sample(cond, uncond, generator=torch.Generator("cuda").manual_seed(seed), **kw)
-        graphed = head.sample(cond, uncond, generator=torch.Generator("cuda").manual_seed(seed), cuda_graph=True, **kw)
-        torch.testing.assert_close(graphed, eager, atol=1e-5, rtol=1e-5)
-    assert len(head._graphs) == 1
+        kw = {"cfg_scale": 3.0, "steps": steps, "sampler": sampler, "temperature": 0.9, "dtype": dtype}
+
+        def gens(i=i):
+            return [torch.Generator("cuda").manual_seed(10 * i + r) for r in range(4)]
+
+        eager = head.sample(cond, uncond, generator=gens(), **kw)
+        graphed = head.sample(cond, uncond, generator=gens(), cuda_graph=True, **kw)
+        torch.testing.assert_close(graphed, eager, atol=tol, rtol=tol)
+        assert graphed.dtype == torch.float32
+    assert len(head._graphs) == len(set(schedule))

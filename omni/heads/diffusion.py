@@ -15,7 +15,11 @@ speed without changing the math: every sampler (DDIM, DDPM, Euler, stochastic fl
 recurrence x <- a_i x + b_i pred + n_i noise_i with per-step scalars computed once; the parts of
 the net that do not depend on x (condition embedding, time embedding, all adaLN modulations of
 every step) run as a few large matmuls before the loop; all noise is drawn up front; and on CUDA
-the loop can be captured once as a CUDA graph and replayed for every later token.
+the loop can be captured once as a CUDA graph and replayed for every later token. The per-step
+scalars and the timestep tensor are made once per (steps, sampler kind, temperature, device) and
+cached, so after the first call `sample` reads nothing back from the device and copies nothing to
+it (tests/test_decode_head.py counts both). With `dtype=torch.bfloat16` the net's matmuls run in
+bf16 while the recurrence and the guidance combination stay fp32.
 
 Shape legend: K tokens with a loss, B tokens being sampled, R = B or 2B rows with CFG, S steps,
 d token dim, D backbone width, W head width, C noise copies.
@@ -35,13 +39,15 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from omni.config import SAMPLERS, DiffusionHeadConfig
-from omni.heads.schedules import make_scheduler
+from omni.heads.schedules import alphas_cumprod, trailing_timesteps
 
 # Each sampler name (the list lives in omni.config.SAMPLERS) -> the update it runs: `ddim` steps are
 # deterministic given the start noise, `ddpm` steps draw fresh noise (the schedule's posterior).
 DETERMINISTIC = {"ddim": "ddim", "euler": "ddim", "ddpm": "ddpm", "stochastic": "ddpm"}
 assert set(DETERMINISTIC) == set(SAMPLERS), "omni.config.SAMPLERS and the head's table must name the same samplers"
 MODULATION_BYTES = 64 << 20  # sampling precomputes adaLN modulations for as many steps as fit here
+PLAN_CACHE = 256  # sampling plans kept per head (a step schedule uses one per distinct step count)
+SAMPLE_DTYPES = (torch.float32, torch.bfloat16)  # compute dtypes of the net when sampling
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -143,6 +149,27 @@ class Denoiser(nn.Module):
         shift, scale1 = mods[-1]
         return self.out(torch.addcmul(shift, self.final_norm(h), scale1))  # (R, d)
 
+    def sampling_weights(self, dtype: torch.dtype = torch.float32) -> tuple:
+        """The weights of `fast_modulated`, transposed (and cast) once per sampling call: a step
+        then runs addmm on them directly, the kernel nn.Linear runs, without a transpose or an
+        autocast copy per step. Returns (in_proj, blocks, out); each linear is (weight^T, bias)."""
+        def lin(m: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+            return m.weight.to(dtype).t(), m.bias.to(dtype)
+
+        blocks = [(b.norm.weight, b.norm.bias, b.norm.eps, *lin(b.mlp[0]), *lin(b.mlp[2])) for b in self.blocks]
+        return lin(self.in_proj), blocks, lin(self.out)
+
+    def fast_modulated(self, h: torch.Tensor, weights: tuple, mods: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
+        """`modulated` on `sampling_weights`, op for op the same kernels (h (R, W) -> (R, d))."""
+        _, blocks, (w_out, b_out) = weights
+        width = (h.shape[-1],)
+        for (nw, nb, eps, w1, b1, w2, b2), (shift, scale1, gate) in zip(blocks, mods):
+            u = torch.addcmul(shift, F.layer_norm(h, width, nw, nb, eps), scale1)
+            h = torch.addcmul(h, gate, torch.addmm(b2, F.silu(torch.addmm(b1, u, w1)), w2))
+        shift, scale1 = mods[-1]
+        return torch.addmm(b_out, torch.addcmul(shift, F.layer_norm(h, width, None, None, self.final_norm.eps), scale1),
+                           w_out)  # (R, d)
+
 
 class DiffusionHead(nn.Module):
     def __init__(self, cfg: DiffusionHeadConfig, token_dim: int, cond_dim: int):
@@ -151,9 +178,12 @@ class DiffusionHead(nn.Module):
         self.token_dim = token_dim
         self.net = Denoiser(token_dim, cond_dim, cfg.width, cfg.depth, cfg.grad_checkpointing)
         if cfg.parameterization != "flow":
-            sched = make_scheduler(cfg)
-            self.register_buffer("alphas_cumprod", sched.alphas_cumprod.clone().float(), persistent=False)
-        self._timesteps: dict[int, list[int]] = {}  # sampling steps -> scheduler timesteps
+            ac = alphas_cumprod(cfg)  # (T,) float32
+            self.register_buffer("alphas_cumprod", ac.clone(), persistent=False)
+            self._ac64 = ac.double().tolist()  # host copy for the per-step scalars (never read back from a GPU)
+        # (steps, stochastic, temperature, device) -> (net timesteps (S,) on the device, per-step
+        # scalars): made on the first call with those settings, reused by every later token.
+        self._plans: OrderedDict = OrderedDict()
         self._graphs: OrderedDict = OrderedDict()  # CUDA graphs of the sampling loop, by shape/settings
 
     # training --------------------------------------------------------------------------------
@@ -223,6 +253,7 @@ class DiffusionHead(nn.Module):
         generator: torch.Generator | list[torch.Generator] | None = None,
         cuda_graph: bool = False,
         cfg_batching: bool = True,
+        dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         """Draw one token per row of `cond` (B, D); with `uncond` (B, D) and cfg_scale != 1, guided.
 
@@ -234,29 +265,52 @@ class DiffusionHead(nn.Module):
         the first call with new shapes pays the capture. Ignored on other devices.
         cfg_batching=False runs the unconditional rows as a second net call per step: the
         two-pass baseline that the one-batch design is measured against (same result).
+        dtype: the net's compute dtype; torch.bfloat16 runs its matmuls under bf16 autocast (the
+        recurrence x <- a x + b pred + c noise and the guidance combination stay fp32).
         """
         if sampler not in DETERMINISTIC:
             raise ValueError(f"unknown sampler {sampler!r}; use one of {list(SAMPLERS)}")
         if steps < 1:
             raise ValueError(f"steps={steps} must be >= 1")
+        if dtype not in (None, *SAMPLE_DTYPES):
+            raise ValueError(f"dtype={dtype}: the head samples in {[str(d) for d in SAMPLE_DTYPES]}")
+        bf16 = dtype == torch.bfloat16
         stochastic = DETERMINISTIC[sampler] == "ddpm"
         b = cond.shape[0]
         with torch.autocast(device_type=cond.device.type, enabled=False):
             z = cond.float()
             if uncond is not None and cfg_scale != 1.0:
                 z = torch.cat([z, uncond.float()])  # (2B, D): one batch, not two passes
-            t_net, coefs = self._plan(steps, stochastic, temperature)
+            t_net, coefs = self._cached_plan(steps, stochastic, temperature, z.device)
             # All noise up front: the start noise, then one draw per step when re-noising; row i's
             # numbers come from generator i alone, so a row does not depend on its batch.
             noise = self._noise(1 + steps if stochastic else 1, b, generator, z.device)  # (n, B, d)
             noise[0] *= temperature
-            t_net = torch.tensor(t_net, device=z.device)  # (S,): made here, a graph cannot copy it in
             run = functools.partial(self._denoise, t_net=t_net, coefs=coefs, cfg_scale=cfg_scale,
-                                    batched=cfg_batching)
+                                    batched=cfg_batching, bf16=bf16)
             if cuda_graph and z.is_cuda:
-                key = (b, z.shape[0], steps, sampler, float(temperature), float(cfg_scale), cfg_batching, z.device)
+                key = (b, z.shape[0], steps, sampler, float(temperature), float(cfg_scale), cfg_batching, bf16,
+                       z.device)
                 return self._graphed(key, run, z, noise)
             return run(z, noise)
+
+    def _cached_plan(self, steps: int, stochastic: bool, temperature: float,
+                     device: torch.device) -> tuple[torch.Tensor, tuple[tuple[float, float, float], ...]]:
+        """`_plan` with its timesteps as a device tensor, made once per settings and device.
+
+        The first call with new settings copies S floats to the device; every later one finds the
+        tensor here (a CUDA graph also reads it by address, so it must outlive the call).
+        """
+        key = (steps, stochastic, float(temperature), device)
+        entry = self._plans.get(key)
+        if entry is None:
+            t_net, coefs = self._plan(steps, stochastic, temperature)
+            entry = (torch.tensor(t_net, dtype=torch.float32, device=device), tuple(coefs))  # (S,)
+            self._plans[key] = entry
+            while len(self._plans) > PLAN_CACHE:
+                self._plans.popitem(last=False)
+        self._plans.move_to_end(key)
+        return entry
 
     def _plan(self, steps: int, stochastic: bool, temperature: float) -> tuple[list[float], list[tuple]]:
         """Net timesteps and the per-step update x <- a x + b pred + c noise, as Python floats."""
@@ -284,17 +338,14 @@ class DiffusionHead(nn.Module):
         # float64. The noise-direction weight sqrt(1 - a' - std^2) is exactly 0 at the first step
         # under zero terminal SNR with eta 1; diffusers' float32 takes the root of a tiny negative
         # there and returns NaN for many step counts, so it is clamped.
-        if steps not in self._timesteps:
-            sched = make_scheduler(self.cfg)
-            sched.set_timesteps(steps)
-            self._timesteps[steps] = [int(t) for t in sched.timesteps]
-        ac = self.alphas_cumprod.double().cpu()
+        timesteps = trailing_timesteps(self.cfg.train_steps, steps)
+        ac = self._ac64
         jump = self.cfg.train_steps // steps
         eta = 1.0 if stochastic else 0.0
         coefs = []
-        for t in self._timesteps[steps]:
-            a_t = float(ac[t])
-            a_prev = float(ac[t - jump]) if t - jump >= 0 else 1.0
+        for t in timesteps:
+            a_t = ac[t]
+            a_prev = ac[t - jump] if t - jump >= 0 else 1.0
             var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
             std = eta * math.sqrt(var)
             dir_ = math.sqrt(max(1 - a_prev - std**2, 0.0))  # weight of the predicted noise
@@ -305,7 +356,7 @@ class DiffusionHead(nn.Module):
             else:
                 # x0 = (x - sb eps) / sa
                 coefs.append((sp / sa, dir_ - sp * sb / sa, std * temperature))
-        return [float(t) for t in self._timesteps[steps]], coefs
+        return [float(t) for t in timesteps], coefs
 
     def _noise(self, n: int, b: int, generator, device: torch.device) -> torch.Tensor:
         """(n, B, d) standard normal draws; with one generator per row, row i's come from generator i."""
@@ -318,36 +369,54 @@ class DiffusionHead(nn.Module):
         dev = generator.device if generator is not None else device
         return torch.randn(n, b, d, generator=generator, device=dev).to(device)
 
-    def _denoise(self, z: torch.Tensor, noise: torch.Tensor, t_net: torch.Tensor, coefs: list[tuple],
-                 cfg_scale: float, batched: bool = True) -> torch.Tensor:
+    def _denoise(self, z: torch.Tensor, noise: torch.Tensor, t_net: torch.Tensor, coefs: tuple[tuple, ...],
+                 cfg_scale: float, batched: bool = True, bf16: bool = False) -> torch.Tensor:
         """The sampling loop from noise[0] (already scaled); z (R, D) with R = B or 2B (guided)."""
+        if bf16:  # (no autocast cache: the loop's weights are cast once by sampling_weights, and a
+            # cache that outlived a CUDA graph capture would hand the graph freed memory)
+            with torch.autocast(device_type=z.device.type, dtype=torch.bfloat16, cache_enabled=False):
+                return self._loop(z, noise, t_net, coefs, cfg_scale, batched, torch.bfloat16)
+        return self._loop(z, noise, t_net, coefs, cfg_scale, batched, torch.float32)
+
+    def _loop(self, z: torch.Tensor, noise: torch.Tensor, t_net: torch.Tensor, coefs: tuple[tuple, ...],
+              cfg_scale: float, batched: bool, dtype: torch.dtype) -> torch.Tensor:
+        # Host work per step is the cost of an eager loop (a GPU waits on it; a CPU spends it), so
+        # everything a step only indexes is split once: noise and modulations are unbound into
+        # per-step views and the weights transposed/cast once per call (sampling_weights).
         net = self.net
         b = noise.shape[1]
-        x = noise[0]  # (B, d)
+        noise_steps = noise.unbind(0)  # each (B, d)
+        x = noise_steps[0]
+        weights = net.sampling_weights(dtype)
+        w_in, b_in = weights[0]
         zc = net.cond_embed(z)  # (R, W): the condition is the same at every step
         temb = net.embed_time(t_net)  # (S, W): the same for every row
         # Every modulation of every step in a few large matmuls instead of S x (depth + 1) small
         # ones; chunked over steps so the buffer stays under MODULATION_BYTES for large heads/batches.
         per_step = z.shape[0] * net.final_ada[-1].in_features * (3 * len(net.blocks) + 2) * 4
         chunk = max(1, MODULATION_BYTES // per_step)
-        mods: list[tuple[torch.Tensor, ...]] = []
+        mods: list[list[tuple[torch.Tensor, ...]]] = []
         for i, (a, bc, c) in enumerate(coefs):
             if i % chunk == 0:
-                mods = net.modulations(temb[i:i + chunk, None] + zc[None])  # each part (s, R, W)
-            h = net.in_proj(x)  # (B, W): guided rows share x, so project it once
+                parts = net.modulations(temb[i:i + chunk, None] + zc[None])  # each part (s, R, W)
+                unbound = [[p.unbind(0) for p in group] for group in parts]  # [group][part][step]
+                mods = [[tuple(p[j] for p in group) for group in unbound] for j in range(len(unbound[0][0]))]
+            step_mods = mods[i % chunk]  # [group] -> its parts at this step, each (R, W)
+            h = torch.addmm(b_in, x, w_in)  # (B, W): guided rows share x, so project it once
             if z.shape[0] != b:
                 h = torch.cat([h, h])  # (2B, W)
-            step_mods = [tuple(m[i % chunk] for m in mod) for mod in mods]  # each (R, W)
             if batched or z.shape[0] == b:
-                pred = net.modulated(h, step_mods)  # (R, d)
+                pred = net.fast_modulated(h, weights, step_mods)  # (R, d)
             else:  # two passes: conditional rows, then unconditional rows
-                pred = torch.cat([net.modulated(h[:b], [tuple(m[:b] for m in mod) for mod in step_mods]),
-                                  net.modulated(h[b:], [tuple(m[b:] for m in mod) for mod in step_mods])])
+                pred = torch.cat([net.fast_modulated(h[:b], weights, [tuple(m[:b] for m in g) for g in step_mods]),
+                                  net.fast_modulated(h[b:], weights, [tuple(m[b:] for m in g) for g in step_mods])])
+            pred = pred.float()  # a no-op in fp32; under bf16 autocast the guidance and update stay fp32
             if z.shape[0] != b:
-                pred = torch.lerp(pred[b:], pred[:b], cfg_scale)  # uncond + s (cond - uncond)
+                cond_pred, uncond_pred = pred.split(b)
+                pred = torch.lerp(uncond_pred, cond_pred, cfg_scale)  # uncond + s (cond - uncond)
             x = torch.add(x * a, pred, alpha=bc) if a != 1.0 else x.add(pred, alpha=bc)
             if c:
-                x = x.add(noise[1 + i], alpha=c)
+                x = x.add(noise_steps[1 + i], alpha=c)
         return x
 
     def _graphed(self, key: tuple, run: Callable, z: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
