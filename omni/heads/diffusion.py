@@ -237,7 +237,7 @@ class DiffusionHead(nn.Module):
         super()._apply(fn, recurse)
         ac = getattr(self, "alphas_cumprod", None)
         if ac is not None and ac.dtype != torch.float32:
-            self.alphas_cumprod = make_scheduler(self.cfg).alphas_cumprod.float().to(ac.device)
+            self.alphas_cumprod = alphas_cumprod(self.cfg).float().to(ac.device)
         return self
 
     # sampling --------------------------------------------------------------------------------

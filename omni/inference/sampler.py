@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from omni.config import GenerationConfig
+from omni.config import GenerationConfig, steps_for_token
 from omni.inference.prompts import Item, Prompt, context_length, encode_prompts
 from omni.models.attention import additive_mask, see_own_block
 from omni.models.model import image_cells
@@ -480,18 +480,21 @@ class Sampler:
                 self._text_token(r, self._pick(r, lg))
         drawing = [r for r in ready if r.drawing and not r.feed]
         # One diffusion-head call per distinct image setting; a row's noise comes from its own generator.
+        # The step count is the row's own (its schedule at its token index), so a row's samples never
+        # depend on the other rows in the batch.
         by_setting: dict[tuple, list[_Row]] = {}
         for r in drawing:
             c = r.cfg
-            key = (c.cfg_scale if r.use_cfg else 1.0, c.image_steps, c.image_temperature, c.sampler, c.cuda_graphs)
+            steps = steps_for_token(c, len(r.current), self.n_tokens)
+            key = (c.cfg_scale if r.use_cfg else 1.0, steps, c.image_temperature, c.sampler, c.cuda_graphs, c.head_dtype)
             by_setting.setdefault(key, []).append(r)
         done = []
-        for (scale, steps, temperature, sampler, graphs), rows in by_setting.items():
+        for (scale, steps, temperature, sampler, graphs, dtype), rows in by_setting.items():
             cond = torch.stack([hidden[id(r.cond)] for r in rows])  # (b, D)
             uncond = torch.stack([hidden[id(r.uncond)] for r in rows]) if scale != 1.0 else None
             x = model.head.sample(cond, uncond, cfg_scale=scale, steps=steps, temperature=temperature,
                                   sampler=sampler, generator=[r.gen for r in rows], cuda_graph=graphs,
-                                  cfg_batching=self.cfg_batching)  # (b, d)
+                                  cfg_batching=self.cfg_batching, dtype=getattr(torch, dtype))  # (b, d)
             done += [r for r, xi in zip(rows, x) if self._image_token(r, xi)]
         if done:
             pixels = model.image_tokenizer.decode(torch.stack([r.image_tokens[-1] for r in done]))  # (k, C, H, W)
@@ -566,6 +569,8 @@ class Sampler:
         return {
             "sampler": cfg.sampler,
             "image_steps": cfg.image_steps,
+            "image_steps_schedule": cfg.image_steps_schedule,
+            "head_dtype": cfg.head_dtype,
             "cfg_scale": cfg.cfg_scale,
             "temperature": cfg.temperature,
             "image_temperature": cfg.image_temperature,
