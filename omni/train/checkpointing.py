@@ -146,8 +146,11 @@ def load(engine, tag: Path, ema, rank: int, world_size: int) -> dict[str, Any]:
             f"checkpoint {tag} was written by {info['world_size']} ranks but this run has {world_size}; "
             "resume with the same number of processes (DeepSpeed's ZeRO shards are tied to the world size)"
         )
-    load_path, _ = engine.load_checkpoint(str(tag.parent), tag=tag.name, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+    from omni.train.safe_load import no_code_torch_load
+
+    with no_code_torch_load():  # DeepSpeed's own loader would unpickle any object
+        load_path, _ = engine.load_checkpoint(str(tag.parent), tag=tag.name, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
     if load_path is None:
         raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {tag}")
     state = json.loads((tag / f"omni_rank{rank}.json").read_text())

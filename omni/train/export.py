@@ -40,13 +40,16 @@ def resolve_tag(run_dir: Path, tag: str | None) -> Path:
 
 def consolidated_state(tag_dir: Path, zero_stage: int) -> dict[str, torch.Tensor]:
     """Full fp32 weights of a DeepSpeed checkpoint, assembled on the CPU."""
+    from omni.train.safe_load import load_file, no_code_torch_load
+
     if zero_stage == 0:
         # Without ZeRO, DeepSpeed's model-states file holds the whole module state dict.
-        state = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+        state = load_file(tag_dir / "mp_rank_00_model_states.pt")
         return {k: v.float() if v.is_floating_point() else v for k, v in state["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    with no_code_torch_load():  # zero_to_fp32 calls torch.load(weights_only=False)
+        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
 
 
 def skeleton(cfg: Config, run_dir: Path):

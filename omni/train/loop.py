@@ -396,16 +396,28 @@ def write_run_files(cfg: Config, run_dir: Path, model, ds_config: dict, precisio
 
 def prepare(cfg: Config, batches: BatchSource | None = None, val_batches: BatchSource | None = None) -> Run:
     """Checks, process group, model, engine, resume: everything `fit` needs."""
-    from omni.train.build import build_model, with_init_model
-    from omni.train.ema import EMA
-    from omni.train.engine import batch_geometry, setup_engine
-    from omni.train.monitor import Monitor
+    from omni.train.build import with_init_model
 
     precision, ds_config = preflight(cfg, batches)
     cfg, from_checkpoint = with_init_model(cfg)  # train.init_from: the checkpoint's model shapes
     run_dir = Path(cfg.train.out_dir)
     resume_tag = checkpointing.find_resume(run_dir, cfg.train.resume)
     d = init_distributed()
+    try:
+        return _prepare_on_ranks(cfg, d, precision, ds_config, resume_tag, from_checkpoint, batches, val_batches)
+    except BaseException:
+        close_distributed(d, barrier=False)  # a refused resume must not leave the process group behind
+        raise
+
+
+def _prepare_on_ranks(cfg: Config, d: Dist, precision: str, ds_config: dict, resume_tag: Path | None,
+                      from_checkpoint: list[str], batches: BatchSource | None, val_batches: BatchSource | None) -> Run:
+    from omni.train.build import build_model
+    from omni.train.ema import EMA
+    from omni.train.engine import batch_geometry, setup_engine
+    from omni.train.monitor import Monitor
+
+    run_dir = Path(cfg.train.out_dir)
     _quiet_deepspeed()
     model = build_model(cfg, ds_config)
     engine, ds_config = setup_engine(cfg, model, d.world_size)
