@@ -1,9 +1,11 @@
-"""Small shared helpers: atomic writes, devices, seeding, ranks."""
+"""Small shared helpers: atomic writes, path names from data, devices, seeding, ranks."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,6 +49,24 @@ def save_png(image, path: str | Path) -> None:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def safe_name(text: object, max_len: int = 100) -> str:
+    """One path component made from data (a shard key, a benchmark id): letters, digits, `_.-`.
+
+    Every output path built from data goes through this, so a key like `../../tmp/x` or `/etc`
+    stays one directory below the output root. A name that is already safe is returned
+    unchanged (records of earlier runs keep their paths); one that had to change gets a short
+    hash of the original, so two keys that clean to the same text do not share a directory.
+    """
+    text = str(text)
+    name = _UNSAFE.sub("_", text).strip("._-")[:max_len] or "item"
+    if name != text:
+        name = f"{name}-{hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()[:10]}"
+    return name
 
 
 def default_device() -> torch.device:
