@@ -138,8 +138,9 @@ def prune(ckpt_dir: Path, keep_last: int, keep: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def load(engine, tag: Path, ema, rank: int, world_size: int) -> dict[str, Any]:
-    """Restore engine (weights, optimizer, scheduler, step), EMA and RNG; returns this rank's state."""
+def load(engine, tag: Path, ema, rank: int, world_size: int, cfg=None) -> dict[str, Any]:
+    """Restore engine (weights, optimizer, scheduler, step), EMA and RNG; returns this rank's state.
+    With `cfg`, its optimizer settings replace the checkpoint's (`apply_optimizer_settings`)."""
     info = json.loads((tag / COMPLETE).read_text())
     if info["world_size"] != world_size:
         raise ValueError(
@@ -153,10 +154,91 @@ def load(engine, tag: Path, ema, rank: int, world_size: int) -> dict[str, Any]:
                                               load_lr_scheduler_states=True)
     if load_path is None:
         raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {tag}")
+    if cfg is not None:
+        apply_optimizer_settings(engine, cfg)
     state = json.loads((tag / f"omni_rank{rank}.json").read_text())
     set_rng_state(state.pop("rng"))
     ema.load(tag)
     return state
+
+
+# ------------------------------------------------------------------------------------------------
+# Settings that differ on resume
+# ------------------------------------------------------------------------------------------------
+
+# Bookkeeping: where the run lives and how it was started, not how it trains.
+_NOT_SETTINGS = ("train.resume", "train.out_dir", "name")
+# DeepSpeed's optimizer state carries these: after loading they are re-applied from the config.
+_OPTIMIZER = ("train.lr", "train.betas", "train.weight_decay")
+# Fixed by what the checkpoint holds: a different value cannot take effect.
+_FIXED = {
+    "train.zero_stage": "the checkpoint's files are ZeRO-{old} partitions",
+    "train.trainable": "the optimizer state holds the parameters that train.trainable={old} trained",
+}
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "task_weights":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def resume_changes(tag: Path, cfg) -> list[str]:
+    """Settings of `cfg` that differ from the checkpoint's config.yaml, as `key old -> new` lines.
+
+    Every change either takes effect (the loop reads the new config; the optimizer's lr, betas
+    and weight decay are re-applied after loading, see `apply_optimizer_settings`) or is refused
+    here with the reason, so the run's config.yaml never records a value that is not in effect.
+    """
+    import yaml
+
+    from omni.train.build import RUN_MODEL_FIELDS
+
+    path = tag / "config.yaml"
+    if not path.exists():
+        return []
+    old = _flat(yaml.safe_load(path.read_text()) or {})
+    new = _flat(cfg.to_dict())
+    changed = {k: (old.get(k), v) for k, v in new.items()
+               if k not in _NOT_SETTINGS and k in old and _plain(old[k]) != _plain(v)}
+    for key, (was, now) in changed.items():
+        model_field = key.startswith("model.") and key[len("model."):] not in RUN_MODEL_FIELDS
+        if key in _FIXED or model_field:
+            why = _FIXED.get(key, "the checkpoint's weights have the old model's shapes").format(old=was)
+            raise ValueError(
+                f"cannot resume {tag} with {key}={now!r}: {why}. Resume with {key}={was!r}, or start a new run "
+                f"(a new train.out_dir, with train.init_from=<an exported checkpoint> to keep the weights)"
+            )
+    return [f"{k} {was!r} -> {now!r}" for k, (was, now) in changed.items()]
+
+
+def _plain(x: Any) -> Any:
+    return [_plain(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+
+def apply_optimizer_settings(engine, cfg) -> None:
+    """Loading restores the optimizer's lr, betas and weight decay from the checkpoint; put back
+    the config's, so `train.lr=...` on resume changes the schedule from here on (warmup/cosine
+    position kept) and config.yaml stays true. Groups without decay keep 0."""
+    from omni.train.engine import param_groups
+
+    t = cfg.train
+    schedule = engine.lr_scheduler
+    factor = schedule.lr_lambdas[0](schedule.last_epoch)
+    schedule.base_lrs = [t.lr for _ in schedule.base_lrs]
+    decays = [g["weight_decay"] for g in param_groups(engine.module, t.weight_decay)]  # the order setup_engine used
+    groups = engine.optimizer.param_groups
+    for i, group in enumerate(groups):
+        group["initial_lr"] = t.lr
+        group["lr"] = t.lr * factor
+        group["betas"] = tuple(t.betas)
+        if len(decays) == len(groups):
+            group["weight_decay"] = decays[i]
+    schedule._last_lr = [g["lr"] for g in engine.optimizer.param_groups]
 
 
 # ------------------------------------------------------------------------------------------------

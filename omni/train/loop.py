@@ -402,12 +402,16 @@ def prepare(cfg: Config, batches: BatchSource | None = None, val_batches: BatchS
     cfg, from_checkpoint = with_init_model(cfg)  # train.init_from: the checkpoint's model shapes
     run_dir = Path(cfg.train.out_dir)
     resume_tag = checkpointing.find_resume(run_dir, cfg.train.resume)
+    changes = checkpointing.resume_changes(resume_tag, cfg) if resume_tag is not None else []
     d = init_distributed()
     try:
-        return _prepare_on_ranks(cfg, d, precision, ds_config, resume_tag, from_checkpoint, batches, val_batches)
+        run = _prepare_on_ranks(cfg, d, precision, ds_config, resume_tag, from_checkpoint, batches, val_batches)
     except BaseException:
         close_distributed(d, barrier=False)  # a refused resume must not leave the process group behind
         raise
+    if changes:
+        run.monitor.print(f"resumed with changed settings, now in effect: {'; '.join(changes)}")
+    return run
 
 
 def _prepare_on_ranks(cfg: Config, d: Dist, precision: str, ds_config: dict, resume_tag: Path | None,
@@ -430,7 +434,7 @@ def _prepare_on_ranks(cfg: Config, d: Dist, precision: str, ds_config: dict, res
               source=source, val_source=val_source, monitor=None, stop=checkpointing.StopSignal(),
               gas=batch_geometry(cfg, d.world_size)[1])
     if resume_tag is not None:
-        state = checkpointing.load(engine, resume_tag, ema, d.rank, d.world_size)
+        state = checkpointing.load(engine, resume_tag, ema, d.rank, d.world_size, cfg=cfg)
         run.step, run.consumed, run.bad_total = engine.global_steps, state["consumed"], state["bad_total"]
         if state.get("data") is not None and hasattr(source, "load_state_dict"):
             source.load_state_dict(state["data"])
