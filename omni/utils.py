@@ -15,6 +15,20 @@ import numpy as np
 import torch
 
 
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def share_like_open(path: str | Path) -> None:
+    """Give a file or directory made by mkstemp / mkdtemp (0600 / 0700) the mode that open() and
+    mkdir() would have given it under the user's umask: outputs on a shared filesystem stay
+    readable by the team when the umask says so."""
+    base = 0o777 if Path(path).is_dir() else 0o666
+    os.chmod(path, base & ~current_umask())
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path` in one rename."""
@@ -22,6 +36,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    share_like_open(tmp)
     tmp_path = Path(tmp)
     try:
         yield tmp_path

@@ -37,6 +37,7 @@ from typing import Any
 
 from omni.data.document import BadSample, Document, Stats, decode_document, decode_record
 from omni.data.tario import Prepended, TarError, members, read_exact, tarfile_members
+from omni.utils import share_like_open
 
 Report = Callable[[str, str], None]  # (reason, detail) -> None
 
@@ -121,7 +122,7 @@ class ShardWriter:
         if self._tar is None:
             return
         self._tar.close()
-        os.chmod(self._tmp, 0o644)  # mkstemp makes it private; shards are meant to be shared
+        share_like_open(self._tmp)  # mkstemp makes it private; shards are meant to be shared
         os.replace(self._tmp, self.paths[-1])
         self._tar = self._tmp = None
 

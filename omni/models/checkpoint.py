@@ -23,6 +23,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from omni.config import Config, from_dict
+from omni.utils import share_like_open
 
 WEIGHTS = "model.safetensors"
 BACKBONE_CONFIG = "backbone_config.json"
@@ -52,6 +53,7 @@ def save_pretrained(model, path: str | Path, state_dict: dict[str, torch.Tensor]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    share_like_open(tmp)  # mkdtemp makes it 0700
     try:
         if write_weights is not None:
             write_weights(tmp / WEIGHTS)
@@ -73,6 +75,8 @@ def save_pretrained(model, path: str | Path, state_dict: dict[str, torch.Tensor]
         full.model = mcfg
         (tmp / "config.yaml").write_text(full.to_yaml())
         (tmp / BACKBONE_CONFIG).write_text(model.backbone.config.to_json_string())
+        for item in tmp.rglob("*"):  # some writers (safetensors) create 0600 files
+            share_like_open(item)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -29,10 +29,11 @@ def run_train(args: argparse.Namespace) -> int:
         overrides.append(f"train.resume={args.resume}")
     cfg = load_config(args.config, overrides)
     from omni.train.loop import TrainingError, train
+    from omni.train.runlock import RunLocked
 
     try:
         run_dir = train(cfg)
-    except TrainingError as e:
+    except (TrainingError, RunLocked) as e:
         print(f"omni train: error: {e}", file=sys.stderr)
         return 1
     from omni.utils import is_rank0

@@ -41,7 +41,8 @@ from omni.train.engine import (
     init_distributed,
     resolve_precision,
 )
-from omni.utils import atomic_write_text, seed_everything
+from omni.train.runlock import RunLock
+from omni.utils import atomic_write_text, is_rank0, seed_everything
 
 BatchSource = Iterable[Batch] | Callable[[int, int], Iterable[Batch]]
 
@@ -111,6 +112,7 @@ class Run:
     bad_in_row: int = 0
     stopping: bool = False
     meter: Meter = field(default_factory=Meter)
+    lock: Any = None  # omni.train.runlock.RunLock held by rank 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -403,12 +405,20 @@ def prepare(cfg: Config, batches: BatchSource | None = None, val_batches: BatchS
     run_dir = Path(cfg.train.out_dir)
     resume_tag = checkpointing.find_resume(run_dir, cfg.train.resume)
     changes = checkpointing.resume_changes(resume_tag, cfg) if resume_tag is not None else []
-    d = init_distributed()
+    lock = RunLock(run_dir).acquire() if is_rank0() else None  # one omni train per output directory
+    d = None
     try:
+        d = init_distributed()
         run = _prepare_on_ranks(cfg, d, precision, ds_config, resume_tag, from_checkpoint, batches, val_batches)
     except BaseException:
-        close_distributed(d, barrier=False)  # a refused resume must not leave the process group behind
+        if d is not None:
+            close_distributed(d, barrier=False)  # a refused resume must not leave the process group behind
+        if lock is not None:
+            lock.release()
         raise
+    run.lock = lock
+    if lock is not None and lock.took_over is not None:
+        run.monitor.print(f"took over a stale lock of process {lock.took_over.get('pid')} (no longer running)")
     if changes:
         run.monitor.print(f"resumed with changed settings, now in effect: {'; '.join(changes)}")
     return run
@@ -475,3 +485,5 @@ def finish(run: Run, ok: bool) -> None:
     if hasattr(run.engine, "destroy"):
         run.engine.destroy()
     close_distributed(run.dist, barrier=ok)
+    if run.lock is not None:
+        run.lock.release()
