@@ -319,6 +319,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {tp}")
 
 
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """`value` checked against the field annotation `tp` (the public face of the config's type rules)."""
+    return _coerce(value, tp, key)
+
+
 def _unknown_key(prefix: str, name: str, valid: list[str]) -> ConfigError:
     close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
@@ -356,7 +361,13 @@ def presets() -> dict[str, Path]:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}:{where} is not valid YAML ({problem}); fix the file or pass another --config") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must hold a mapping, got {type(data).__name__}")
     return data
@@ -421,7 +432,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value (e.g. train.lr=3e-4)")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML; quote it or fix the brackets "
+                              "(e.g. data.train=[a.tar,b.tar])") from None
         if isinstance(value, dict):
             value = _Whole(value)
         if isinstance(value, str) and raw.strip().lower() in ("none", "null", "~"):

@@ -84,6 +84,40 @@ def safe_name(text: object, max_len: int = 100) -> str:
     return name
 
 
+def check_out_dir(path: str | Path, flag: str = "--out") -> Path:
+    """An output folder that can be written, checked before any work (so nothing is generated in vain)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is a file; give a folder for the outputs")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{flag} {path} cannot be created ({e.strerror}); choose a writable folder") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path} is not writable; choose a writable folder")
+    return path
+
+
+def resolve_device(spec: str | torch.device | None) -> torch.device:
+    """A device the user named (`--device`), checked against this machine; None: `default_device()`."""
+    if spec is None:
+        return default_device()
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {spec!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {spec} but this machine has no usable CUDA device (torch {torch.__version__}, "
+                             f"built {'with' if torch.version.cuda else 'without'} CUDA); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {spec} but there are {torch.cuda.device_count()} CUDA device(s); "
+                             f"use cuda:0 ... cuda:{torch.cuda.device_count() - 1}")
+    elif device.type not in ("cpu", "mps", "meta"):
+        raise ValueError(f"--device {spec!r}: omni runs on cpu or cuda")
+    return device
+
+
 def default_device() -> torch.device:
     """The one place that picks a device: CUDA when present, else CPU."""
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
