@@ -109,3 +109,26 @@ def test_data_inspect_reports_a_bad_header(good, tmp_path, capsys):
     assert main(["data", "inspect", str(bad), str(good[1])]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["documents"] == 11 and report["skipped"] == {"truncated_tar": 1}
+
+
+@pytest.mark.parametrize("n_shards", [10, 40])
+def test_a_task_missing_from_the_data_costs_one_read_per_shard(tmp_path, monkeypatch, n_shards):
+    import time
+
+    import omni.data.shards as shards_mod
+
+    docs = list(itertools.islice(digits.documents("train"), n_shards))
+    urls = [str(p) for p in write_shards(docs, tmp_path, "train", shard_size=1, progress=False)]
+    reads = []
+    real = shards_mod.iter_tar
+    monkeypatch.setattr(shards_mod, "iter_tar", lambda url, report=None: (reads.append(url), real(url, report))[1])
+    from omni.data.shards import SampleStream, select_task
+
+    t0 = time.perf_counter()
+    stream = SampleStream(urls, seed=0, resampled=True, loop=True, select=select_task(["no_such_task"]))
+    assert list(stream) == []  # ends: the task is not in the data
+    elapsed = time.perf_counter() - t0
+    assert len(reads) <= 2 * n_shards, f"{len(reads)} shard reads for {n_shards} shards"  # was 4 x n^2
+    assert elapsed < 5
+    present = SampleStream(urls, seed=0, resampled=True, loop=True, select=select_task(["digit_t2i"]))
+    assert len(list(itertools.islice(present, 3 * n_shards))) == 3 * n_shards  # a present task keeps streaming

@@ -305,6 +305,7 @@ class SampleStream:
         self.epoch = 0
         self.pos = 0  # samples yielded in the current epoch
         self._quiet = False  # replaying after a restore: read events were counted before saving
+        self._has_any: bool | None = None  # cached answer of _any_selected
 
     def state(self) -> list[int]:
         return [self.epoch, self.pos]
@@ -315,6 +316,14 @@ class SampleStream:
     def _report(self, reason: str, detail: str) -> None:
         if not self._quiet:
             self.report(reason, detail)
+
+    def _any_selected(self) -> bool:
+        """Does any shard hold a sample `select` keeps? (Read once, in order, stopping at the first.)"""
+        if self._has_any is None:
+            quiet = lambda reason, detail: None  # the stream itself counts read errors
+            keep = self.select or (lambda sample, report: True)
+            self._has_any = any(keep(x, quiet) for u in self.urls for x in iter_tar(u, quiet))
+        return self._has_any
 
     def shards(self, epoch: int) -> list[str]:
         return epoch_shards(
@@ -343,9 +352,13 @@ class SampleStream:
             self._quiet = False
             empty = empty + 1 if n == 0 else 0
             # Nothing (selected) in a whole epoch: stop instead of spinning. A resampled epoch
-            # draws a few shards at random and may miss the only shards holding a task, so it
-            # takes many empty epochs in a row to conclude there is nothing to read.
-            if empty >= (max(8, 4 * len(self.urls)) if self.resampled else 1):
+            # draws a few shards at random and may miss the only shards holding a task, so the
+            # first empty epoch triggers one pass over every shard, in order, that stops at the
+            # first selected sample: a task missing from the data costs one read of each shard
+            # (it used to take 4 x shards empty epochs of random draws: quadratic in the shards).
+            if empty and (not self.resampled or not self._any_selected()):
+                return
+            if empty >= max(8, 4 * len(self.urls)):  # present, but the random draws keep missing it
                 return
             epoch, skip = epoch + 1, 0
             self.epoch, self.pos = epoch, 0
