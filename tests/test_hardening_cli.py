@@ -155,3 +155,13 @@ def test_chat_keeps_the_conversation_when_a_message_cannot_fit(ckpt):
     assert "dropped" not in said and "shorten it by at least" in said
     over = int(said.split("shorten it by at least ")[1].split()[0])
     assert over > 0 and json.dumps(over)
+
+
+def test_eval_records_batch_size_and_refuses_a_resume_with_another(ckpt, tmp_path):
+    from omni.eval import evaluate
+
+    out = tmp_path / "eval"
+    res = evaluate(ckpt, "shapes-vqa", out, limit=2, batch_size=2, progress=False)
+    assert res["batch_size"] == 2 and json.loads((out / "run.json").read_text())["batch_size"] == 2
+    with pytest.raises(ValueError, match=r"\(batch_size differ\); use another --out directory, or --overwrite"):
+        evaluate(ckpt, "shapes-vqa", out, limit=2, batch_size=1, progress=False)
