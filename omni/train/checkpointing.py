@@ -141,25 +141,59 @@ def prune(ckpt_dir: Path, keep_last: int, keep: Path) -> None:
 def load(engine, tag: Path, ema, rank: int, world_size: int, cfg=None) -> dict[str, Any]:
     """Restore engine (weights, optimizer, scheduler, step), EMA and RNG; returns this rank's state.
     With `cfg`, its optimizer settings replace the checkpoint's (`apply_optimizer_settings`)."""
-    info = json.loads((tag / COMPLETE).read_text())
-    if info["world_size"] != world_size:
-        raise ValueError(
-            f"checkpoint {tag} was written by {info['world_size']} ranks but this run has {world_size}; "
-            "resume with the same number of processes (DeepSpeed's ZeRO shards are tied to the world size)"
-        )
     from omni.train.safe_load import no_code_torch_load
 
-    with no_code_torch_load():  # DeepSpeed's own loader would unpickle any object
-        load_path, _ = engine.load_checkpoint(str(tag.parent), tag=tag.name, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+    info = json.loads((tag / COMPLETE).read_text())
+    saved_world = int(info["world_size"])
+    resharded = saved_world != world_size and info["zero_stage"] > 0
+    load_dir, load_tag = (universal_checkpoint(tag, rank), "universal") if resharded else (tag.parent, tag.name)
+    engine._config.load_universal_checkpoint = resharded  # DeepSpeed re-partitions from per-parameter files
+    try:
+        with no_code_torch_load():  # DeepSpeed's own loader would unpickle any object
+            load_path, _ = engine.load_checkpoint(str(load_dir), tag=load_tag, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
+    finally:
+        engine._config.load_universal_checkpoint = False
     if load_path is None:
         raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {tag}")
     if cfg is not None:
         apply_optimizer_settings(engine, cfg)
-    state = json.loads((tag / f"omni_rank{rank}.json").read_text())
+    # A new rank past the saved ones takes a saved rank's RNG (noise is seeded per micro-batch anyway).
+    state = json.loads((tag / f"omni_rank{min(rank, saved_world - 1)}.json").read_text())
     set_rng_state(state.pop("rng"))
-    ema.load(tag)
+    if saved_world != world_size:
+        state["resharded_from"] = saved_world
+        ema.load_resharded(tag)  # ZeRO-3 EMA shards are cut anew for this world size
+    else:
+        ema.load(tag)
     return state
+
+
+def universal_checkpoint(tag: Path, rank: int) -> Path:
+    """`tag` converted to DeepSpeed's universal checkpoint (per-parameter fp32 weights and optimizer
+    moments, loadable by any number of ranks) in `tag/universal`; rank 0 converts once, under the
+    same no-code loading, and every rank waits for it. Returns the folder holding `universal/`."""
+    import shutil
+    import types
+
+    import torch.distributed as dist
+
+    out = tag / "universal"
+    if rank == 0 and not (out / COMPLETE).exists():
+        from deepspeed.checkpoint import ds_to_universal
+
+        from omni.train.safe_load import no_code_torch_load
+
+        shutil.rmtree(out, ignore_errors=True)
+        args = types.SimpleNamespace(input_folder=str(tag), output_folder=str(out), num_extract_workers=1,
+                                     num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                     inject_missing_state=True)  # omni's saves carry no Megatron info
+        with no_code_torch_load():
+            ds_to_universal.main(args)
+        atomic_write_text(out / COMPLETE, json.dumps({"from": tag.name}))
+    if dist.is_initialized():
+        dist.barrier()
+    return tag
 
 
 # ------------------------------------------------------------------------------------------------

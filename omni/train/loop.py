@@ -446,7 +446,9 @@ def _prepare_on_ranks(cfg: Config, d: Dist, precision: str, ds_config: dict, res
     if resume_tag is not None:
         state = checkpointing.load(engine, resume_tag, ema, d.rank, d.world_size, cfg=cfg)
         run.step, run.consumed, run.bad_total = engine.global_steps, state["consumed"], state["bad_total"]
-        if state.get("data") is not None and hasattr(source, "load_state_dict"):
+        if state.get("resharded_from") is not None:
+            resume_resharded(run, state["resharded_from"])
+        elif state.get("data") is not None and hasattr(source, "load_state_dict"):
             source.load_state_dict(state["data"])
         else:
             run.skip = state["consumed"]
@@ -465,6 +467,23 @@ def _prepare_on_ranks(cfg: Config, d: Dist, precision: str, ds_config: dict, res
     if from_checkpoint:
         run.monitor.print(f"model shapes from train.init_from, where the config differs: {', '.join(from_checkpoint)}")
     return run
+
+
+def resume_resharded(run: Run, saved_world: int) -> None:
+    """The data position after a resume on another number of processes. Every rank skipped the same
+    batches (`agree`), so the global position is (optimizer steps, skipped batches): a source that
+    can seek there (`resume_at`) continues exactly; any other starts its stream afresh, said in the log."""
+    source, d = run.source, run.dist
+    run.consumed = run.step * run.gas + run.bad_total
+    if hasattr(source, "resume_at"):
+        source.resume_at(run.step, run.bad_total)
+        how = "data position kept"
+    else:
+        run.consumed = 0
+        how = "the data stream restarts (its position is per rank and cannot be split anew)"
+    if d.rank == 0:
+        print(f"resumed a checkpoint of {saved_world} rank(s) on {d.world_size} (DeepSpeed universal checkpoint); "
+              f"{how}", flush=True)
 
 
 def _quiet_deepspeed() -> None:
