@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train, sample and evaluate models that read and write interleaved text and images.",
     )
     parser.add_argument("--version", action="version", version=f"omni {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error instead of its one-line summary")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         try:
@@ -60,9 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError) as e:
-        # User errors (bad config key, missing checkpoint, wrong image size): one clear line.
-        print(f"omni: error: {e}", file=sys.stderr)
+    except Exception as e:
+        # User errors (bad config key, missing checkpoint, wrong image size, a full disk): one clear
+        # line; bugs keep their traceback, and --debug shows it for every error.
+        from omni.errors import describe
+
+        line = None if args.debug else describe(e)
+        if line is None:
+            raise
+        print(f"omni: error: {line}", file=sys.stderr)
         return 2
 
 

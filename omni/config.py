@@ -319,6 +319,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {tp}")
 
 
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """`value` checked against the field annotation `tp` (the public face of the config's type rules)."""
+    return _coerce(value, tp, key)
+
+
 def _unknown_key(prefix: str, name: str, valid: list[str]) -> ConfigError:
     close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
@@ -356,7 +361,13 @@ def presets() -> dict[str, Path]:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}:{where} is not valid YAML ({problem}); fix the file or pass another --config") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must hold a mapping, got {type(data).__name__}")
     return data
@@ -382,10 +393,35 @@ def _resolve_file(spec: str | Path) -> dict[str, Any]:
     return _deep_merge(merged, data)
 
 
-def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+class _Whole(dict):
+    """A mapping given whole on the command line (`data.task_weights={t2i: 1.0}`): it replaces."""
+
+
+def _section_type(tp: Any) -> type | None:
+    """The dataclass a field holds (through `X | None`), or None for plain values and mappings."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        found = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        return found[0] if found else None
+    return None
+
+
+def _deep_merge(a: dict[str, Any], b: dict[str, Any], cls: type | None = Config, whole: bool = True) -> dict[str, Any]:
+    """`b` over `a`. Config sections (dataclasses) merge field by field; a mapping-valued field
+    (`data.task_weights`) is replaced by `b`'s mapping, so `{t2i: 1.0}` and `{}` mean exactly that.
+    With `whole=False` (dotted overrides) only mappings given whole replace: `data.task_weights.vqa=0.5`
+    sets one entry."""
+    hints = typing.get_type_hints(cls) if cls is not None else {}
     out = dict(a)
     for k, v in b.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        section = _section_type(hints.get(k)) if cls is not None else None
+        merge = isinstance(v, dict) and isinstance(out.get(k), dict)
+        if merge and (section is not None or (cls is None and not whole)
+                      or (k in hints and not whole and not isinstance(v, _Whole))):
+            out[k] = _deep_merge(out[k], v, section, whole)
+        else:
+            out[k] = v
     return out
 
 
@@ -396,7 +432,13 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value (e.g. train.lr=3e-4)")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML; quote it or fix the brackets "
+                              "(e.g. data.train=[a.tar,b.tar])") from None
+        if isinstance(value, dict):
+            value = _Whole(value)
         if isinstance(value, str) and raw.strip().lower() in ("none", "null", "~"):
             value = None
         node = out
@@ -410,5 +452,5 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
 def load_config(spec: str | Path | None = "tiny", overrides: list[str] | None = None) -> Config:
     """Build a Config from a preset name or YAML path, then apply dotted overrides."""
     data = _resolve_file(spec) if spec is not None else {}
-    data = _deep_merge(data, parse_overrides(overrides or []))
+    data = _deep_merge(data, parse_overrides(overrides or []), whole=False)
     return from_dict(data)

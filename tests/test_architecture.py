@@ -27,7 +27,7 @@ LAYERS = [  # top to bottom
     ["omni.models", "omni.data"],
     ["omni.heads", "omni.tokenizers", "omni.layout"],
     ["omni.config"],
-    ["omni.utils"],
+    ["omni.utils", "omni.errors"],
 ]
 
 

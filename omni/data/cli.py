@@ -23,14 +23,14 @@ def run_shapes(args: argparse.Namespace) -> int:
     from omni.data.writers import write_shapes
 
     write_shapes(args.out, args.train, args.val, seed=args.seed, canvas=args.size, mix=args.mix,
-                 val_mix=args.val_mix, shard_size=args.shard_size)
+                 val_mix=args.val_mix, shard_size=args.shard_size, force=args.force)
     return 0
 
 
 def run_digits(args: argparse.Namespace) -> int:
     from omni.data.writers import write_digits
 
-    write_digits(args.out, canvas=args.size, shard_size=args.shard_size)
+    write_digits(args.out, canvas=args.size, shard_size=args.shard_size, force=args.force)
     return 0
 
 
@@ -53,9 +53,10 @@ def run_autoencoder(args: argparse.Namespace) -> int:
 def run_convert(args: argparse.Namespace) -> int:
     from omni.data.adapters import iter_adapted
     from omni.data.document import Stats
-    from omni.data.writers import _write_split
+    from omni.data.writers import _check_dir, _write_split
 
     out = Path(args.out)
+    _check_dir(out, None, args.force, prefixes=(args.prefix,))
     stats = Stats()
     docs = iter_adapted(args.format, args.input, image_size=args.size, stats=stats, root=args.root)
     info = _write_split(docs, out, args.prefix, args.shard_size, None)
@@ -95,12 +96,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "shape or place of one object among two or three; vqa_multi: three questions about one picture)")
     p.add_argument("--val-mix", default=None,
                    help="task shares of the validation split, which the built-in benchmarks read (default: --mix)")
+    p.add_argument("--force", action="store_true", help="replace train-*.tar / val-*.tar in --out that omni did not write")
     p.set_defaults(func=run_shapes)
 
     p = sub.add_parser("digits", help="real handwritten digits (scikit-learn) with a held-out split")
     p.add_argument("--out", required=True, help="output directory for train-*.tar / val-*.tar (held out)")
     p.add_argument("--size", type=int, default=32, help="canvas side in pixels")
     p.add_argument("--shard-size", type=int, default=500, help="documents per shard")
+    p.add_argument("--force", action="store_true", help="replace train-*.tar / val-*.tar in --out that omni did not write")
     p.set_defaults(func=run_digits)
 
     p = sub.add_parser("tokenizer", help="train a sentencepiece tokenizer on the shards' text")
@@ -129,6 +132,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=int, default=32, help="center-crop and resize images to this square size")
     p.add_argument("--shard-size", type=int, default=500, help="documents per shard")
     p.add_argument("--root", default=None, help="directory that image paths in CoMM records are relative to")
+    p.add_argument("--force", action="store_true", help="replace train-*.tar / val-*.tar in --out that omni did not write")
     p.set_defaults(func=run_convert)
 
     p = sub.add_parser("inspect", help="count documents per task and bad samples in shards")

@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from omni.data.document import BadSample, Document, Stats, decode_document, decode_record
+from omni.data.tario import Prepended, TarError, members, read_exact, tarfile_members
+from omni.utils import share_like_open
 
 Report = Callable[[str, str], None]  # (reason, detail) -> None
 
@@ -120,7 +122,7 @@ class ShardWriter:
         if self._tar is None:
             return
         self._tar.close()
-        os.chmod(self._tmp, 0o644)  # mkstemp makes it private; shards are meant to be shared
+        share_like_open(self._tmp)  # mkstemp makes it private; shards are meant to be shared
         os.replace(self._tmp, self.paths[-1])
         self._tar = self._tmp = None
 
@@ -190,95 +192,6 @@ def _split_name(name: str) -> tuple[str | None, str]:
     return name[:dot], name[dot + 1 :]
 
 
-class TarError(Exception):
-    """A tar stream that ends mid-member or has a corrupt header."""
-
-
-def _read_exact(stream, n: int) -> bytes:
-    data = stream.read(n)
-    while len(data) < n:
-        more = stream.read(n - len(data))
-        if not more:
-            break
-        data += more
-    return data
-
-
-def _octal(field: bytes) -> int:
-    if field[:1] in (b"\x80", b"\xff"):  # base-256 for big numbers (GNU)
-        return int.from_bytes(field[1:], "big", signed=field[:1] == b"\xff")
-    text = field.split(b"\0", 1)[0].strip()
-    return int(text, 8) if text else 0
-
-
-def _members(stream) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of the regular files of an uncompressed tar stream.
-
-    A few times faster than `tarfile` in stream mode (which is the bottleneck when several task
-    streams read the same shards); handles ustar, GNU long names and pax paths.
-    """
-    long_name: str | None = None
-    while True:
-        header = _read_exact(stream, 512)
-        if header == bytes(512):
-            return  # the end-of-archive marker
-        if not header:  # tar writers always end with zero blocks: this one was cut between members
-            raise TarError("unexpected end of data: no end-of-archive marker")
-        if len(header) < 512:
-            raise TarError("unexpected end of data in a header")
-        try:
-            checksum = _octal(header[148:156])
-            size = _octal(header[124:136])
-        except ValueError:
-            raise TarError("corrupt header (bad number field)") from None
-        if checksum != sum(header[:148]) + 256 + sum(header[156:]):
-            raise TarError("corrupt header (checksum mismatch)")
-        data = _read_exact(stream, size)
-        if len(data) < size:
-            raise TarError(f"unexpected end of data: member needs {size} bytes, got {len(data)}")
-        _read_exact(stream, -size % 512)
-        kind = header[156:157]
-        name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-        if header[257:263] == b"ustar\0" and header[345] != 0:  # POSIX prefix field
-            name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
-        if kind == b"L":  # GNU long name: the next header's name
-            long_name = data.split(b"\0", 1)[0].decode("utf-8", "replace")
-            continue
-        if kind == b"x":  # pax extended header: take the path record if any
-            for rec in data.decode("utf-8", "replace").splitlines():
-                _, _, kv = rec.partition(" ")
-                if kv.startswith("path="):
-                    long_name = kv[5:]
-            continue
-        if kind in (b"0", b"\0", b"7"):
-            yield (long_name or name), data
-        long_name = None
-
-
-class _Prepended:
-    """A read-only stream that first returns `head` (bytes already read to sniff the format)."""
-
-    def __init__(self, head: bytes, stream):
-        self.head, self.stream = head, stream
-
-    def read(self, n: int = -1) -> bytes:
-        if not self.head:
-            return self.stream.read(n)
-        if n < 0:
-            out, self.head = self.head + self.stream.read(), b""
-            return out
-        out, self.head = self.head[:n], self.head[n:]
-        return out
-
-
-def _tarfile_members(stream) -> Iterator[tuple[str, bytes]]:
-    tar = tarfile.open(fileobj=stream, mode="r|*")  # noqa: SIM115 - the caller closes the stream
-    for info in tar:
-        if info.isreg():
-            yield info.name, tar.extractfile(info).read()
-        tar.members = []  # streaming: do not keep every header in memory
-
-
 def iter_tar(url: str, report: Report | None = None) -> Iterator[dict[str, Any]]:
     """Raw samples (`__key__`, `__url__`, suffix -> bytes) of one shard, in file order.
 
@@ -296,12 +209,12 @@ def iter_tar(url: str, report: Report | None = None) -> Iterator[dict[str, Any]]
         return
     failed = False
     try:
-        head = _read_exact(stream, 512)
-        source = _Prepended(head, stream)
+        head = read_exact(stream, 512)
+        source = Prepended(head, stream)
         compressed = head[:2] == b"\x1f\x8b" or head[:3] in (b"BZh", b"\xfd7z")
-        members = _tarfile_members(source) if compressed else _members(source)
+        entries = tarfile_members(source) if compressed else members(source)
         current: dict[str, Any] | None = None
-        for name, data in members:
+        for name, data in entries:
             key, suffix = _split_name(name)
             if key is None:
                 continue
@@ -313,7 +226,7 @@ def iter_tar(url: str, report: Report | None = None) -> Iterator[dict[str, Any]]
             current[suffix.lower()] = data
         if current is not None:
             yield current
-    except (TarError, tarfile.TarError, EOFError, OSError, zlib.error) as e:
+    except (TarError, tarfile.TarError, EOFError, OSError, ValueError, zlib.error) as e:
         failed = True
         report("truncated_tar", f"{url}: {type(e).__name__}: {e}")
     finally:
@@ -392,6 +305,7 @@ class SampleStream:
         self.epoch = 0
         self.pos = 0  # samples yielded in the current epoch
         self._quiet = False  # replaying after a restore: read events were counted before saving
+        self._has_any: bool | None = None  # cached answer of _any_selected
 
     def state(self) -> list[int]:
         return [self.epoch, self.pos]
@@ -402,6 +316,14 @@ class SampleStream:
     def _report(self, reason: str, detail: str) -> None:
         if not self._quiet:
             self.report(reason, detail)
+
+    def _any_selected(self) -> bool:
+        """Does any shard hold a sample `select` keeps? (Read once, in order, stopping at the first.)"""
+        if self._has_any is None:
+            quiet = lambda reason, detail: None  # the stream itself counts read errors
+            keep = self.select or (lambda sample, report: True)
+            self._has_any = any(keep(x, quiet) for u in self.urls for x in iter_tar(u, quiet))
+        return self._has_any
 
     def shards(self, epoch: int) -> list[str]:
         return epoch_shards(
@@ -430,9 +352,13 @@ class SampleStream:
             self._quiet = False
             empty = empty + 1 if n == 0 else 0
             # Nothing (selected) in a whole epoch: stop instead of spinning. A resampled epoch
-            # draws a few shards at random and may miss the only shards holding a task, so it
-            # takes many empty epochs in a row to conclude there is nothing to read.
-            if empty >= (max(8, 4 * len(self.urls)) if self.resampled else 1):
+            # draws a few shards at random and may miss the only shards holding a task, so the
+            # first empty epoch triggers one pass over every shard, in order, that stops at the
+            # first selected sample: a task missing from the data costs one read of each shard
+            # (it used to take 4 x shards empty epochs of random draws: quadratic in the shards).
+            if empty and (not self.resampled or not self._any_selected()):
+                return
+            if empty >= max(8, 4 * len(self.urls)):  # present, but the random draws keep missing it
                 return
             epoch, skip = epoch + 1, 0
             self.epoch, self.pos = epoch, 0

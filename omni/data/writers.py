@@ -19,7 +19,8 @@ from typing import Any
 
 
 def _clear_stale(out: Path, prefix: str, keep: list[Path]) -> None:
-    """Remove `prefix-*.tar` left by an earlier, larger run (a directory spec would read them)."""
+    """Remove `prefix-*.tar` left by an earlier, larger run (a directory spec would read them).
+    `_check_dir` made sure before writing that every such shard was omni's (or --force)."""
     for path in sorted(out.glob(f"{prefix}-*.tar")):
         if path not in keep:
             path.unlink()
@@ -42,12 +43,31 @@ def _write_split(docs: Iterable, out: Path, prefix: str, shard_size: int, total:
             "documents": sum(tasks.values()), "tasks": dict(sorted(tasks.items()))}
 
 
-def _check_dir(out: Path, generator: str) -> None:
+def _check_dir(out: Path, generator: str | None, force: bool = False, prefixes: tuple[str, ...] = ("train", "val")) -> None:
+    """Writing replaces `train-*.tar` / `val-*.tar` in `out` and removes the stale ones: allowed only
+    for shards an earlier run of the same writer made (listed in its manifest.json), or `force`.
+    `generator=None` (omni data convert, which writes no manifest): any such shard is foreign."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; choose a directory for the shards")
     manifest = out / "manifest.json"
-    if manifest.exists():
-        other = json.loads(manifest.read_text()).get("generator", {}).get("name")
-        if other != generator:
-            raise ValueError(f"{out} already holds {other!r} shards; write {generator!r} shards to another --out")
+    owned: set[str] = set()
+    if manifest.exists() and generator is not None:
+        try:
+            old = json.loads(manifest.read_text())
+        except ValueError:
+            old = {}
+        other = old.get("generator", {}).get("name")
+        if other != generator and not force:
+            raise ValueError(f"{out} already holds {other!r} shards; write {generator!r} shards to another --out "
+                             "(or pass --force to replace them)")
+        owned = {name for split in ("train", "val") for name in (old.get(split) or {}).get("shards", [])}
+    foreign = sorted(p.name for prefix in prefixes for p in out.glob(f"{prefix}-*.tar") if p.name not in owned)
+    if foreign and not force:
+        raise FileExistsError(
+            f"--out {out} holds shards that omni data did not write there ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}): writing would replace or delete them. Choose a new or empty "
+            "--out, or pass --force to replace them"
+        )
 
 
 def _finish(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -64,13 +84,14 @@ def _finish(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_shapes(out: str | Path, n_train: int, n_val: int, *, seed: int = 0, canvas: int = 32,
-                 mix: str | None = None, val_mix: str | None = None, shard_size: int = 500) -> dict[str, Any]:
+                 mix: str | None = None, val_mix: str | None = None, shard_size: int = 500,
+                 force: bool = False) -> dict[str, Any]:
     """Shapes documents; `mix` / `val_mix` as `omni data shapes --mix` text (None: the default mix;
     val_mix None: the training mix). Returns the manifest."""
     from omni.data import shapes
 
     out = Path(out)
-    _check_dir(out, "shapes")
+    _check_dir(out, "shapes", force)
     train_mix = shapes.parse_mix(mix)
     held_mix = shapes.parse_mix(val_mix) if val_mix else train_mix
     manifest: dict[str, Any] = {"generator": {"name": "shapes", "seed": seed, "canvas": canvas, "mix": train_mix,
@@ -82,12 +103,12 @@ def write_shapes(out: str | Path, n_train: int, n_val: int, *, seed: int = 0, ca
     return _finish(out, manifest)
 
 
-def write_digits(out: str | Path, *, canvas: int = 32, shard_size: int = 500) -> dict[str, Any]:
+def write_digits(out: str | Path, *, canvas: int = 32, shard_size: int = 500, force: bool = False) -> dict[str, Any]:
     """The handwritten digits as t2i and read documents, training and held-out splits; the manifest."""
     from omni.data import digits
 
     out = Path(out)
-    _check_dir(out, "digits")
+    _check_dir(out, "digits", force)
     manifest: dict[str, Any] = {"generator": {"name": "digits", "canvas": canvas, "heldout": digits.N_HELDOUT,
                                               "source": "sklearn.datasets.load_digits"}}
     for split, prefix in (("train", "train"), ("heldout", "val")):

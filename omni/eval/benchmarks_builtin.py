@@ -36,6 +36,7 @@ from omni.eval.benchmark import (
     output_text,
 )
 from omni.eval.judges import shapes as SJ
+from omni.eval.records import sample_dir
 
 TEST_SPLIT = "test"  # procedural held-out split of the shapes world: never written to training shards
 TEST_SEED = 0
@@ -322,7 +323,7 @@ class DigitsT2I(_Digits):
         generated = []
         for r in records:
             files = [seg["image"] for seg in r["output"] if "image" in seg][:1]
-            generated += [Image.open(run_dir / "samples" / r["id"] / f).convert("RGB") for f in files]
+            generated += [Image.open(sample_dir(run_dir, r["id"]) / f).convert("RGB") for f in files]
         metrics: dict[str, Any] = {
             "classifier_accuracy_real": round(j.accuracy, 6),
             "fd_real_halves": round(frechet_distance(j.features(train_real), j.features(test_real)), 4),

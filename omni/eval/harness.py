@@ -48,6 +48,7 @@ class EvalRun:
     limit: int | None
     samples: list[EvalSample]
     t0: float
+    batch_size: int = 16  # rows generated together: batched numerics differ slightly, so it is a setting
 
     @property
     def seeds(self) -> list[int]:
@@ -80,8 +81,11 @@ def _check_run(run_dir: Path, spec: dict[str, Any], overwrite: bool) -> None:
 
 def prepare(model_or_ckpt, benchmark: str | Benchmark, out_dir: str | Path, *, data: str | None = None,
             limit: int | None = None, judge=None, gen_overrides: dict[str, Any] | None = None,
-            seed: int | None = None, samples_per_prompt: int | None = None, overwrite: bool = False) -> EvalRun:
-    """The benchmark (a configured copy), model, settings and samples; run.json written or checked."""
+            seed: int | None = None, samples_per_prompt: int | None = None, overwrite: bool = False,
+            batch_size: int = 16) -> EvalRun:
+    """The benchmark (a configured copy), model, settings and samples; run.json written or checked.
+    Every setting that changes outputs is in run.json, batch size included (batched rows run other
+    kernels), so resuming with another one is refused instead of mixing outputs."""
     import shutil
 
     from omni.inference.generate import generation_config
@@ -104,6 +108,7 @@ def prepare(model_or_ckpt, benchmark: str | Benchmark, out_dir: str | Path, *, d
         "seed": base_seed,
         "data": data,
         "samples_per_prompt": bench.samples_per_prompt,
+        "batch_size": batch_size,
         "judge": judge_id.get("model") or judge_id.get("name"),
         "judge_version": judge_id.get("version"),
     }, overwrite)
@@ -113,7 +118,7 @@ def prepare(model_or_ckpt, benchmark: str | Benchmark, out_dir: str | Path, *, d
     ids = [s.id for s in samples]
     if len(set(ids)) != len(ids):
         raise ValueError(f"benchmark {bench.name} produced duplicate sample ids; each sample needs its own")
-    return EvalRun(bench, run_dir, model, cfg, base_seed, ckpt, judge_id, data, limit, samples, t0)
+    return EvalRun(bench, run_dir, model, cfg, base_seed, ckpt, judge_id, data, limit, samples, t0, batch_size)
 
 
 def run_samples(run: EvalRun, judge=None, batch_size: int = 16, progress: bool = True) -> list[dict[str, Any]]:
@@ -161,6 +166,7 @@ def finish(run: EvalRun, records: list[dict[str, Any]], report: bool = True) -> 
         "n_samples": len(records),
         "outputs_sha256": outputs_digest(run_dir, records),
         "samples_per_prompt": bench.samples_per_prompt,
+        "batch_size": run.batch_size,
         "generation": settings,
         "seed": run.base_seed,
         "seed_rule": "sample i is generated with seed + i",
@@ -208,6 +214,7 @@ def evaluate(
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     run = prepare(model_or_ckpt, benchmark, out_dir, data=data, limit=limit, judge=judge,
-                  gen_overrides=gen_overrides, seed=seed, samples_per_prompt=samples_per_prompt, overwrite=overwrite)
+                  gen_overrides=gen_overrides, seed=seed, samples_per_prompt=samples_per_prompt, overwrite=overwrite,
+                  batch_size=batch_size)
     records = run_samples(run, judge, batch_size=batch_size, progress=progress)
     return finish(run, records, report=report)

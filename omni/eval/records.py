@@ -18,7 +18,7 @@ from typing import Any
 from PIL import Image
 
 from omni.eval.benchmark import EvalSample, Output, Segment
-from omni.utils import atomic_write_bytes, atomic_write_text
+from omni.utils import atomic_write_bytes, atomic_write_text, safe_name
 
 RESULTS = "results.json"
 RECORD = "record.json"
@@ -86,11 +86,16 @@ def load_segments(items: list[dict[str, str]], sample_dir: Path) -> list[Segment
     return out
 
 
+def sample_dir(run_dir: Path, sample_id: str) -> Path:
+    """Where a sample's record and images live; the id comes from data, so it is made path-safe."""
+    return Path(run_dir) / "samples" / safe_name(sample_id)
+
+
 def write_record(
     run_dir: Path, sample: EvalSample, index: int, seed: int, output: Output, scores: dict[str, Any]
 ) -> dict[str, Any]:
     """Write one finished sample (images first, record.json last) and return its record."""
-    d = run_dir / "samples" / sample.id
+    d = sample_dir(run_dir, sample.id)
     d.mkdir(parents=True, exist_ok=True)
     record = {
         "id": sample.id,
@@ -113,7 +118,7 @@ def write_record(
 
 
 def read_record(run_dir: Path, sample_id: str) -> dict[str, Any] | None:
-    path = run_dir / "samples" / sample_id / RECORD
+    path = sample_dir(run_dir, sample_id) / RECORD
     if not path.exists():
         return None
     return json.loads(path.read_text())
@@ -131,5 +136,5 @@ def outputs_digest(run_dir: Path, records: list[dict[str, Any]]) -> str:
                 if "text" in it:
                     h.update(b"T" + it["text"].encode())
                 else:
-                    h.update(b"I" + (run_dir / "samples" / r["id"] / it["image"]).read_bytes())
+                    h.update(b"I" + (sample_dir(run_dir, r["id"]) / it["image"]).read_bytes())
     return h.hexdigest()

@@ -282,11 +282,22 @@ class ChatSession:
         return Turn("user", segments, paths)
 
     def fit_history(self, turn: Turn, mode: str) -> list | None:
-        """The prompt for `turn`, dropping the oldest turns (with a notice) until it fits."""
+        """The prompt for `turn`, dropping the oldest turns (with a notice) until it fits.
+
+        The message alone is measured first: one that cannot fit even without history is refused
+        with the number of positions to cut, and the history is kept."""
         from omni.inference.prompts import context_length, prompt_length
 
         ctx = context_length(self.model)
         image_room = self.model.image_tokenizer.num_tokens + 2
+        need = image_room if mode == "image" else 1
+        alone = prompt_length(self.model, chat_prompt(self.model.tokenizer, [turn]))
+        if alone + need > ctx:
+            over = alone + need - ctx
+            self.say(f"error: your message takes {alone} positions and the context holds {ctx} (an answer needs "
+                     f"{need} more); shorten it by at least {over} tokens (about {max(1, over * 3 // 4)} words). "
+                     "The conversation is kept")
+            return None
         reserve = image_room if mode == "image" else min(self.cfg.max_new_tokens, ctx // 2)
         dropped = 0
         while True:
@@ -301,11 +312,6 @@ class ChatSession:
                 dropped += 1
         if dropped:
             self.say(f"(history too long for the {ctx}-position context: dropped the {dropped} oldest turns)")
-        need = image_room if mode == "image" else 1
-        if n + need > ctx:
-            self.say(f"error: your message takes {n} positions, {n + need - ctx} more than the context holds; "
-                     "shorten it")
-            return None
         return prompt
 
     def ask(self, text: str, mode: str | None) -> None:
@@ -314,11 +320,11 @@ class ChatSession:
         turn = self.user_turn(text)
         if turn is None:
             return
-        self.pending.clear()
         mode = mode or self.cfg.mode
         prompt = self.fit_history(turn, mode)
         if prompt is None:
-            return
+            return  # attachments stay pending for the shortened message
+        self.pending.clear()
         events = ChatEvents(self)
         previous = signal.signal(signal.SIGINT, lambda *_: setattr(events, "cancelled", True))
         self.write("omni> ")

@@ -82,11 +82,12 @@ def run(args: argparse.Namespace) -> int:
 
     from omni.inference.generate import generate_by_mode, generation_config, load
     from omni.inference.prompts import build_prompt, load_image
-    from omni.utils import save_png
+    from omni.utils import check_out_dir, save_png
 
     if (args.prompt is None) == (args.prompts is None):
         raise ValueError("give exactly one of --prompt TEXT or --prompts FILE.jsonl")
     requests = read_requests(args)
+    check_out_dir(args.out)  # a file or a read-only folder is refused before generating
     for i, req in enumerate(requests):
         base = req["base"]
         paths = [p if Path(p).is_absolute() else str(base / p) for p in req["images"]]
@@ -132,6 +133,8 @@ def run_chat(args: argparse.Namespace) -> int:
     from omni.inference.preview import supports_color
 
     torch.set_grad_enabled(False)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file; give a folder for the chat's images")
     model = load(args.ckpt, args.device)
     cfg = generation_config(model, **sampling_overrides(args))
     seed = args.seed if args.seed is not None else cfg.seed

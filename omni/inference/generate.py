@@ -11,12 +11,13 @@ top; every result records the exact settings and seed that made it.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from omni.config import MODES, SAMPLERS, GenerationConfig
+from omni.config import MODES, SAMPLERS, GenerationConfig, coerce
 from omni.inference.prompts import Prompt
 from omni.inference.sampler import GenerationEvents, GenerationResult, Sampler
 
@@ -24,26 +25,30 @@ from omni.inference.sampler import GenerationEvents, GenerationResult, Sampler
 def load(ckpt: str, device: str | torch.device | None = None):
     """An inference checkpoint directory -> OmniModel in eval mode on `device` (default: CUDA when present)."""
     from omni.models.model import load_pretrained
-    from omni.utils import default_device
+    from omni.utils import resolve_device
 
-    return load_pretrained(ckpt, device=device or default_device())
+    device = resolve_device(device)  # before reading any weights
+    return load_pretrained(ckpt, device=device)
 
 
 def check_config(cfg: GenerationConfig, mode: str) -> None:
-    """Fail before any work on settings that cannot run, naming the setting."""
+    """Fail before any work on settings that cannot run, naming the one setting and its rule."""
     if mode not in MODES:
         raise ValueError(f"generation mode {mode!r} is not one of {list(MODES)}")
     if cfg.sampler not in SAMPLERS:
         raise ValueError(f"sampler {cfg.sampler!r} is not one of {list(SAMPLERS)}")
-    if cfg.temperature < 0 or cfg.image_temperature < 0:
-        raise ValueError(f"temperatures must be >= 0, got {cfg.temperature} and {cfg.image_temperature}")
-    if not 0.0 < cfg.top_p <= 1.0:
-        raise ValueError(f"top_p={cfg.top_p} must be in (0, 1]")
-    if cfg.top_k < 0 or cfg.max_new_tokens < 1 or cfg.image_steps < 1 or cfg.max_images < 0:
-        raise ValueError(
-            f"top_k={cfg.top_k} must be >= 0, max_new_tokens={cfg.max_new_tokens} and "
-            f"image_steps={cfg.image_steps} >= 1, max_images={cfg.max_images} >= 0"
-        )
+    rules = [
+        ("temperature", cfg.temperature >= 0, "must be >= 0 (0 = greedy)"),
+        ("image_temperature", cfg.image_temperature >= 0, "must be >= 0"),
+        ("top_p", 0.0 < cfg.top_p <= 1.0, "must be in (0, 1]"),
+        ("top_k", cfg.top_k >= 0, "must be >= 0 (0 = off)"),
+        ("max_new_tokens", cfg.max_new_tokens >= 1, "must be >= 1"),
+        ("image_steps", cfg.image_steps >= 1, "must be >= 1"),
+        ("max_images", cfg.max_images >= 0, "must be >= 0"),
+    ]
+    for name, ok, rule in rules:
+        if not ok:
+            raise ValueError(f"{name}={getattr(cfg, name)} {rule}")
 
 
 def generation_config(model=None, **overrides: Any) -> GenerationConfig:
@@ -54,12 +59,14 @@ def generation_config(model=None, **overrides: Any) -> GenerationConfig:
     run_config = getattr(model, "run_config", None)
     base = dataclasses.replace(run_config.generation) if run_config is not None else GenerationConfig()
     names = {f.name for f in dataclasses.fields(GenerationConfig)}
+    hints = typing.get_type_hints(GenerationConfig)
     for key, value in overrides.items():
         if value is None:
             continue
         if key not in names:
             raise ValueError(f"unknown generation setting {key!r}; valid: {', '.join(sorted(names))}")
-        setattr(base, key, value)
+        # typed like the config file: `cfg_scale=abc` fails here, before anything runs or is recorded
+        setattr(base, key, coerce(value, hints[key], key))
     return base
 
 

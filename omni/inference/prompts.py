@@ -73,11 +73,18 @@ def load_image(path: str | Path) -> Image.Image:
     from PIL import UnidentifiedImageError
 
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(f"image {str(path)!r} is a directory; give an image file (PNG, JPEG, ...)")
     if not path.is_file():
         raise FileNotFoundError(f"image {str(path)!r} does not exist")
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
+    except Image.DecompressionBombError:
+        raise ValueError(
+            f"image {str(path)!r} is too large to open safely (over {2 * Image.MAX_IMAGE_PIXELS} pixels, a possible "
+            "decompression bomb); resize it first"
+        ) from None
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"cannot read image {str(path)!r}: {e}") from e
 

@@ -23,6 +23,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from omni.config import Config, from_dict
+from omni.utils import share_like_open
 
 WEIGHTS = "model.safetensors"
 BACKBONE_CONFIG = "backbone_config.json"
@@ -42,16 +43,36 @@ def _dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def check_checkpoint_out(path: str | Path, force: bool = False) -> Path:
+    """An output directory a checkpoint may be written to: new, empty, or an omni checkpoint (which
+    is replaced only after the new one is complete). Anything else would be deleted, so it is
+    refused unless `force` (`--force`). Called before any work, so nothing is computed in vain."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"--out {path} is a file, not a directory; choose a directory for the checkpoint")
+    if force or not path.is_dir() or not any(path.iterdir()):
+        return path
+    if (path / WEIGHTS).is_file() and (path / "config.yaml").is_file():
+        return path  # an earlier checkpoint: replaced as a whole once the new one is written
+    held = sorted(p.name for p in path.iterdir())
+    raise FileExistsError(
+        f"--out {path} is not empty ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}) and is not an omni "
+        "checkpoint; writing there would delete it. Choose a new or empty directory, or pass --force to replace it"
+    )
+
+
 def save_pretrained(model, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None,
-                    config: Config | None = None, write_weights=None) -> Path:
+                    config: Config | None = None, write_weights=None, force: bool = False) -> Path:
     """Write `model` (or `state_dict` with its structure) as an inference checkpoint.
 
     `write_weights(path)`, when given, writes the weights file itself (omni.models.convert streams a
-    large source checkpoint into it without holding the weights in memory).
+    large source checkpoint into it without holding the weights in memory). An existing `path`
+    must be an omni checkpoint (or empty) unless `force` (see `check_checkpoint_out`).
     """
-    path = Path(path)
+    path = check_checkpoint_out(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    share_like_open(tmp)  # mkdtemp makes it 0700
     try:
         if write_weights is not None:
             write_weights(tmp / WEIGHTS)
@@ -73,6 +94,8 @@ def save_pretrained(model, path: str | Path, state_dict: dict[str, torch.Tensor]
         full.model = mcfg
         (tmp / "config.yaml").write_text(full.to_yaml())
         (tmp / BACKBONE_CONFIG).write_text(model.backbone.config.to_json_string())
+        for item in tmp.rglob("*"):  # some writers (safetensors) create 0600 files
+            share_like_open(item)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -96,6 +119,8 @@ def check_checkpoint_dir(path: str | Path) -> Path:
         )
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; train one with `omni train` or `omni demo`")
+    if not path.is_dir():
+        raise ValueError(f"checkpoint {str(path)!r} is a file; give the checkpoint directory (the one holding {WEIGHTS})")
     if not (path / WEIGHTS).exists():
         pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
@@ -125,4 +150,13 @@ def read_backbone_config(directory: str | Path):
 
 def load_weights_file(directory: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of `directory/model.safetensors` on the CPU (safetensors: no code runs)."""
-    return load_file(str(Path(directory) / WEIGHTS))
+    from safetensors import SafetensorError
+
+    path = Path(directory) / WEIGHTS
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({e}); it may be truncated or not a checkpoint: "
+            "export it again (omni export) or copy it again"
+        ) from None

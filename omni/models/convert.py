@@ -299,6 +299,7 @@ def convert_chameleon(
     tau: float | None = None,
     image_size: int | None = None,
     progress: bool = True,
+    force: bool = False,
 ) -> Path:
     """Convert the HF Chameleon checkpoint directory `src` into an omni checkpoint at `out`.
 
@@ -310,12 +311,13 @@ def convert_chameleon(
     from transformers import AutoTokenizer, ChameleonConfig, ChameleonForConditionalGeneration
 
     from omni.models.attention import hf_attention
-    from omni.models.checkpoint import save_pretrained
+    from omni.models.checkpoint import check_checkpoint_out, save_pretrained
     from omni.models.model import OmniModel
     from omni.tokenizers.text import TextTokenizer
     from omni.tokenizers.vq import VQGAN, VQFeatureTokenizer
 
     src, out = Path(src), Path(out)
+    check_checkpoint_out(out, force)  # before hours of conversion
     if not (src / "config.json").exists():
         raise FileNotFoundError(f"{src} is not a Hugging Face checkpoint directory (config.json missing)")
     hf_cfg = ChameleonConfig.from_pretrained(str(src))
@@ -344,7 +346,7 @@ def convert_chameleon(
         with bar:
             write_safetensors(path, entries, metadata=meta, progress=bar)
 
-    return save_pretrained(model, out, config=cfg, write_weights=write)
+    return save_pretrained(model, out, config=cfg, write_weights=write, force=force)
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,6 +382,8 @@ def register(subparsers) -> None:
         "--image-size", type=int, default=None, help="pixels per side (default: the VQGAN's resolution)"
     )
     c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.add_argument("--force", action="store_true",
+                   help="replace --out even when it is not an omni checkpoint (its contents are deleted)")
     c.add_argument("overrides", nargs="*", help="config overrides, e.g. model.head.width=1024")
     c.set_defaults(func=run_chameleon)
 
@@ -396,6 +400,7 @@ def run_chameleon(args: argparse.Namespace) -> int:
         tau=args.tau,
         image_size=args.image_size,
         progress=not args.quiet,
+        force=args.force,
     )
     size = (out / WEIGHTS).stat().st_size
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux

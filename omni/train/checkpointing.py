@@ -138,22 +138,141 @@ def prune(ckpt_dir: Path, keep_last: int, keep: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def load(engine, tag: Path, ema, rank: int, world_size: int) -> dict[str, Any]:
-    """Restore engine (weights, optimizer, scheduler, step), EMA and RNG; returns this rank's state."""
+def load(engine, tag: Path, ema, rank: int, world_size: int, cfg=None) -> dict[str, Any]:
+    """Restore engine (weights, optimizer, scheduler, step), EMA and RNG; returns this rank's state.
+    With `cfg`, its optimizer settings replace the checkpoint's (`apply_optimizer_settings`)."""
+    from omni.train.safe_load import no_code_torch_load
+
     info = json.loads((tag / COMPLETE).read_text())
-    if info["world_size"] != world_size:
-        raise ValueError(
-            f"checkpoint {tag} was written by {info['world_size']} ranks but this run has {world_size}; "
-            "resume with the same number of processes (DeepSpeed's ZeRO shards are tied to the world size)"
-        )
-    load_path, _ = engine.load_checkpoint(str(tag.parent), tag=tag.name, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+    saved_world = int(info["world_size"])
+    resharded = saved_world != world_size and info["zero_stage"] > 0
+    load_dir, load_tag = (universal_checkpoint(tag, rank), "universal") if resharded else (tag.parent, tag.name)
+    engine._config.load_universal_checkpoint = resharded  # DeepSpeed re-partitions from per-parameter files
+    try:
+        with no_code_torch_load():  # DeepSpeed's own loader would unpickle any object
+            load_path, _ = engine.load_checkpoint(str(load_dir), tag=load_tag, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
+    finally:
+        engine._config.load_universal_checkpoint = False
     if load_path is None:
         raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {tag}")
-    state = json.loads((tag / f"omni_rank{rank}.json").read_text())
+    if cfg is not None:
+        apply_optimizer_settings(engine, cfg)
+    # A new rank past the saved ones takes a saved rank's RNG (noise is seeded per micro-batch anyway).
+    state = json.loads((tag / f"omni_rank{min(rank, saved_world - 1)}.json").read_text())
     set_rng_state(state.pop("rng"))
-    ema.load(tag)
+    if saved_world != world_size:
+        state["resharded_from"] = saved_world
+        ema.load_resharded(tag)  # ZeRO-3 EMA shards are cut anew for this world size
+    else:
+        ema.load(tag)
     return state
+
+
+def universal_checkpoint(tag: Path, rank: int) -> Path:
+    """`tag` converted to DeepSpeed's universal checkpoint (per-parameter fp32 weights and optimizer
+    moments, loadable by any number of ranks) in `tag/universal`; rank 0 converts once, under the
+    same no-code loading, and every rank waits for it. Returns the folder holding `universal/`."""
+    import shutil
+    import types
+
+    import torch.distributed as dist
+
+    out = tag / "universal"
+    if rank == 0 and not (out / COMPLETE).exists():
+        from deepspeed.checkpoint import ds_to_universal
+
+        from omni.train.safe_load import no_code_torch_load
+
+        shutil.rmtree(out, ignore_errors=True)
+        args = types.SimpleNamespace(input_folder=str(tag), output_folder=str(out), num_extract_workers=1,
+                                     num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                     inject_missing_state=True)  # omni's saves carry no Megatron info
+        with no_code_torch_load():
+            ds_to_universal.main(args)
+        atomic_write_text(out / COMPLETE, json.dumps({"from": tag.name}))
+    if dist.is_initialized():
+        dist.barrier()
+    return tag
+
+
+# ------------------------------------------------------------------------------------------------
+# Settings that differ on resume
+# ------------------------------------------------------------------------------------------------
+
+# Bookkeeping: where the run lives and how it was started, not how it trains.
+_NOT_SETTINGS = ("train.resume", "train.out_dir", "name")
+# DeepSpeed's optimizer state carries these: after loading they are re-applied from the config.
+_OPTIMIZER = ("train.lr", "train.betas", "train.weight_decay")
+# Fixed by what the checkpoint holds: a different value cannot take effect.
+_FIXED = {
+    "train.zero_stage": "the checkpoint's files are ZeRO-{old} partitions",
+    "train.trainable": "the optimizer state holds the parameters that train.trainable={old} trained",
+}
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "task_weights":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def resume_changes(tag: Path, cfg) -> list[str]:
+    """Settings of `cfg` that differ from the checkpoint's config.yaml, as `key old -> new` lines.
+
+    Every change either takes effect (the loop reads the new config; the optimizer's lr, betas
+    and weight decay are re-applied after loading, see `apply_optimizer_settings`) or is refused
+    here with the reason, so the run's config.yaml never records a value that is not in effect.
+    """
+    import yaml
+
+    from omni.train.build import RUN_MODEL_FIELDS
+
+    path = tag / "config.yaml"
+    if not path.exists():
+        return []
+    old = _flat(yaml.safe_load(path.read_text()) or {})
+    new = _flat(cfg.to_dict())
+    changed = {k: (old.get(k), v) for k, v in new.items()
+               if k not in _NOT_SETTINGS and k in old and _plain(old[k]) != _plain(v)}
+    for key, (was, now) in changed.items():
+        model_field = key.startswith("model.") and key[len("model."):] not in RUN_MODEL_FIELDS
+        if key in _FIXED or model_field:
+            why = _FIXED.get(key, "the checkpoint's weights have the old model's shapes").format(old=was)
+            raise ValueError(
+                f"cannot resume {tag} with {key}={now!r}: {why}. Resume with {key}={was!r}, or start a new run "
+                f"(a new train.out_dir, with train.init_from=<an exported checkpoint> to keep the weights)"
+            )
+    return [f"{k} {was!r} -> {now!r}" for k, (was, now) in changed.items()]
+
+
+def _plain(x: Any) -> Any:
+    return [_plain(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+
+def apply_optimizer_settings(engine, cfg) -> None:
+    """Loading restores the optimizer's lr, betas and weight decay from the checkpoint; put back
+    the config's, so `train.lr=...` on resume changes the schedule from here on (warmup/cosine
+    position kept) and config.yaml stays true. Groups without decay keep 0."""
+    from omni.train.engine import param_groups
+
+    t = cfg.train
+    schedule = engine.lr_scheduler
+    factor = schedule.lr_lambdas[0](schedule.last_epoch)
+    schedule.base_lrs = [t.lr for _ in schedule.base_lrs]
+    decays = [g["weight_decay"] for g in param_groups(engine.module, t.weight_decay)]  # the order setup_engine used
+    groups = engine.optimizer.param_groups
+    for i, group in enumerate(groups):
+        group["initial_lr"] = t.lr
+        group["lr"] = t.lr * factor
+        group["betas"] = tuple(t.betas)
+        if len(decays) == len(groups):
+            group["weight_decay"] = decays[i]
+    schedule._last_lr = [g["lr"] for g in engine.optimizer.param_groups]
 
 
 # ------------------------------------------------------------------------------------------------

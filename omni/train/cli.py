@@ -29,10 +29,11 @@ def run_train(args: argparse.Namespace) -> int:
         overrides.append(f"train.resume={args.resume}")
     cfg = load_config(args.config, overrides)
     from omni.train.loop import TrainingError, train
+    from omni.train.runlock import RunLocked
 
     try:
         run_dir = train(cfg)
-    except TrainingError as e:
+    except (TrainingError, RunLocked) as e:
         print(f"omni train: error: {e}", file=sys.stderr)
         return 1
     from omni.utils import is_rank0
@@ -45,7 +46,7 @@ def run_train(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     from omni.train.export import export
 
-    out = export(args.run, args.out, ema=args.ema, tag=args.tag)
+    out = export(args.run, args.out, ema=args.ema, tag=args.tag, force=args.force)
     print(f"exported {out}")
     return 0
 
@@ -62,6 +63,8 @@ def register(sub) -> None:
                    help="EMA weights (default when the run kept an EMA)")
     g.add_argument("--raw", dest="ema", action="store_const", const=False, help="the trained weights")
     e.add_argument("--tag", default=None, help="checkpoint tag, e.g. step00000500 (default: latest)")
+    e.add_argument("--force", action="store_true",
+                   help="replace --out even when it is not an omni checkpoint (its contents are deleted)")
     e.set_defaults(func=run_export)
 
 
@@ -72,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)  # overrides may come before and after --resume
     try:
         return run_train(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"omni train: error: {e}", file=sys.stderr)
+    except Exception as e:
+        from omni.errors import describe
+
+        line = describe(e)
+        if line is None:
+            raise
+        print(f"omni train: error: {line}", file=sys.stderr)
         return 2

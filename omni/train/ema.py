@@ -79,6 +79,23 @@ class EMA:
                 self.shadow[n].copy_(f.get_tensor(n))
 
 
+    @torch.no_grad()
+    def load_resharded(self, tag_dir: Path) -> None:
+        """Load EMA weights saved by another number of ranks: merge the saved shards, then keep this
+        rank's ZeRO-3 partition (rank r holds elements [r * part, (r + 1) * part), zero-padded)."""
+        if not self.active:
+            return
+        full = merge_ema_shards(Path(tag_dir))
+        for n, shadow in self.shadow.items():
+            flat = full[n].flatten().float()
+            if not self.zero3:
+                shadow.copy_(flat.view_as(shadow))
+                continue
+            part = shadow.numel()
+            piece = flat[self.rank * part:(self.rank + 1) * part]
+            shadow.zero_().view(-1)[: piece.numel()].copy_(piece)
+
+
 def has_ema(tag_dir: Path) -> bool:
     return any(Path(tag_dir).glob("ema_rank*.safetensors"))
 

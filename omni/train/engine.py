@@ -49,6 +49,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _loopback_name() -> str:
+    """The loopback interface's name (`lo` on Linux, `lo0` on macOS)."""
+    names = [name for _, name in socket.if_nameindex()] if hasattr(socket, "if_nameindex") else []
+    return next((n for n in names if n.startswith("lo")), "lo")
+
+
 def init_distributed() -> Dist:
     """Join (or create) the process group the launcher set up; a plain `python` start is world 1.
 
@@ -62,6 +68,8 @@ def init_distributed() -> Dist:
     if "RANK" not in os.environ:
         added = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
                  "MASTER_PORT": str(_free_port())}
+        if "GLOO_SOCKET_IFNAME" not in os.environ and not torch.cuda.is_available():
+            added["GLOO_SOCKET_IFNAME"] = _loopback_name()
         if "MASTER_ADDR" not in os.environ:
             added["MASTER_ADDR"] = "127.0.0.1"
         os.environ.update(added)
@@ -69,8 +77,13 @@ def init_distributed() -> Dist:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     created = not dist.is_initialized()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if created and added:
+        # A single process needs no rendezvous: an in-memory store instead of torch's TCP store
+        # (which listens on every interface), and gloo's own sockets on the loopback only.
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     if created:
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        deepspeed.init_distributed(dist_backend=backend)
     return Dist(rank(), world_size(), local_rank, created, tuple(added))
 
 

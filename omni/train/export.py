@@ -40,13 +40,16 @@ def resolve_tag(run_dir: Path, tag: str | None) -> Path:
 
 def consolidated_state(tag_dir: Path, zero_stage: int) -> dict[str, torch.Tensor]:
     """Full fp32 weights of a DeepSpeed checkpoint, assembled on the CPU."""
+    from omni.train.safe_load import load_file, no_code_torch_load
+
     if zero_stage == 0:
         # Without ZeRO, DeepSpeed's model-states file holds the whole module state dict.
-        state = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+        state = load_file(tag_dir / "mp_rank_00_model_states.pt")
         return {k: v.float() if v.is_floating_point() else v for k, v in state["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    with no_code_torch_load():  # zero_to_fp32 calls torch.load(weights_only=False)
+        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
 
 
 def skeleton(cfg: Config, run_dir: Path):
@@ -66,9 +69,14 @@ def skeleton(cfg: Config, run_dir: Path):
     return model
 
 
-def export(run_dir: str | Path, out: str | Path, ema: bool | None = None, tag: str | None = None) -> Path:
-    """Write checkpoint `tag` (default: latest) of `run_dir` to `out`; `ema=None` uses EMA when present."""
+def export(run_dir: str | Path, out: str | Path, ema: bool | None = None, tag: str | None = None,
+           force: bool = False) -> Path:
+    """Write checkpoint `tag` (default: latest) of `run_dir` to `out`; `ema=None` uses EMA when present.
+    A non-empty `out` that is not an omni checkpoint is refused unless `force`."""
+    from omni.models.checkpoint import check_checkpoint_out
+
     run_dir = Path(run_dir)
+    check_checkpoint_out(out, force)
     tag_dir = resolve_tag(run_dir, tag)
     info = json.loads((tag_dir / COMPLETE).read_text())
     cfg_path = tag_dir / "config.yaml" if (tag_dir / "config.yaml").exists() else run_dir / "config.yaml"
@@ -93,7 +101,7 @@ def export(run_dir: str | Path, out: str | Path, ema: bool | None = None, tag: s
         if k in state and tuple(state[k].shape) != tuple(v.shape):
             raise ValueError(f"{k}: checkpoint shape {tuple(state[k].shape)} vs model {tuple(v.shape)}")
     state = {k: state[k] for k in expected if k in state}
-    save_pretrained(model, out, state_dict=state, config=cfg)
+    save_pretrained(model, out, state_dict=state, config=cfg, force=force)
     meta = {"run": str(run_dir.resolve()), "tag": tag_dir.name, "step": info["step"], "ema": bool(use_ema)}
     (Path(out) / "export.json").write_text(json.dumps(meta, indent=2))
     return Path(out)

@@ -41,7 +41,8 @@ from omni.train.engine import (
     init_distributed,
     resolve_precision,
 )
-from omni.utils import atomic_write_text, seed_everything
+from omni.train.runlock import RunLock
+from omni.utils import atomic_write_text, is_rank0, seed_everything
 
 BatchSource = Iterable[Batch] | Callable[[int, int], Iterable[Batch]]
 
@@ -111,6 +112,7 @@ class Run:
     bad_in_row: int = 0
     stopping: bool = False
     meter: Meter = field(default_factory=Meter)
+    lock: Any = None  # omni.train.runlock.RunLock held by rank 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -396,16 +398,40 @@ def write_run_files(cfg: Config, run_dir: Path, model, ds_config: dict, precisio
 
 def prepare(cfg: Config, batches: BatchSource | None = None, val_batches: BatchSource | None = None) -> Run:
     """Checks, process group, model, engine, resume: everything `fit` needs."""
-    from omni.train.build import build_model, with_init_model
-    from omni.train.ema import EMA
-    from omni.train.engine import batch_geometry, setup_engine
-    from omni.train.monitor import Monitor
+    from omni.train.build import with_init_model
 
     precision, ds_config = preflight(cfg, batches)
     cfg, from_checkpoint = with_init_model(cfg)  # train.init_from: the checkpoint's model shapes
     run_dir = Path(cfg.train.out_dir)
     resume_tag = checkpointing.find_resume(run_dir, cfg.train.resume)
-    d = init_distributed()
+    changes = checkpointing.resume_changes(resume_tag, cfg) if resume_tag is not None else []
+    lock = RunLock(run_dir).acquire() if is_rank0() else None  # one omni train per output directory
+    d = None
+    try:
+        d = init_distributed()
+        run = _prepare_on_ranks(cfg, d, precision, ds_config, resume_tag, from_checkpoint, batches, val_batches)
+    except BaseException:
+        if d is not None:
+            close_distributed(d, barrier=False)  # a refused resume must not leave the process group behind
+        if lock is not None:
+            lock.release()
+        raise
+    run.lock = lock
+    if lock is not None and lock.took_over is not None:
+        run.monitor.print(f"took over a stale lock of process {lock.took_over.get('pid')} (no longer running)")
+    if changes:
+        run.monitor.print(f"resumed with changed settings, now in effect: {'; '.join(changes)}")
+    return run
+
+
+def _prepare_on_ranks(cfg: Config, d: Dist, precision: str, ds_config: dict, resume_tag: Path | None,
+                      from_checkpoint: list[str], batches: BatchSource | None, val_batches: BatchSource | None) -> Run:
+    from omni.train.build import build_model
+    from omni.train.ema import EMA
+    from omni.train.engine import batch_geometry, setup_engine
+    from omni.train.monitor import Monitor
+
+    run_dir = Path(cfg.train.out_dir)
     _quiet_deepspeed()
     model = build_model(cfg, ds_config)
     engine, ds_config = setup_engine(cfg, model, d.world_size)
@@ -418,9 +444,11 @@ def prepare(cfg: Config, batches: BatchSource | None = None, val_batches: BatchS
               source=source, val_source=val_source, monitor=None, stop=checkpointing.StopSignal(),
               gas=batch_geometry(cfg, d.world_size)[1])
     if resume_tag is not None:
-        state = checkpointing.load(engine, resume_tag, ema, d.rank, d.world_size)
+        state = checkpointing.load(engine, resume_tag, ema, d.rank, d.world_size, cfg=cfg)
         run.step, run.consumed, run.bad_total = engine.global_steps, state["consumed"], state["bad_total"]
-        if state.get("data") is not None and hasattr(source, "load_state_dict"):
+        if state.get("resharded_from") is not None:
+            resume_resharded(run, state["resharded_from"])
+        elif state.get("data") is not None and hasattr(source, "load_state_dict"):
             source.load_state_dict(state["data"])
         else:
             run.skip = state["consumed"]
@@ -441,6 +469,23 @@ def prepare(cfg: Config, batches: BatchSource | None = None, val_batches: BatchS
     return run
 
 
+def resume_resharded(run: Run, saved_world: int) -> None:
+    """The data position after a resume on another number of processes. Every rank skipped the same
+    batches (`agree`), so the global position is (optimizer steps, skipped batches): a source that
+    can seek there (`resume_at`) continues exactly; any other starts its stream afresh, said in the log."""
+    source, d = run.source, run.dist
+    run.consumed = run.step * run.gas + run.bad_total
+    if hasattr(source, "resume_at"):
+        source.resume_at(run.step, run.bad_total)
+        how = "data position kept"
+    else:
+        run.consumed = 0
+        how = "the data stream restarts (its position is per rank and cannot be split anew)"
+    if d.rank == 0:
+        print(f"resumed a checkpoint of {saved_world} rank(s) on {d.world_size} (DeepSpeed universal checkpoint); "
+              f"{how}", flush=True)
+
+
 def _quiet_deepspeed() -> None:
     """DeepSpeed's info logs and its calls to deprecated torch.distributed names drown the progress lines."""
     import logging
@@ -459,3 +504,5 @@ def finish(run: Run, ok: bool) -> None:
     if hasattr(run.engine, "destroy"):
         run.engine.destroy()
     close_distributed(run.dist, barrier=ok)
+    if run.lock is not None:
+        run.lock.release()

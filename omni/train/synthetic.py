@@ -60,6 +60,11 @@ class SyntheticBatches:
     def state_dict(self) -> dict:
         return {"index": self.index, "stats": dict(self.stats)}
 
+    def resume_at(self, step: int, skipped: int) -> None:
+        """Continue after `step` optimizer steps and `skipped` bad micro-batches (the same on every rank),
+        whatever the world size that consumed them: global batches depend on the step alone."""
+        self.index = step * self.grad_accum + skipped
+
     def load_state_dict(self, state: dict) -> None:
         self.index = state["index"]
         self.stats = dict(state["stats"])

@@ -13,6 +13,7 @@ from PIL import Image
 
 from omni.eval.benchmark import Benchmark, EvalSample, Segment, mean_by_task, merge_text
 from omni.eval.judges.http import Rubric, judge_aspects
+from omni.eval.records import sample_dir
 
 MARKERS = re.compile(r"<BEGIN>|<image>", flags=re.IGNORECASE)
 
@@ -103,7 +104,7 @@ def record_segments(record: dict[str, Any], run_dir: Path, key: str = "output") 
     """A record's generated segments with images loaded from the run directory."""
     from omni.eval.records import load_segments
 
-    return load_segments(record[key], run_dir / "samples" / record["id"])
+    return load_segments(record[key], sample_dir(run_dir, record["id"]))
 
 
 def steps_of(segments: Sequence[Segment]) -> list[dict[str, Any]]:

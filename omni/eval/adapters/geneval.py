@@ -24,6 +24,7 @@ from typing import Any
 from omni.eval.adapters.common import copy_image, data_file, read_jsonl, take
 from omni.eval.benchmark import Benchmark, EvalSample, mean_by_task, output_images
 from omni.eval.judges import shapes as SJ
+from omni.eval.records import sample_dir
 
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
@@ -85,7 +86,7 @@ class GenEval(Benchmark):
                 written.add(i)
             files = [seg["image"] for seg in r["output"] if "image" in seg]
             if files:
-                copy_image(run_dir / "samples" / r["id"] / files[0], folder / "samples" / f"{k:04d}.png")
+                copy_image(sample_dir(run_dir, r["id"]) / files[0], folder / "samples" / f"{k:04d}.png")
         return {"geneval": str(root)}
 
     def judge_identity(self, judge):

@@ -34,6 +34,8 @@ from omni.eval.adapters.common import (
 )
 from omni.eval.benchmark import Segment
 from omni.eval.judges.http import Rubric, parse_json_scores
+from omni.eval.records import sample_dir
+from omni.utils import safe_name
 
 ASPECTS = {
     "text_quality": "clarity, fluency and correctness of the generated text",
@@ -119,8 +121,8 @@ class InterleavedBench(ModelJudged):
                 if "text" in seg:
                     value.append(seg["text"].strip())
                 else:
-                    name = f"images/{r['id']}_{k}.png"
-                    copy_image(run_dir / "samples" / r["id"] / seg["image"], root / name)
+                    name = f"images/{safe_name(r['id'])}_{k}.png"
+                    copy_image(sample_dir(run_dir, r["id"]) / seg["image"], root / name)
                     value.append("<image>")
                     paths.append(name)
                     k += 1

@@ -34,6 +34,8 @@ from omni.eval.adapters.common import (
 )
 from omni.eval.benchmark import Segment, mean_by_task, merge_text
 from omni.eval.judges.http import Rubric, judge_aspects, parse_json_scores
+from omni.eval.records import sample_dir
+from omni.utils import safe_name
 
 HOLISTIC = Rubric(
     name="isg-holistic",
@@ -223,8 +225,8 @@ class ISGBench(ModelJudged):
                 if any(text):
                     out.append({"type": "text", "content": " ".join(t for t in text if t)})
                 text = []
-                dst = root / "images" / f"{r['id']}_{k}.png"
-                copy_image(run_dir / "samples" / r["id"] / seg["image"], dst)
+                dst = root / "images" / f"{safe_name(r['id'])}_{k}.png"
+                copy_image(sample_dir(run_dir, r["id"]) / seg["image"], dst)
                 out.append({"type": "image", "content": str(dst.resolve())})
                 k += 1
             if any(text):

@@ -35,6 +35,8 @@ from omni.eval.adapters.common import (
 )
 from omni.eval.benchmark import Segment
 from omni.eval.judges.http import Rubric, judge_aspects, parse_heading_score
+from omni.eval.records import sample_dir
+from omni.utils import safe_name
 
 CRITERIA = {
     "SA": "a visual story: text quality, image quality, text-image coherence, context consistency, "
@@ -125,8 +127,8 @@ class MMIE(ModelJudged):
             for step in steps_of(record_segments(r, run_dir)):
                 image = None
                 if step["image"] is not None:
-                    image = f"images/{r['id']}_{k}.png"
-                    copy_image(run_dir / "samples" / r["id"] / next(files), root / image)
+                    image = f"images/{safe_name(r['id'])}_{k}.png"
+                    copy_image(sample_dir(run_dir, r["id"]) / next(files), root / image)
                     k += 1
                 answer.append({"text": step["text"], "image": image})
             rows.append(

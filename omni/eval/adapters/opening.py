@@ -34,6 +34,8 @@ from omni.eval.adapters.common import (
     write_json,
 )
 from omni.eval.judges.http import Rubric, parse_json_scores
+from omni.eval.records import sample_dir
+from omni.utils import safe_name
 
 MODEL_DIR = "omni_output"
 CRITERIA = {
@@ -97,14 +99,14 @@ class OpenING(ModelJudged):
         root.mkdir(parents=True, exist_ok=True)
         for r in records:
             item = dict(r["reference"]["item"])
-            uid = str(item["total_uid"])
+            uid = safe_name(item["total_uid"])  # from the data: one file name inside the export
             files = iter(seg["image"] for seg in r["output"] if "image" in seg)
             steps, k = [], 0
             for step in steps_of(record_segments(r, run_dir)):
                 image = None
                 if step["image"] is not None:
                     image = f"{uid}-o-{k}.jpg"
-                    copy_image(run_dir / "samples" / r["id"] / next(files), root / image, fmt="JPEG")
+                    copy_image(sample_dir(run_dir, r["id"]) / next(files), root / image, fmt="JPEG")
                     k += 1
                 steps.append({"text": step["text"], "image": image})
             conv = [c for c in item.get("conversations", []) if "input" in c]

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 from omni.eval.adapters.common import data_file, eval_sample, load_image, read_jsonl, write_jsonl
 from omni.eval.benchmark import Benchmark, output_text
-from omni.utils import atomic_write_text
+from omni.utils import atomic_write_text, safe_name
 
 PERCEPTION = (
     "existence",
@@ -152,7 +152,7 @@ class MME(Benchmark):
                 f"{ref['image']}\t{ref['question']}\t{ref['answer']}\t{pred}\n"
             )
         for cat, lines in by_cat.items():
-            atomic_write_text(root / f"{cat}.txt", "".join(lines))
+            atomic_write_text(root / f"{safe_name(cat)}.txt", "".join(lines))
         return {"mme": str(root)}
 
 
