@@ -274,8 +274,9 @@ def head_options(model, schedule: str = "constant", dtype: torch.dtype | None = 
                  stats: dict | None = None) -> Iterator[None]:
     """model.head.sample with per-token steps (generation.image_steps_schedule) and a compute dtype.
 
-    Until the sampler passes `steps_for_token(cfg, i, N)` and the head dtype itself, this wraps
-    the head: in image mode every row of a batch draws token i in the same call, so call k is
+    The sampler applies `generation.image_steps_schedule` and `head_dtype` per row itself; the
+    benchmark wraps the head instead so it can count the head steps run and vary both without a
+    new config per run (the sampler's own values, constant and float32 here, are replaced): in image mode every row of a batch draws token i in the same call, so call k is
     token k mod N (checked: the batch size stays the same through each image). `stats` collects
     the head steps run ("steps") and the calls ("calls").
     """
@@ -295,6 +296,7 @@ def head_options(model, schedule: str = "constant", dtype: torch.dtype | None = 
         steps = steps_for_token(GenerationConfig(image_steps=steps, image_steps_schedule=schedule), i, n)
         stats["steps"] = stats.get("steps", 0) + steps
         stats["calls"] = stats.get("calls", 0) + 1
+        kwargs.pop("dtype", None)  # the sampler's head_dtype; this run's `dtype` replaces it
         return sample(cond, *args, steps=steps, dtype=dtype, **kwargs)
 
     own = "sample" in vars(head)  # already wrapped (a Stopwatch): put that wrapper back after

@@ -121,7 +121,7 @@ def test_flex_training_on_cpu_is_a_clear_error(tiny_cfg):
 def test_flex_forward_reads_nothing_back_to_the_host(tiny_cfg):
     """The BlockMask path decides nothing on the host: no `.item()` in the model's forward
     (the dense path reads one flag: is every row one document, so SDPA may run plain causal)."""
-    from tests_sync import count_host_reads
+    from host_reads import count_host_reads
 
     dense, flex = _pair(tiny_cfg)
     batch = _packed(dense)

@@ -4,8 +4,8 @@ from the loop (the finite check), metrics read only when a line is logged."""
 from __future__ import annotations
 
 import pytest
+from host_reads import count_host_reads
 from test_train_run import records, run_cfg, synthetic
-from tests_sync import count_host_reads
 
 # torch's AdamW (foreach, not capturable) keeps its step counters as host tensors and reads them
 # as Python numbers: host memory, no wait for a device, so they are not counted.
