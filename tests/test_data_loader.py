@@ -280,3 +280,20 @@ def test_bad_data_is_skipped_counted_and_the_rest_is_read(tmp_path, tok, itok, c
     assert len(cut_story) == 1 and cut_story[0]["ids"][-2] == tok.eoi_id  # ends right after an image
     bad_json_lines = [r for r in caplog.records if "bad_json" in r.getMessage()]
     assert len(bad_json_lines) == 2 and "suppressed" in bad_json_lines[1].getMessage()  # rate-limited
+
+
+def test_resume_at_reseeds_by_global_position_without_replaying_the_start(data, tok, itok):
+    """After a resume on another number of processes the loader cannot split its per-rank position;
+    it re-seeds by the global step: deterministic for a step, and not the run's first batches again."""
+    cfg = _cfg(train=[str(data / "shapes")], resampled=True)
+
+    def first_ids(step: int | None):
+        stream = BatchStream(cfg, tok, itok, rank=0, world_size=2)
+        if step is not None:
+            assert "re-seeded at global step" in stream.resume_at(step, 0)
+        return [b.input_ids.tolist() for b in _take(stream, 3)]
+
+    fresh = first_ids(None)
+    at_40, again = first_ids(40), first_ids(40)
+    assert at_40 == again  # a position gives the same stream on every resume
+    assert at_40 != fresh and first_ids(41) != at_40  # not the start, and each position its own

@@ -31,6 +31,7 @@ of how many documents of each task the shards hold (tasks not named are not used
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -387,6 +388,20 @@ class BatchStream:
             for k, v in st["stats"].items():
                 total[k] = total.get(k, 0) + v
         return dict(sorted(total.items()))
+
+    def resume_at(self, step: int, skipped: int) -> str:
+        """Continue after a resume on another number of processes (`step` optimizer steps and
+        `skipped` bad micro-batches, the same on every rank). Per-rank stream positions cannot be
+        split anew, so the stream is re-seeded by that global position: a resampled stream (shards
+        drawn with replacement, the default) continues with fresh draws and never replays what the
+        run read first; an epoch stream starts a new shuffled pass. Returns what the log should say."""
+        self._reset()
+        position = step * 1_000_003 + skipped  # distinct for every (step, skipped) a run can reach
+        self.settings = dataclasses.replace(self.settings, seed=self.settings.seed + position)
+        self.batches = 0
+        if self.settings.resampled:
+            return f"resampled data stream re-seeded at global step {step} (fresh draws, no replay)"
+        return f"data stream re-seeded at global step {step}: a new shuffled pass over the shards"
 
     def _fingerprint(self) -> str:
         return hashlib.blake2b("\n".join(self.urls).encode(), digest_size=8).hexdigest()

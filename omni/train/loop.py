@@ -472,12 +472,12 @@ def _prepare_on_ranks(cfg: Config, d: Dist, precision: str, ds_config: dict, res
 def resume_resharded(run: Run, saved_world: int) -> None:
     """The data position after a resume on another number of processes. Every rank skipped the same
     batches (`agree`), so the global position is (optimizer steps, skipped batches): a source that
-    can seek there (`resume_at`) continues exactly; any other starts its stream afresh, said in the log."""
+    can seek there (`resume_at`) continues from it (synthetic batches exactly, the shard loader
+    re-seeded by it); any other starts its stream afresh. The log says which."""
     source, d = run.source, run.dist
     run.consumed = run.step * run.gas + run.bad_total
     if hasattr(source, "resume_at"):
-        source.resume_at(run.step, run.bad_total)
-        how = "data position kept"
+        how = source.resume_at(run.step, run.bad_total) or "data position kept"
     else:
         run.consumed = 0
         how = "the data stream restarts (its position is per rank and cannot be split anew)"
