@@ -12,15 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY
+from test_hardening_checkpoints import run_cfg, synthetic
 
-from omni.config import load_config
-from omni.layout import SpecialIds
-from omni.tokenizers.text import TextTokenizer
 from omni.train.runlock import LOCK, RunLock, RunLocked
-from omni.train.synthetic import SyntheticBatches
-
-SEQ, N_IMAGE, TOKEN_DIM = 48, 16, 192
 
 
 def listening_sockets() -> list[str]:
@@ -60,21 +54,6 @@ def test_single_process_group_listens_on_loopback_only():
     finally:
         close_distributed(d)
     assert os.environ.get("GLOO_SOCKET_IFNAME") == before  # what the run set for itself is undone
-
-
-def run_cfg(tokenizer_dir, out: Path, *overrides: str):
-    return load_config("tiny", [
-        f"model.tokenizer={tokenizer_dir}", *TINY, f"train.out_dir={out}", "train.precision=fp32",
-        "train.steps=2", "train.save_every=100", "train.log_every=1", "train.val_every=0", "train.warmup_steps=2",
-        "data.batch_size=2", f"data.seq_len={SEQ}", *overrides,
-    ])
-
-
-def synthetic(tokenizer_dir):
-    tok = TextTokenizer.from_pretrained(tokenizer_dir)
-    special = SpecialIds(tok.bos_id, tok.eos_id, tok.pad_id, tok.boi_id, tok.eoi_id, tok.img_id)
-    return lambda rank, world: SyntheticBatches(special, len(tok), TOKEN_DIM, N_IMAGE, rows=2, seq_len=SEQ,
-                                                rank=rank, world_size=world)
 
 
 def test_outputs_follow_the_umask(tokenizer_dir, tmp_path):

@@ -153,7 +153,8 @@ def print_human(record: dict, index: int | None) -> None:
           f"cfg {s['cfg_scale']}, temperature {s['temperature']})", file=sys.stderr)
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type for counts that must be >= 1 (also used by `omni serve`)."""
     n = int(text)
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
@@ -180,7 +181,7 @@ def register_generate(sub) -> None:
     p.add_argument("--out", default="outputs", help="folder for generated PNGs (default: outputs)")
     p.add_argument("--seed", type=int, help="seed of the first prompt; prompt i uses seed + i")
     p.add_argument("--json", action="store_true", help="print JSON (one object per prompt)")
-    p.add_argument("--batch-size", type=_positive, default=8, dest="batch_size", help="prompts per batch")
+    p.add_argument("--batch-size", type=positive_int, default=8, dest="batch_size", help="prompts per batch")
     add_sampling_flags(p)
     p.set_defaults(func=run)
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from omni.inference.cli import positive_int
+
 
 def run(args: argparse.Namespace) -> int:
     import logging
@@ -38,13 +40,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
-    n = int(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
-    return n
-
-
 def register(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP API and web chat page",
                        description=__doc__.split("\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,14 +50,14 @@ def register(sub) -> None:
     p.add_argument("--model-name", dest="model_name", help="model id in /v1/models (default: the checkpoint folder)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     g = p.add_argument_group("limits")
-    g.add_argument("--max-batch", type=_positive, default=8, dest="max_batch", help="requests running at once")
+    g.add_argument("--max-batch", type=positive_int, default=8, dest="max_batch", help="requests running at once")
     g.add_argument("--max-waiting", type=int, default=32, dest="max_waiting",
                    help="requests queued for a slot; more get 429 with Retry-After")
-    g.add_argument("--max-prompt-tokens", type=_positive, dest="max_prompt_tokens",
+    g.add_argument("--max-prompt-tokens", type=positive_int, dest="max_prompt_tokens",
                    help="prompt positions per request (default: the context)")
-    g.add_argument("--max-image-bytes", type=_positive, default=8 << 20, dest="max_image_bytes",
+    g.add_argument("--max-image-bytes", type=positive_int, default=8 << 20, dest="max_image_bytes",
                    help="bytes of one image file (default 8 MiB)")
-    g.add_argument("--max-image-pixels", type=_positive, default=4096 * 4096, dest="max_image_pixels",
+    g.add_argument("--max-image-pixels", type=positive_int, default=4096 * 4096, dest="max_image_pixels",
                    help="width x height of one image (default 4096x4096)")
     g.add_argument("--timeout", type=float, default=300.0, help="seconds per request, waiting included")
     g.add_argument("--allow-remote-images", action="store_true", dest="allow_remote_images",
