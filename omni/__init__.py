@@ -27,8 +27,8 @@ _API = {
     "generate": ("omni.inference.generate", "generate"),
     "GenerationConfig": ("omni.config", "GenerationConfig"),
     "load_config": ("omni.config", "load_config"),
-    "GenerationResult": ("omni.inference.sampler", "GenerationResult"),
-    "GenerationEvents": ("omni.inference.sampler", "GenerationEvents"),
+    "GenerationResult": ("omni.inference.rows", "GenerationResult"),
+    "GenerationEvents": ("omni.inference.rows", "GenerationEvents"),
 }
 
 __all__ = ["GenerationConfig", "GenerationEvents", "GenerationResult", "__version__", "generate", "load",
@@ -37,7 +37,7 @@ __all__ = ["GenerationConfig", "GenerationEvents", "GenerationResult", "__versio
 if TYPE_CHECKING:
     from omni.config import GenerationConfig, load_config
     from omni.inference.generate import generate, load
-    from omni.inference.sampler import GenerationEvents, GenerationResult
+    from omni.inference.rows import GenerationEvents, GenerationResult
 
 
 def __getattr__(name: str) -> Any:

@@ -12,7 +12,8 @@ from test_generation import assert_same, gcfg, wake_head, with_bias
 
 from omni.config import load_config
 from omni.inference.generate import generate
-from omni.inference.sampler import GenerationEvents, Sampler
+from omni.inference.rows import GenerationEvents
+from omni.inference.sampler import Sampler
 from omni.models.model import OmniModel
 
 BLUE = Image.new("RGB", (40, 36), (40, 80, 220))

@@ -16,7 +16,7 @@ from PIL import Image
 from omni.config import GenerationConfig, load_config
 from omni.inference.generate import generate
 from omni.inference.prompts import encode_prompts
-from omni.inference.sampler import GenerationEvents
+from omni.inference.rows import GenerationEvents
 from omni.models.model import OmniModel
 
 PROMPTS = [
@@ -266,7 +266,8 @@ def test_cancel_stops_every_row(model):
 def test_bidirectional_prompt_images_read_as_in_training(tokenizer_dir):
     """prompt_image_attention=bidirectional: the sampler's prefill gives the training forward's
     hidden state (a prompt with two images), and the KV cache still equals recomputing."""
-    from omni.inference.sampler import Sampler, _Group
+    from omni.inference.rows import _Group
+    from omni.inference.sampler import Sampler
     from omni.layout import ImageSegment, TextSegment, layout
 
     cfg = load_config("tiny", [f"model.tokenizer={tokenizer_dir}", *TINY, "model.image_pos_embed=true",

@@ -78,7 +78,7 @@ def chat_prompt(tokenizer, turns: list[Turn]) -> list:
 class ChatEvents:
     """Streams one answer to the terminal: text as it comes, a bar while drawing, saved images.
 
-    It implements every hook of omni.inference.sampler.GenerationEvents without subclassing it, so that
+    It implements every hook of omni.inference.rows.GenerationEvents without subclassing it, so that
     importing this module (for `omni --help`) does not import torch.
     """
 

@@ -19,7 +19,8 @@ import torch
 
 from omni.config import MODES, SAMPLERS, GenerationConfig, coerce
 from omni.inference.prompts import Prompt
-from omni.inference.sampler import GenerationEvents, GenerationResult, Sampler
+from omni.inference.rows import GenerationEvents, GenerationResult
+from omni.inference.sampler import Sampler
 
 
 def load(ckpt: str, device: str | torch.device | None = None):

@@ -28,7 +28,8 @@ from omni.inference.chat import Turn, chat_prompt
 from omni.inference.generate import check_config, generation_config
 from omni.inference.generate import load as load_model
 from omni.inference.prompts import context_length, prompt_length
-from omni.inference.sampler import GenerationEvents, GenerationResult, Sampler
+from omni.inference.rows import GenerationEvents, GenerationResult
+from omni.inference.sampler import Sampler
 
 __all__ = ["MODES", "Busy", "GenerationConfig", "GenerationResult", "Job", "Turn", "Worker", "chat_prompt",
            "check_config", "context_length", "generation_config", "load_model", "prompt_length"]

@@ -1,0 +1,161 @@
+"""Per-row state of the sampler: what a caller gets back (GenerationResult), the hooks it can
+listen on (GenerationEvents), and the bookkeeping of one answer row and its model streams.
+
+A row (one prompt being answered) owns a conditional stream and, while it draws under CFG, an
+unconditional one; a stream is one batch row of the model (positions, what each may attend to).
+Groups are the streams that run in one forward call and share a KV cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+from omni.config import GenerationConfig
+
+
+@dataclass
+class GenerationResult:
+    segments: list[str | Image.Image]  # generated text pieces and images, in order
+    settings: dict  # everything needed to reproduce this row (sampler, steps, cfg, seed, checkpoint, ...)
+    finish_reason: str  # "eos" | "max_tokens" | "max_images" | "repetition" | "cancelled"
+    ids: list[int] = field(default_factory=list)  # generated ids; image positions hold the placeholder id
+    image_tokens: list[torch.Tensor] = field(default_factory=list)  # (N, d) per generated image
+
+    @property
+    def text(self) -> str:
+        return " ".join(s for s in self.segments if isinstance(s, str))
+
+    @property
+    def images(self) -> list[Image.Image]:
+        return [s for s in self.segments if isinstance(s, Image.Image)]
+
+
+class GenerationEvents:
+    """Hooks the sampler calls as it goes; chat streams text and draws progress bars from them.
+
+    `row` is the index of the prompt in the batch. Subclass and override what you need.
+    """
+
+    def text(self, row: int, delta: str) -> None:
+        """New text of the row's current text segment (the part not reported yet)."""
+
+    def image_start(self, row: int, total: int) -> None:
+        """The row sampled <boi>; `total` image tokens follow."""
+
+    def image_token(self, row: int, done: int, total: int) -> None:
+        """`done` of `total` image tokens of the current image are drawn."""
+
+    def image_done(self, row: int, image: Image.Image) -> None:
+        """The row finished an image."""
+
+    def should_stop(self) -> bool:
+        """Polled once per step; True cancels every unfinished row that reports to this object
+        (finish_reason "cancelled"): all of a generate() call, or one row of a server batch."""
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# Sampler state
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Stream:
+    """One batch row of the model: its positions, and what each position may attend to."""
+
+    ids: list[int]
+    images: list  # continuous token (d,) at image positions, else None
+    pos: list[int]  # position id of each position
+    lo: list[int]  # a query here sees keys [lo, itself] plus `bos`
+    bos: int  # index of [bos] (= left padding)
+    start: int  # `lo` for positions appended from now on
+    next_pos: int
+    blocks: list[int]  # > 0: a prompt image's positions, which see each other (prompt_image_blocks)
+    src: _Stream | None = None  # set on a fresh copy until its cache rows are copied
+
+    def append(self, tok: int, image) -> None:
+        self.ids.append(tok)
+        self.images.append(image)
+        self.pos.append(self.next_pos)
+        self.lo.append(self.start)
+        self.blocks.append(0)  # generated positions are causal
+        self.next_pos += 1
+
+    def unconditional(self) -> _Stream:
+        """A copy that, from the next position on, sees only [bos] and what follows: the CFG branch."""
+        return _Stream(list(self.ids), list(self.images), list(self.pos), list(self.lo), self.bos,
+                       start=len(self.ids), next_pos=1, blocks=list(self.blocks), src=self)
+
+    def shift(self, n: int, pad_id: int) -> None:
+        """n > 0: put n padding positions in front (each sees only itself); n < 0: drop -n of them."""
+        if n > 0:
+            self.ids[:0] = [pad_id] * n
+            self.images[:0] = [None] * n
+            self.pos[:0] = [0] * n
+            self.blocks[:0] = [0] * n
+            self.lo = list(range(n)) + [x + n for x in self.lo]
+        else:
+            m = -n
+            assert self.bos >= m, "only padding can be dropped"
+            del self.ids[:m], self.images[:m], self.pos[:m], self.blocks[:m]
+            self.lo = [x - m for x in self.lo[m:]]
+        self.bos += n
+        self.start += n
+
+
+@dataclass
+class _Row:
+    index: int  # the `row` the events hear: the prompt's index in a generate() call
+    seed: int
+    gen: torch.Generator
+    budget: int  # generated positions allowed
+    cond: _Stream
+    cfg: GenerationConfig  # this row's sampling settings
+    mode: str
+    events: GenerationEvents
+    banned: torch.Tensor  # text ids this row never samples
+    settings: dict  # recorded in the result
+    uncond: _Stream | None = None
+    feed: list = field(default_factory=list)  # items waiting to be fed, oldest first
+    drawing: bool = False
+    n_new: int = 0
+    n_images: int = 0
+    ids: list[int] = field(default_factory=list)
+    text_ids: list[int] = field(default_factory=list)  # the text segment being written
+    streamed: str = ""
+    current: list = field(default_factory=list)  # image tokens of the image being drawn
+    segments: list = field(default_factory=list)
+    image_tokens: list = field(default_factory=list)
+    last: int = -1
+    run: int = 0
+    finish: str | None = None
+
+    @property
+    def use_cfg(self) -> bool:
+        return self.cfg.cfg_scale != 1.0 and self.mode != "text"
+
+    @property
+    def stream_text(self) -> bool:  # decode text as it comes only if someone listens
+        return type(self.events).text is not GenerationEvents.text
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(segments=self.segments, settings=self.settings, finish_reason=self.finish or "eos",
+                                ids=self.ids, image_tokens=self.image_tokens)
+
+
+@dataclass
+class _Group:
+    """Streams that run in one forward call and share one KV cache."""
+
+    streams: list[_Stream] = field(default_factory=list)
+    cache: Any = None
+
+
+def _cache(layers: list[tuple[torch.Tensor, torch.Tensor]], config):
+    from transformers import DynamicCache
+
+    return DynamicCache(layers, config=config)
