@@ -77,3 +77,18 @@ def tiny_model(tiny_cfg):
 
     torch.manual_seed(0)
     return OmniModel.from_config(tiny_cfg.model)
+
+
+def save_tiny_checkpoint(tokenizer_dir, path, *overrides: str):
+    """A random tiny model (seed 0) saved at `path` as an inference checkpoint, with `overrides`
+    (e.g. quick generation defaults) in its config; returns the path."""
+    from omni.config import load_config
+    from omni.models.model import OmniModel
+
+    cfg = load_config("tiny", [f"model.tokenizer={tokenizer_dir}", *TINY, *overrides])
+    torch.manual_seed(0)
+    model = OmniModel.from_config(cfg.model)
+    model.run_config = cfg
+    model.save_pretrained(path)
+    return path
+

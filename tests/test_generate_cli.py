@@ -9,12 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import OMNI, TINY
+from conftest import OMNI, save_tiny_checkpoint
 from PIL import Image
 
-from omni.config import load_config
 from omni.inference.prompts import build_prompt, load_image
-from omni.models.model import OmniModel
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -22,14 +20,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 @pytest.fixture(scope="module")
 def ckpt(tokenizer_dir, tmp_path_factory):
     """A random tiny model saved as an inference checkpoint with quick generation defaults."""
-    cfg = load_config("tiny", [f"model.tokenizer={tokenizer_dir}", *TINY, "generation.image_steps=2",
-                               "generation.max_new_tokens=10", "generation.cfg_scale=2.0"])
-    torch.manual_seed(0)
-    model = OmniModel.from_config(cfg.model)
-    model.run_config = cfg
-    path = tmp_path_factory.mktemp("gen") / "ckpt"
-    model.save_pretrained(path)
-    return path
+    return save_tiny_checkpoint(tokenizer_dir, tmp_path_factory.mktemp("gen") / "ckpt", "generation.image_steps=2",
+                                "generation.max_new_tokens=10", "generation.cfg_scale=2.0")
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import torch
-from conftest import TINY
+from conftest import save_tiny_checkpoint
 from PIL import Image
-
-from omni.config import load_config
-from omni.models.model import OmniModel
 
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
@@ -30,14 +26,8 @@ NAME = "tiny"
 
 @pytest.fixture(scope="module")
 def ckpt(tokenizer_dir, tmp_path_factory):
-    cfg = load_config("tiny", [f"model.tokenizer={tokenizer_dir}", *TINY, "generation.image_steps=2",
-                               "generation.max_new_tokens=24", "generation.cfg_scale=2.0"])
-    torch.manual_seed(0)
-    model = OmniModel.from_config(cfg.model)
-    model.run_config = cfg
-    path = tmp_path_factory.mktemp("serve") / NAME
-    model.save_pretrained(path)
-    return path
+    return save_tiny_checkpoint(tokenizer_dir, tmp_path_factory.mktemp("serve") / NAME, "generation.image_steps=2",
+                                "generation.max_new_tokens=24", "generation.cfg_scale=2.0")
 
 
 @pytest.fixture(scope="module")
