@@ -120,6 +120,8 @@ class DataConfig:
     resampled: bool = True  # stream shards with replacement (multi-epoch)
     pack: bool = True  # pack several documents into one row
     cfg_drop: float = 0.1  # prob. of replacing a text-to-image caption by the empty condition
+    edit_drop_text: float = 0.05  # prob. an edit doc drops its instruction, keeps its image (InstructPix2Pix)
+    edit_drop_both: float = 0.05  # prob. it drops instruction and image: t2i's null form (InstructPix2Pix)
     task_weights: dict[str, float] = field(default_factory=dict)  # task name -> sampling weight
     max_warnings: int = 20  # bad-sample warnings printed per reason before going quiet
 

@@ -33,6 +33,9 @@ class TextSegment:
 class ImageSegment:
     tokens: torch.Tensor  # (N, d) continuous image tokens
     loss: bool = True  # are <boi> and the image tokens predicted?
+    # With `loss`: is <boi> predicted too? False trains the drawing, not the decision to draw (the
+    # image-only condition of an edit document, where "draw after an image" would be a false rule).
+    predict_boi: bool = True
 
 
 Segment = TextSegment | ImageSegment
@@ -102,7 +105,7 @@ def doc_positions(doc: TokenizedDoc, ids: SpecialIds, add_bos: bool = True, add_
         else:
             n = seg.tokens.shape[0]
             tok += [ids.boi] + [ids.img] * n + [ids.eoi]
-            pred += [seg.loss] * (n + 1) + [False]  # <eoi> is forced, never predicted
+            pred += [seg.loss and seg.predict_boi] + [seg.loss] * n + [False]  # <eoi> is forced, never predicted
             img += [-1] + list(range(n_img, n_img + n)) + [-1]
             images.append(seg.tokens)
             n_img += n

@@ -93,7 +93,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mix", default=None,
                    help="task shares (default t2i=0.45,caption=0.15,vqa=0.2,story=0.12,text=0.08; "
                         "vqa_position: VQA that asks only where objects are; vqa_binding: VQA that asks the colour, "
-                        "shape or place of one object among two or three; vqa_multi: three questions about one picture)")
+                        "shape or place of one object among two or three; vqa_multi: three questions about one picture; "
+                        "edit: a scene, an instruction, the edited scene (sometimes a second round))")
     p.add_argument("--val-mix", default=None,
                    help="task shares of the validation split, which the built-in benchmarks read (default: --mix)")
     p.add_argument("--force", action="store_true", help="replace train-*.tar / val-*.tar in --out that omni did not write")

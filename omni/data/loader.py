@@ -5,7 +5,8 @@ Per (rank, worker) the pipeline is
     SampleStream per task (shards of this worker, shuffle buffer)      omni.data.shards
       -> decode + check (bad samples skipped and counted)
       -> task mixing: draw a task by data.task_weights, take that task's next document
-      -> template: loss flags (omni.data.templates); CFG drop of t2i captions
+      -> template: loss flags (omni.data.templates); CFG drop of t2i captions and of edit
+         instructions / source images (`edit_condition`)
       -> tokenize (text tokenizer, image tokenizer), cut over-long documents at an image boundary
       -> pack: first fit into `batch_size` rows of `seq_len`; a document that fits no row closes
          the batch and opens the next one
@@ -13,7 +14,7 @@ Per (rank, worker) the pipeline is
 
 Exact resume. Every random choice is a function of saved state: the stream positions (epoch,
 samples yielded), the mixer's PCG64 state, and per-document hashes of (seed, rank, worker,
-task, epoch, position) for CFG drop. Packing consumes documents in order, so the state after a
+task, epoch, position) for CFG drops. Packing consumes documents in order, so the state after a
 batch is the state just before pulling the document that opened the next batch; each batch
 carries that state from its worker. With W workers the DataLoader delivers batches round-robin,
 worker 0, 1, ..., W-1, 0, ...; the main process keeps the state of each worker's last delivered
@@ -73,12 +74,47 @@ class PendingImage(ImageSegment):
     `tokens` is an (N, 0) placeholder so `doc_length` and cutting work before encoding.
     """
 
-    def __init__(self, image: Image.Image, n_tokens: int, loss: bool):
-        super().__init__(torch.empty((n_tokens, 0)), loss)
+    def __init__(self, image: Image.Image, n_tokens: int, loss: bool, predict_boi: bool = True):
+        super().__init__(torch.empty((n_tokens, 0)), loss, predict_boi)
         self.image = image
 
 
-def prepare_document(doc: Document, encode_text, image_tokenizer, drop_prompt: bool = False) -> TokenizedDoc:
+EDIT_DROPS = ("text", "both")  # the dropped forms of an edit document (`edit_condition`)
+
+
+def edit_condition(doc: Document, drop: str | None) -> tuple[list, list[bool], list[bool]]:
+    """An edit document's segments, loss flags and <boi>-predicted flags under image-guided
+    classifier-free guidance (InstructPix2Pix): `drop` None keeps the document whole; "text" drops
+    the instruction and "both" drops the instruction and the source image (data.edit_drop_text,
+    data.edit_drop_both). A dropped document keeps only its first round. Laid out:
+
+        kept:     [bos] <boi> src <eoi> instruction <boi> edited <eoi> [eos]   (the template's flags)
+        "text":   [bos] <boi> src <eoi> <boi> edited <eoi> [eos]
+        "both":   [bos] <boi> edited <eoi> [eos]
+
+    the positions, ids and attention a sampler's unconditional streams must reproduce: the image
+    stream is the prompt with its text removed (the source image's tokens read clean, positions
+    counting from [bos] = 0 with no gap), the null stream is exactly a dropped t2i caption's form
+    (only [bos] before the <boi>; the sampler's `unconditional()` copy). The edited image's tokens
+    are diffusion targets in both; the [eos] is not trained (as in a dropped t2i caption: the
+    unconditional streams only ever draw), and in the "text" form neither is the <boi> after the
+    source image (after an image comes a caption in the caption task; "draw after any image" would
+    be a false rule). The "both" form trains its <boi> after [bos], as the dropped t2i caption does."""
+    segments, flags = doc.segments, T.loss_flags(doc)
+    boi = [True] * len(segments)
+    if drop is None:
+        return segments, flags, boi
+    if drop not in EDIT_DROPS:
+        raise ValueError(f"unknown edit drop {drop!r}; choose from {EDIT_DROPS} or None")
+    if len(segments) < 3 or not isinstance(segments[0], Image.Image) or not isinstance(segments[2], Image.Image):
+        raise BadSample("bad_item", f"{doc.key!r}: an edit document is image, instruction, image, ...")
+    if drop == "text":
+        return [segments[0], segments[2]], [False, True], [True, False]
+    return [segments[2]], [True], [True]
+
+
+def prepare_document(doc: Document, encode_text, image_tokenizer, drop_prompt: bool = False,
+                     edit_drop: str | None = None) -> TokenizedDoc:
     """Template + text tokenizer: segments with their loss flags (images still pending).
 
     `drop_prompt` is the classifier-free-guidance drop: the prompt segments (the t2i caption)
@@ -86,14 +122,19 @@ def prepare_document(doc: Document, encode_text, image_tokenizer, drop_prompt: b
     `[eos]` is not trained on: the unconditional branch only ever draws, and "an image, then the
     end" would contradict the caption task, whose prompt is that same image (it made captions
     come back empty).
+
+    `edit_drop` ("text" / "both" / None) is an edit document's image-guided CFG drop: `edit_condition`.
     """
     segments, flags = doc.segments, T.loss_flags(doc)
-    if drop_prompt:
+    boi = [True] * len(segments)
+    if edit_drop is not None:
+        segments, flags, boi = edit_condition(doc, edit_drop)
+    elif drop_prompt:
         k = T.split_index(doc.task, segments)
         segments, flags = segments[k:], flags[k:]
     size, n_tokens = image_tokenizer.cfg.image_size, image_tokenizer.num_tokens
     out: TokenizedDoc = []
-    for seg, loss in zip(segments, flags):
+    for seg, loss, predict_boi in zip(segments, flags, boi):
         if isinstance(seg, str):
             ids = encode_text(seg)
             if ids:
@@ -101,8 +142,8 @@ def prepare_document(doc: Document, encode_text, image_tokenizer, drop_prompt: b
         elif seg.size != (size, size):
             raise BadSample("bad_image_size", f"{doc.key!r}: image is {seg.size[0]}x{seg.size[1]}, the tokenizer needs {size}x{size}")
         else:
-            out.append(PendingImage(seg, n_tokens, loss))
-    if drop_prompt:
+            out.append(PendingImage(seg, n_tokens, loss, predict_boi))
+    if drop_prompt or edit_drop is not None:
         out.append(TextSegment([], loss=False))  # no tokens; layout leaves the [eos] after it untrained
     return out
 
@@ -114,13 +155,14 @@ def encode_images(rows: list[list[TokenizedDoc]], image_tokenizer) -> list[list[
         return rows
     tokens = image_tokenizer.encode([p.image for p in pending])  # (n_images, N, d)
     index = {id(p): j for j, p in enumerate(pending)}
-    return [[[ImageSegment(tokens[index[id(seg)]], seg.loss) if isinstance(seg, PendingImage) else seg
+    return [[[ImageSegment(tokens[index[id(seg)]], seg.loss, seg.predict_boi) if isinstance(seg, PendingImage) else seg
               for seg in doc] for doc in row] for row in rows]
 
 
-def tokenize_document(doc: Document, tokenizer, image_tokenizer, drop_prompt: bool = False) -> TokenizedDoc:
+def tokenize_document(doc: Document, tokenizer, image_tokenizer, drop_prompt: bool = False,
+                      edit_drop: str | None = None) -> TokenizedDoc:
     """Document -> TokenizedDoc with the training loss flags (for scoring or inspection)."""
-    pending = prepare_document(doc, tokenizer.encode, image_tokenizer, drop_prompt)
+    pending = prepare_document(doc, tokenizer.encode, image_tokenizer, drop_prompt, edit_drop)
     return encode_images([[pending]], image_tokenizer)[0][0]
 
 
@@ -193,6 +235,8 @@ class _Settings:
     resampled: bool
     loop: bool
     cfg_drop: float
+    edit_drop_text: float
+    edit_drop_both: float
     weights: dict[str, float] | None  # None: natural mix
     tasks: set[str] | None  # only these tasks (val split with weights); None: all
     max_warnings: int
@@ -272,8 +316,12 @@ def run_worker(s: _Settings, worker: int, num_workers: int, state: dict[str, Any
             break
         doc, tag = got
         drop = doc.task in T.CFG_TASKS and s.cfg_drop > 0 and _uniform(s.seed, s.rank, worker, tag, "cfg") < s.cfg_drop
+        edit_drop = None
+        if T.template(doc.task) == "edit" and s.edit_drop_text + s.edit_drop_both > 0:
+            u = _uniform(s.seed, s.rank, worker, tag, "edit")
+            edit_drop = "both" if u < s.edit_drop_both else "text" if u < s.edit_drop_both + s.edit_drop_text else None
         try:
-            tdoc = prepare_document(doc, encode_text, s.image_tokenizer, drop_prompt=drop)
+            tdoc = prepare_document(doc, encode_text, s.image_tokenizer, drop_prompt=drop, edit_drop=edit_drop)
         except BadSample as e:
             stats.add(e.reason, e.detail)
             continue
@@ -317,8 +365,8 @@ def _keep(item: _Item) -> _Item:
 class BatchStream:
     """Iterable of `omni.layout.Batch` for one rank; `state_dict` / `load_state_dict` resume exactly.
 
-    split="train": shuffled, resampled per data.resampled, endless, CFG drop, task weights.
-    split="val": data.val read once in order (every `iter` starts over), no CFG drop; with task
+    split="train": shuffled, resampled per data.resampled, endless, CFG drops, task weights.
+    split="val": data.val read once in order (every `iter` starts over), no CFG drops; with task
     weights only the weighted tasks, in their natural mix. `seed` is the base seed, the same on
     every rank (shard order must agree across ranks); rank and world_size split the shards.
     """
@@ -335,6 +383,10 @@ class BatchStream:
         self.urls = expand_shards(specs)
         train = split == "train"
         weights = {t: float(w) for t, w in data_cfg.task_weights.items() if w > 0}
+        drops = {"data.edit_drop_text": data_cfg.edit_drop_text, "data.edit_drop_both": data_cfg.edit_drop_both}
+        if any(not 0 <= p <= 1 for p in drops.values()) or sum(drops.values()) > 1:
+            raise ValueError(f"edit drop rates {drops} must each lie in [0, 1] and sum to at most 1 "
+                             "(InstructPix2Pix: 0.05 each)")
         if data_cfg.task_weights and not weights:
             raise ValueError(f"data.task_weights {data_cfg.task_weights} gives no task a positive weight")
         resampled = data_cfg.resampled and train
@@ -349,7 +401,9 @@ class BatchStream:
                            boi=tokenizer.boi_id, eoi=tokenizer.eoi_id, img=tokenizer.img_id),
             seq_len=data_cfg.seq_len, batch_size=data_cfg.batch_size, pack=data_cfg.pack, seed=seed, rank=rank,
             world_size=world_size, shuffle_buffer=data_cfg.shuffle_buffer if train else 0, resampled=resampled,
-            loop=train, cfg_drop=data_cfg.cfg_drop if train else 0.0, weights=weights if (weights and train) else None,
+            loop=train, cfg_drop=data_cfg.cfg_drop if train else 0.0,
+            edit_drop_text=data_cfg.edit_drop_text if train else 0.0,
+            edit_drop_both=data_cfg.edit_drop_both if train else 0.0, weights=weights if (weights and train) else None,
             tasks=set(weights) if (weights and not train) else None, max_warnings=data_cfg.max_warnings,
         )
         self._reset()

@@ -361,6 +361,10 @@ class ShapesWorld:
                 out.append((word, to))
         return out
 
+    def edit(self, rng: random.Random, phrasing: str = "template") -> tuple[list, dict[str, Any]]:
+        """A scene, an instruction, the edited scene (and sometimes a second round): `edit_scene`."""
+        return edit_scene(self, rng, phrasing=phrasing)
+
     def text(self, rng: random.Random) -> tuple[list, dict[str, Any]]:
         """A scene described in words only (no image)."""
         k = rng.randint(1, 3)
@@ -432,3 +436,145 @@ def parse_mix(text: str | None) -> dict[str, float]:
 def format_mix(mix: dict[str, float]) -> str:
     """{"t2i": 0.5, "vqa": 0.5} -> `t2i=0.5,vqa=0.5`: the inverse of `parse_mix`."""
     return ",".join(f"{t}={w:g}" for t, w in mix.items())
+
+
+# --------------------------------------------------------------------------------------------
+# Editing: [scene, instruction, edited scene (, instruction 2, edited scene 2)]
+# --------------------------------------------------------------------------------------------
+
+TASKS = (*TASKS, "edit")  # a task of training mixes (`--mix edit=...`); the default mix has none
+EDIT_KINDS = T.EDIT_KINDS  # recolor, move, remove, add, swap
+# Share of edit documents with a second round (an instruction on the edited scene): the second
+# round is scored on its own by `shapes-edit`, so it gets a sizeable share of the documents.
+MULTI_ROUND_SHARE = 0.35
+# Scene sizes (objects) each kind is drawn on: removing or swapping needs two objects, adding needs
+# a shape not yet in the scene (shapes are distinct, so "the circle" names one object).
+EDIT_SCENE_SIZES = {"recolor": (1, 3), "move": (1, 3), "remove": (2, 3), "add": (1, 2), "swap": (2, 3)}
+
+
+def edit_kinds_for(objects: list[dict[str, Any]]) -> list[str]:
+    """The edit kinds that apply to a scene of distinct-shape objects in distinct cells."""
+    return [k for k in EDIT_KINDS if EDIT_SCENE_SIZES[k][0] <= len(objects) <= EDIT_SCENE_SIZES[k][1]]
+
+
+def _edit_name(rng: random.Random, obj: dict[str, Any]) -> str:
+    """`the red circle` or `the circle`: shapes are distinct in an edit scene, so both name one object."""
+    return f"the {obj['color']} {obj['shape']}" if rng.random() < 0.5 else f"the {obj['shape']}"
+
+
+def apply_edit(world: ShapesWorld, rng: random.Random, objects: list[dict[str, Any]], kind: str,
+               phrasing: str = "template") -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One edit of `kind` on `objects` -> (edited objects, record of the edit with its instruction).
+
+    Untouched objects are copied unchanged (colour, shape, size, exact pixel place). A moved or
+    swapped object keeps its size and its offset from its cell's centre in the new cell, as story
+    moves do; an added object is placed in its empty cell as any in-cell object is. The wording is
+    drawn from its own generator (seeded from `rng`), so both phrasings of one seed edit alike."""
+    if kind not in edit_kinds_for(objects):
+        raise ValueError(f"edit kind {kind!r} does not apply to a scene of {len(objects)} object(s); "
+                         f"it needs {EDIT_SCENE_SIZES.get(kind)} objects (kinds: {EDIT_KINDS})")
+    wording = random.Random(rng.getrandbits(64))
+    cells = [world.cell_of(o) for o in objects]
+    out = [dict(o) for o in objects]
+    rec: dict[str, Any] = {"kind": kind}
+
+    def moved(o: dict[str, Any], frm: tuple[int, int], to: tuple[int, int]) -> dict[str, Any]:
+        cx, cy = world._cell_center(frm)
+        return world.in_cell(rng, o["shape"], o["color"], to, o["size"], (o["cx"] - cx, o["cy"] - cy))
+
+    if kind == "recolor":
+        i = rng.randrange(len(objects))
+        color = rng.choice([c for c in COLORS if c != objects[i]["color"]])
+        out[i]["color"] = color
+        rec.update(object=i, color=color)
+        text = T.edit_instruction("recolor", {"obj": _edit_name(wording, objects[i]), "color": color},
+                                  wording, phrasing)
+    elif kind == "move":
+        i = rng.randrange(len(objects))
+        to = rng.choice([c for c in CELLS if c not in cells])
+        out[i] = moved(objects[i], cells[i], to)
+        direction = next((w for w, (dr, dc) in MOVES.items() if (cells[i][0] + dr, cells[i][1] + dc) == to), None)
+        # A neighbouring cell is named by direction half of the time ("move the circle left").
+        if direction and rng.random() < 0.5:
+            text = T.edit_instruction("move_dir", {"obj": _edit_name(wording, objects[i]), "dir": direction},
+                                      wording, phrasing)
+        else:
+            direction = None
+            text = T.edit_instruction("move", {"obj": _edit_name(wording, objects[i]), "place": T.CELL_NAMES[to]},
+                                      wording, phrasing)
+        rec.update(object=i, to=list(to), direction=direction)
+    elif kind == "remove":
+        i = rng.randrange(len(objects))
+        del out[i]
+        rec.update(object=i)
+        text = T.edit_instruction("remove", {"obj": _edit_name(wording, objects[i])}, wording, phrasing)
+    elif kind == "add":
+        shape = rng.choice([s for s in SHAPES if s not in {o["shape"] for o in objects}])
+        to = rng.choice([c for c in CELLS if c not in cells])
+        new = world.in_cell(rng, shape, rng.choice(list(COLORS)), to)
+        out.append(new)
+        rec.update(object=len(objects), to=list(to))
+        text = T.edit_instruction("add", {"new": T.object_phrase(new), "place": T.CELL_NAMES[to]}, wording, phrasing)
+    else:  # swap
+        i, j = rng.sample(range(len(objects)), 2)
+        out[i], out[j] = moved(objects[i], cells[i], cells[j]), moved(objects[j], cells[j], cells[i])
+        rec.update(object=i, other=j)
+        text = T.edit_instruction("swap", {"a": _edit_name(wording, objects[i]), "b": _edit_name(wording, objects[j])},
+                                  wording, phrasing)
+    rec["instruction"] = text
+    return out, rec
+
+
+def edit_scene(world: ShapesWorld, rng: random.Random, kinds: list[str | None] | None = None,
+               phrasing: str = "template") -> tuple[list, dict[str, Any]]:
+    """An edit document: `[scene, instruction, edited scene]`, or with a second round on the edited
+    scene `[scene, instruction 1, edited 1, instruction 2, edited 2]`.
+
+    `kinds` fixes the rounds (one kind or None = drawn, per round); by default a document has two
+    rounds with probability MULTI_ROUND_SHARE and the first kind is drawn uniformly from EDIT_KINDS
+    (the scene is then sized for it), the second from the kinds that apply to the edited scene.
+    meta: source (objects), targets (objects after each round), edits (per round: kind, the object's
+    index in that round's input, colour / cell / direction, instruction), kinds, instructions,
+    phrasing, objects (the final scene)."""
+    if kinds is None:
+        kinds = [None, None] if rng.random() < MULTI_ROUND_SHARE else [None]
+    first = kinds[0] or rng.choice(EDIT_KINDS)
+    lo, hi = EDIT_SCENE_SIZES[first]
+    k = rng.randint(lo, hi)
+    objects = [world.in_cell(rng, s, rng.choice(list(COLORS)), c)
+               for s, c in zip(rng.sample(SHAPES, k), rng.sample(CELLS, k))]
+    segments: list = [render(objects, world.canvas)]
+    meta: dict[str, Any] = {"task": "edit", "phrasing": phrasing, "source": [dict(o) for o in objects],
+                            "targets": [], "edits": []}
+    scene = objects
+    for r, kind in enumerate(kinds):
+        kind = first if r == 0 else (kind or rng.choice(edit_kinds_for(scene)))
+        scene, rec = apply_edit(world, rng, scene, kind, phrasing)
+        segments += [rec["instruction"], render(scene, world.canvas)]
+        meta["targets"].append([dict(o) for o in scene])
+        meta["edits"].append(rec)
+    meta.update(kinds=[e["kind"] for e in meta["edits"]], instructions=[e["instruction"] for e in meta["edits"]],
+                objects=meta["targets"][-1])
+    return segments, meta
+
+
+def edit_documents(n: int, split: str = "val", seed: int = 0, canvas: int = 32, phrasing: str = "template",
+                   rounds: int | None = None) -> Iterator[Document]:
+    """`n` edit documents for evaluation, the kinds in turn (document i's first edit is
+    EDIT_KINDS[i % 5]); `rounds` = 1 or 2 fixes the rounds (None: as training draws them).
+    Document i depends only on (seed, split, i, rounds): its two phrasings edit the same scene the
+    same way, so the template and held-out phrasing splits differ only in their words."""
+    if phrasing not in T.EDIT_PHRASINGS:
+        raise ValueError(f"unknown edit phrasing {phrasing!r}; choose from {list(T.EDIT_PHRASINGS)}")
+    if rounds not in (None, 1, 2):
+        raise ValueError(f"rounds={rounds!r}: an edit document has 1 or 2 rounds (None: drawn)")
+    world = ShapesWorld(canvas)
+    for i in range(n):
+        rng = random.Random(f"omni-shapes-edit/{seed}/{split}/{rounds}/{i}")
+        kinds: list[str | None] | None = None
+        if rounds is not None:
+            kinds = [EDIT_KINDS[i % len(EDIT_KINDS)]] + [None] * (rounds - 1)
+        segments, meta = edit_scene(world, rng, kinds, phrasing)
+        key = f"shapes-edit-{split}-{phrasing}-{i:07d}"
+        meta.update(id=key, canvas=canvas)
+        yield Document.from_segments(segments, meta, key=key)

@@ -11,11 +11,14 @@ prefix the model was trained to continue:
 | digit_read  | image, "this is the digit 7."     | image                     | text                    |
 | vqa         | image, question, answer [, q, a]  | image, question           | answer(s)               |
 | story       | text, image, text, image, ...     | first text                | everything after        |
+| edit        | image, instruction, image [, instruction, image] | image, instruction | the edited image(s) |
 | text / other| text ...                          | (nothing)                 | everything              |
 
 A task named `vqa_<kind>` (a narrower VQA task of a training mix) follows the vqa template. A VQA
 document may ask several questions about its image (question, answer, question, answer, ...):
 every answer is trained on, no question is, and its prompt is everything before the last answer.
+An edit document (the shapes world's `edit`) works the same way: every edited image is trained on,
+neither the source image nor any instruction is (`edit_loss_flags`).
 
 Phrasing is lowercase, short and consistent with a little variety (t2i prompts have a few
 variants; captions, answers and digit texts have one form, so a judge can parse them).
@@ -57,6 +60,8 @@ def template(task: str | None) -> str | None:
 def split_index(task: str | None, segments: Sequence[Segment]) -> int:
     """Number of leading segments that form the prompt of a document of `task`."""
     task = template(task)
+    if task == "edit":
+        return min(2, len(segments))  # the source image and the (first) instruction
     if task in ("t2i", "digit_t2i"):
         return _first(segments, Image.Image)  # everything before the first image
     if task in ("caption", "digit_read"):
@@ -82,6 +87,8 @@ def split_prompt(doc: Document | Sequence[Segment], task: str | None = None) -> 
 def loss_flags(doc: Document) -> list[bool]:
     """Which segments are trained on: the answer part of `split_prompt`, and in a VQA document
     every answer (the texts after the image alternate question, answer)."""
+    if template(doc.task) == "edit":
+        return edit_loss_flags(doc.segments)
     if template(doc.task) == "vqa":
         k = _first(doc.segments, str)
         return [i >= k and (i - k) % 2 == 1 for i in range(len(doc))]
@@ -245,3 +252,61 @@ def parse_digit(text: str) -> int | None:
 
     m = re.search(r"digit\s*(\d)", text) or re.search(r"(\d)", text)
     return int(m.group(1)) if m else None
+
+
+# --------------------------------------------------------------------------------------------
+# Editing phrasing (the shapes world's `edit` task)
+# --------------------------------------------------------------------------------------------
+
+EDIT_KINDS = ("recolor", "move", "remove", "add", "swap")
+# Instruction wordings per edit kind. Training documents use "template"; "heldout" wordings never
+# occur in training and make the held-out phrasing split of the `shapes-edit` benchmark. Slots:
+# {obj} the edited object ("the red circle" or "the circle"), {color} its new colour, {place} a
+# cell ("top right"), {dir} a direction ("left", "to the left", "up"), {new} the added object
+# ("a red circle"), {a} {b} the swapped objects. `move_dir` is a move said as a direction.
+EDIT_PHRASINGS: dict[str, dict[str, tuple[str, ...]]] = {
+    "template": {
+        "recolor": ("make {obj} {color}", "change {obj} to {color}", "turn {obj} {color}",
+                    "color {obj} {color}", "paint {obj} {color}"),
+        "move": ("move {obj} to the {place}", "put {obj} in the {place}"),
+        "move_dir": ("move {obj} {dir}",),
+        "remove": ("remove {obj}", "delete {obj}", "take away {obj}"),
+        "add": ("put {new} in the {place}", "add {new} at the {place}", "add {new} in the {place}",
+                "draw {new} at the {place}"),
+        "swap": ("swap {a} and {b}", "swap {a} with {b}", "switch {a} and {b}"),
+    },
+    "heldout": {
+        "recolor": ("{obj} should be {color}", "can you make {obj} {color}?", "recolor {obj} {color}"),
+        "move": ("shift {obj} to the {place}", "can you move {obj} to the {place}?", "place {obj} at the {place}"),
+        "move_dir": ("shift {obj} {dir}", "slide {obj} {dir}"),
+        "remove": ("erase {obj}", "get rid of {obj}", "can you remove {obj}?"),
+        "add": ("insert {new} at the {place}", "place {new} in the {place}", "can you add {new} at the {place}?"),
+        "swap": ("exchange {a} and {b}", "let {a} and {b} trade places", "can you swap {a} and {b}?"),
+    },
+}
+EDIT_DIRECTIONS = {"left": ("left", "to the left"), "right": ("right", "to the right"), "up": ("up",), "down": ("down",)}
+
+
+def edit_instruction(kind: str, slots: dict[str, str], rng: Any, phrasing: str = "template") -> str:
+    """An edit instruction in one of `phrasing`'s wordings (`kind` one of EDIT_KINDS or move_dir).
+
+    Surface variety as people type: a final period or none, and now and then a capital first letter
+    (questions keep their "?"). `rng` is a random.Random; its draws depend only on the kind."""
+    if phrasing not in EDIT_PHRASINGS:
+        raise ValueError(f"unknown edit phrasing {phrasing!r}; choose from {list(EDIT_PHRASINGS)}")
+    words = dict(slots)
+    if "dir" in words:
+        words["dir"] = rng.choice(EDIT_DIRECTIONS[words["dir"]])
+    text = rng.choice(EDIT_PHRASINGS[phrasing][kind]).format(**words)
+    if not text.endswith("?") and rng.random() < 0.5:
+        text += "."
+    if rng.random() < 0.25:
+        text = text[0].upper() + text[1:]
+    return text
+
+
+def edit_loss_flags(segments: Sequence[Segment]) -> list[bool]:
+    """An edit document `source image, instruction, edited image [, instruction, edited image]`:
+    every edited image is trained on; the source image (read clean, as a prompt image) and every
+    instruction are only read (a later instruction is the user's, not the model's, to write)."""
+    return [i >= 2 and isinstance(s, Image.Image) for i, s in enumerate(segments)]
