@@ -22,7 +22,7 @@ from omni.tokenizers.text import train_sentencepiece
 WORLD = shapes.ShapesWorld(32)
 
 
-def _docs(n: int, seed: int = 0, phrasing: str = "template"):
+def _docs(n: int, seed: int = 0, phrasing: str = "train"):
     out = []
     for i in range(n):
         segments, meta = WORLD.edit(random.Random(f"edit-test/{seed}/{i}"), phrasing=phrasing)
@@ -130,10 +130,10 @@ def _wording(text: str, phrasing: str) -> list[str]:
 
 def test_heldout_wordings_never_occur_in_training_documents():
     train = [i for _, m in _docs(400) for i in m["instructions"]]
-    assert all(_wording(t, "template") and not _wording(t, "heldout") for t in train), \
+    assert all(_wording(t, "train") and not _wording(t, "heldout") for t in train), \
         [t for t in train if _wording(t, "heldout")]
-    used = {w for t in train for w in _wording(t, "template")}
-    assert used == {w for ws in T.EDIT_PHRASINGS["template"].values() for w in ws}  # every wording used
+    used = {w for t in train for w in _wording(t, "train")}
+    assert used == {w for ws in T.EDIT_PHRASINGS["train"].values() for w in ws}  # every wording used
     forms = Counter((t.endswith("."), t[0].isupper()) for t in train)
     assert len(forms) == 4  # with and without a final period, with and without a capital
     held = [i for _, m in _docs(100, phrasing="heldout") for i in m["instructions"]]
@@ -147,6 +147,7 @@ def test_benchmark_documents_pair_the_two_phrasings_and_cycle_the_kinds():
     for a, b in zip(tpl, held):
         assert len(a.meta["edits"]) == 2 and a.meta["targets"] == b.meta["targets"]
         assert a.meta["source"] == b.meta["source"] and a.texts != b.texts
+        assert (a.meta["phrasing"], b.meta["phrasing"]) == ("train", "heldout")  # "template": the training wordings
     one = next(iter(shapes.edit_documents(1, rounds=1)))
     assert len(one) == 3
     with pytest.raises(ValueError, match="phrasing"):

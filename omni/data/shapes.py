@@ -361,9 +361,10 @@ class ShapesWorld:
                 out.append((word, to))
         return out
 
-    def edit(self, rng: random.Random, phrasing: str = "template") -> tuple[list, dict[str, Any]]:
-        """A scene, an instruction, the edited scene (and sometimes a second round): `edit_scene`."""
-        return edit_scene(self, rng, phrasing=phrasing)
+    def edit(self, rng: random.Random, phrasing: str | None = None) -> tuple[list, dict[str, Any]]:
+        """A scene, an instruction, the edited scene (and sometimes a second round): `edit_scene`;
+        worded as `phrasing` says (train, template or heldout), by default as the world's own."""
+        return edit_scene(self, rng, phrasing=phrasing or getattr(self, "phrasing", "train"))
 
     def text(self, rng: random.Random) -> tuple[list, dict[str, Any]]:
         """A scene described in words only (no image)."""
@@ -463,7 +464,7 @@ def _edit_name(rng: random.Random, obj: dict[str, Any]) -> str:
 
 
 def apply_edit(world: ShapesWorld, rng: random.Random, objects: list[dict[str, Any]], kind: str,
-               phrasing: str = "template") -> tuple[list[dict[str, Any]], dict[str, Any]]:
+               phrasing: str = "train") -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """One edit of `kind` on `objects` -> (edited objects, record of the edit with its instruction).
 
     Untouched objects are copied unchanged (colour, shape, size, exact pixel place). A moved or
@@ -526,7 +527,7 @@ def apply_edit(world: ShapesWorld, rng: random.Random, objects: list[dict[str, A
 
 
 def edit_scene(world: ShapesWorld, rng: random.Random, kinds: list[str | None] | None = None,
-               phrasing: str = "template") -> tuple[list, dict[str, Any]]:
+               phrasing: str = "train") -> tuple[list, dict[str, Any]]:
     """An edit document: `[scene, instruction, edited scene]`, or with a second round on the edited
     scene `[scene, instruction 1, edited 1, instruction 2, edited 2]`.
 
@@ -544,7 +545,7 @@ def edit_scene(world: ShapesWorld, rng: random.Random, kinds: list[str | None] |
     objects = [world.in_cell(rng, s, rng.choice(list(COLORS)), c)
                for s, c in zip(rng.sample(SHAPES, k), rng.sample(CELLS, k))]
     segments: list = [render(objects, world.canvas)]
-    meta: dict[str, Any] = {"task": "edit", "phrasing": phrasing, "source": [dict(o) for o in objects],
+    meta: dict[str, Any] = {"task": "edit", "phrasing": T.edit_phrasing(phrasing), "source": [dict(o) for o in objects],
                             "targets": [], "edits": []}
     scene = objects
     for r, kind in enumerate(kinds):
@@ -558,14 +559,13 @@ def edit_scene(world: ShapesWorld, rng: random.Random, kinds: list[str | None] |
     return segments, meta
 
 
-def edit_documents(n: int, split: str = "val", seed: int = 0, canvas: int = 32, phrasing: str = "template",
+def edit_documents(n: int, split: str = "val", seed: int = 0, canvas: int = 32, phrasing: str = "train",
                    rounds: int | None = None) -> Iterator[Document]:
     """`n` edit documents for evaluation, the kinds in turn (document i's first edit is
     EDIT_KINDS[i % 5]); `rounds` = 1 or 2 fixes the rounds (None: as training draws them).
     Document i depends only on (seed, split, i, rounds): its two phrasings edit the same scene the
     same way, so the template and held-out phrasing splits differ only in their words."""
-    if phrasing not in T.EDIT_PHRASINGS:
-        raise ValueError(f"unknown edit phrasing {phrasing!r}; choose from {list(T.EDIT_PHRASINGS)}")
+    phrasing = T.edit_phrasing(phrasing)
     if rounds not in (None, 1, 2):
         raise ValueError(f"rounds={rounds!r}: an edit document has 1 or 2 rounds (None: drawn)")
     world = ShapesWorld(canvas)

@@ -259,13 +259,14 @@ def parse_digit(text: str) -> int | None:
 # --------------------------------------------------------------------------------------------
 
 EDIT_KINDS = ("recolor", "move", "remove", "add", "swap")
-# Instruction wordings per edit kind. Training documents use "template"; "heldout" wordings never
+# Instruction wordings per edit kind. Training documents use "train" (also the benchmark's template
+# split; "template" names it too, as omni.data.phrasing's fixed mode); "heldout" wordings never
 # occur in training and make the held-out phrasing split of the `shapes-edit` benchmark. Slots:
 # {obj} the edited object ("the red circle" or "the circle"), {color} its new colour, {place} a
 # cell ("top right"), {dir} a direction ("left", "to the left", "up"), {new} the added object
 # ("a red circle"), {a} {b} the swapped objects. `move_dir` is a move said as a direction.
 EDIT_PHRASINGS: dict[str, dict[str, tuple[str, ...]]] = {
-    "template": {
+    "train": {
         "recolor": ("make {obj} {color}", "change {obj} to {color}", "turn {obj} {color}",
                     "color {obj} {color}", "paint {obj} {color}"),
         "move": ("move {obj} to the {place}", "put {obj} in the {place}"),
@@ -287,13 +288,20 @@ EDIT_PHRASINGS: dict[str, dict[str, tuple[str, ...]]] = {
 EDIT_DIRECTIONS = {"left": ("left", "to the left"), "right": ("right", "to the right"), "up": ("up",), "down": ("down",)}
 
 
-def edit_instruction(kind: str, slots: dict[str, str], rng: Any, phrasing: str = "template") -> str:
+def edit_phrasing(phrasing: str) -> str:
+    """The EDIT_PHRASINGS key of a phrasing mode: train / template (the training wordings) or heldout."""
+    key = "train" if phrasing == "template" else phrasing
+    if key not in EDIT_PHRASINGS:
+        raise ValueError(f"unknown edit phrasing {phrasing!r}; choose from train (or template), heldout")
+    return key
+
+
+def edit_instruction(kind: str, slots: dict[str, str], rng: Any, phrasing: str = "train") -> str:
     """An edit instruction in one of `phrasing`'s wordings (`kind` one of EDIT_KINDS or move_dir).
 
     Surface variety as people type: a final period or none, and now and then a capital first letter
     (questions keep their "?"). `rng` is a random.Random; its draws depend only on the kind."""
-    if phrasing not in EDIT_PHRASINGS:
-        raise ValueError(f"unknown edit phrasing {phrasing!r}; choose from {list(EDIT_PHRASINGS)}")
+    phrasing = edit_phrasing(phrasing)
     words = dict(slots)
     if "dir" in words:
         words["dir"] = rng.choice(EDIT_DIRECTIONS[words["dir"]])
