@@ -28,8 +28,11 @@ SCORECARD = {
     "digits-t2i": 0.90,
     "digits-read": 0.90,
     "shapes-story": None,
+    "shapes-edit": 0.80,
 }
 STORY_TARGETS = {"structure": 0.95, "state_accuracy": 0.60}
+# shapes-edit: every edit kind and the second round (on the model's own first result) >= 0.60.
+EDIT_TARGETS = {"kind": 0.60, "second_round": 0.60}
 # GenEval draws 4 images per prompt; so does the demo's shapes-t2i (a steadier estimate).
 SAMPLES_PER_PROMPT = {"shapes-t2i": 4}
 # VQA reads a held-out set of its own, 1,000 questions (a few seconds to answer): the ~60 questions
@@ -136,6 +139,8 @@ def evaluate_all(out: Path, model, paths: dict[str, str], limit: int | None) -> 
     results = {}
     for name in SCORECARD:
         data = paths["digits"] if name.startswith("digits") else paths["shapes"]
+        if name == "shapes-edit":
+            data = None  # it makes its own held-out edits (validation-split scenes, two phrasings)
         n = limit
         if name == "shapes-vqa":
             data, n = paths["shapes_vqa"], limit or VQA_QUESTIONS
@@ -160,6 +165,10 @@ def scorecard(results: dict[str, dict]) -> str:
             if name == "shapes-story":
                 parts += [f"{k} {_fmt(v)} (target {STORY_TARGETS[k]})" if k in STORY_TARGETS else f"{k} {_fmt(v)}"
                           for k, v in scores.items()]
+            elif name == "shapes-edit":
+                goal = EDIT_TARGETS.get(task, EDIT_TARGETS["kind"])
+                parts += [f"{task} {_fmt(scores['correct'])} (target {goal})"]
+                parts += [f"{task} {k} {_fmt(v)}" for k, v in scores.items() if k != "correct"]
             elif len(scores) == 1:
                 parts.append(f"{task} {_fmt(next(iter(scores.values())))}")
         parts += [f"{k} {_fmt(v)}" for k, v in res.get("metrics", {}).items()]

@@ -45,7 +45,8 @@ def test_quick_demo_learns(tmp_path):
     assert "train" not in vqa and vqa["val"]["tasks"] == {"vqa": 200}
 
     scores = json.loads((out / "scorecard.json").read_text())
-    assert set(scores) == {"shapes-t2i", "shapes-vqa", "shapes-caption", "shapes-story", "digits-t2i", "digits-read"}
+    assert set(scores) == {"shapes-t2i", "shapes-vqa", "shapes-caption", "shapes-story", "shapes-edit", "digits-t2i",
+                           "digits-read"}
     # Chance: a VQA answer is one of 6 colours / 3 shapes / 4 counts / 4 positions (~0.25 averaged);
     # a digit one of 10 (0.1).
     # Measured after the quick demo's 400 steps, which give digit_read 0.12 of 1.08 (omni/demo.py):

@@ -8,6 +8,7 @@ They need no model weights beyond the one under test, so they run anywhere (CPU 
 | shapes-vqa      | image + question -> answer    | exact answer accuracy (per question type)               |
 | shapes-caption  | image -> caption              | caption parsed and checked against the scene            |
 | shapes-story    | opening text -> continuation  | structure (ISG-Bench) + per-image state accuracy        |
+| shapes-edit     | image + instruction -> image, twice | exactly the target scene (per edit kind, 2nd round, two phrasings) |
 | digits-t2i      | "draw the digit 7." -> image  | independent classifier accuracy + Fréchet distance      |
 | digits-read     | image -> "this is the digit 7." | reading accuracy on held-out real digits              |
 
@@ -26,6 +27,7 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
+from omni.data.templates import EDIT_KINDS
 from omni.eval.benchmark import (
     Benchmark,
     EvalSample,
@@ -262,6 +264,109 @@ class ShapesStory(Benchmark):
         return res
 
 
+class ShapesEdit(Benchmark):
+    """Image editing: the model reads `[source image, instruction]` and draws the edited scene,
+    judged as exactly the target scene's objects (shape, colour, place) and nothing else.
+
+    Held-out scenes: the shapes world's edit documents of the validation split, generated here
+    (`omni.data.shapes.edit_documents`, seeded apart from training), each with two rounds whose
+    first kind cycles recolor, move, remove, add, swap. Every scene is asked twice: in the training
+    wordings (the template split) and in wordings training never shows (the held-out phrasing
+    split), so the two splits differ only in their words.
+
+    The second round's prompt is the whole conversation with the model's OWN first result:
+    `[source, instruction 1, result 1, instruction 2]`, judged against the ground-truth scene after
+    both edits. That is editing as a user meets it (chat's "now move it to the left" continues from
+    what the model drew) and as training lays out a two-round document; a wrong first result makes
+    the second wrong too, so `after_correct_first` (second-round accuracy where the first was right)
+    gives the second-round skill on its own.
+
+    overall = mean over the five kinds of the template split's first-round accuracy (GenEval's
+    equal task weights); tasks: each kind, and `second_round`; metrics: the same on the held-out
+    phrasing split (`heldout_*`).
+    """
+
+    name = "shapes-edit"
+    description = "image editing on the shapes world: the drawn scene must be exactly the target scene"
+    tasks = (*EDIT_KINDS, "second_round")
+    gen_defaults: ClassVar[dict[str, Any]] = {}
+    default_count = 100  # scenes (20 per kind), each in both phrasings: 200 samples of 2 rounds
+    judge_version = 1
+    splits = ("template", "heldout")
+
+    def samples(self, data, limit):
+        from omni.data.shapes import edit_documents
+
+        if data:
+            raise ValueError(
+                f"shapes-edit makes its own held-out edits (validation-split scenes asked in the training "
+                f"and in held-out wordings); run it without --data (got {data!r})"
+            )
+        n = limit if limit is not None else self.default_count
+        out = []
+        for split in self.splits:
+            for doc in edit_documents(n, split="val", seed=TEST_SEED, phrasing=split, rounds=2):
+                targets = doc.meta["targets"]
+                ref = {"split": split, "kinds": doc.meta["kinds"], "instructions": doc.meta["instructions"],
+                       "source": doc.meta["source"], "targets": targets, "canvas": int(doc.meta["canvas"])}
+                out.append(EvalSample(id=f"{doc.key}-{doc.meta['kinds'][0]}", task=doc.meta["kinds"][0],
+                                      prompt=doc.segments[:2], mode="image", reference=ref,
+                                      answer=doc.segments[2:]))
+        return out
+
+    def generate(self, model, samples, cfg, seeds):
+        from omni.inference.generate import generate
+
+        first = generate(model, [s.prompt for s in samples], cfg, seeds=seeds, mode="image")
+        results = []
+        for s, r in zip(samples, first):
+            canvas = s.reference["canvas"]
+            results.append(r.images[0] if r.images else Image.new("RGB", (canvas, canvas), "white"))
+        prompts = [[*s.prompt, img, s.reference["instructions"][1]] for s, img in zip(samples, results)]
+        second = generate(model, prompts, cfg, seeds=seeds, mode="image")
+        return [Output(list(r1.segments), r1.finish_reason, dict(r1.settings),
+                       extra={"round2": [s.reference["instructions"][1], *r2.segments]})
+                for s, r1, r2 in zip(samples, first, second)]
+
+    def score(self, sample, output, judge):
+        ref = sample.reference
+        scores: dict[str, Any] = {}
+        for r, segments in enumerate((output.segments, output.extra.get("round2", [])), start=1):
+            images = output_images(segments)
+            if not images:
+                scores[f"round{r}"], scores[f"_round{r}"] = 0.0, ["no image generated"]
+                continue
+            ok, diffs, _ = SJ.edit_matches(images[0], ref["targets"][r - 1], ref["canvas"])
+            scores[f"round{r}"], scores[f"_round{r}"] = float(ok), diffs
+        return scores
+
+    def aggregate(self, records, run_dir):
+        def mean(vals):
+            return round(sum(vals) / len(vals), 6) if vals else "not computed"
+
+        def split_scores(rows):
+            kinds = {k: [r for r in rows if r["task"] == k] for k in EDIT_KINDS}
+            per_kind = {k: {"n": len(v), "correct": mean([r["scores"]["round1"] for r in v])}
+                        for k, v in kinds.items() if v}
+            after = [r["scores"]["round2"] for r in rows if r["scores"]["round1"] == 1.0]
+            second = {"n": len(rows), "correct": mean([r["scores"]["round2"] for r in rows]),
+                      "after_correct_first": mean(after)}
+            firsts = [m["correct"] for m in per_kind.values() if isinstance(m["correct"], float)]
+            return per_kind, second, mean(firsts)
+
+        by_split = {sp: [r for r in records if r["reference"]["split"] == sp] for sp in self.splits}
+        tasks, second, overall = split_scores(by_split["template"])
+        if by_split["template"]:
+            tasks["second_round"] = second
+        metrics: dict[str, Any] = {}
+        if by_split["heldout"]:
+            kinds, second, held = split_scores(by_split["heldout"])
+            metrics["heldout_phrasing"] = held
+            metrics.update({f"heldout_{k}": m["correct"] for k, m in kinds.items()})
+            metrics["heldout_second_round"] = second["correct"]
+        return {"overall": overall, "tasks": tasks, "metrics": metrics}
+
+
 # --------------------------------------------------------------------------------------------
 # Digits
 # --------------------------------------------------------------------------------------------
@@ -356,7 +461,7 @@ class DigitsRead(_Digits):
         return {"correct": float(pred == sample.reference["digit"]), "_predicted": pred}
 
 
-BUILTIN = {b.name: b for b in (ShapesT2I, ShapesVQA, ShapesCaption, ShapesStory, DigitsT2I, DigitsRead)}
+BUILTIN = {b.name: b for b in (ShapesT2I, ShapesVQA, ShapesCaption, ShapesStory, ShapesEdit, DigitsT2I, DigitsRead)}
 
 
 def oracle_output(sample: EvalSample) -> Output:
@@ -364,4 +469,6 @@ def oracle_output(sample: EvalSample) -> Output:
     out = Output(list(sample.answer))
     if "steps" in sample.reference:
         out.extra["guided"] = output_images(sample.answer)
+    if "targets" in sample.reference:  # shapes-edit: the first result, then the second round
+        out = Output(list(sample.answer[:1]), extra={"round2": list(sample.answer[1:])})
     return out

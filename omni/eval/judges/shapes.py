@@ -227,19 +227,18 @@ def check_spec(dets: list[Detection], spec: dict[str, Any]) -> tuple[bool, list[
     return not reasons, reasons
 
 
-def state_matches(
-    dets: list[Detection], objects: list[dict[str, Any]], canvas: int, tolerance: float = 0.125
-) -> bool:
-    """Does an image show exactly `objects`: shape, colour, centre within `tolerance` x canvas?
-
-    Used for story frames, where every object's state (colour, shape, place) is ground truth.
-    `objects` use the data schema (cx, cy in pixels). The default tolerance (4 px at 32) allows
-    the data's 2 px jitter but not a move to another cell (16 px away).
+def scene_differences(
+    dets: list[Detection], objects: list[dict[str, Any]], canvas: int, tolerance: float = 0.125,
+    ignore_unknown: bool = True,
+) -> list[str]:
+    """How detections differ from the scene `objects`: each object with no detection of its shape
+    and colour within `tolerance` x canvas of its centre ("missing ..."), then each detection left
+    over ("extra ..."); empty when the image shows exactly `objects`. Objects are matched in order,
+    each to its nearest free detection. `ignore_unknown` leaves regions of no known shape out (a
+    story frame's rule); False counts them as extra (an edit must leave nothing else behind).
     """
-    shaped = [d for d in dets if d.shape != "unknown"]
-    if len(shaped) != len(objects):
-        return False
-    free = list(shaped)
+    free = [d for d in dets if not (ignore_unknown and d.shape == "unknown")]
+    missing = []
     for obj in objects:
         best = None
         for d in free:
@@ -248,9 +247,34 @@ def state_matches(
                 if err <= tolerance * canvas and (best is None or err < best[0]):
                     best = (err, d)
         if best is None:
-            return False
-        free.remove(best[1])
-    return True
+            missing.append(obj)
+        else:
+            free.remove(best[1])
+    return ([f"missing {o['color']} {o['shape']} at ({o['cx']}, {o['cy']})" for o in missing]
+            + [f"extra {d.color} {d.shape} at ({d.cx:g}, {d.cy:g})" for d in free])
+
+
+def state_matches(
+    dets: list[Detection], objects: list[dict[str, Any]], canvas: int, tolerance: float = 0.125
+) -> bool:
+    """Does an image show exactly `objects`: shape, colour, centre within `tolerance` x canvas?
+
+    Used for story frames, where every object's state (colour, shape, place) is ground truth.
+    `objects` use the data schema (cx, cy in pixels). The default tolerance (4 px at 32) allows
+    the data's 2 px jitter but not a move to another cell (16 px away). Regions of no known shape
+    are not counted.
+    """
+    return not scene_differences(dets, objects, canvas, tolerance)
+
+
+def edit_matches(image: Image.Image | np.ndarray, objects: list[dict[str, Any]], canvas: int
+                 ) -> tuple[bool, list[str], list[Detection]]:
+    """An edited image against its target scene: (exactly the target's objects and nothing else,
+    the differences, the detections). Stricter than a story frame: a region of no known shape (a
+    remnant of a moved or removed object, a smear) is an extra object."""
+    dets = detect(image)
+    diffs = scene_differences(dets, objects, canvas, ignore_unknown=False)
+    return not diffs, diffs, dets
 
 
 def geneval_spec(meta: dict[str, Any]) -> dict[str, Any]:
