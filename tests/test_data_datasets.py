@@ -76,11 +76,22 @@ def _check_relation(objects: list[dict], rel: dict) -> None:
         assert (dy < 0) == (rel["rel"] == "above") and gap_y >= 2 and abs(dx) < abs(dy) / 2
 
 
+def _named(words: str, text: str) -> list[str]:
+    """The words of `words` (a regex alternation) that `text` names, in order."""
+    return re.findall(rf"\b({words})\b", text.lower())
+
+
+SHAPE_WORDS, COLOR_WORDS = "|".join(shapes.SHAPES), "|".join(shapes.COLORS)
+
+
 def _check_semantics(record: dict) -> None:
+    """The texts say what the pictures show, in any phrasing (omni.data.phrasing) of the requests."""
     meta, texts = record["meta"], [t for t in record["texts"] if t is not None]
     task = meta["task"]
     if task in ("t2i", "caption"):
-        objects, text = meta["objects"], texts[0]
+        # a caption document may ask for its caption first ("describe it"): the caption is last
+        objects, text = meta["objects"], (texts[0] if task == "t2i" else texts[-1]).lower()
+        assert task == "t2i" or text == T.caption_text(objects, meta.get("relation"), meta["subtask"] == "counting")
         for o in objects:
             assert o["shape"] in text
             if task == "caption" or "color" in meta.get("named", ["color"]):
@@ -98,31 +109,32 @@ def _check_semantics(record: dict) -> None:
         assert answer == meta["answer"]
         qt = meta["question_type"]
         if qt == "color":
-            shape = re.search(r"the (\w+)\?", question).group(1)
+            (shape,) = _named(SHAPE_WORDS, question)
             (obj,) = [o for o in objects if o["shape"] == shape]
             assert answer == obj["color"]
         elif qt == "shape":
-            color = re.search(r"the (\w+) object", question).group(1)
+            (color,) = _named(COLOR_WORDS, question)
             (obj,) = [o for o in objects if o["color"] == color]
             assert answer == obj["shape"]
         elif qt == "count":
-            shape = re.search(r"how many (\w+)s are", question).group(1)
-            assert answer == T.number_word(sum(o["shape"] == shape for o in objects))
+            (shape,) = _named("|".join(s + "s" for s in shapes.SHAPES), question)
+            assert answer == T.number_word(sum(o["shape"] + "s" == shape for o in objects))
         elif "relation" in meta:
             _check_relation(objects, meta["relation"])
             assert answer == meta["relation"]["rel"].split()[0]
         else:
-            by_color = re.search(r"where is the (\w+) object\?", question)
+            by_color = _named(COLOR_WORDS, question)
             if by_color:
-                (obj,) = [o for o in objects if o["color"] == by_color.group(1)]
+                (obj,) = [o for o in objects if o["color"] == by_color[0]]
             else:
-                shape = re.search(r"where is the (\w+)\?", question).group(1)
+                (shape,) = _named(SHAPE_WORDS, question)
                 (obj,) = [o for o in objects if o["shape"] == shape]
             row, col = int(obj["cy"] >= meta["canvas"] // 2), int(obj["cx"] >= meta["canvas"] // 2)
             assert answer == T.CELL_NAMES[(row, col)]
     elif task == "story":
         assert 3 <= len(meta["steps"]) <= 4 and len(texts) == len(meta["steps"])
-        assert texts[0].startswith(f"a story in {T.number_word(len(meta['steps']))} pictures. ")
+        opening = rf"(tell (me )?|please tell )?a story in {T.number_word(len(meta['steps']))} pictures[.:] "
+        assert re.match(opening, texts[0], re.IGNORECASE), texts[0]
         for prev, step, text in zip(meta["steps"], meta["steps"][1:], texts[1:]):
             before = {o["shape"]: o for o in prev["objects"]}
             after = {o["shape"]: o for o in step["objects"]}
@@ -203,7 +215,7 @@ def test_vqa_binding_task_asks_attributes_of_one_object_among_several(tmp_path):
     kinds = Counter(r["meta"]["question_type"] for r, _ in records)
     sizes = Counter(len(r["meta"]["objects"]) for r, _ in records)
     assert set(kinds) == {"color", "shape", "position"} and min(kinds.values()) >= 10
-    assert all(r["meta"]["question"].endswith("object?") for r, _ in records if r["meta"]["question_type"] == "position")
+    assert all(_named(COLOR_WORDS, r["meta"]["question"]) for r, _ in records if r["meta"]["question_type"] == "position")
     assert set(sizes) == {2, 3} and min(sizes.values()) >= 15
     for record, images in records:
         _check_semantics(record)
@@ -236,13 +248,14 @@ def test_vqa_multi_asks_several_questions_about_one_picture_and_trains_every_ans
         for q, a in zip(questions, answers):  # every answer checked against the scene on its own
             one = {**meta, "task": "vqa", "question": q, "answer": a}
             one.pop("relation", None)
-            rel = re.search(r"is the (\w+) (?:left or right of|above or below) the (\w+)\?", q)
-            if rel:
+            if a in ("left", "right", "above", "below"):
+                first, second = _named(SHAPE_WORDS, q)
                 by_shape = {o["shape"]: i for i, o in enumerate(meta["objects"])}
                 word = {"left": "left of", "right": "right of"}.get(a, a)
-                one["relation"] = {"a": by_shape[rel.group(1)], "b": by_shape[rel.group(2)], "rel": word}
-            one["question_type"] = ("color" if q.startswith("what color") else "shape" if q.startswith("what shape")
-                                    else "count" if q.startswith("how many") else "position")
+                one["relation"] = {"a": by_shape[first], "b": by_shape[second], "rel": word}
+            low = q.lower()
+            one["question_type"] = ("color" if re.search("colou?r", low) else "shape" if "shape" in low
+                                    else "count" if "how many" in low or "count" in low else "position")
             kinds[one["question_type"]] += 1
             _check_semantics({"meta": one, "texts": [None, q, a]})
         _check_pixels(images[0], _image_objects(meta)[0])
@@ -302,9 +315,11 @@ def test_digits_split_and_rendering(tmp_path):
     for d in docs[:40]:
         im = next(i for i in d.images if i is not None)
         assert np.array_equal(np.asarray(im), images[by_index[d.meta["index"]]])
-        text = next(t for t in d.texts if t is not None)
-        assert T.parse_digit(text) == d.meta["digit"] == labels[by_index[d.meta["index"]]]
-        assert text == (T.digit_t2i_text(d.meta["digit"]) if d.task == "digit_t2i" else T.digit_read_text(d.meta["digit"]))
+        texts = [t for t in d.texts if t is not None]
+        # a drawing request in any phrasing names the digit; a reading (after an optional request) has one form
+        assert T.parse_digit(texts[0] if d.task == "digit_t2i" else texts[-1]) == d.meta["digit"]
+        assert d.meta["digit"] == labels[by_index[d.meta["index"]]]
+        assert d.task == "digit_t2i" or texts[-1] == T.digit_read_text(d.meta["digit"])
 
 
 def test_templates_split_prompt_and_loss_flags():
@@ -314,13 +329,15 @@ def test_templates_split_prompt_and_loss_flags():
         "digit_t2i": (["draw the digit 3.", img], 1),
         "caption": ([img, "a red circle."], 1),
         "digit_read": ([img, "this is the digit 3."], 1),
+        "caption_request": ([img, "describe it", "a red circle."], 2),  # task "caption", a request asked
+        "digit_read_request": ([img, "what digit is this?", "this is the digit 3."], 2),
         "vqa": ([img, "what color is the circle?", "red"], 2),
         "story": (["a red circle at the top left.", img, "the circle moves right.", img], 1),
         "text": (["a red circle at the top left."], 0),
         "interleaved": (["x", img, "y"], 0),
     }
     for task, (segments, k) in cases.items():
-        doc = Document.from_segments(segments, {"task": task})
+        doc = Document.from_segments(segments, {"task": task.removesuffix("_request")})
         prompt, answer = T.split_prompt(doc)
         assert prompt == segments[:k] and answer == segments[k:]
         assert T.loss_flags(doc) == [False] * k + [True] * (len(segments) - k)

@@ -1,8 +1,8 @@
 """`omni data ...`: write the built-in datasets, convert foreign ones, train a text tokenizer.
 
     omni data shapes    --out DIR [--train N --val N --shard-size N --seed S --size 32 --mix t2i=0.5,...
-                                   --val-mix t2i=0.5,...]
-    omni data digits    --out DIR [--size 32 --shard-size N]
+                                   --val-mix t2i=0.5,... --phrasing train|heldout|template]
+    omni data digits    --out DIR [--size 32 --shard-size N --phrasing train|heldout|template]
     omni data tokenizer --shards SPEC [SPEC ...] --out DIR [--vocab-size N]
     omni data convert   --format mmc4|comm --input FILE [FILE ...] --out DIR [--size 32]
     omni data inspect   SPEC [SPEC ...]
@@ -23,14 +23,14 @@ def run_shapes(args: argparse.Namespace) -> int:
     from omni.data.writers import write_shapes
 
     write_shapes(args.out, args.train, args.val, seed=args.seed, canvas=args.size, mix=args.mix,
-                 val_mix=args.val_mix, shard_size=args.shard_size, force=args.force)
+                 val_mix=args.val_mix, shard_size=args.shard_size, force=args.force, phrasing=args.phrasing)
     return 0
 
 
 def run_digits(args: argparse.Namespace) -> int:
     from omni.data.writers import write_digits
 
-    write_digits(args.out, canvas=args.size, shard_size=args.shard_size, force=args.force)
+    write_digits(args.out, canvas=args.size, shard_size=args.shard_size, force=args.force, phrasing=args.phrasing)
     return 0
 
 
@@ -94,9 +94,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="task shares (default t2i=0.45,caption=0.15,vqa=0.2,story=0.12,text=0.08; "
                         "vqa_position: VQA that asks only where objects are; vqa_binding: VQA that asks the colour, "
                         "shape or place of one object among two or three; vqa_multi: three questions about one picture; "
-                        "edit: a scene, an instruction, the edited scene (sometimes a second round))")
+                        "edit: a scene, an instruction, the edited scene (sometimes a second round); chat: greetings and "
+                        "\"what can you do?\" answered in a sentence)")
     p.add_argument("--val-mix", default=None,
                    help="task shares of the validation split, which the built-in benchmarks read (default: --mix)")
+    p.add_argument("--phrasing", default="train", choices=["train", "heldout", "template"],
+                   help="how the requests are worded (omni.data.phrasing): train (varied, the default), heldout "
+                        "(phrasings that never occur in training; validation documents only), template (the one fixed form)")
     p.add_argument("--force", action="store_true", help="replace train-*.tar / val-*.tar in --out that omni did not write")
     p.set_defaults(func=run_shapes)
 
@@ -105,6 +109,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=int, default=32, help="canvas side in pixels")
     p.add_argument("--shard-size", type=int, default=500, help="documents per shard")
     p.add_argument("--force", action="store_true", help="replace train-*.tar / val-*.tar in --out that omni did not write")
+    p.add_argument("--phrasing", default="train", choices=["train", "heldout", "template"],
+                   help="how the requests are worded (omni.data.phrasing): train (varied, the default), heldout "
+                        "(phrasings that never occur in training; validation documents only), template (the one fixed form)")
     p.set_defaults(func=run_digits)
 
     p = sub.add_parser("tokenizer", help="train a sentencepiece tokenizer on the shards' text")

@@ -8,8 +8,8 @@ The split is a fixed permutation (seed 0, independent of any run seed): HELDOUT 
 written to training shards, so reading accuracy on them measures generalization to unseen
 handwriting. Every image gives two documents:
 
-    digit_t2i   "draw the digit 7."  -> image
-    digit_read  image -> "this is the digit 7."
+    digit_t2i   "draw the digit 7."  -> image           (or "Can you draw a 7?", ...: omni.data.phrasing)
+    digit_read  image [, "what digit is this?"] -> "this is the digit 7."
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from omni.data import templates as T
 from omni.data.document import Document
 
 N_HELDOUT = 297  # 1797 = 1500 train + 297 held out
+READ_REQUEST_SHARE = 0.5  # reading documents that ask "what digit is this?" after the picture
 SPLITS = ("train", "heldout")
 
 
@@ -62,16 +63,25 @@ def load_split(split: str, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     return out, labels[idx]
 
 
-def documents(split: str, size: int = 32) -> Iterator[Document]:
-    """Two documents per image of `split` (t2i then read), keys `digits-SPLIT-INDEX-TASK`."""
+def documents(split: str, size: int = 32, phrasing: str = "train") -> Iterator[Document]:
+    """Two documents per image of `split` (t2i then read), keys `digits-SPLIT-INDEX-TASK`; their
+    requests worded as `phrasing` picks (omni.data.phrasing: train, heldout or template)."""
+    import random
+
+    from omni.data import phrasing as P
+
+    P.check_mode(phrasing)
     images, labels = _raw()
     for i in split_indices(split):
         digit = int(labels[i])
         img = render_digit(images[i], size)
         base = {"digit": digit, "index": int(i), "split": split, "canvas": size}
-        yield Document.from_segments(
-            [T.digit_t2i_text(digit), img], dict(base, task="digit_t2i"), key=f"digits-{split}-{i:04d}-t2i"
-        )
-        yield Document.from_segments(
-            [img, T.digit_read_text(digit)], dict(base, task="digit_read"), key=f"digits-{split}-{i:04d}-read"
-        )
+        key = f"digits-{split}-{i:04d}-t2i"
+        say = P.Phrasing(phrasing, random.Random(f"{key}/phrasing"))  # a stream of its own per document
+        text = say.say("digit_t2i", d=digit, a=P.digit_article(digit))
+        yield Document.from_segments([text, img], dict(base, task="digit_t2i", **say.meta()), key=key)
+        key = f"digits-{split}-{i:04d}-read"
+        say = P.Phrasing(phrasing, random.Random(f"{key}/phrasing"))
+        request = [say.say("digit_read")] if say.request(READ_REQUEST_SHARE) else []
+        yield Document.from_segments([img, *request, T.digit_read_text(digit)], dict(base, task="digit_read", **say.meta()),
+                                     key=key)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import re
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from omni.data import phrasing as P
 from omni.data import templates as T
 from omni.data.document import Document
 
@@ -57,6 +59,12 @@ DEFAULT_MIX = {"t2i": 0.45, "caption": 0.15, "vqa": 0.2, "story": 0.12, "text": 
 # spends most of a VQA document's tokens on a picture that is read, not learned from.
 TASKS = (*DEFAULT_MIX, "vqa_position", "vqa_binding", "vqa_multi")
 QUESTIONS_PER_SCENE = 3
+# Phrasing (omni.data.phrasing): `chat` is a user's first words (a greeting, "what can you do?")
+# answered in one sentence; a training t2i prompt drops its articles at this rate ("draw red
+# circle"), and a caption document asks for its caption in words at REQUEST_SHARE.
+TASKS = (*TASKS, "chat")
+ARTICLE_DROP = 0.15
+REQUEST_SHARE = 0.5
 CELLS = [(0, 0), (0, 1), (1, 0), (1, 1)]
 MOVES = {"right": (0, 1), "left": (0, -1), "up": (-1, 0), "down": (1, 0)}
 
@@ -99,10 +107,13 @@ def render(objects: list[dict[str, Any]], canvas: int = 32) -> Image.Image:
 class ShapesWorld:
     """Generates documents of every task; all geometry derives from the canvas size."""
 
-    def __init__(self, canvas: int = 32):
+    def __init__(self, canvas: int = 32, phrasing: str = "train"):
         if canvas % 4 or canvas < 16:
             raise ValueError(f"canvas size {canvas} must be a multiple of 4 and >= 16 (default 32)")
         self.canvas = canvas
+        self.phrasing = P.check_mode(phrasing)
+        self.say = P.Phrasing(phrasing)  # replaced per document by `document`
+        self.last_template = ""  # the fixed form of the last VQA question asked
         k = canvas / 32
         even = lambda v: max(2, round(v * k / 2) * 2)  # sizes stay even
         self.cell = canvas // 2
@@ -178,8 +189,32 @@ class ShapesWorld:
             objects = [self.in_cell(rng, shape, color, c, size) for c in sorted(rng.sample(CELLS, n))]
             meta["count"] = n
         meta["objects"] = objects
-        caption = T.t2i_caption(subtask, objects, relation, variant=rng.randrange(6))
+        caption = self.t2i_prompt(subtask, objects, relation, variant=rng.randrange(6))
         return [caption, render(objects, self.canvas)], meta
+
+    def t2i_prompt(self, subtask: str, objects: list, relation: dict | None, variant: int) -> str:
+        """The fixed template (mode "template"), or the scene's noun phrase in a request form."""
+        if self.say.mode == "template":
+            return T.t2i_caption(subtask, objects, relation, variant=variant)
+        body = T.t2i_body(subtask, objects, relation, variant // len(T.T2I_PREFIXES))
+        if self.say.mode == "train" and self.say.rng.random() < ARTICLE_DROP:
+            body = re.sub(r"\b(?:a|an) ", "", body)
+        return self.say.say("t2i", x=body)
+
+    def ask(self, kind: str, template: bool = False, **slots) -> str:
+        """A VQA question of `kind` (color, shape, where, where_color, count, left_right,
+        above_below) in a form of the document's phrasing, or (`template`) its fixed form."""
+        if kind == "count":
+            slots["p"] = T.plural(slots["s"])
+        if template:
+            return P.forms(f"vqa_{kind}", "template")[0].render(**slots)
+        self.last_template = P.forms(f"vqa_{kind}", "template")[0].render(**slots)
+        return self.say.say(f"vqa_{kind}", **slots)
+
+    def ask_relation(self, a: str, b: str, rel: str, template: bool = False) -> tuple[str, str]:
+        _, answer = T.relation_question(a, b, rel)
+        kind = "left_right" if rel in ("left of", "right of") else "above_below"
+        return self.ask(kind, template, a=a, b=b), answer
 
     def caption(self, rng: random.Random) -> tuple[list, dict[str, Any]]:
         kind = rng.choice(("colors", "position", "counting"))
@@ -198,7 +233,8 @@ class ShapesWorld:
             objects = [self.in_cell(rng, shape, color, c, size) for c in sorted(rng.sample(CELLS, n))]
             meta["count"] = n
         meta["objects"] = objects
-        return [render(objects, self.canvas), T.caption_text(objects, relation, counting=kind == "counting")], meta
+        request = [self.say.say("caption")] if self.say.request(REQUEST_SHARE) else []
+        return [render(objects, self.canvas), *request, T.caption_text(objects, relation, counting=kind == "counting")], meta
 
     def vqa(self, rng: random.Random, qtype: str | None = None,
             min_objects: int = 1) -> tuple[list, dict[str, Any]]:
@@ -214,16 +250,16 @@ class ShapesWorld:
             objects = [self.in_cell(rng, s, rng.choice(colors), c)
                        for s, c in zip(rng.sample(SHAPES, k), rng.sample(CELLS, k))]
             target = rng.choice(objects)
-            question, answer = T.color_question(target["shape"]), target["color"]
+            question, answer = self.ask("color", s=target["shape"]), target["color"]
         elif qtype in ("shape", "place_by_color"):  # distinct colors: "the red object" names one object
             k = rng.randint(min_objects, 3)
             placed = list(zip(rng.sample(colors, k), rng.sample(CELLS, k)))
             objects = [self.in_cell(rng, rng.choice(SHAPES), col, c) for col, c in placed]
             i = rng.randrange(k)
             if qtype == "shape":
-                question, answer = T.shape_question(objects[i]["color"]), objects[i]["shape"]
+                question, answer = self.ask("shape", c=objects[i]["color"]), objects[i]["shape"]
             else:
-                question, answer = T.where_question(color=objects[i]["color"]), T.CELL_NAMES[placed[i][1]]
+                question, answer = self.ask("where_color", c=objects[i]["color"]), T.CELL_NAMES[placed[i][1]]
                 meta["question_type"] = "position"
         elif qtype == "count":
             shape = rng.choice(SHAPES)
@@ -231,20 +267,20 @@ class ShapesWorld:
             others = rng.randint(0, 4 - n)
             kinds = [shape] * n + [rng.choice([s for s in SHAPES if s != shape]) for _ in range(others)]
             objects = [self.in_cell(rng, s, rng.choice(colors), c) for s, c in zip(kinds, rng.sample(CELLS, len(kinds)))]
-            question, answer = T.count_question(shape), T.number_word(n)
+            question, answer = self.ask("count", s=shape), T.number_word(n)
             meta["count"] = n
         elif rng.random() < 0.5:  # relative position of two objects with distinct shapes
             s1, s2 = rng.sample(SHAPES, 2)
             ca, cb, rel = self.adjacent_pair(rng)
             objects = [self.in_cell(rng, s1, rng.choice(colors), ca), self.in_cell(rng, s2, rng.choice(colors), cb)]
             meta["relation"] = {"a": 0, "b": 1, "rel": rel}
-            question, answer = T.relation_question(s1, s2, rel)
+            question, answer = self.ask_relation(s1, s2, rel)
         else:  # absolute position: which cell
             k = rng.randint(min_objects, 3)
             cells = rng.sample(CELLS, k)
             objects = [self.in_cell(rng, s, rng.choice(colors), c) for s, c in zip(rng.sample(SHAPES, k), cells)]
             i = rng.randrange(k)
-            question, answer = T.where_question(objects[i]["shape"]), T.CELL_NAMES[cells[i]]
+            question, answer = self.ask("where", s=objects[i]["shape"]), T.CELL_NAMES[cells[i]]
         meta.update(question=question, answer=answer, objects=objects)
         return [render(objects, self.canvas), question, answer], meta
 
@@ -263,7 +299,10 @@ class ShapesWorld:
         """vqa's picture and question, then more questions about the same picture, each with one
         answer for it, drawn from `scene_questions`: image, q1, a1, q2, a2, ..."""
         segments, meta = self.vqa(rng)
-        others = [(q, a) for _, q, a in self.scene_questions(meta["objects"]) if q != meta["question"]]
+        asked = self.last_template  # the question vqa asked, in its fixed form: not asked twice
+        fixed = self.scene_questions(meta["objects"], template=True)
+        phrased = self.scene_questions(meta["objects"])
+        others = [(q, a) for (_, t, a), (_, q, _) in zip(fixed, phrased) if t != asked]
         for q, a in rng.sample(others, min(len(others), QUESTIONS_PER_SCENE - 1)):
             segments += [q, a]
         meta.update(task="vqa_multi", questions=segments[1::2], answers=segments[2::2])
@@ -283,24 +322,25 @@ class ShapesWorld:
             return "above" if ra < rb else "below"
         return None
 
-    def scene_questions(self, objects: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    def scene_questions(self, objects: list[dict[str, Any]], template: bool = False) -> list[tuple[str, str, str]]:
         """Every question of the VQA task's kinds that has exactly one answer for a scene of
-        in-cell objects: (question type, question, answer)."""
+        in-cell objects: (question type, question, answer), phrased as the document's phrasing
+        picks (`template`: in the fixed forms)."""
         shapes = Counter(o["shape"] for o in objects)
         colors = Counter(o["color"] for o in objects)
         out = []
         for o in objects:
             if shapes[o["shape"]] == 1:
-                out.append(("color", T.color_question(o["shape"]), o["color"]))
-                out.append(("position", T.where_question(o["shape"]), T.CELL_NAMES[self.cell_of(o)]))
+                out.append(("color", self.ask("color", template, s=o["shape"]), o["color"]))
+                out.append(("position", self.ask("where", template, s=o["shape"]), T.CELL_NAMES[self.cell_of(o)]))
             if colors[o["color"]] == 1:
-                out.append(("shape", T.shape_question(o["color"]), o["shape"]))
+                out.append(("shape", self.ask("shape", template, c=o["color"]), o["shape"]))
         for shape, n in shapes.items():
-            out.append(("count", T.count_question(shape), T.number_word(n)))
+            out.append(("count", self.ask("count", template, s=shape), T.number_word(n)))
         for a, b in itertools.permutations([o for o in objects if shapes[o["shape"]] == 1], 2):
             rel = self.cell_relation(self.cell_of(a), self.cell_of(b))
             if rel:
-                out.append(("position", *T.relation_question(a["shape"], b["shape"], rel)))
+                out.append(("position", *self.ask_relation(a["shape"], b["shape"], rel, template)))
         return out
 
     def story(self, rng: random.Random) -> tuple[list, dict[str, Any]]:
@@ -311,7 +351,8 @@ class ShapesWorld:
         objs = [self.in_cell(rng, s, rng.choice(colors), c) for s, c in zip(rng.sample(SHAPES, k), cells)]
         n_scenes = rng.randint(3, 4)
         # The opening says how many pictures follow, so a continuation's length is determined.
-        segments: list = [T.story_opening(n_scenes, objs, cells), render(objs, self.canvas)]
+        opening = self.say.say("story", n=T.number_word(n_scenes), scene=T.scene_text(objs, cells)[:-1])
+        segments: list = [opening, render(objs, self.canvas)]
         steps = [{"objects": [dict(o) for o in objs], "event": "start"}]
         for _ in range(n_scenes - 1):
             events = ["recolor"]
@@ -378,9 +419,17 @@ class ShapesWorld:
                 words += f" the {objs[0]['shape']} is {rel} the {objs[1]['shape']}."
         return [words], {"task": "text", "objects": objs}
 
+    def chat(self, rng: random.Random) -> tuple[list, dict[str, Any]]:
+        """A user's first words (a greeting, "what can you do?", "who are you?") and the answer in
+        one sentence, so a chat that starts that way gets words, not a colour or a picture."""
+        family = rng.choice(tuple(P.CHAT_ANSWERS))
+        return [self.say.say(family), P.CHAT_ANSWERS[family]], {"task": "chat", "kind": family}
+
     def document(self, task: str, rng: random.Random, key: str) -> Document:
+        # The phrasing draws from a stream of its own: a document shows the same scene in every mode.
+        self.say = P.Phrasing(self.phrasing, random.Random(f"{key}/phrasing"))
         segments, meta = getattr(self, task)(rng)
-        meta.update(id=key, canvas=self.canvas)
+        meta.update(id=key, canvas=self.canvas, **self.say.meta())
         return Document.from_segments(segments, meta, key=key)
 
 
@@ -411,9 +460,10 @@ def task_plan(n: int, mix: dict[str, float], seed: int, split: str) -> list[str]
 
 
 def generate(n: int, split: str = "train", seed: int = 0, canvas: int = 32,
-             mix: dict[str, float] | None = None) -> Iterator[Document]:
-    """`n` documents of `split`; document i depends only on (seed, split, i, its task)."""
-    world = ShapesWorld(canvas)
+             mix: dict[str, float] | None = None, phrasing: str = "train") -> Iterator[Document]:
+    """`n` documents of `split`; document i depends only on (seed, split, i, its task), and its
+    texts' wording on `phrasing` (omni.data.phrasing: train, heldout or template)."""
+    world = ShapesWorld(canvas, phrasing)
     for i, task in enumerate(task_plan(n, mix or DEFAULT_MIX, seed, split)):
         rng = random.Random(f"omni-shapes/{seed}/{split}/{i}")
         yield world.document(task, rng, key=f"shapes-{split}-{i:07d}")

@@ -7,8 +7,8 @@ prefix the model was trained to continue:
 |-------------|-----------------------------------|---------------------------|-------------------------|
 | t2i         | caption, image                    | caption                   | image                   |
 | digit_t2i   | "draw the digit 7.", image        | text                      | image                   |
-| caption     | image, caption                    | image                     | caption                 |
-| digit_read  | image, "this is the digit 7."     | image                     | text                    |
+| caption     | image [, request], caption        | image [, request]         | caption                 |
+| digit_read  | image [, request], "this is the digit 7." | image [, request] | text                |
 | vqa         | image, question, answer [, q, a]  | image, question           | answer(s)               |
 | story       | text, image, text, image, ...     | first text                | everything after        |
 | edit        | image, instruction, image [, instruction, image] | image, instruction | the edited image(s) |
@@ -20,8 +20,10 @@ every answer is trained on, no question is, and its prompt is everything before 
 An edit document (the shapes world's `edit`) works the same way: every edited image is trained on,
 neither the source image nor any instruction is (`edit_loss_flags`).
 
-Phrasing is lowercase, short and consistent with a little variety (t2i prompts have a few
-variants; captions, answers and digit texts have one form, so a judge can parse them).
+The functions below give each text's fixed template (lowercase, short); `omni.data.phrasing`
+varies the requests around them the way people type (capitals, punctuation, "draw ...", "can
+you draw ...?") and holds some phrasings out of training. Captions, answers and digit readings
+keep one form, so a judge can parse them.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def split_index(task: str | None, segments: Sequence[Segment]) -> int:
     if task in ("t2i", "digit_t2i"):
         return _first(segments, Image.Image)  # everything before the first image
     if task in ("caption", "digit_read"):
-        return _first(segments, str)  # the leading image(s)
+        return max(_first(segments, str), len(segments) - 1)  # the image(s) [and a request]: all but the answer
     if task == "vqa":
         return max(len(segments) - 1, 0)  # all but the answer
     if task == "story":
@@ -141,32 +143,41 @@ def t2i_caption(
     relation: dict[str, Any] | None = None,
     variant: int = 0,
 ) -> str:
-    """The t2i prompt for a scene. Which attributes are named depends on the subtask:
-
-    single_object: shape only ("a circle."); colors: color+shape ("a red circle.");
-    two_objects: two shapes, no colors; color_attr: two colored shapes; position: two colored
-    shapes and their relation; counting: n objects of one shape and color ("three red circles.").
-    """
+    """The t2i prompt for a scene in the fixed template (`omni.data.phrasing` mode "template"):
+    a prefix of T2I_PREFIXES and `t2i_body`, with a final period."""
     prefix = T2I_PREFIXES[variant % len(T2I_PREFIXES)]
+    body = t2i_body(subtask, objects, relation, variant // len(T2I_PREFIXES))
+    return f"{prefix}{body}."
+
+
+def t2i_body(
+    subtask: str,
+    objects: list[dict[str, Any]],
+    relation: dict[str, Any] | None = None,
+    rel_variant: int = 0,
+) -> str:
+    """The noun phrase a t2i prompt names. Which attributes are named depends on the subtask:
+
+    single_object: shape only ("a circle"); colors: color+shape ("a red circle"); two_objects:
+    two shapes, no colors; color_attr: two colored shapes; position: two colored shapes and their
+    relation (`rel_variant` 1 says "to the left of"); counting: n objects of one shape and color
+    ("three red circles").
+    """
     if subtask == "single_object":
-        body = object_phrase(objects[0], color=False)
-    elif subtask == "colors":
-        body = object_phrase(objects[0])
-    elif subtask == "two_objects":
-        body = f"{object_phrase(objects[0], color=False)} and {object_phrase(objects[1], color=False)}"
-    elif subtask == "color_attr":
-        body = f"{object_phrase(objects[0])} and {object_phrase(objects[1])}"
-    elif subtask == "position":
+        return object_phrase(objects[0], color=False)
+    if subtask == "colors":
+        return object_phrase(objects[0])
+    if subtask == "two_objects":
+        return f"{object_phrase(objects[0], color=False)} and {object_phrase(objects[1], color=False)}"
+    if subtask == "color_attr":
+        return f"{object_phrase(objects[0])} and {object_phrase(objects[1])}"
+    if subtask == "position":
         assert relation is not None
         a, b = objects[relation["a"]], objects[relation["b"]]
-        body = f"{object_phrase(a)} {relation_phrase(relation['rel'], variant // len(T2I_PREFIXES))} {object_phrase(b)}"
-    elif subtask == "counting":
-        body = count_phrase(len(objects), objects[0]["shape"], objects[0]["color"])
-    else:
-        raise ValueError(f"unknown t2i subtask {subtask!r}")
-    if prefix == "" and subtask == "counting":
-        return f"{body}."
-    return f"{prefix}{body}."
+        return f"{object_phrase(a)} {relation_phrase(relation['rel'], rel_variant)} {object_phrase(b)}"
+    if subtask == "counting":
+        return count_phrase(len(objects), objects[0]["shape"], objects[0]["color"])
+    raise ValueError(f"unknown t2i subtask {subtask!r}")
 
 
 # Named attributes per t2i subtask (what a judge should check beyond object counts).

@@ -83,37 +83,55 @@ def _finish(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
+def _check_phrasing(phrasing: str, n_train: int) -> None:
+    from omni.data.phrasing import check_mode
+
+    check_mode(phrasing)
+    if phrasing == "heldout" and n_train > 0:
+        raise ValueError(f"held-out phrasings are never written to training shards (asked for {n_train} training "
+                         "documents); write them as a validation split only: --train 0 (shapes) or a digits "
+                         "directory of its own, read by the benchmarks as their held-out phrasing split")
+
+
 def write_shapes(out: str | Path, n_train: int, n_val: int, *, seed: int = 0, canvas: int = 32,
                  mix: str | None = None, val_mix: str | None = None, shard_size: int = 500,
-                 force: bool = False) -> dict[str, Any]:
+                 force: bool = False, phrasing: str = "train") -> dict[str, Any]:
     """Shapes documents; `mix` / `val_mix` as `omni data shapes --mix` text (None: the default mix;
-    val_mix None: the training mix). Returns the manifest."""
+    val_mix None: the training mix); `phrasing` the texts' wording (omni.data.phrasing: train,
+    heldout -- validation documents only -- or template). Returns the manifest."""
     from omni.data import shapes
 
     out = Path(out)
+    _check_phrasing(phrasing, n_train)
     _check_dir(out, "shapes", force)
     train_mix = shapes.parse_mix(mix)
     held_mix = shapes.parse_mix(val_mix) if val_mix else train_mix
     manifest: dict[str, Any] = {"generator": {"name": "shapes", "seed": seed, "canvas": canvas, "mix": train_mix,
-                                              "val_mix": held_mix}}
+                                              "val_mix": held_mix, "phrasing": phrasing}}
     for split, n, split_mix in (("train", n_train, train_mix), ("val", n_val, held_mix)):
         if n > 0:
-            docs = shapes.generate(n, split, seed=seed, canvas=canvas, mix=split_mix)
+            docs = shapes.generate(n, split, seed=seed, canvas=canvas, mix=split_mix, phrasing=phrasing)
             manifest[split] = _write_split(docs, out, split, shard_size, n)
     return _finish(out, manifest)
 
 
-def write_digits(out: str | Path, *, canvas: int = 32, shard_size: int = 500, force: bool = False) -> dict[str, Any]:
-    """The handwritten digits as t2i and read documents, training and held-out splits; the manifest."""
+def write_digits(out: str | Path, *, canvas: int = 32, shard_size: int = 500, force: bool = False,
+                 phrasing: str = "train") -> dict[str, Any]:
+    """The handwritten digits as t2i and read documents, training and held-out splits; the manifest.
+    `phrasing="heldout"` writes the held-out images only (val-*.tar), in the held-out phrasings."""
     from omni.data import digits
 
     out = Path(out)
+    from omni.data.phrasing import check_mode
+
+    check_mode(phrasing)
     _check_dir(out, "digits", force)
     manifest: dict[str, Any] = {"generator": {"name": "digits", "canvas": canvas, "heldout": digits.N_HELDOUT,
-                                              "source": "sklearn.datasets.load_digits"}}
-    for split, prefix in (("train", "train"), ("heldout", "val")):
+                                              "source": "sklearn.datasets.load_digits", "phrasing": phrasing}}
+    splits = (("heldout", "val"),) if phrasing == "heldout" else (("train", "train"), ("heldout", "val"))
+    for split, prefix in splits:
         n = 2 * len(digits.split_indices(split))
-        manifest[prefix] = _write_split(digits.documents(split, canvas), out, prefix, shard_size, n)
+        manifest[prefix] = _write_split(digits.documents(split, canvas, phrasing), out, prefix, shard_size, n)
     return _finish(out, manifest)
 
 
