@@ -64,7 +64,6 @@ if __name__ == "__main__":
     import tempfile
 
     from omni.tokenizers.text import train_sentencepiece
-
     from tests.conftest import CORPUS
 
     with tempfile.TemporaryDirectory() as tmp:
