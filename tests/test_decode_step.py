@@ -144,3 +144,51 @@ def test_static_cache_is_written_in_place(model):
     ptrs = {p for p, _, _ in seen[1:]}  # token 0 is drawn before the unconditional stream is gathered
     assert len(ptrs) == 1, "the static cache was reallocated inside an image"
     assert all(cap % CAPACITY_STEP == 0 and cap >= T for _, cap, T in seen)
+
+
+# --------------------------------------------------------------------------------------------
+# The fused image-token step (generation.cuda_graphs + static_cache): eager on CPU, graphed on CUDA
+# --------------------------------------------------------------------------------------------
+
+
+def fused_vs_ordinary(model, mode, **kw):
+    fused = Sampler(model, gcfg(static_cache=True, cuda_graphs=True, **kw), mode=mode, seeds=SEEDS)
+    got = [r.result() for r in fused.run(PROMPTS)]
+    want = generate(model, PROMPTS, gcfg(static_cache=True, cuda_graphs=False, **kw), seeds=SEEDS, mode=mode)
+    return fused, got, want
+
+
+@pytest.mark.parametrize("mode", ["image", "auto"])
+@pytest.mark.parametrize("scale", [3.0, 1.0])
+def test_fused_step_equals_ordinary_path(model, mode, scale):
+    fused, got, want = fused_vs_ordinary(model, mode, cfg_scale=scale)
+    assert_same(got, want)
+    n = model.image_tokenizer.num_tokens
+    if mode == "image":  # the rows draw in lockstep; token 1 follows <boi> and token 2 rebuilds the
+        # step state (the fed position turned from <boi> to an image token): tokens 3..N are fused
+        assert fused.image_step.calls == n - 2
+    else:  # rows drawing beside rows writing text take the ordinary path; some steps are fused
+        assert sum(len(r.image_tokens) for r in got) >= 2
+
+
+def test_fused_step_with_a_step_schedule(model):
+    # A schedule changes the head's step count between tokens: the fused step follows it per token.
+    fused, got, want = fused_vs_ordinary(model, "image", image_steps_schedule="anneal:4:1:2")
+    assert_same(got, want)
+    assert fused.image_step.calls == model.image_tokenizer.num_tokens - 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("scale", [3.0, 1.0])
+def test_graphed_step_equals_eager(tokenizer_dir, scale):
+    # The whole image-token step replayed from a CUDA graph draws the eager step's tokens for the
+    # same seeds: same kernels, same inputs; tolerance 1e-4 (fp32 weights, TF32 off).
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = build_model(tokenizer_dir).cuda()
+    graphed, got, _ = fused_vs_ordinary(model, "image", cfg_scale=scale)
+    eager = generate(model, PROMPTS, gcfg(static_cache=False, cuda_graphs=False, cfg_scale=scale), seeds=SEEDS,
+                     mode="image")
+    assert_same(got, eager, atol=1e-4)
+    n = model.image_tokenizer.num_tokens
+    assert graphed.image_step.captures >= 1 and graphed.image_step.replays == n - 2

@@ -45,6 +45,7 @@ from collections.abc import Sequence
 import torch
 
 from omni.config import GenerationConfig, steps_for_token
+from omni.inference.image_step import ImageStep
 from omni.inference.prompts import Item, Prompt, context_length, encode_prompts
 from omni.inference.rows import GenerationEvents, _Group, _Row, _StepState, _Stream
 from omni.models.attention import additive_mask, see_own_block
@@ -88,6 +89,7 @@ class Sampler:
         self.joining: list[_Row] = []  # rows added since the last step
         self.cached = 0  # positions of every stream already in the caches
         self.joined: list[_Row] = []  # live rows and the joiners being prefilled (static capacity)
+        self.image_step = ImageStep(self._step_compute)  # the fused (graphed on CUDA) image-token step
 
     # -- rows join -----------------------------------------------------------------------------
     def add(self, prompt: Prompt, cfg: GenerationConfig | None = None, mode: str | None = None, seed: int = 0,
@@ -233,24 +235,49 @@ class Sampler:
     # image-token step makes no tensor from Python data and reads nothing back (test_decode_step).
     def _step_inputs(self, group: _Group, T: int) -> tuple[torch.Tensor, ...]:
         """Embeddings (S, 1, D), position ids (S, 1) and mask (S, 1, 1, K) of a one-position step."""
-        streams = group.streams
-        key = (tuple(id(s) for s in streams), T)
+        st = self._advance(group, T)
+        if st is None:  # a row started/ended something, joined or left, or wrote text: rebuild, once
+            host = self._host_meta(group.streams, group.state)
+            st = group.state = self._new_state(host, (tuple(id(s) for s in group.streams), T), T, group)
+            if self.static:
+                group.cache.write = st.write
+        if not self.static and st.keys.shape[0] != T:  # a growing cache: keys 0..T-1 (a device fill)
+            st.keys = torch.arange(T, device=self.device)
+        embeds = self._embed_step(st, self._step_tokens(group.streams))
+        return embeds, st.pos, self._step_mask(st, embeds.dtype)
+
+    def _advance(self, group: _Group, T: int) -> _StepState | None:
+        """The group's state moved one position on, in place, if every stream continues as the
+        state predicts (same streams, T - 1 -> T, the next cell of the same image); else None."""
         st = group.state
-        host = self._host_meta(streams, st)
-        if (st is not None and st.key == (key[0], T - 1) and host == [st.predict(h) for h in st.host]
-                and (not self.static or st.keys.shape[0] == group.cache.capacity)):
-            st.advance(T, key[0])
-        else:  # a row started/ended something, joined or left, or wrote text: rebuild, once
-            st = group.state = self._new_state(host, key, T, group)
+        if st is None or st.key != (tuple(id(s) for s in group.streams), T - 1):
+            return None
+        if self.static and st.keys.shape[0] != group.cache.capacity:
+            return None
+        if self._host_meta(group.streams, st) != [st.predict(h) for h in st.host]:
+            return None
+        st.advance(T, st.key[0])
         if self.static:
             group.cache.write = st.write
-        elif st.keys.shape[0] != T:  # a growing cache: keys 0..T-1 (a fill on the device, no host data)
-            st.keys = torch.arange(T, device=self.device)
-        embeds = self._embed_step(streams, st)
+        return st
+
+    def _step_mask(self, st: _StepState, dtype: torch.dtype) -> torch.Tensor:
+        """(S, 1, 1, K) additive mask of the fed position: keys [lo, itself] and bos; a static
+        cache also hides its positions past the one written (k <= q), stale or never written."""
         allowed = (st.keys >= st.lo) | (st.keys == st.bos)  # (S, 1, K)
         if self.static:
             allowed = allowed & (st.keys <= st.write)
-        return embeds, st.pos, additive_mask(allowed, embeds.dtype)
+        return additive_mask(allowed, dtype)
+
+    def _step_tokens(self, streams: list[_Stream]) -> torch.Tensor | None:
+        """(S, d) the continuous token each stream feeds (zeros for text streams), None if none does."""
+        tokens = [s.images[-1] for s in streams if s.images[-1] is not None]
+        if not tokens:
+            return None
+        if len(tokens) < len(streams):
+            zero = tokens[0].new_zeros(tokens[0].shape)
+            tokens = [s.images[-1] if s.images[-1] is not None else zero for s in streams]
+        return torch.stack(tokens)  # (S, d)
 
     def _host_meta(self, streams: list[_Stream], st: _StepState | None) -> list[tuple]:
         """Per stream, what its last position is: (token id, is image, position id, lo, bos, cell)."""
@@ -284,22 +311,60 @@ class Sampler:
             write=torch.tensor([T - 1], device=dev), keys=torch.arange(K, device=dev),
         )
 
-    def _embed_step(self, streams: list[_Stream], st: _StepState) -> torch.Tensor:
+    def _embed_step(self, st: _StepState, x: torch.Tensor | None) -> torch.Tensor:
         """`model.embed` of one position per stream, by selection instead of masked_scatter (which
-        needs the number of image positions); text streams take a zero token, then their own id."""
+        needs the number of image positions): x (S, d) the streams' tokens (`_step_tokens`)."""
         model = self.model
         emb = model.backbone.get_input_embeddings()(st.ids)  # (S, 1, D)
-        tokens = [s.images[-1] for s in streams if s.images[-1] is not None]
-        if not tokens:
+        if x is None:
             return emb
-        if len(tokens) < len(streams):
-            zero = tokens[0].new_zeros(tokens[0].shape)
-            tokens = [s.images[-1] if s.images[-1] is not None else zero for s in streams]
-        x = torch.stack(tokens)  # (S, d)
         img = model.in_proj(x.to(emb.device, torch.float32)).to(emb.dtype)  # (S, D)
         if model.image_pos is not None:
             img = img + model.image_pos(st.cells[:, 0]).to(emb.dtype)
         return torch.where(st.is_img[..., None], img[:, None], emb)  # (S, 1, D)
+
+    # -- the fused image-token step (generation.cuda_graphs with static_cache) --------------------
+    def _image_step(self) -> dict[int, torch.Tensor] | None:
+        """The steady-state image-token step of every live row through `ImageStep` (embed,
+        backbone, the head's loop under CFG; one CUDA graph replay on CUDA): row id -> its token
+        (d,). None when this step is not one (then the ordinary path runs; see image_step.py)."""
+        if not (self.static and self.cfg_batching and self.live):
+            return None
+        key = None
+        for r in self.live:
+            if not r.drawing or r.feed or not r.current or r.finish is not None or not r.cfg.cuda_graphs:
+                return None
+            c = r.cfg
+            k = (c.cfg_scale if r.use_cfg else 1.0, steps_for_token(c, len(r.current), self.n_tokens),
+                 c.image_temperature, c.sampler, c.head_dtype)
+            if key not in (None, k):
+                return None  # rows with different head settings: one head call each, eagerly
+            key = k
+        group = self.groups[0]
+        want = [r.cond for r in self.live] + ([r.uncond for r in self.live] if key[0] != 1.0 else [])
+        if len(want) != len(group.streams) or any(a is not b for a, b in zip(want, group.streams)):
+            return None
+        T = len(want[0].ids)
+        if self.cached != T - 1:
+            return None
+        st = self._advance(group, T)  # last: it moves the state on
+        if st is None:
+            return None
+        scale, steps, temperature, sampler, dtype = key
+        head = self.model.head
+        run = head.sampling_run(steps, sampler, temperature, scale, self.device, True, getattr(torch, dtype))
+        noise = head.sampling_noise(len(self.live), steps, sampler, temperature, [r.gen for r in self.live],
+                                    self.device)  # (n, B, d), eagerly: each row's own generator
+        x = self.image_step(key, st, group.cache, self._step_tokens(group.streams), noise, run)  # (B, d)
+        return {id(r): xi for r, xi in zip(self.live, x)}
+
+    def _step_compute(self, st: _StepState, cache, tokens: torch.Tensor, noise: torch.Tensor, run) -> torch.Tensor:
+        """The math of the fused step (what a graph captures): tokens (S, d) -> drawn tokens (B, d)."""
+        embeds = self._embed_step(st, tokens)  # (S, 1, D)
+        hidden, _ = self.model.decoder(embeds, attention_mask=self._step_mask(st, embeds.dtype), position_ids=st.pos,
+                                       cache=cache, use_cache=True)
+        with torch.autocast(device_type=embeds.device.type, enabled=False):
+            return run(hidden[:, -1].float(), noise)  # z (S, D) = [cond rows; uncond rows], as `sample` stacks it
 
     def _regroup(self, groups: list[_Group], rows: list[_Row]) -> None:
         """Put the live streams in their groups; copy/drop cache rows to match (one gather per group)."""
@@ -413,8 +478,10 @@ class Sampler:
             row.feed += [(self.sp.img, x), (self.sp.eoi, None)]  # <eoi> is forced, never sampled
         return True
 
-    def _decide(self, ready: list[_Row], hidden: dict[int, torch.Tensor]) -> None:
-        """Sample the next text or image token of every row that has nothing left to feed."""
+    def _decide(self, ready: list[_Row], hidden: dict[int, torch.Tensor],
+                drawn: dict[int, torch.Tensor] | None = None) -> None:
+        """Sample the next text or image token of every row that has nothing left to feed
+        (`drawn`: the tokens the fused image step already drew, by row id)."""
         model = self.model
         for r in ready:
             if r.mode == "image" and not r.drawing:
@@ -437,6 +504,9 @@ class Sampler:
             by_setting.setdefault(key, []).append(r)
         done = []
         for (scale, steps, temperature, sampler, graphs, dtype), rows in by_setting.items():
+            if drawn is not None:
+                done += [r for r in rows if self._image_token(r, drawn[id(r)])]
+                continue
             cond = torch.stack([hidden[id(r.cond)] for r in rows])  # (b, D)
             uncond = torch.stack([hidden[id(r.uncond)] for r in rows]) if scale != 1.0 else None
             x = model.head.sample(cond, uncond, cfg_scale=scale, steps=steps, temperature=temperature,
@@ -455,8 +525,10 @@ class Sampler:
     @torch.no_grad()
     def step(self) -> list[_Row]:
         """One decode step of every row (joiners are prefilled first); the rows that finished."""
-        hidden = {}
+        hidden, drawn = {}, None
         if self.live:
+            drawn = self._image_step()
+        if self.live and drawn is None:
             for grp in self.groups:
                 if grp.streams:
                     h = self._forward(grp, self.cached if self.use_cache else 0)  # (S, D)
@@ -483,7 +555,7 @@ class Sampler:
                 stop[id(r.events)] = r.events.should_stop()
             if stop[id(r.events)]:
                 self._finish(r, "cancelled")
-        self._decide([r for r in self.live if r.finish is None and not r.feed], hidden)
+        self._decide([r for r in self.live if r.finish is None and not r.feed], hidden, drawn)
         finished = [r for r in self.live if r.finish is not None]
         self.live = [r for r in self.live if r.finish is None]
         if not self.live:
