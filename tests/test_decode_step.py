@@ -192,3 +192,27 @@ def test_graphed_step_equals_eager(tokenizer_dir, scale):
     assert_same(got, eager, atol=1e-4)
     n = model.image_tokenizer.num_tokens
     assert graphed.image_step.captures >= 1 and graphed.image_step.replays == n - 2
+
+
+def test_a_graph_adopts_the_next_state_and_cache(model):
+    # The CPU-side logic of reusing a captured graph for the next image: the new state's and
+    # cache's values are copied into the tensors the graph reads, and both are pointed at them.
+    from omni.inference.image_step import STATE_TENSORS, _adopt, _tensors
+
+    def state_and_cache(seed):
+        sampler = Sampler(model, gcfg(static_cache=True, cuda_graphs=True, image_steps=2), mode="image", seeds=[seed])
+        sampler._rows([[(t, None) for t in [1, 5, 6]]])
+        for _ in range(4):
+            sampler.step()
+        return sampler.groups[0].state, sampler.groups[0].cache
+
+    st1, c1 = state_and_cache(1)
+    st2, c2 = state_and_cache(2)
+    owned = _tensors(st1, c1)
+    values = [t.clone() for _, _, t in _tensors(st2, c2)]
+    _adopt(owned, st2, c2)
+    for (_, _, mine), (_, _, now), v in zip(owned, _tensors(st2, c2), values):
+        assert now is mine  # the graph's tensor
+        assert torch.equal(now, v)  # holding the new values
+    assert c2.write is st2.write is st1.write
+    assert len(owned) == len(STATE_TENSORS) + 2 * len(c2.layers)

@@ -8,18 +8,20 @@ is drawing with one head setting, the streams are [conditional rows..., uncondit
 one group, and the group's device state advanced in place (no row started or ended anything). The
 first token of an image and every step where rows change take the ordinary path.
 
-What the graph reads by address, and why that is safe:
-- the step state's tensors (position ids, cells, mask inputs, the cache write index), which the
-  sampler advances in place before each replay;
+What the graph reads by address, and how it stays valid:
+- the step state's tensors (ids, position ids, cells, mask inputs, the cache write index), which
+  the sampler advances in place before each replay;
 - the static cache's key/value tensors, written in place at the write index;
 - the head's plan tensor (cached per settings by the head) and the weights;
 - two static inputs copied in before each replay: the fed tokens (S, d) and the noise (n, B, d),
   drawn eagerly from the rows' own generators (so a row's numbers do not depend on the batch,
   graphed or not).
-The state and the cache are rebuilt when rows start or end something, so a graph is keyed by the
-identity of both and holds references to them (an id is never reused while its graph lives):
-a new image (or a row joining or leaving) captures once, then every token replays. At most
-MAX_GRAPHS graphs are kept: each owns a memory pool.
+A graph is captured once per bucket (streams, cache capacity, head steps and settings) and owns
+the state and cache tensors it was captured on. When the sampler hands it another state or cache
+(rows started or ended something: a new image, a row joined or left), their values are copied
+into the graph's tensors and the state and cache are pointed at them (`_adopt`, one copy of the
+cache per such event), so the next image replays the same graph instead of capturing again. At
+most MAX_GRAPHS graphs are kept (each owns a memory pool; a step schedule uses one per level).
 
 Tolerance: a replay runs the same kernels on the same inputs as the eager step, so the tokens
 agree to float round-off (tests/test_decode_step.py::test_graphed_step_equals_eager, 1e-4 fp32).
@@ -32,7 +34,8 @@ from collections.abc import Callable
 
 import torch
 
-MAX_GRAPHS = 2  # a new image recaptures; the last two are kept (the current one and a spare)
+MAX_GRAPHS = 16  # buckets kept: streams x step-schedule levels of the live batches
+STATE_TENSORS = ("ids", "pos", "is_img", "cells", "lo", "bos", "write", "keys")  # _StepState fields a graph reads
 
 
 class ImageStep:
@@ -50,13 +53,15 @@ class ImageStep:
         self.calls += 1
         if not tokens.is_cuda:
             return self.compute(state, cache, tokens, noise, run)
-        key = (*key, id(state), id(cache), tuple(tokens.shape), tuple(noise.shape))
+        key = (*key, tuple(tokens.shape), tuple(noise.shape), cache.capacity)
         entry = self.graphs.get(key)
         if entry is None:
             entry = self._capture(state, cache, tokens, noise, run)
             self.graphs[key] = entry
             while len(self.graphs) > MAX_GRAPHS:
                 self.graphs.popitem(last=False)
+        else:
+            _adopt(entry[4], state, cache)
         self.graphs.move_to_end(key)
         graph, static_tokens, static_noise, out = entry[:4]
         static_tokens.copy_(tokens)
@@ -79,4 +84,24 @@ class ImageStep:
         self.captures += 1
         # The warm-up wrote this position's keys/values once already; the replay writes the same
         # values again at the same index, so running the step twice changes nothing.
-        return graph, static_tokens, static_noise, out, state, cache, run  # references keep the addresses alive
+        return graph, static_tokens, static_noise, out, _tensors(state, cache), run  # `run` holds the plan tensor
+
+
+def _tensors(state, cache) -> list[tuple[object, str, torch.Tensor]]:
+    """(owner, attribute, tensor) of everything a graph reads by address besides its static inputs."""
+    out = [(state, name, getattr(state, name)) for name in STATE_TENSORS]
+    for layer in cache.layers:
+        out += [(layer, "keys", layer.keys), (layer, "values", layer.values)]
+    return out
+
+
+def _adopt(owned: list[tuple[object, str, torch.Tensor]], state, cache) -> None:
+    """Point `state` and `cache` at the graph's tensors, holding their current values."""
+    current = _tensors(state, cache)
+    if len(current) != len(owned):
+        raise RuntimeError("a graph bucket got a cache with another number of layers")
+    for (owner, name, now), (_, _, mine) in zip(current, owned):
+        if now is not mine:
+            mine.copy_(now)
+            setattr(owner, name, mine)
+    cache.write = state.write
