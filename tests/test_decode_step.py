@@ -64,10 +64,10 @@ class PerToken(GenerationEvents):
         self.marks.append((row, done, dict(self.traffic.counts)))
 
 
-@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("path", ["dynamic", "static", "fused"])
 @pytest.mark.parametrize("scale", [3.0, 1.0])
-def test_host_traffic_per_image_token(model, static, scale):
-    cfg = gcfg(cfg_scale=scale, static_cache=static, max_new_tokens=40)
+def test_host_traffic_per_image_token(model, path, scale):
+    cfg = gcfg(cfg_scale=scale, static_cache=path != "dynamic", cuda_graphs=path == "fused", max_new_tokens=40)
     n = model.image_tokenizer.num_tokens
     assert n >= 4
     generate(model, PROMPTS, cfg, seeds=SEEDS, mode="image")  # warm: lazy inits, plan caches

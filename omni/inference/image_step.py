@@ -41,10 +41,12 @@ STATE_TENSORS = ("ids", "pos", "is_img", "cells", "lo", "bos", "write", "keys") 
 class ImageStep:
     """The fused image-token step of a Sampler: `__call__(...)` -> the drawn tokens (B, d)."""
 
-    def __init__(self, compute: Callable[..., torch.Tensor]):
+    def __init__(self, compute: Callable[..., torch.Tensor], graphs: OrderedDict | None = None):
         # compute(state, cache, tokens (S, d), noise (n, B, d), head run) -> tokens (B, d): the step's math
         self.compute = compute
-        self.graphs: OrderedDict = OrderedDict()
+        # Captured graphs by bucket; the sampler passes the model's own, so every generate() call on
+        # a model replays the graphs an earlier call captured (a graph holds no sampler state).
+        self.graphs: OrderedDict = OrderedDict() if graphs is None else graphs
         self.calls = 0  # fused steps run (tests and benchmarks read these)
         self.captures = 0  # graphs captured
         self.replays = 0

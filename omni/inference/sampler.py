@@ -34,12 +34,25 @@ Settings are per row: text sampling reads the row's own temperature / top-k / to
 ids, and the diffusion head runs once per distinct (cfg scale, steps, temperature, sampler) among
 the rows drawing in that step. Only use_cache and cfg_batching belong to the whole sampler.
 
+Decode steps without host traffic. A step that feeds one position per stream (every step after
+a prefill) takes its inputs from the group's `_StepState`: ids, position ids, cells and mask
+inputs as device tensors, advanced in place while every stream continues as predicted (an image
+being drawn), so an image-token step makes no tensor from Python data and reads nothing back;
+they are rebuilt from the streams' lists only when rows start or end something (prefill, <boi>,
+the first image token, text tokens, joins, leaves, trims). Text rows' sampled ids are read back
+once per step for the whole batch. `generation.static_cache` swaps the growing DynamicCache for a
+preallocated one written in place (omni/models/kv_cache.py; the mask then spans its fixed
+capacity); with `generation.cuda_graphs` on top, a steady image-token step of the whole batch
+(embed, backbone, the head's loop under CFG) runs as one unit, replayed from a CUDA graph on CUDA
+(omni/inference/image_step.py). Every variant gives the same tokens (tests/test_decode_step.py).
+
 Shape legend: S streams in a forward, Q positions fed, T positions in total (cached + fed),
 D backbone width, V vocabulary, d image-token dim, N image tokens per image.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -63,7 +76,8 @@ class Sampler:
     `run` is the offline use: add every prompt, step until all are done.
 
     use_cache=False recomputes every position at every step (the reference the cache is tested
-    against); cfg_batching=False runs the unconditional streams as a second forward pass and a
+    against); cfg.static_cache preallocates the cache, cfg.cuda_graphs with it fuses (and on CUDA
+    graphs) the image-token step; cfg_batching=False runs the unconditional streams as a second forward pass and a
     second diffusion-head call per step (the baseline the one-batch design is measured against).
     """
 
@@ -89,7 +103,9 @@ class Sampler:
         self.joining: list[_Row] = []  # rows added since the last step
         self.cached = 0  # positions of every stream already in the caches
         self.joined: list[_Row] = []  # live rows and the joiners being prefilled (static capacity)
-        self.image_step = ImageStep(self._step_compute)  # the fused (graphed on CUDA) image-token step
+        if getattr(model, "_image_step_graphs", None) is None:  # shared by every sampler of this model
+            model._image_step_graphs = OrderedDict()
+        self.image_step = ImageStep(self._step_compute, model._image_step_graphs)  # fused (graphed on CUDA) step
 
     # -- rows join -----------------------------------------------------------------------------
     def add(self, prompt: Prompt, cfg: GenerationConfig | None = None, mode: str | None = None, seed: int = 0,
