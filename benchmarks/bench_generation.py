@@ -15,7 +15,12 @@ names); bench-1b (the GPU default) draws 256-token images with DDIM 50 and CFG 3
 - kv_cfg_schedule (CPU) / kv_cfg_graph_schedule (CUDA): the head step schedule `step_schedule`
   (generation.image_steps_schedule, applied around the head by benchmarks.common.head_options);
 - kv_cfg_graph (CUDA): the per-token diffusion loop replayed from a CUDA graph
-  (generation.cuda_graphs); kv_cfg_graph_bf16_head: the same with the head's matmuls in bf16.
+  (generation.cuda_graphs); kv_cfg_graph_bf16_head: the same with the head's matmuls in bf16;
+- kv_cfg_step_graph (CUDA): the whole image-token step (embed, backbone on the static KV cache, the
+  head's loop under CFG) replayed from one CUDA graph (generation.cuda_graphs + static_cache,
+  omni/inference/image_step.py); _schedule / _bf16_head: with the step schedule (the sampler's own
+  generation.image_steps_schedule) / the head's matmuls in bf16. On CPU the same settings run the
+  fused step eagerly: kv_cfg_fused.
 
 CPU: every run at every batch size, timed in interleaved rounds (best of 3), one line per batch
 size. CUDA (`run_plan`): kv_cfg and the three graphed runs at every batch size, the baselines at
@@ -36,8 +41,7 @@ backbone, the diffusion head and the rest (a separate run with timers around `mo
 On a GPU the bandwidth is the data-sheet HBM figure by device name (common.GPU_SPECS: H100 3.35
 TB/s, H200 4.8 TB/s); on a CPU it is a measured tensor copy, and a tiny model's weights sit in
 cache, so there it is no floor, only a scale. On a CPU the benchmark runs on one thread (see
-common.cpu_threads). The whole image-token step graphed from a static KV cache does not exist yet
-and is reported as not available (STEP_GRAPH).
+common.cpu_threads).
 """
 
 from __future__ import annotations
@@ -65,12 +69,10 @@ from benchmarks.common import (
 )
 
 PRESET_OVERRIDES = {"tiny": ["model.image.patch_size=4"]}  # 32 px / 4 = 8 x 8 = 64 tokens
-# The whole image-token step (embed, backbone, head, append) replayed from one CUDA graph needs a
-# static KV cache (issue #24); until the sampler has one, only the head's loop is graphed.
 # CUDA: runs that would start later are skipped, so the part ends inside its share of the GPU command
 # (benchmarks/gpu.sh gives it less; alone it may take 330 s)
 CUDA_BUDGET_S = float(os.environ.get("OMNI_GEN_BUDGET_S", "330"))
-STEP_GRAPH = "not available: generation.cuda_graphs graphs the head's loop only (kv_cfg_graph*)"
+FUSED = {"cuda_graphs": True, "static_cache": True}  # the fused image-token step (graphed on CUDA)
 
 
 def _model(preset: str, tmp: str, dev: torch.device):
@@ -137,12 +139,16 @@ def run_plan(matrix: str, steps: int, batches: tuple[int, ...]) -> dict[int, dic
     base = {"kv_cfg": ({}, {}, {}), "kv_nocfg": ({"cfg_scale": 1.0}, {}, {}),
             "kv_cfg_two_pass": ({}, {"cfg_batching": False}, {}), "recompute_cfg": ({"use_cache": False}, {}, {})}
     if matrix != "cuda":
-        return {b: {**base, "kv_cfg_schedule": ({}, {}, schedule)} for b in batches}
+        return {b: {**base, "kv_cfg_schedule": ({}, {}, schedule), "kv_cfg_fused": (FUSED, {}, {})} for b in batches}
+    # The fused step does not call head.sample, so its schedule and head dtype are the sampler's own settings.
+    step = {"kv_cfg_step_graph": (FUSED, {}, {}),
+            "kv_cfg_step_graph_schedule": ({**FUSED, "image_steps_schedule": step_schedule(steps)}, {}, {}),
+            "kv_cfg_step_graph_bf16_head": ({**FUSED, "head_dtype": "bfloat16"}, {}, {})}
     graphed = {"kv_cfg_graph": ({"cuda_graphs": True}, {}, {}),
                "kv_cfg_graph_schedule": ({"cuda_graphs": True}, {}, schedule),
                "kv_cfg_graph_bf16_head": ({"cuda_graphs": True}, {}, {"dtype": torch.bfloat16})}
     first = {"kv_cfg": base.pop("kv_cfg")}  # most important first: a run over the time budget is skipped
-    return {b: {**first, **graphed, **(base if b == batches[0] else {})} for b in batches}
+    return {b: {**first, **step, **graphed, **(base if b == batches[0] else {})} for b in batches}
 
 
 def _run(quick: bool, preset: str, dev: torch.device, peaks: dict[str, Any], tmp: str, matrix: str) -> dict[str, Any]:
@@ -190,12 +196,12 @@ def _run(quick: bool, preset: str, dev: torch.device, peaks: dict[str, Any], tmp
                     continue
                 warm = 1 if name == "kv_cfg" or runs[name][0].get("cuda_graphs") else 0
                 best[name] = best_time(fn, dev, repeats=repeats, warmup=warm)
-                _record(row, name, best[name], b, n_tok, floor, stats[name])
+                _record(row, name, best[name], b, n_tok, floor, _head_steps(stats[name], runs[name][0], base, n_tok))
                 print(f"  batch {b:>2} {name:<24} " + _line(row[name]), flush=True)
         else:
             best = interleaved_best(fns, dev, repeats=repeats, warmup=0)
             for name, seconds in best.items():
-                _record(row, name, seconds, b, n_tok, floor, stats[name])
+                _record(row, name, seconds, b, n_tok, floor, _head_steps(stats[name], runs[name][0], base, n_tok))
         for name in ("kv_cfg", "recompute_cfg"):  # where the time goes (a separate, timed-around run)
             if name not in row or (cuda and (name != "kv_cfg" or time.perf_counter() - t0 > CUDA_BUDGET_S)):
                 continue
@@ -212,11 +218,15 @@ def _run(quick: bool, preset: str, dev: torch.device, peaks: dict[str, Any], tmp
                   "cfg_cost": ("kv_cfg", "kv_nocfg"), "cuda_graph_speedup": ("kv_cfg", "kv_cfg_graph"),
                   "schedule_speedup": ("kv_cfg", "kv_cfg_schedule"),
                   "graph_schedule_speedup": ("kv_cfg_graph", "kv_cfg_graph_schedule"),
-                  "bf16_head_speedup": ("kv_cfg_graph", "kv_cfg_graph_bf16_head")}
+                  "bf16_head_speedup": ("kv_cfg_graph", "kv_cfg_graph_bf16_head"),
+                  "step_graph_speedup": ("kv_cfg", "kv_cfg_step_graph"),
+                  "step_graph_vs_head_graph": ("kv_cfg_graph", "kv_cfg_step_graph"),
+                  "step_graph_schedule_speedup": ("kv_cfg_step_graph", "kv_cfg_step_graph_schedule"),
+                  "step_graph_bf16_head_speedup": ("kv_cfg_step_graph", "kv_cfg_step_graph_bf16_head"),
+                  "fused_speedup": ("kv_cfg", "kv_cfg_fused")}
         for key, (slow, fast) in ratios.items():
             if slow in row and fast in row:
                 row[key] = round(row[slow]["seconds"] / row[fast]["seconds"], 2)
-        row["step_graph"] = STEP_GRAPH
         table[str(b)] = row
         if not cuda:  # one line per batch size as it finishes
             print(f"  batch {b}: " + ", ".join(f"{name} {row[name]['seconds_per_image']:.3f}" for name in runs)
@@ -239,6 +249,17 @@ def _run(quick: bool, preset: str, dev: torch.device, peaks: dict[str, Any], tmp
         "bandwidth_gbs": peaks["bandwidth_gbs"],
         "batches": table,
     }
+
+
+def _head_steps(stats: dict, settings: dict, base, n_tok: int) -> dict:
+    """The head steps run: counted around head.sample, or (the fused step, which does not call it)
+    from the sampler's own schedule, one draw per token."""
+    if not settings.get("static_cache"):
+        return stats
+    from omni.config import steps_for_token
+
+    cfg = dataclasses.replace(base, **settings)
+    return {"steps": sum(steps_for_token(cfg, i, n_tok) for i in range(n_tok)), "calls": n_tok}
 
 
 def _record(row: dict, name: str, seconds: float, b: int, n_tok: int, floor: float, stats: dict) -> None:

@@ -30,7 +30,7 @@ git rev-parse --short HEAD 2>/dev/null || true
 status=0
 echo "== 1/3 GPU tests"
 timeout "${TEST_TIMEOUT:-70}" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_head.py \
-    tests/test_diffusion_sampling.py tests/test_packed_attention.py 2>&1 | tee "$OUT/gpu_tests.log" || status=1
+    tests/test_diffusion_sampling.py tests/test_packed_attention.py tests/test_decode_step.py 2>&1 | tee "$OUT/gpu_tests.log" || status=1
 echo "== 2/3 training throughput, packed rows"
 timeout "${BENCH_TIMEOUT:-170}" python3 -m benchmarks.bench_packed --device cuda --preset bench-1b \
     --rows "${ROWS:-4}" --seq-len "${SEQ_LEN:-4096}" --repeats "${REPEATS:-3}" --out "$OUT" 2>&1 | tee "$OUT/train.log" || status=1

@@ -184,6 +184,9 @@ class GenerationConfig:
     cfg_scale: float = 3.0  # classifier-free guidance on image tokens; 1 disables
     seed: int = 0  # generation seed
     use_cache: bool = True  # KV cache (False recomputes the prefix every step)
+    # Preallocated KV cache written in place (omni/models/kv_cache.py): fixed shapes between row
+    # joins/leaves, so an image-token step can be replayed from a CUDA graph; same tokens as dynamic.
+    static_cache: bool = False
     cuda_graphs: bool = False  # replay each image token's diffusion loop from a CUDA graph (CUDA only)
     head_dtype: Literal["float32", "bfloat16"] = "float32"  # diffusion head matmuls when sampling
 

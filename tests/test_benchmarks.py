@@ -130,13 +130,17 @@ def test_generation_plans_put_the_targets_and_the_gpu_questions_first():
     from benchmarks.bench_generation import run_plan
 
     cpu = run_plan("cpu", 20, (1, 4, 16))
-    assert all(set(runs) == RUNS | {"kv_cfg_schedule"} for runs in cpu.values())
+    assert all(set(runs) == RUNS | {"kv_cfg_schedule", "kv_cfg_fused"} for runs in cpu.values())
     assert cpu[1]["kv_cfg_schedule"][2] == {"schedule": "anneal:20:4:5"}
+    assert cpu[1]["kv_cfg_fused"][0] == {"cuda_graphs": True, "static_cache": True}
     gpu = run_plan("cuda", 50, (1, 4, 16))
+    step = ["kv_cfg_step_graph", "kv_cfg_step_graph_schedule", "kv_cfg_step_graph_bf16_head"]
     graphed = ["kv_cfg_graph", "kv_cfg_graph_schedule", "kv_cfg_graph_bf16_head"]
-    assert list(gpu[1]) == ["kv_cfg", *graphed, "kv_nocfg", "kv_cfg_two_pass", "recompute_cfg"]
-    assert list(gpu[4]) == list(gpu[16]) == ["kv_cfg", *graphed]  # the baselines at batch 1 only
+    assert list(gpu[1]) == ["kv_cfg", *step, *graphed, "kv_nocfg", "kv_cfg_two_pass", "recompute_cfg"]
+    assert list(gpu[4]) == list(gpu[16]) == ["kv_cfg", *step, *graphed]  # the baselines at batch 1 only
     assert all(gpu[16][name][0] == {"cuda_graphs": True} for name in graphed)
+    assert all(gpu[16][name][0]["static_cache"] and gpu[16][name][2] == {} for name in step)
+    assert gpu[1]["kv_cfg_step_graph_schedule"][0]["image_steps_schedule"] == "anneal:50:10:5"
     assert gpu[16]["kv_cfg_graph_bf16_head"][2] == {"dtype": torch.bfloat16}
 
 
@@ -153,6 +157,7 @@ def test_gpu_matrix_code_path_runs_on_cpu(capsys):
     assert "recompute_cfg" not in four and positive(four["cuda_graph_speedup"]) and positive(one["kv_cache_speedup"])
     assert one["kv_cfg_graph_schedule"]["head_steps_per_token"] < one["kv_cfg_graph"]["head_steps_per_token"] == 5
     assert one["kv_cfg"]["ms_per_token_step"] == pytest.approx(1000 * one["kv_cfg"]["seconds"] / 64, rel=0.01)
-    assert one["step_graph"].startswith("not available")
+    assert one["kv_cfg_step_graph_schedule"]["head_steps_per_token"] < one["kv_cfg_step_graph"]["head_steps_per_token"] == 5
+    assert positive(one["step_graph_speedup"]) and positive(four["step_graph_schedule_speedup"])
     lines = [x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("batch")]
-    assert len(lines) == 7 + 4 and all("ms/token step" in x and "x floor" in x for x in lines)
+    assert len(lines) == 10 + 7 and all("ms/token step" in x and "x floor" in x for x in lines)

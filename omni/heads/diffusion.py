@@ -268,31 +268,43 @@ class DiffusionHead(nn.Module):
         dtype: the net's compute dtype; torch.bfloat16 runs its matmuls under bf16 autocast (the
         recurrence x <- a x + b pred + c noise and the guidance combination stay fp32).
         """
+        b = cond.shape[0]
+        with torch.autocast(device_type=cond.device.type, enabled=False):
+            z = cond.float()
+            if uncond is not None and cfg_scale != 1.0:
+                z = torch.cat([z, uncond.float()])  # (2B, D): one batch, not two passes
+            run = self.sampling_run(steps, sampler, temperature, cfg_scale, z.device, cfg_batching, dtype)
+            noise = self.sampling_noise(b, steps, sampler, temperature, generator, z.device)
+            bf16 = dtype == torch.bfloat16
+            if cuda_graph and z.is_cuda:
+                key = (b, z.shape[0], steps, sampler, float(temperature), float(cfg_scale), cfg_batching, bf16,
+                       z.device)
+                return self._graphed(key, run, z, noise)
+            return run(z, noise)
+
+    def sampling_run(self, steps: int, sampler: str, temperature: float, cfg_scale: float, device: torch.device,
+                     cfg_batching: bool = True, dtype: torch.dtype | None = None) -> Callable:
+        """`sample`'s loop as run(z (R, D) fp32, noise (n, B, d)) -> (B, d), for callers that run
+        (or graph) it inside a larger step (the sampler's whole image-token step). Its plan tensor
+        is cached per settings, so the same call returns a loop over the same tensors."""
         if sampler not in DETERMINISTIC:
             raise ValueError(f"unknown sampler {sampler!r}; use one of {list(SAMPLERS)}")
         if steps < 1:
             raise ValueError(f"steps={steps} must be >= 1")
         if dtype not in (None, *SAMPLE_DTYPES):
             raise ValueError(f"dtype={dtype}: the head samples in {[str(d) for d in SAMPLE_DTYPES]}")
-        bf16 = dtype == torch.bfloat16
-        stochastic = DETERMINISTIC[sampler] == "ddpm"
-        b = cond.shape[0]
-        with torch.autocast(device_type=cond.device.type, enabled=False):
-            z = cond.float()
-            if uncond is not None and cfg_scale != 1.0:
-                z = torch.cat([z, uncond.float()])  # (2B, D): one batch, not two passes
-            t_net, coefs = self._cached_plan(steps, stochastic, temperature, z.device)
-            # All noise up front: the start noise, then one draw per step when re-noising; row i's
-            # numbers come from generator i alone, so a row does not depend on its batch.
-            noise = self._noise(1 + steps if stochastic else 1, b, generator, z.device)  # (n, B, d)
-            noise[0] *= temperature
-            run = functools.partial(self._denoise, t_net=t_net, coefs=coefs, cfg_scale=cfg_scale,
-                                    batched=cfg_batching, bf16=bf16)
-            if cuda_graph and z.is_cuda:
-                key = (b, z.shape[0], steps, sampler, float(temperature), float(cfg_scale), cfg_batching, bf16,
-                       z.device)
-                return self._graphed(key, run, z, noise)
-            return run(z, noise)
+        t_net, coefs = self._cached_plan(steps, DETERMINISTIC[sampler] == "ddpm", temperature, device)
+        return functools.partial(self._denoise, t_net=t_net, coefs=coefs, cfg_scale=cfg_scale, batched=cfg_batching,
+                                 bf16=dtype == torch.bfloat16)
+
+    def sampling_noise(self, b: int, steps: int, sampler: str, temperature: float, generator,
+                       device: torch.device) -> torch.Tensor:
+        """All the noise of one `sample` call up front, (n, B, d): the start noise (scaled by the
+        temperature), then one draw per step when re-noising; row i's numbers come from generator i
+        alone, so a row does not depend on its batch."""
+        noise = self._noise(1 + steps if DETERMINISTIC[sampler] == "ddpm" else 1, b, generator, device)
+        noise[0] *= temperature
+        return noise
 
     def _cached_plan(self, steps: int, stochastic: bool, temperature: float,
                      device: torch.device) -> tuple[torch.Tensor, tuple[tuple[float, float, float], ...]]:

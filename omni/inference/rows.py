@@ -153,9 +153,41 @@ class _Group:
 
     streams: list[_Stream] = field(default_factory=list)
     cache: Any = None
+    state: Any = None  # _StepState of the last one-position forward, reused while streams continue
 
 
-def _cache(layers: list[tuple[torch.Tensor, torch.Tensor]], config):
-    from transformers import DynamicCache
+@dataclass
+class _StepState:
+    """Device-side inputs of a one-position forward (every stream feeds one position), kept between
+    steps so that an image-token step makes no tensor from host data and reads nothing back.
 
-    return DynamicCache(layers, config=config)
+    `host` mirrors what the device tensors hold, per stream (token id, is image, position id, lo,
+    bos, cell): the sampler compares it with what the streams' lists say the next position is.
+    When every stream continues as predicted (same streams, T + 1, position + 1, cell + 1 of the same
+    image), the tensors advance in place (`advance`); otherwise (a row starts or ends an image,
+    joins, leaves, writes text, or padding moves) they are rebuilt from the lists, once.
+    """
+
+    key: tuple  # (id of each stream, T): what the tensors describe
+    host: list[tuple[int, bool, int, int, int, int]]
+    ids: torch.Tensor  # (S, 1) token id fed
+    pos: torch.Tensor  # (S, 1) position id
+    is_img: torch.Tensor  # (S, 1) bool: an image position (embedded from its continuous token)
+    cells: torch.Tensor  # (S, 1) the image position's cell (0 elsewhere)
+    lo: torch.Tensor  # (S, 1, 1) the new position sees keys [lo, itself] and bos
+    bos: torch.Tensor  # (S, 1, 1)
+    write: torch.Tensor  # (1,) cache index of the position fed (T - 1)
+    keys: torch.Tensor  # (K,) key indices 0..K-1 (K = T, or the static capacity)
+
+    @staticmethod
+    def predict(h: tuple[int, bool, int, int, int, int]) -> tuple[int, bool, int, int, int, int]:
+        tok, img, pos, lo, bos, cell = h
+        return tok, img, pos + 1, lo, bos, cell + 1 if img else 0
+
+    def advance(self, T: int, stream_ids: tuple) -> None:
+        """One more position of the same image for every stream: in place, no host data."""
+        self.pos.add_(1)
+        self.cells.add_(self.is_img.long())
+        self.write.add_(1)
+        self.key = (stream_ids, T)
+        self.host = [self.predict(h) for h in self.host]

@@ -34,20 +34,35 @@ Settings are per row: text sampling reads the row's own temperature / top-k / to
 ids, and the diffusion head runs once per distinct (cfg scale, steps, temperature, sampler) among
 the rows drawing in that step. Only use_cache and cfg_batching belong to the whole sampler.
 
+Decode steps without host traffic. A step that feeds one position per stream (every step after
+a prefill) takes its inputs from the group's `_StepState`: ids, position ids, cells and mask
+inputs as device tensors, advanced in place while every stream continues as predicted (an image
+being drawn), so an image-token step makes no tensor from Python data and reads nothing back;
+they are rebuilt from the streams' lists only when rows start or end something (prefill, <boi>,
+the first image token, text tokens, joins, leaves, trims). Text rows' sampled ids are read back
+once per step for the whole batch. `generation.static_cache` swaps the growing DynamicCache for a
+preallocated one written in place (omni/models/kv_cache.py; the mask then spans its fixed
+capacity); with `generation.cuda_graphs` on top, a steady image-token step of the whole batch
+(embed, backbone, the head's loop under CFG) runs as one unit, replayed from a CUDA graph on CUDA
+(omni/inference/image_step.py). Every variant gives the same tokens (tests/test_decode_step.py).
+
 Shape legend: S streams in a forward, Q positions fed, T positions in total (cached + fed),
 D backbone width, V vocabulary, d image-token dim, N image tokens per image.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 
 from omni.config import GenerationConfig, steps_for_token
+from omni.inference.image_step import ImageStep
 from omni.inference.prompts import Item, Prompt, context_length, encode_prompts
-from omni.inference.rows import GenerationEvents, _cache, _Group, _Row, _Stream
+from omni.inference.rows import GenerationEvents, _Group, _Row, _StepState, _Stream
 from omni.models.attention import additive_mask, see_own_block
+from omni.models.kv_cache import KVOps, StaticKV, round_capacity
 from omni.models.model import image_cells
 from omni.tokenizers.base import to_pil
 
@@ -61,7 +76,8 @@ class Sampler:
     `run` is the offline use: add every prompt, step until all are done.
 
     use_cache=False recomputes every position at every step (the reference the cache is tested
-    against); cfg_batching=False runs the unconditional streams as a second forward pass and a
+    against); cfg.static_cache preallocates the cache, cfg.cuda_graphs with it fuses (and on CUDA
+    graphs) the image-token step; cfg_batching=False runs the unconditional streams as a second forward pass and a
     second diffusion-head call per step (the baseline the one-batch design is measured against).
     """
 
@@ -74,6 +90,8 @@ class Sampler:
         self.seeds = list(seeds) if seeds is not None else None
         self.events = events or GenerationEvents()
         self.use_cache = self.cfg.use_cache  # one batch, one cache: every row follows the sampler's choice
+        self.static = self.use_cache and self.cfg.static_cache  # a preallocated cache (models/kv_cache.py)
+        self.kv = KVOps(model.backbone.config, self.static)
         self.cfg_batching = cfg_batching
         self.sp = model.special
         self.bidirectional = model.cfg.prompt_image_attention == "bidirectional"
@@ -84,6 +102,10 @@ class Sampler:
         self.live: list[_Row] = []  # rows in the batch
         self.joining: list[_Row] = []  # rows added since the last step
         self.cached = 0  # positions of every stream already in the caches
+        self.joined: list[_Row] = []  # live rows and the joiners being prefilled (static capacity)
+        if getattr(model, "_image_step_graphs", None) is None:  # shared by every sampler of this model
+            model._image_step_graphs = OrderedDict()
+        self.image_step = ImageStep(self._step_compute, model._image_step_graphs)  # fused (graphed on CUDA) step
 
     # -- rows join -----------------------------------------------------------------------------
     def add(self, prompt: Prompt, cfg: GenerationConfig | None = None, mode: str | None = None, seed: int = 0,
@@ -138,25 +160,26 @@ class Sampler:
             for grp in self.groups:
                 for s in grp.streams:
                     s.shift(L - T, self.sp.pad)
-                grp.cache = self._pad(grp.cache, L - T)
+                grp.cache = self.kv.pad_front(grp.cache, L - T, T)
         elif L < T:
             for s in group.streams:
                 s.shift(T - L, self.sp.pad)
-            group.cache = self._pad(group.cache, T - L)
+            group.cache = self.kv.pad_front(group.cache, T - L, L)
         main = self.groups[0]
         if main.cache is not None and group.cache is not None:
-            layers = [(torch.cat([a.keys, b.keys]), torch.cat([a.values, b.values]))  # (S + s, H, T, hd)
-                      for a, b in zip(main.cache.layers, group.cache.layers)]
-            main.cache = _cache(layers, self.model.backbone.config)
+            if self.static:  # one capacity for the rows of both
+                cap = max(main.cache.capacity, group.cache.capacity)
+                main.cache, group.cache = self.kv.fit(main.cache, cap), self.kv.fit(group.cache, cap)
+            main.cache = self.kv.concat(main.cache, group.cache)
         elif not main.streams:
             main.cache = group.cache
         main.streams = main.streams + group.streams
 
-    def _pad(self, cache, n: int):
-        if cache is None or n == 0:
-            return cache
-        return _cache([(torch.nn.functional.pad(c.keys, (0, 0, n, 0)), torch.nn.functional.pad(c.values, (0, 0, n, 0)))
-                       for c in cache.layers], self.model.backbone.config)  # (S, H, n + T, hd)
+    def _capacity(self, rows: list[_Row]) -> int:
+        """Static cache positions that hold every row of `rows` to the end of its budget, so the
+        cache never grows inside a row (a graph replays on the same tensors)."""
+        T = max(len(r.cond.ids) for r in rows)
+        return round_capacity(T + max(r.budget - r.n_new for r in rows) + 4)  # + forced <boi>/<eoi>
 
     def _trim(self) -> None:
         """Drop the left padding every stream shares (it grows as rows join a long-running batch)."""
@@ -168,15 +191,32 @@ class Sampler:
             s.shift(-m, self.sp.pad)
         for grp in self.groups:
             if grp.cache is not None:
-                grp.cache = _cache([(c.keys[:, :, m:], c.values[:, :, m:]) for c in grp.cache.layers],
-                                   self.model.backbone.config)
+                grp.cache = self.kv.drop_front(grp.cache, m, self.cached)
         self.cached -= m
 
     # -- the model -----------------------------------------------------------------------------
     def _forward(self, group: _Group, start: int) -> torch.Tensor:
-        """Feed positions [start, T) of every stream of `group`; hidden state of the last one (S, D)."""
+        """Feed positions [start, T) of every stream of `group`; hidden state of the last one (S, D).
+
+        A cached step feeding one position per stream (every decode step) takes its inputs from
+        the group's device-side `_StepState` (`_step_inputs`); prefill, recompute and the first
+        step after rows change build them from the streams' lists (`_list_inputs`)."""
+        T = len(group.streams[0].ids)
+        if self.use_cache and group.cache is not None and T - start == 1:
+            embeds, pos, bias = self._step_inputs(group, T)
+        else:
+            group.state = None
+            embeds, pos, bias = self._list_inputs(group, start, T)
+        hidden, cache = self.model.decoder(
+            embeds, attention_mask=bias, position_ids=pos,
+            cache=group.cache if self.use_cache else None, use_cache=self.use_cache,
+        )
+        group.cache = cache if self.use_cache else None
+        return hidden[:, -1]  # (S, D)
+
+    def _list_inputs(self, group: _Group, start: int, T: int) -> tuple[torch.Tensor, ...]:
+        """Embeddings (S, Q, D), position ids (S, Q) and mask (S, 1, Q, K) from the streams' lists."""
         streams = group.streams
-        T = len(streams[0].ids)
         dev = self.device
         ids = torch.tensor([s.ids[start:] for s in streams], device=dev)  # (S, Q)
         pos = torch.tensor([s.pos[start:] for s in streams], device=dev)  # (S, Q)
@@ -190,19 +230,157 @@ class Sampler:
         if self.model.image_pos is not None:  # a cell counts from its image's start, maybe in the cache
             cells = image_cells(torch.tensor([s.ids for s in streams], device=dev), self.sp.img)[:, start:]
         embeds = self.model.embed(ids, image_tokens, image_mask, cells)  # (S, Q, D)
+        K = T
+        if self.static:  # keys: the whole capacity; positions past T are stale and hidden by k <= q
+            if group.cache is None:
+                group.cache = StaticKV.empty(self.model.backbone.config, len(streams), self._capacity(self.joined),
+                                             embeds.dtype, dev)
+            group.cache.write = torch.arange(start, T, device=dev)  # (Q,)
+            K = group.cache.capacity
         q = torch.arange(start, T, device=dev)[None, :, None]  # (1, Q, 1)
-        k = torch.arange(T, device=dev)[None, None, :]  # (1, 1, T)
-        allowed = (k <= q) & ((k >= lo[:, :, None]) | (k == bos[:, None, None]))  # (S, Q, T)
+        k = torch.arange(K, device=dev)[None, None, :]  # (1, 1, K)
+        allowed = (k <= q) & ((k >= lo[:, :, None]) | (k == bos[:, None, None]))  # (S, Q, K)
         if self.bidirectional:
-            blocks = torch.tensor([s.blocks for s in streams], device=dev)  # (S, T)
-            allowed = see_own_block(allowed, blocks[:, start:], blocks)
-        bias = additive_mask(allowed, embeds.dtype)  # (S, 1, Q, T)
-        hidden, cache = self.model.decoder(
-            embeds, attention_mask=bias, position_ids=pos,
-            cache=group.cache if self.use_cache else None, use_cache=self.use_cache,
+            blocks = torch.tensor([s.blocks + [0] * (K - T) for s in streams], device=dev)  # (S, K)
+            allowed = see_own_block(allowed, blocks[:, start:T], blocks)
+        return embeds, pos, additive_mask(allowed, embeds.dtype)  # ..., (S, 1, Q, K)
+
+    # -- the one-position step from device state -------------------------------------------------
+    # Host work here is list reads and comparisons; the device sees only in-place updates of the
+    # state's tensors while every stream continues as predicted (an image being drawn), so an
+    # image-token step makes no tensor from Python data and reads nothing back (test_decode_step).
+    def _step_inputs(self, group: _Group, T: int) -> tuple[torch.Tensor, ...]:
+        """Embeddings (S, 1, D), position ids (S, 1) and mask (S, 1, 1, K) of a one-position step."""
+        st = self._advance(group, T)
+        if st is None:  # a row started/ended something, joined or left, or wrote text: rebuild, once
+            host = self._host_meta(group.streams, group.state)
+            st = group.state = self._new_state(host, (tuple(id(s) for s in group.streams), T), T, group)
+            if self.static:
+                group.cache.write = st.write
+        if not self.static and st.keys.shape[0] != T:  # a growing cache: keys 0..T-1 (a device fill)
+            st.keys = torch.arange(T, device=self.device)
+        embeds = self._embed_step(st, self._step_tokens(group.streams))
+        return embeds, st.pos, self._step_mask(st, embeds.dtype)
+
+    def _advance(self, group: _Group, T: int) -> _StepState | None:
+        """The group's state moved one position on, in place, if every stream continues as the
+        state predicts (same streams, T - 1 -> T, the next cell of the same image); else None."""
+        st = group.state
+        if st is None or st.key != (tuple(id(s) for s in group.streams), T - 1):
+            return None
+        if self.static and st.keys.shape[0] != group.cache.capacity:
+            return None
+        if self._host_meta(group.streams, st) != [st.predict(h) for h in st.host]:
+            return None
+        st.advance(T, st.key[0])
+        if self.static:
+            group.cache.write = st.write
+        return st
+
+    def _step_mask(self, st: _StepState, dtype: torch.dtype) -> torch.Tensor:
+        """(S, 1, 1, K) additive mask of the fed position: keys [lo, itself] and bos; a static
+        cache also hides its positions past the one written (k <= q), stale or never written."""
+        allowed = (st.keys >= st.lo) | (st.keys == st.bos)  # (S, 1, K)
+        if self.static:
+            allowed = allowed & (st.keys <= st.write)
+        return additive_mask(allowed, dtype)
+
+    def _step_tokens(self, streams: list[_Stream]) -> torch.Tensor | None:
+        """(S, d) the continuous token each stream feeds (zeros for text streams), None if none does."""
+        tokens = [s.images[-1] for s in streams if s.images[-1] is not None]
+        if not tokens:
+            return None
+        if len(tokens) < len(streams):
+            zero = tokens[0].new_zeros(tokens[0].shape)
+            tokens = [s.images[-1] if s.images[-1] is not None else zero for s in streams]
+        return torch.stack(tokens)  # (S, d)
+
+    def _host_meta(self, streams: list[_Stream], st: _StepState | None) -> list[tuple]:
+        """Per stream, what its last position is: (token id, is image, position id, lo, bos, cell)."""
+        img = self.sp.img
+        prev = {} if st is None else dict(zip(st.key[0], st.host))
+        out = []
+        for s in streams:
+            tok = s.ids[-1]
+            cell = 0
+            if tok == img:  # the cell counts the placeholders right before this one (image_cells)
+                p = prev.get(id(s))
+                if p is not None and p[1] and s.ids[-2] == img:
+                    cell = p[5] + 1
+                else:
+                    j = len(s.ids) - 2
+                    while j >= 0 and s.ids[j] == img:
+                        j -= 1
+                    cell = len(s.ids) - 2 - j
+            out.append((tok, s.images[-1] is not None, s.pos[-1], s.lo[-1], s.bos, cell))
+        return out
+
+    def _new_state(self, host: list[tuple], key: tuple, T: int, group: _Group) -> _StepState:
+        dev = self.device
+        cols = list(zip(*host))
+        K = group.cache.capacity if self.static else T
+        return _StepState(
+            key=key, host=host,
+            ids=torch.tensor(cols[0], device=dev)[:, None], is_img=torch.tensor(cols[1], device=dev)[:, None],
+            pos=torch.tensor(cols[2], device=dev)[:, None], cells=torch.tensor(cols[5], device=dev)[:, None],
+            lo=torch.tensor(cols[3], device=dev)[:, None, None], bos=torch.tensor(cols[4], device=dev)[:, None, None],
+            write=torch.tensor([T - 1], device=dev), keys=torch.arange(K, device=dev),
         )
-        group.cache = cache if self.use_cache else None
-        return hidden[:, -1]  # (S, D)
+
+    def _embed_step(self, st: _StepState, x: torch.Tensor | None) -> torch.Tensor:
+        """`model.embed` of one position per stream, by selection instead of masked_scatter (which
+        needs the number of image positions): x (S, d) the streams' tokens (`_step_tokens`)."""
+        model = self.model
+        emb = model.backbone.get_input_embeddings()(st.ids)  # (S, 1, D)
+        if x is None:
+            return emb
+        img = model.in_proj(x.to(emb.device, torch.float32)).to(emb.dtype)  # (S, D)
+        if model.image_pos is not None:
+            img = img + model.image_pos(st.cells[:, 0]).to(emb.dtype)
+        return torch.where(st.is_img[..., None], img[:, None], emb)  # (S, 1, D)
+
+    # -- the fused image-token step (generation.cuda_graphs with static_cache) --------------------
+    def _image_step(self) -> dict[int, torch.Tensor] | None:
+        """The steady-state image-token step of every live row through `ImageStep` (embed,
+        backbone, the head's loop under CFG; one CUDA graph replay on CUDA): row id -> its token
+        (d,). None when this step is not one (then the ordinary path runs; see image_step.py)."""
+        if not (self.static and self.cfg_batching and self.live):
+            return None
+        key = None
+        for r in self.live:
+            if not r.drawing or r.feed or not r.current or r.finish is not None or not r.cfg.cuda_graphs:
+                return None
+            c = r.cfg
+            k = (c.cfg_scale if r.use_cfg else 1.0, steps_for_token(c, len(r.current), self.n_tokens),
+                 c.image_temperature, c.sampler, c.head_dtype)
+            if key not in (None, k):
+                return None  # rows with different head settings: one head call each, eagerly
+            key = k
+        group = self.groups[0]
+        want = [r.cond for r in self.live] + ([r.uncond for r in self.live] if key[0] != 1.0 else [])
+        if len(want) != len(group.streams) or any(a is not b for a, b in zip(want, group.streams)):
+            return None
+        T = len(want[0].ids)
+        if self.cached != T - 1:
+            return None
+        st = self._advance(group, T)  # last: it moves the state on
+        if st is None:
+            return None
+        scale, steps, temperature, sampler, dtype = key
+        head = self.model.head
+        run = head.sampling_run(steps, sampler, temperature, scale, self.device, True, getattr(torch, dtype))
+        noise = head.sampling_noise(len(self.live), steps, sampler, temperature, [r.gen for r in self.live],
+                                    self.device)  # (n, B, d), eagerly: each row's own generator
+        x = self.image_step(key, st, group.cache, self._step_tokens(group.streams), noise, run)  # (B, d)
+        return {id(r): xi for r, xi in zip(self.live, x)}
+
+    def _step_compute(self, st: _StepState, cache, tokens: torch.Tensor, noise: torch.Tensor, run) -> torch.Tensor:
+        """The math of the fused step (what a graph captures): tokens (S, d) -> drawn tokens (B, d)."""
+        embeds = self._embed_step(st, tokens)  # (S, 1, D)
+        hidden, _ = self.model.decoder(embeds, attention_mask=self._step_mask(st, embeds.dtype), position_ids=st.pos,
+                                       cache=cache, use_cache=True)
+        with torch.autocast(device_type=embeds.device.type, enabled=False):
+            return run(hidden[:, -1].float(), noise)  # z (S, D) = [cond rows; uncond rows], as `sample` stacks it
 
     def _regroup(self, groups: list[_Group], rows: list[_Row]) -> None:
         """Put the live streams in their groups; copy/drop cache rows to match (one gather per group)."""
@@ -229,22 +407,17 @@ class Sampler:
         for grp in groups:
             offsets.append(n)
             n += len(grp.streams)
-        index = torch.tensor([offsets[g] + i for g, i in src], device=self.device)
-        caches = [grp.cache for grp in groups if grp.streams]
-        layers = []
-        for parts in zip(*(c.layers for c in caches)):
-            keys = torch.cat([p.keys for p in parts]) if len(parts) > 1 else parts[0].keys  # (S_all, H, T, hd)
-            values = torch.cat([p.values for p in parts]) if len(parts) > 1 else parts[0].values
-            layers.append((keys.index_select(0, index), values.index_select(0, index)))
-        return _cache(layers, self.model.backbone.config)
+        index = torch.tensor([offsets[g] + i for g, i in src], device=self.device)  # at row start/end only
+        return self.kv.gather([grp.cache for grp in groups if grp.streams], index)
 
     # -- decisions -----------------------------------------------------------------------------
-    def _pick(self, row: _Row, logits: torch.Tensor) -> int:
-        """Next text token from logits (V,): greedy, or temperature / top-k / top-p sampling."""
+    def _pick(self, row: _Row, logits: torch.Tensor) -> torch.Tensor:
+        """Next text token from logits (V,), a device scalar: greedy, or temperature / top-k / top-p
+        sampling. `_decide` reads the tokens of all text rows back at once."""
         cfg = row.cfg
         logits = logits.float().index_fill(0, row.banned, float("-inf"))
         if cfg.temperature == 0:
-            return int(logits.argmax())
+            return logits.argmax()
         logits = logits / cfg.temperature
         if cfg.top_k > 0:
             kth = torch.topk(logits, min(cfg.top_k, logits.numel())).values[-1]
@@ -254,7 +427,7 @@ class Sampler:
             probs = sorted_logits.softmax(-1)
             drop = probs.cumsum(-1) - probs > cfg.top_p  # keep the smallest set reaching top_p
             logits = logits.index_fill(0, order[drop], float("-inf"))
-        return int(torch.multinomial(logits.softmax(-1), 1, generator=row.gen))
+        return torch.multinomial(logits.softmax(-1), 1, generator=row.gen)[0]
 
     def _flush_text(self, row: _Row) -> None:
         if row.text_ids:
@@ -321,8 +494,10 @@ class Sampler:
             row.feed += [(self.sp.img, x), (self.sp.eoi, None)]  # <eoi> is forced, never sampled
         return True
 
-    def _decide(self, ready: list[_Row], hidden: dict[int, torch.Tensor]) -> None:
-        """Sample the next text or image token of every row that has nothing left to feed."""
+    def _decide(self, ready: list[_Row], hidden: dict[int, torch.Tensor],
+                drawn: dict[int, torch.Tensor] | None = None) -> None:
+        """Sample the next text or image token of every row that has nothing left to feed
+        (`drawn`: the tokens the fused image step already drew, by row id)."""
         model = self.model
         for r in ready:
             if r.mode == "image" and not r.drawing:
@@ -330,8 +505,9 @@ class Sampler:
         texts = [r for r in ready if not r.drawing]
         if texts:
             logits = model.lm_head(torch.stack([hidden[id(r.cond)] for r in texts]))  # (b, V)
-            for r, lg in zip(texts, logits):
-                self._text_token(r, self._pick(r, lg))
+            picked = torch.stack([self._pick(r, lg) for r, lg in zip(texts, logits)]).tolist()  # one read per step
+            for r, tok in zip(texts, picked):
+                self._text_token(r, tok)
         drawing = [r for r in ready if r.drawing and not r.feed]
         # One diffusion-head call per distinct image setting; a row's noise comes from its own generator.
         # The step count is the row's own (its schedule at its token index), so a row's samples never
@@ -344,6 +520,9 @@ class Sampler:
             by_setting.setdefault(key, []).append(r)
         done = []
         for (scale, steps, temperature, sampler, graphs, dtype), rows in by_setting.items():
+            if drawn is not None:
+                done += [r for r in rows if self._image_token(r, drawn[id(r)])]
+                continue
             cond = torch.stack([hidden[id(r.cond)] for r in rows])  # (b, D)
             uncond = torch.stack([hidden[id(r.uncond)] for r in rows]) if scale != 1.0 else None
             x = model.head.sample(cond, uncond, cfg_scale=scale, steps=steps, temperature=temperature,
@@ -362,8 +541,10 @@ class Sampler:
     @torch.no_grad()
     def step(self) -> list[_Row]:
         """One decode step of every row (joiners are prefilled first); the rows that finished."""
-        hidden = {}
+        hidden, drawn = {}, None
         if self.live:
+            drawn = self._image_step()
+        if self.live and drawn is None:
             for grp in self.groups:
                 if grp.streams:
                     h = self._forward(grp, self.cached if self.use_cache else 0)  # (S, D)
@@ -374,9 +555,13 @@ class Sampler:
             for r in joiners:
                 r.cond.shift(width - len(r.cond.ids), self.sp.pad)
             group = _Group([r.cond for r in joiners])
+            self.joined = self.live + joiners  # the rows a static cache must hold (_capacity)
             hidden.update({id(r.cond): h for r, h in zip(joiners, self._forward(group, 0))})
             self._merge(group)
             self.live += joiners
+            if self.static:  # after the merge's padding: room for every row's whole budget
+                for grp in self.groups:
+                    grp.cache = self.kv.fit(grp.cache, self._capacity(self.live))
         if not self.live:
             return []
         self.cached = len(self.live[0].cond.ids)
@@ -386,7 +571,7 @@ class Sampler:
                 stop[id(r.events)] = r.events.should_stop()
             if stop[id(r.events)]:
                 self._finish(r, "cancelled")
-        self._decide([r for r in self.live if r.finish is None and not r.feed], hidden)
+        self._decide([r for r in self.live if r.finish is None and not r.feed], hidden, drawn)
         finished = [r for r in self.live if r.finish is not None]
         self.live = [r for r in self.live if r.finish is None]
         if not self.live:
