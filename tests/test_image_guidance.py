@@ -1,7 +1,7 @@
 """Image-guided classifier-free guidance (InstructPix2Pix) in the head and the sampler.
 
-Three predictions per drawing row: c (the whole context), i (the context's pictures, no text) and
-u ([bos] only), combined as u + s_img (i - u) + s (c - i). The sampler's one-batch result is
+Three predictions per drawing row: c (the whole context), i (the context's last picture, no text)
+and u ([bos] only), combined as u + s_img (i - u) + s (c - i). The sampler's one-batch result is
 checked against an eager reference that runs each stream alone with its own cache and its own
 Euler loop, written here without the head's sampling code.
 """
@@ -25,6 +25,8 @@ SOURCE = Image.new("RGB", (32, 32), (40, 80, 220))
 EDIT = [SOURCE, "make the circle blue"]
 T2I = ["a red circle left of a blue square."]
 CHATTY = ["draw a square.", SOURCE, "now move it to the left"]  # text before the picture (a chat history)
+FIRST = Image.new("RGB", (32, 32), (220, 40, 40))
+SECOND_ROUND = [FIRST, "make the square blue", SOURCE, "move it to the left"]  # i sees only the last picture
 
 
 @pytest.fixture(scope="module")
@@ -75,11 +77,16 @@ def reference(model, streams: list[list], combine, cfg: GenerationConfig, seed: 
 
 
 def streams_of(model, prompt) -> tuple[list, list, list]:
-    """(conditional, image-only, unconditional) prefixes of a prompt, as training lays them out."""
+    """(conditional, image-only, unconditional) prefixes of a prompt, as training lays them out
+    (omni.data.loader.edit_condition): i is [bos] and the prompt's last picture alone."""
     sp = model.special
     items = encode_prompts(model, [prompt])[0]
-    picture = {sp.boi, sp.img, sp.eoi}
-    return items, [items[0], *[it for it in items[1:] if it[0] in picture]], [items[0]]
+    ids = [t for t, _ in items]
+    if sp.eoi not in ids:
+        return items, None, [items[0]]
+    end = len(ids) - 1 - ids[::-1].index(sp.eoi)
+    start = max(j for j in range(end) if ids[j] == sp.boi)
+    return items, [items[0], *items[start:end + 1]], [items[0]]
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
@@ -95,11 +102,11 @@ def test_three_streams_in_one_batch_equal_each_stream_alone(model, use_cache):
 
     model.decoder = spy
     try:
-        got = generate(model, [EDIT, T2I, CHATTY], cfg, seeds=[5, 6, 7], mode="image")
+        got = generate(model, [EDIT, T2I, CHATTY, SECOND_ROUND], cfg, seeds=[5, 6, 7, 8], mode="image")
     finally:
         del model.decoder
     ip2p = lambda c, i, u: u + s_img * (i - u) + s * (c - i)
-    for prompt, seed, res in [(EDIT, 5, got[0]), (CHATTY, 7, got[2])]:
+    for prompt, seed, res in [(EDIT, 5, got[0]), (CHATTY, 7, got[2]), (SECOND_ROUND, 8, got[3])]:
         c, i, u = streams_of(model, prompt)
         want = reference(model, [c, i, u], ip2p, cfg, seed)
         torch.testing.assert_close(res.image_tokens[0], want, atol=1e-4, rtol=0)
@@ -107,8 +114,8 @@ def test_three_streams_in_one_batch_equal_each_stream_alone(model, use_cache):
     c, _, u = streams_of(model, T2I)
     want = reference(model, [c, u], lambda c, u: u + s * (c - u), cfg, 6)
     torch.testing.assert_close(got[1].image_tokens[0], want, atol=1e-4, rtol=0)
-    # While drawing: 3 conditional + 3 unconditional + 2 image-only streams in one forward.
-    assert max(rows_seen) == 8
+    # While drawing: 4 conditional + 4 unconditional + 3 image-only streams in one forward.
+    assert max(rows_seen) == 11
     assert got[0].settings["image_cfg_scale"] == s_img and got[0].settings["cfg_scale"] == s
 
 
@@ -135,9 +142,9 @@ def test_equal_scales_reduce_to_plain_cfg(model):
 def test_two_passes_equal_one_batch_in_auto_mode(model):
     """Rows that write text and then draw (auto mode), mixed with edits, batched or not."""
     cfg = gcfg(sampler="stochastic", image_cfg_scale=2.0, temperature=1.0, max_new_tokens=40)
-    prompts = [EDIT, T2I, [SOURCE, "what color is the square?"], CHATTY]
-    one = generate(model, prompts, cfg, seeds=[1, 2, 3, 4], mode="auto")
-    two = generate(model, prompts, cfg, seeds=[1, 2, 3, 4], mode="auto", cfg_batching=False)
+    prompts = [EDIT, T2I, [SOURCE, "what color is the square?"], CHATTY, SECOND_ROUND]
+    one = generate(model, prompts, cfg, seeds=[1, 2, 3, 4, 5], mode="auto")
+    two = generate(model, prompts, cfg, seeds=[1, 2, 3, 4, 5], mode="auto", cfg_batching=False)
     for a, b in zip(one, two):
         assert a.ids == b.ids
         for p, q in zip(a.image_tokens, b.image_tokens):

@@ -19,12 +19,13 @@ Both streams share one batch and one KV cache; streams join and leave by indexin
 batch dimension, so CFG costs extra rows only while a row is drawing, never a second pass.
 
 Image-guided CFG (edits, InstructPix2Pix; generation.image_cfg_scale set). A third stream sees
-the pictures of the row's context and none of its text: `[bos] <boi> src <eoi> ... <boi> x1 ...`,
-positions contiguous, what training shows the model when it drops an edit's instruction but keeps
-its source image. It is a new stream, not a copy: a picture's keys in the conditional cache saw
-the text before it (a chat history), so the image-only stream is prefilled from its own items
-when the row starts an image (one extra prefill of the pictures per drawn image), then merged
-into the batch like a joining row. The head combines the three predictions
+the last picture of the row's context (the one being edited) and none of its text:
+`[bos] <boi> src <eoi> <boi> x1 ...`, positions contiguous, exactly an edit document with its
+instruction dropped (omni.data.loader.edit_condition, "text"; a dropped document keeps one round,
+so in a second round the source is the first round's result). It is a new stream, not a copy: the
+picture's keys in the conditional cache saw the text before it (a chat history, a first round),
+so it is prefilled from its own items when the row starts an image (one extra prefill of one
+picture per drawn image), then merged into the batch like a joining row. The head combines the three predictions
 u + s_img (i - u) + s (c - i) (omni.heads.diffusion.guide). A context without pictures has
 i = u, so such rows keep two streams and today's CFG whatever image_cfg_scale says.
 
@@ -136,13 +137,15 @@ class Sampler:
                        next_pos=len(items), blocks=blocks)
 
     def _image_only(self, cond: _Stream) -> _Stream | None:
-        """The image-only stream of a row about to draw: [bos] and the pictures of its context so far
-        (their <boi> x1..xN <eoi>), no text; None when the context holds no picture (then i = u)."""
-        picture = {self.sp.boi, self.sp.img, self.sp.eoi}
-        items = [(t, x) for t, x in zip(cond.ids[cond.bos + 1:], cond.images[cond.bos + 1:]) if t in picture]
-        if not items:
+        """The image-only stream of a row about to draw: [bos] and the last picture of its context
+        (<boi> x1..xN <eoi>), no text; None when the context holds no picture (then i = u)."""
+        ids = cond.ids
+        ends = [j for j in range(cond.bos + 1, len(ids)) if ids[j] == self.sp.eoi]
+        if not ends:
             return None
-        return self._stream([(self.sp.bos, None), *items])
+        start = max(j for j in range(cond.bos + 1, ends[-1]) if ids[j] == self.sp.boi)
+        picture = list(zip(ids[start:ends[-1] + 1], cond.images[start:ends[-1] + 1]))
+        return self._stream([(self.sp.bos, None), *picture])
 
     def _prefill_image_only(self, rows: list[_Row]) -> None:
         """Prefill the new image-only streams of `rows` together and merge them into the batch
