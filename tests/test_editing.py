@@ -207,3 +207,26 @@ def test_http_schema_accepts_image_cfg_scale():
     assert parse_request(body, Limits()).overrides["image_cfg_scale"] == 1.5
     with pytest.raises(RequestError, match="out of range"):
         parse_request({**body, "image_cfg_scale": -1}, Limits())
+
+
+def test_http_edit_records_both_scales(ckpt, pics):
+    """POST /v1/chat/completions with the picture before the instruction and image_cfg_scale."""
+    import base64
+
+    pytest.importorskip("httpx")
+    testclient = pytest.importorskip("fastapi.testclient")
+
+    import omni
+    from omni.serve.app import create_app
+
+    model = omni.load(ckpt, device="cpu")
+    picture = "data:image/png;base64," + base64.b64encode((pics / "red.png").read_bytes()).decode()
+    body = {"model": "tiny", "mode": "image", "seed": 4, "image_cfg_scale": 1.5, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": picture}}, {"type": "text", "text": "make the square blue"}]}]}
+    with testclient.TestClient(create_app(model, model_name="tiny")) as client:  # runs the app's lifespan (its worker)
+        r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert [p["type"] for p in answer["choices"][0]["message"]["content"]] == ["image_url"]
+    settings = answer["omni"]["settings"]
+    assert settings["image_cfg_scale"] == 1.5 and settings["cfg_scale"] == 2.0 and settings["mode"] == "image"

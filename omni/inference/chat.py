@@ -272,8 +272,9 @@ class ChatSession:
         lines = [
             "# omni chat", "",
             f"checkpoint: `{getattr(self.model, 'checkpoint_path', None)}`  ",
-            (f"settings: sampler={s.sampler} steps={s.image_steps} cfg={s.cfg_scale} temperature={s.temperature} "
-             f"top_k={s.top_k} top_p={s.top_p} image_temperature={s.image_temperature} seed={self.seed}"), "",
+            (f"settings: sampler={s.sampler} steps={s.image_steps} cfg={s.cfg_scale} image_cfg={s.image_cfg_scale} "
+             f"temperature={s.temperature} top_k={s.top_k} top_p={s.top_p} image_temperature={s.image_temperature} "
+             f"seed={self.seed}"), "",
         ]
         for turn in self.history:
             lines += [f"**{turn.role}:**", ""]
