@@ -10,7 +10,9 @@ non-square one center-cropped first), with a note on stderr.
 
 Editing: `--image IN.png --prompt "make the circle blue" --mode image` draws the edited picture;
 `--edit` says so explicitly (one square picture, before the instruction; mode image) and
-`--image-cfg-scale S` turns on image-guided CFG (docs/editing.md). A JSONL file holds one request per line:
+`--image-cfg-scale S` turns on image-guided CFG (docs/editing.md).
+
+A JSONL file holds one request per line:
 {"prompt": "...", "images": ["a.png"], "seed": 3, "mode": "image"} (only "prompt" is required;
 relative image paths resolve against the file's folder). `--json` prints
 {"segments": [{"type": "text", "text": ...}, {"type": "image", "path": ...}], "settings": {...}}

@@ -121,7 +121,7 @@ class _Row:
     banned: torch.Tensor  # text ids this row never samples
     settings: dict  # recorded in the result
     uncond: _Stream | None = None
-    image_only: _Stream | None = None  # image-guided CFG: the context's pictures without its text
+    image_only: _Stream | None = None  # image-guided CFG: the context's last picture, no text
     feed: list = field(default_factory=list)  # items waiting to be fed, oldest first
     drawing: bool = False
     n_new: int = 0

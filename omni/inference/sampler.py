@@ -25,9 +25,9 @@ instruction dropped (omni.data.loader.edit_condition, "text"; a dropped document
 so in a second round the source is the first round's result). It is a new stream, not a copy: the
 picture's keys in the conditional cache saw the text before it (a chat history, a first round),
 so it is prefilled from its own items when the row starts an image (one extra prefill of one
-picture per drawn image), then merged into the batch like a joining row. The head combines the three predictions
-u + s_img (i - u) + s (c - i) (omni.heads.diffusion.guide). A context without pictures has
-i = u, so such rows keep two streams and today's CFG whatever image_cfg_scale says.
+picture per drawn image), then merged into the batch like a joining row. The head combines the
+three predictions u + s_img (i - u) + s (c - i) (omni.heads.diffusion.guide). A context without
+pictures has i = u, so such rows keep two streams and plain CFG whatever image_cfg_scale says.
 
 Prompts of different lengths share a batch through left padding, explicit position ids and an
 additive 4D mask (built here, so the cached and the recomputed paths use the same one). Every row
