@@ -170,3 +170,33 @@ def test_guide_formula_and_head_reductions(model):
                                draw(cond, image, cfg_scale=4.0), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="image-guided CFG needs"):
         draw(cond, None, cfg_scale=4.0, image_cond=image, image_cfg_scale=1.5)
+
+
+def test_streams_are_the_loaders_dropped_edit_forms(model):
+    """What the sampler's i and u streams see is exactly what training shows when it drops an edit
+    document's instruction ("text") or instruction and picture ("both"): ids, positions, tokens."""
+    from omni.data.loader import tokenize_document
+    from omni.data.shapes import edit_documents
+    from omni.inference.sampler import Sampler
+    from omni.layout import doc_positions
+
+    doc = next(edit_documents(1, rounds=1))
+    sampler = Sampler(model, gcfg(image_cfg_scale=1.5), mode="image")
+    row = sampler.add(doc.segments[:2])  # [source, instruction]: the edit's prompt
+    sampler.step()  # prefill, <boi> forced, the image-only stream prefilled and <boi> fed to all three
+
+    def visible(s):  # (ids, positions, image tokens) of the keys a new position of stream s sees
+        keep = sorted({s.bos, *range(s.start, len(s.ids))})
+        return [s.ids[j] for j in keep], [s.pos[j] for j in keep], [s.images[j] for j in keep if s.images[j] is not None]
+
+    for stream, drop in [(row.image_only, "text"), (row.uncond, "both")]:
+        ids, pos, tokens = visible(stream)
+        want_ids, _, index, images = doc_positions(
+            tokenize_document(doc, model.tokenizer, model.image_tokenizer, edit_drop=drop), model.special)
+        flat = torch.cat(images)  # (n_img * N, d)
+        assert ids == want_ids[:len(ids)] and ids[-1] == model.special.boi
+        assert pos == list(range(len(ids)))  # a document's positions count from [bos] = 0, no gap
+        want_tokens = [flat[i] for i in index[:len(ids)] if i >= 0]
+        assert len(tokens) == len(want_tokens) == (model.image_tokenizer.num_tokens if drop == "text" else 0)
+        for x, y in zip(tokens, want_tokens):
+            torch.testing.assert_close(x, y)
