@@ -182,6 +182,10 @@ class GenerationConfig:
     image_steps_schedule: str = "constant"
     image_temperature: float = 0.7  # noise scale of the image sampler
     cfg_scale: float = 3.0  # classifier-free guidance on image tokens; 1 disables
+    # Image-guided CFG for edits (InstructPix2Pix; docs/editing.md): the image scale of
+    # u + s_img (i - u) + cfg_scale (c - i), i the stream that sees the context's pictures but no
+    # text. None: s_img = cfg_scale, which needs no i stream (plain CFG, the behaviour before it).
+    image_cfg_scale: float | None = None
     seed: int = 0  # generation seed
     use_cache: bool = True  # KV cache (False recomputes the prefix every step)
     # Preallocated KV cache written in place (omni/models/kv_cache.py): fixed shapes between row

@@ -3,7 +3,7 @@
 Its face is two methods (the transformer never sees a noise schedule):
 
     loss(target, cond)                       target (K, d) image tokens, cond (K, D) hidden states
-    sample(cond, uncond=None, cfg_scale=...) -> (B, d)
+    sample(cond, uncond=None, cfg_scale=..., image_cond=None, image_cfg_scale=None) -> (B, d)
 
 Parameterizations: `v` (v-prediction, the bf16-stable choice of MMAR and Orthus), `eps`, and
 `flow` (rectified flow, predicts noise - x0). The head computes in fp32, also under autocast
@@ -21,7 +21,11 @@ cached, so after the first call `sample` reads nothing back from the device and 
 it (tests/test_decode_head.py counts both). With `dtype=torch.bfloat16` the net's matmuls run in
 bf16 while the recurrence and the guidance combination stay fp32.
 
-Shape legend: K tokens with a loss, B tokens being sampled, R = B or 2B rows with CFG, S steps,
+Guidance combines the net's predictions linearly (`guide`): every sampler's update is affine in
+the prediction with the same coefficients for all rows, so combining flow velocities, v or eps
+predictions is combining the implied noise estimates, whatever the parameterization.
+
+Shape legend: K tokens with a loss, B tokens being sampled, R = B, 2B or 3B rows with CFG, S steps,
 d token dim, D backbone width, W head width, C noise copies.
 """
 
@@ -60,6 +64,22 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale) + shift
+
+
+def guide(pred: torch.Tensor, b: int, cfg_scale: float, image_cfg_scale: float | None = None) -> torch.Tensor:
+    """The guided prediction (B, d) from the rows' predictions (R, d), stacked [cond, uncond(, image)].
+
+    R = B: no guidance. R = 2B: classifier-free guidance u + s (c - u). R = 3B: InstructPix2Pix's
+    image-guided CFG u + s_img (i - u) + s (c - i), where i is the prediction that sees the
+    pictures but not the text; with s_img = s it is the 2B formula again.
+    """
+    if pred.shape[0] == b:
+        return pred
+    if pred.shape[0] == 2 * b:
+        cond_pred, uncond_pred = pred.split(b)
+        return torch.lerp(uncond_pred, cond_pred, cfg_scale)  # uncond + s (cond - uncond)
+    cond_pred, uncond_pred, image_pred = pred.split(b)
+    return torch.lerp(uncond_pred, image_pred, image_cfg_scale).add_(cond_pred - image_pred, alpha=cfg_scale)
 
 
 class ResBlock(nn.Module):
@@ -254,6 +274,8 @@ class DiffusionHead(nn.Module):
         cuda_graph: bool = False,
         cfg_batching: bool = True,
         dtype: torch.dtype | None = None,
+        image_cond: torch.Tensor | None = None,
+        image_cfg_scale: float | None = None,
     ) -> torch.Tensor:
         """Draw one token per row of `cond` (B, D); with `uncond` (B, D) and cfg_scale != 1, guided.
 
@@ -267,23 +289,31 @@ class DiffusionHead(nn.Module):
         two-pass baseline that the one-batch design is measured against (same result).
         dtype: the net's compute dtype; torch.bfloat16 runs its matmuls under bf16 autocast (the
         recurrence x <- a x + b pred + c noise and the guidance combination stay fp32).
+        image_cond (B, D) with image_cfg_scale: image-guided CFG (needs `uncond`): the third
+        prediction sees the pictures without the text, combined as `guide` says.
         """
         b = cond.shape[0]
         with torch.autocast(device_type=cond.device.type, enabled=False):
+            if (image_cond is None) != (image_cfg_scale is None) or (image_cond is not None and uncond is None):
+                raise ValueError("image-guided CFG needs cond, uncond and image_cond with an image_cfg_scale")
             z = cond.float()
-            if uncond is not None and cfg_scale != 1.0:
+            if image_cond is not None:
+                z = torch.cat([z, uncond.float(), image_cond.float()])  # (3B, D): still one batch
+            elif uncond is not None and cfg_scale != 1.0:
                 z = torch.cat([z, uncond.float()])  # (2B, D): one batch, not two passes
-            run = self.sampling_run(steps, sampler, temperature, cfg_scale, z.device, cfg_batching, dtype)
+            run = self.sampling_run(steps, sampler, temperature, cfg_scale, z.device, cfg_batching, dtype,
+                                    image_cfg_scale)
             noise = self.sampling_noise(b, steps, sampler, temperature, generator, z.device)
             bf16 = dtype == torch.bfloat16
             if cuda_graph and z.is_cuda:
                 key = (b, z.shape[0], steps, sampler, float(temperature), float(cfg_scale), cfg_batching, bf16,
-                       z.device)
+                       z.device, image_cfg_scale)
                 return self._graphed(key, run, z, noise)
             return run(z, noise)
 
     def sampling_run(self, steps: int, sampler: str, temperature: float, cfg_scale: float, device: torch.device,
-                     cfg_batching: bool = True, dtype: torch.dtype | None = None) -> Callable:
+                     cfg_batching: bool = True, dtype: torch.dtype | None = None,
+                     image_cfg_scale: float | None = None) -> Callable:
         """`sample`'s loop as run(z (R, D) fp32, noise (n, B, d)) -> (B, d), for callers that run
         (or graph) it inside a larger step (the sampler's whole image-token step). Its plan tensor
         is cached per settings, so the same call returns a loop over the same tensors."""
@@ -294,8 +324,9 @@ class DiffusionHead(nn.Module):
         if dtype not in (None, *SAMPLE_DTYPES):
             raise ValueError(f"dtype={dtype}: the head samples in {[str(d) for d in SAMPLE_DTYPES]}")
         t_net, coefs = self._cached_plan(steps, DETERMINISTIC[sampler] == "ddpm", temperature, device)
+        image = {} if image_cfg_scale is None else {"image_cfg_scale": image_cfg_scale}
         return functools.partial(self._denoise, t_net=t_net, coefs=coefs, cfg_scale=cfg_scale, batched=cfg_batching,
-                                 bf16=dtype == torch.bfloat16)
+                                 bf16=dtype == torch.bfloat16, **image)
 
     def sampling_noise(self, b: int, steps: int, sampler: str, temperature: float, generator,
                        device: torch.device) -> torch.Tensor:
@@ -382,16 +413,18 @@ class DiffusionHead(nn.Module):
         return torch.randn(n, b, d, generator=generator, device=dev).to(device)
 
     def _denoise(self, z: torch.Tensor, noise: torch.Tensor, t_net: torch.Tensor, coefs: tuple[tuple, ...],
-                 cfg_scale: float, batched: bool = True, bf16: bool = False) -> torch.Tensor:
-        """The sampling loop from noise[0] (already scaled); z (R, D) with R = B or 2B (guided)."""
+                 cfg_scale: float, batched: bool = True, bf16: bool = False,
+                 image_cfg_scale: float | None = None) -> torch.Tensor:
+        """The sampling loop from noise[0] (already scaled); z (R, D) with R = B, 2B or 3B (guided)."""
+        guidance = functools.partial(guide, cfg_scale=cfg_scale, image_cfg_scale=image_cfg_scale)
         if bf16:  # (no autocast cache: the loop's weights are cast once by sampling_weights, and a
             # cache that outlived a CUDA graph capture would hand the graph freed memory)
             with torch.autocast(device_type=z.device.type, dtype=torch.bfloat16, cache_enabled=False):
-                return self._loop(z, noise, t_net, coefs, cfg_scale, batched, torch.bfloat16)
-        return self._loop(z, noise, t_net, coefs, cfg_scale, batched, torch.float32)
+                return self._loop(z, noise, t_net, coefs, guidance, batched, torch.bfloat16)
+        return self._loop(z, noise, t_net, coefs, guidance, batched, torch.float32)
 
     def _loop(self, z: torch.Tensor, noise: torch.Tensor, t_net: torch.Tensor, coefs: tuple[tuple, ...],
-              cfg_scale: float, batched: bool, dtype: torch.dtype) -> torch.Tensor:
+              guidance: Callable, batched: bool, dtype: torch.dtype) -> torch.Tensor:
         # Host work per step is the cost of an eager loop (a GPU waits on it; a CPU spends it), so
         # everything a step only indexes is split once: noise and modulations are unbound into
         # per-step views and the weights transposed/cast once per call (sampling_weights).
@@ -416,16 +449,13 @@ class DiffusionHead(nn.Module):
             step_mods = mods[i % chunk]  # [group] -> its parts at this step, each (R, W)
             h = torch.addmm(b_in, x, w_in)  # (B, W): guided rows share x, so project it once
             if z.shape[0] != b:
-                h = torch.cat([h, h])  # (2B, W)
+                h = torch.cat([h] * (z.shape[0] // b))  # (R, W)
             if batched or z.shape[0] == b:
                 pred = net.fast_modulated(h, weights, step_mods)  # (R, d)
-            else:  # two passes: conditional rows, then unconditional rows
-                pred = torch.cat([net.fast_modulated(h[:b], weights, [tuple(m[:b] for m in g) for g in step_mods]),
-                                  net.fast_modulated(h[b:], weights, [tuple(m[b:] for m in g) for g in step_mods])])
-            pred = pred.float()  # a no-op in fp32; under bf16 autocast the guidance and update stay fp32
-            if z.shape[0] != b:
-                cond_pred, uncond_pred = pred.split(b)
-                pred = torch.lerp(uncond_pred, cond_pred, cfg_scale)  # uncond + s (cond - uncond)
+            else:  # one pass per stream kind: conditional rows, then unconditional (then image-only) rows
+                pred = torch.cat([net.fast_modulated(h[j:j + b], weights, [tuple(m[j:j + b] for m in g) for g in step_mods])
+                                  for j in range(0, z.shape[0], b)])
+            pred = guidance(pred.float(), b)  # fp32: a no-op in fp32; under bf16 the guidance and update stay fp32
             x = torch.add(x * a, pred, alpha=bc) if a != 1.0 else x.add(pred, alpha=bc)
             if c:
                 x = x.add(noise_steps[1 + i], alpha=c)

@@ -7,11 +7,17 @@ bar, saved as PNG, and previewed inline). Commands:
 
     /image PATH      attach an image to your next message (or write <image:PATH> inline)
     /draw TEXT       ask for an image of TEXT
+    /edit TEXT       change the attached picture, or else the last one, as TEXT says
     /set k=v ...     change sampling, e.g. /set cfg=3 steps=50 temperature=0.8 (no args: show)
     /save FILE       write the transcript (markdown, image links)
     /reset           forget the conversation
     /help            this list
     /quit            leave (also Ctrl-D)
+
+A message that reads as an edit ("now move it to the left", "make the circle blue", "remove the
+square") while the conversation holds a picture edits it the same way: the prompt is that picture,
+then the instruction, the layout editing is trained on, and the answer is one picture. Set the
+image guidance of edits with /set image_cfg=1.5 (docs/editing.md).
 
 Ctrl-C cancels the answer being written, not the session. Every answer uses the same sampler as
 `omni generate` (omni.inference.generate) with seed = --seed + answer number, so a transcript can be
@@ -36,7 +42,13 @@ from omni.utils import save_png
 
 HELP = __doc__.split("Commands:\n\n", 1)[1].split("\n\n", 1)[0]
 INLINE_IMAGE = re.compile(r"<image:([^>]+)>")
-ALIASES = {"cfg": "cfg_scale", "steps": "image_steps", "max_tokens": "max_new_tokens"}
+ALIASES = {"cfg": "cfg_scale", "image_cfg": "image_cfg_scale", "steps": "image_steps", "max_tokens": "max_new_tokens"}
+# A message that starts like an edit instruction (after "now", "please", "can you", ...).
+EDIT_START = re.compile(
+    r"^(?:(?:now|ok|okay|then|and|so|please)[,\s]+)*(?:(?:can|could|would) you\s+)?(?:please\s+)?"
+    r"(?P<verb>make|move|change|turn|recolou?r|colou?r|paint|remove|delete|erase|add|put|place|swap|switch|"
+    r"shift|replace|flip)\b(?P<rest>.*)", re.IGNORECASE | re.DOTALL)
+NEW_PICTURE = re.compile(r"\s+(?:a|an|me|us|one|two|three|four|some|another)\b", re.IGNORECASE)
 IMAGE_MARK = "\x00image\x00"  # stands for an image inside a chat-template string
 
 
@@ -73,6 +85,15 @@ def chat_prompt(tokenizer, turns: list[Turn]) -> list:
         if part:
             out.append(part)
     return out
+
+
+def looks_like_edit(text: str) -> bool:
+    """Whether a message reads as an instruction to change a picture. "make a ..." / "make me ..."
+    asks for a new picture, not a change."""
+    m = EDIT_START.match(text.strip())
+    if m is None:
+        return False
+    return not (m["verb"].lower() == "make" and NEW_PICTURE.match(m["rest"]))
 
 
 class ChatEvents:
@@ -176,6 +197,11 @@ class ChatSession:
                 self.say("usage: /draw TEXT (what to draw)")
             else:
                 self.ask(arg, mode="image")
+        elif cmd == "/edit":
+            if not arg:
+                self.say("usage: /edit TEXT (the change to make to the last picture, e.g. /edit make the circle blue)")
+            else:
+                self.edit(arg)
         elif cmd == "/set":
             self.set(arg)
         elif cmd == "/save":
@@ -246,8 +272,9 @@ class ChatSession:
         lines = [
             "# omni chat", "",
             f"checkpoint: `{getattr(self.model, 'checkpoint_path', None)}`  ",
-            (f"settings: sampler={s.sampler} steps={s.image_steps} cfg={s.cfg_scale} temperature={s.temperature} "
-             f"top_k={s.top_k} top_p={s.top_p} image_temperature={s.image_temperature} seed={self.seed}"), "",
+            (f"settings: sampler={s.sampler} steps={s.image_steps} cfg={s.cfg_scale} image_cfg={s.image_cfg_scale} "
+             f"temperature={s.temperature} top_k={s.top_k} top_p={s.top_p} image_temperature={s.image_temperature} "
+             f"seed={self.seed}"), "",
         ]
         for turn in self.history:
             lines += [f"**{turn.role}:**", ""]
@@ -314,17 +341,68 @@ class ChatSession:
             self.say(f"(history too long for the {ctx}-position context: dropped the {dropped} oldest turns)")
         return prompt
 
-    def ask(self, text: str, mode: str | None) -> None:
-        from omni.inference.generate import generate
+    def last_image(self) -> tuple[Image.Image, str] | None:
+        """The conversation's latest picture (drawn or attached) and its saved path."""
+        for turn in reversed(self.history):
+            pictures = [s for s in turn.segments if not isinstance(s, str)]
+            if pictures:
+                return pictures[-1], turn.paths[len(pictures) - 1]
+        return None
 
+    def edit(self, text: str, turn: Turn | None = None) -> None:
+        """Edit the message's one attached picture, or else the conversation's last one: the
+        prompt is [picture, instruction] alone (no history), answered with one picture."""
+        from omni.inference.prompts import check_edit_image, context_length, edit_prompt, prompt_length
+
+        turn = turn or self.user_turn(text)
+        if turn is None:
+            return
+        attached = list(zip([s for s in turn.segments if not isinstance(s, str)], turn.paths))
+        if len(attached) > 1:
+            self.say(f"error: an edit changes one picture, and this message has {len(attached)}; attach only the "
+                     "one to edit (the message was not sent)")
+            return
+        source = attached[0] if attached else self.last_image()
+        if source is None:
+            self.say("there is no picture to edit yet: attach one with /image PATH (or <image:PATH>), or draw one "
+                     "with /draw TEXT first")
+            return
+        instruction = " ".join(s for s in turn.segments if isinstance(s, str))
+        try:
+            check_edit_image(source[0], source[1])
+        except ValueError as e:
+            self.say(f"error: {e} (the message was not sent and the attachment dropped)")
+            self.pending.clear()
+            return
+        prompt = edit_prompt(source[0], instruction)
+        n, ctx = prompt_length(self.model, prompt), context_length(self.model)
+        if n + self.model.image_tokenizer.num_tokens + 2 > ctx:
+            self.say(f"error: the instruction is too long for the {ctx}-position context with its picture; shorten it")
+            return
+        if not attached:
+            self.say(f"(editing the last picture: {source[1]}; /draw draws a new one)")
+        self.pending.clear()
+        self._answer(turn, prompt, "image")
+
+    def ask(self, text: str, mode: str | None) -> None:
         turn = self.user_turn(text)
         if turn is None:
             return
+        words = " ".join(s for s in turn.segments if isinstance(s, str))
+        pictures = sum(not isinstance(s, str) for s in turn.segments)
+        if mode is None and looks_like_edit(words) and (pictures == 1 or (pictures == 0 and self.last_image())):
+            return self.edit(text, turn)
         mode = mode or self.cfg.mode
         prompt = self.fit_history(turn, mode)
         if prompt is None:
             return  # attachments stay pending for the shortened message
         self.pending.clear()
+        self._answer(turn, prompt, mode)
+
+    def _answer(self, turn: Turn, prompt: list, mode: str) -> None:
+        """Generate the answer to `prompt`, stream it, and record the two turns."""
+        from omni.inference.generate import generate
+
         events = ChatEvents(self)
         previous = signal.signal(signal.SIGINT, lambda *_: setattr(events, "cancelled", True))
         self.write("omni> ")

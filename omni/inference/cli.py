@@ -5,7 +5,14 @@
     omni generate --ckpt DIR --prompts batch.jsonl --json > answers.jsonl
 
 Images given with --image are placed at `<image>` markers in the prompt, in order, or before the
-text when the prompt has no markers. A JSONL file holds one request per line:
+text when the prompt has no markers. A picture that is not the model's size is resized (a
+non-square one center-cropped first), with a note on stderr.
+
+Editing: `--image IN.png --prompt "make the circle blue" --mode image` draws the edited picture;
+`--edit` says so explicitly (one square picture, before the instruction; mode image) and
+`--image-cfg-scale S` turns on image-guided CFG (docs/editing.md).
+
+A JSONL file holds one request per line:
 {"prompt": "...", "images": ["a.png"], "seed": 3, "mode": "image"} (only "prompt" is required;
 relative image paths resolve against the file's folder). `--json` prints
 {"segments": [{"type": "text", "text": ...}, {"type": "image", "path": ...}], "settings": {...}}
@@ -34,6 +41,9 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--repetition-stop", type=int, dest="repetition_stop",
                    help="stop after this many identical text tokens in a row; 0 = off")
     g.add_argument("--cfg", type=float, dest="cfg_scale", help="classifier-free guidance scale; 1 = off")
+    g.add_argument("--image-cfg-scale", type=float, dest="image_cfg_scale",
+                   help="edits: guidance by the prompt's picture (InstructPix2Pix; --cfg is the text's); "
+                        "unset = the same as --cfg")
     g.add_argument("--steps", type=int, dest="image_steps", help="denoising steps per image token")
     g.add_argument("--image-temperature", type=float, dest="image_temperature", help="image noise scale")
     g.add_argument("--sampler", choices=SAMPLERS, help="image token sampler")
@@ -43,7 +53,7 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
 
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "max_new_tokens", "max_images", "repetition_stop",
-                 "cfg_scale", "image_steps", "image_temperature", "sampler", "use_cache")
+                 "cfg_scale", "image_cfg_scale", "image_steps", "image_temperature", "sampler", "use_cache")
 
 
 def sampling_overrides(args: argparse.Namespace) -> dict:
@@ -81,21 +91,30 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from omni.inference.generate import generate_by_mode, generation_config, load
-    from omni.inference.prompts import build_prompt, load_image
+    from omni.inference.prompts import build_prompt, load_image, size_note
     from omni.utils import check_out_dir, save_png
 
     if (args.prompt is None) == (args.prompts is None):
         raise ValueError("give exactly one of --prompt TEXT or --prompts FILE.jsonl")
     requests = read_requests(args)
     check_out_dir(args.out)  # a file or a read-only folder is refused before generating
+    check_edit_flags(args, requests)
     for i, req in enumerate(requests):
         base = req["base"]
-        paths = [p if Path(p).is_absolute() else str(base / p) for p in req["images"]]
-        req["segments"] = build_prompt(req["prompt"], [load_image(p) for p in paths])
+        req["paths"] = [p if Path(p).is_absolute() else str(base / p) for p in req["images"]]
+        req["segments"] = build_prompt(req["prompt"], [load_image(p) for p in req["paths"]])
         req["mode"] = req.get("mode") or args.mode
         if req["mode"] is not None and req["mode"] not in MODES:
             raise ValueError(f"request {i}: mode {req['mode']!r} is not one of {list(MODES)}")
+        if args.edit:
+            check_edit_request(req, i if len(requests) > 1 else None)
     model = load(args.ckpt, args.device)
+    size = model.image_tokenizer.cfg.image_size
+    for req in requests:
+        for path, image in zip(req["paths"], [s for s in req["segments"] if not isinstance(s, str)]):
+            note = size_note(image, size, path)
+            if note:
+                print(note, file=sys.stderr)
     cfg = generation_config(model, **sampling_overrides(args))
     seed = args.seed if args.seed is not None else cfg.seed
     for i, req in enumerate(requests):
@@ -125,6 +144,35 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_edit_flags(args: argparse.Namespace, requests: list[dict]) -> None:
+    """--edit and --image-cfg-scale need a picture to edit; say so before loading anything."""
+    if args.image_cfg_scale is not None and not any(req["images"] for req in requests):
+        raise ValueError(f"--image-cfg-scale {args.image_cfg_scale} guides by the picture being edited, but no "
+                         "picture was given: add --image IN.png (the picture to edit) or drop --image-cfg-scale")
+    if args.edit and args.mode not in (None, "image"):
+        raise ValueError(f"--edit draws one picture, but --mode is {args.mode}: drop --mode (or use --mode image)")
+
+
+def check_edit_request(req: dict, index: int | None) -> None:
+    """One request under --edit: exactly one square picture, placed before the instruction."""
+    from omni.inference.prompts import check_edit_image
+
+    where = "" if index is None else f"request {index}: "
+    n = len(req["images"])
+    if n != 1:
+        got = "no picture" if n == 0 else f"{n} pictures"
+        raise ValueError(f"{where}--edit needs exactly one picture to edit and got {got}: give it with --image IN.png "
+                         "(or drop --edit to generate without one)")
+    if req["mode"] not in (None, "image"):
+        raise ValueError(f"{where}--edit draws one picture, but the request's mode is {req['mode']}: use mode image")
+    req["mode"] = "image"
+    text_first = isinstance(req["segments"][0], str)
+    if text_first:
+        raise ValueError(f"{where}--edit reads the picture before the instruction, as editing is trained, but the "
+                         "prompt's <image> marker comes after text: put <image> first or drop the marker")
+    check_edit_image(req["segments"][0], req["paths"][0])
+
+
 def run_chat(args: argparse.Namespace) -> int:
     import torch
 
@@ -149,8 +197,9 @@ def print_human(record: dict, index: int | None) -> None:
     for seg in record["segments"]:
         print(seg["text"] if seg["type"] == "text" else f"[image: {seg['path']}]")
     s = record["settings"]
+    image_cfg = "" if s.get("image_cfg_scale") is None else f", image cfg {s['image_cfg_scale']}"
     print(f"({record['finish_reason']}; seed {s['seed']}, {s['sampler']} {s['image_steps']} steps, "
-          f"cfg {s['cfg_scale']}, temperature {s['temperature']})", file=sys.stderr)
+          f"cfg {s['cfg_scale']}{image_cfg}, temperature {s['temperature']})", file=sys.stderr)
 
 
 def positive_int(text: str) -> int:
@@ -178,6 +227,8 @@ def register_generate(sub) -> None:
     p.add_argument("--image", action="append", metavar="PATH", help="attach an image (repeatable, in order)")
     p.add_argument("--prompts", metavar="FILE.jsonl", help="batch: one JSON request per line")
     p.add_argument("--mode", choices=MODES, help="interleaved, text only, or one image")
+    p.add_argument("--edit", action="store_true",
+                   help="edit the --image as the prompt says (mode image; one square picture)")
     p.add_argument("--out", default="outputs", help="folder for generated PNGs (default: outputs)")
     p.add_argument("--seed", type=int, help="seed of the first prompt; prompt i uses seed + i")
     p.add_argument("--json", action="store_true", help="print JSON (one object per prompt)")

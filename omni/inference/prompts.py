@@ -86,7 +86,32 @@ def load_image(path: str | Path) -> Image.Image:
             "decompression bomb); resize it first"
         ) from None
     except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot read image {str(path)!r}: {e}") from e
+        raise ValueError(f"cannot read image {str(path)!r} ({e}); give an image file that opens (PNG, JPEG, ...)") from e
+
+
+def size_note(image: Image.Image, size: int, name: str) -> str | None:
+    """What prompting does to a picture that is not `size` x `size` (fit_image), or None."""
+    w, h = image.size
+    if (w, h) == (size, size):
+        return None
+    how = "resized" if w == h else f"center-cropped to {min(w, h)}x{min(w, h)} and resized"
+    return f"note: image {name!r} is {w}x{h}; the model reads {size}x{size} pictures, so it was {how}"
+
+
+def check_edit_image(image: Image.Image, name: str) -> None:
+    """An edit's source must be square: a crop would cut away what the instruction may name, and
+    the result would silently show another scene. Any square size is resized (fit_image)."""
+    w, h = image.size
+    if w != h:
+        raise ValueError(
+            f"image {name!r} is {w}x{h}; an edit keeps the whole picture and the model reads square pictures: "
+            f"crop or pad it to a square first (any square size is resized to the model's)"
+        )
+
+
+def edit_prompt(image: Image.Image, instruction: str) -> list:
+    """An edit's prompt: the picture, then the instruction, the order editing is trained on."""
+    return [image, instruction] if instruction else [image]
 
 
 def build_prompt(text: str, images: list) -> list:

@@ -2,7 +2,8 @@
 listen on (GenerationEvents), and the bookkeeping of one answer row and its model streams.
 
 A row (one prompt being answered) owns a conditional stream and, while it draws under CFG, an
-unconditional one; a stream is one batch row of the model (positions, what each may attend to).
+unconditional one (and, under image-guided CFG, an image-only one); a stream is one batch row of
+the model (positions, what each may attend to).
 Groups are the streams that run in one forward call and share a KV cache.
 """
 
@@ -120,6 +121,7 @@ class _Row:
     banned: torch.Tensor  # text ids this row never samples
     settings: dict  # recorded in the result
     uncond: _Stream | None = None
+    image_only: _Stream | None = None  # image-guided CFG: the context's last picture, no text
     feed: list = field(default_factory=list)  # items waiting to be fed, oldest first
     drawing: bool = False
     n_new: int = 0
@@ -136,7 +138,8 @@ class _Row:
 
     @property
     def use_cfg(self) -> bool:
-        return self.cfg.cfg_scale != 1.0 and self.mode != "text"
+        guided = self.cfg.cfg_scale != 1.0 or self.cfg.image_cfg_scale not in (None, 1.0)
+        return guided and self.mode != "text"
 
     @property
     def stream_text(self) -> bool:  # decode text as it comes only if someone listens

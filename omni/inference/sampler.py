@@ -18,6 +18,17 @@ starts its unconditional branch there too). Its mask hides everything before tha
 Both streams share one batch and one KV cache; streams join and leave by indexing the cache's
 batch dimension, so CFG costs extra rows only while a row is drawing, never a second pass.
 
+Image-guided CFG (edits, InstructPix2Pix; generation.image_cfg_scale set). A third stream sees
+the last picture of the row's context (the one being edited) and none of its text:
+`[bos] <boi> src <eoi> <boi> x1 ...`, positions contiguous, exactly an edit document with its
+instruction dropped (omni.data.loader.edit_condition, "text"; a dropped document keeps one round,
+so in a second round the source is the first round's result). It is a new stream, not a copy: the
+picture's keys in the conditional cache saw the text before it (a chat history, a first round),
+so it is prefilled from its own items when the row starts an image (one extra prefill of one
+picture per drawn image), then merged into the batch like a joining row. The head combines the
+three predictions u + s_img (i - u) + s (c - i) (omni.heads.diffusion.guide). A context without
+pictures has i = u, so such rows keep two streams and plain CFG whatever image_cfg_scale says.
+
 Prompts of different lengths share a batch through left padding, explicit position ids and an
 additive 4D mask (built here, so the cached and the recomputed paths use the same one). Every row
 has its own torch.Generator for text sampling and diffusion noise, so a row's result does not
@@ -106,6 +117,7 @@ class Sampler:
         if getattr(model, "_image_step_graphs", None) is None:  # shared by every sampler of this model
             model._image_step_graphs = OrderedDict()
         self.image_step = ImageStep(self._step_compute, model._image_step_graphs)  # fused (graphed on CUDA) step
+        self.new_image_only: list[_Row] = []  # rows whose image-only stream waits for its prefill
 
     # -- rows join -----------------------------------------------------------------------------
     def add(self, prompt: Prompt, cfg: GenerationConfig | None = None, mode: str | None = None, seed: int = 0,
@@ -122,14 +134,7 @@ class Sampler:
                 f"prompt {index} takes {len(items)} positions and needs {need} more to answer, but the "
                 f"context holds {self.ctx}: {len(items) + need - self.ctx} too many; shorten the prompt"
             )
-        images = [x for _, x in items]
-        blocks = [0] * len(items)
-        if self.bidirectional:  # number the runs of prompt image positions, as in training
-            for j in range(1, len(items)):
-                if images[j] is not None:
-                    blocks[j] = blocks[j - 1] or max(blocks) + 1
-        stream = _Stream([t for t, _ in items], images, list(range(len(items))), [0] * len(items), bos=0, start=0,
-                         next_pos=len(items), blocks=blocks)
+        stream = self._stream(items)
         budget = min(cfg.max_new_tokens, self.ctx - len(items))
         if mode == "image":
             budget = max(budget, need)  # image mode always draws its one image
@@ -141,6 +146,39 @@ class Sampler:
                    banned=torch.tensor(sorted(banned), device=self.device), settings=self._settings(cfg, mode, seed))
         self.joining.append(row)
         return row
+
+    def _stream(self, items: list[Item]) -> _Stream:
+        """A fresh stream over `items` (starting with [bos]), positions 0.. and causal."""
+        images = [x for _, x in items]
+        blocks = [0] * len(items)
+        if self.bidirectional:  # number the runs of prompt image positions, as in training
+            for j in range(1, len(items)):
+                if images[j] is not None:
+                    blocks[j] = blocks[j - 1] or max(blocks) + 1
+        return _Stream([t for t, _ in items], images, list(range(len(items))), [0] * len(items), bos=0, start=0,
+                       next_pos=len(items), blocks=blocks)
+
+    def _image_only(self, cond: _Stream) -> _Stream | None:
+        """The image-only stream of a row about to draw: [bos] and the last picture of its context
+        (<boi> x1..xN <eoi>), no text; None when the context holds no picture (then i = u)."""
+        ids = cond.ids
+        ends = [j for j in range(cond.bos + 1, len(ids)) if ids[j] == self.sp.eoi]
+        if not ends:
+            return None
+        start = max(j for j in range(cond.bos + 1, ends[-1]) if ids[j] == self.sp.boi)
+        picture = list(zip(ids[start:ends[-1] + 1], cond.images[start:ends[-1] + 1]))
+        return self._stream([(self.sp.bos, None), *picture])
+
+    def _prefill_image_only(self, rows: list[_Row]) -> None:
+        """Prefill the new image-only streams of `rows` together and merge them into the batch
+        (left-padded to its length, as joining rows are); <boi> is fed to them with the others."""
+        streams = [r.image_only for r in rows]
+        width = max(len(s.ids) for s in streams)
+        for s in streams:
+            s.shift(width - len(s.ids), self.sp.pad)
+        group = _Group(streams)
+        self._forward(group, 0)
+        self._merge(group)
 
     def _rows(self, encoded: list[list[Item]]) -> list[_Row]:
         """Rows of `encoded` prompts with the sampler's settings, left-padded to one width."""
@@ -350,6 +388,8 @@ class Sampler:
         for r in self.live:
             if not r.drawing or r.feed or not r.current or r.finish is not None or not r.cfg.cuda_graphs:
                 return None
+            if r.image_only is not None:
+                return None  # image-guided rows (a third stream) draw on the ordinary path
             c = r.cfg
             k = (c.cfg_scale if r.use_cfg else 1.0, steps_for_token(c, len(r.current), self.n_tokens),
                  c.image_temperature, c.sampler, c.head_dtype)
@@ -387,7 +427,8 @@ class Sampler:
         where = {id(s): (g, i) for g, grp in enumerate(groups) for i, s in enumerate(grp.streams)}
         conds = [r.cond for r in rows]
         unconds = [r.uncond for r in rows if r.uncond is not None]
-        wanted = [conds + unconds] if len(groups) == 1 else [conds, unconds]
+        image_only = [r.image_only for r in rows if r.image_only is not None]
+        wanted = [conds + unconds + image_only] if len(groups) == 1 else [conds, unconds + image_only]
         caches = []
         for g, (grp, streams) in enumerate(zip(groups, wanted)):
             src = [where[id(s.src if s.src is not None else s)] for s in streams]
@@ -448,6 +489,10 @@ class Sampler:
         row.feed.append((self.sp.boi, None))
         if row.use_cfg:
             row.uncond = row.cond.unconditional()
+            if row.cfg.image_cfg_scale is not None:
+                row.image_only = self._image_only(row.cond)
+                if row.image_only is not None:
+                    self.new_image_only.append(row)
         row.events.image_start(row.index, self.n_tokens)
 
     def _text_token(self, row: _Row, tok: int) -> None:
@@ -487,7 +532,7 @@ class Sampler:
             return False
         row.image_tokens.append(torch.stack(row.current))  # (N, d)
         row.n_images += 1
-        row.drawing, row.current, row.uncond = False, [], None
+        row.drawing, row.current, row.uncond, row.image_only = False, [], None, None
         if row.mode != "image":
             row.ids.append(self.sp.eoi)
             row.n_new += 1
@@ -516,18 +561,23 @@ class Sampler:
         for r in drawing:
             c = r.cfg
             steps = steps_for_token(c, len(r.current), self.n_tokens)
-            key = (c.cfg_scale if r.use_cfg else 1.0, steps, c.image_temperature, c.sampler, c.cuda_graphs, c.head_dtype)
+            image_scale = c.image_cfg_scale if r.image_only is not None else None
+            key = (c.cfg_scale if r.use_cfg else 1.0, image_scale, steps, c.image_temperature, c.sampler,
+                   c.cuda_graphs, c.head_dtype)
             by_setting.setdefault(key, []).append(r)
         done = []
-        for (scale, steps, temperature, sampler, graphs, dtype), rows in by_setting.items():
+        for (scale, image_scale, steps, temperature, sampler, graphs, dtype), rows in by_setting.items():
             if drawn is not None:
                 done += [r for r in rows if self._image_token(r, drawn[id(r)])]
                 continue
             cond = torch.stack([hidden[id(r.cond)] for r in rows])  # (b, D)
-            uncond = torch.stack([hidden[id(r.uncond)] for r in rows]) if scale != 1.0 else None
+            guided = scale != 1.0 or image_scale is not None
+            uncond = torch.stack([hidden[id(r.uncond)] for r in rows]) if guided else None
+            image = torch.stack([hidden[id(r.image_only)] for r in rows]) if image_scale is not None else None
             x = model.head.sample(cond, uncond, cfg_scale=scale, steps=steps, temperature=temperature,
                                   sampler=sampler, generator=[r.gen for r in rows], cuda_graph=graphs,
-                                  cfg_batching=self.cfg_batching, dtype=getattr(torch, dtype))  # (b, d)
+                                  cfg_batching=self.cfg_batching, dtype=getattr(torch, dtype),
+                                  image_cond=image, image_cfg_scale=image_scale)  # (b, d)
             done += [r for r, xi in zip(rows, x) if self._image_token(r, xi)]
         if done:
             pixels = model.image_tokenizer.decode(torch.stack([r.image_tokens[-1] for r in done]))  # (k, C, H, W)
@@ -577,11 +627,16 @@ class Sampler:
         if not self.live:
             self.groups = [_Group() for _ in self.groups]
             self.cached = 0
+            self.new_image_only = []
             return finished
+        fresh = [r for r in self.new_image_only if r.finish is None and r.image_only is not None]
+        self.new_image_only = []
+        if fresh:
+            self._prefill_image_only(fresh)
         self._regroup(self.groups, self.live)
         for r in self.live:
             tok, x = r.feed.pop(0)
-            for s in (r.cond, r.uncond):
+            for s in (r.cond, r.uncond, r.image_only):
                 if s is not None:
                     s.append(tok, x)
         self._trim()
@@ -611,6 +666,7 @@ class Sampler:
             "image_steps_schedule": cfg.image_steps_schedule,
             "head_dtype": cfg.head_dtype,
             "cfg_scale": cfg.cfg_scale,
+            "image_cfg_scale": cfg.image_cfg_scale,
             "temperature": cfg.temperature,
             "image_temperature": cfg.image_temperature,
             "top_k": cfg.top_k,

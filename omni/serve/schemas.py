@@ -100,7 +100,7 @@ IGNORED = {"user": None, "metadata": None, "store": None, "service_tier": None, 
 FIXED = {"n": 1, "frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "stop": None,
          "top_logprobs": None, "tools": None, "tool_choice": None, "logit_bias": None}
 KNOWN = {"model", "messages", "stream", "stream_options", "temperature", "top_p", "top_k", "max_tokens",
-         "max_completion_tokens", "seed", "mode", "cfg_scale", "image_steps", "image_temperature",
+         "max_completion_tokens", "seed", "mode", "cfg_scale", "image_cfg_scale", "image_steps", "image_temperature",
          "max_images", "sampler", "repetition_stop", "response_format", *IGNORED, *FIXED}
 
 
@@ -137,6 +137,7 @@ def parse_request(body: Any, limits: Limits) -> ChatRequest:
         ("max_tokens", "max_new_tokens", 1, 1 << 20, True, False),
         ("max_completion_tokens", "max_new_tokens", 1, 1 << 20, True, False),
         ("cfg_scale", "cfg_scale", 0, 100, False, False),
+        ("image_cfg_scale", "image_cfg_scale", 0, 100, False, False),  # edits: guidance by the picture
         ("image_steps", "image_steps", 1, limits.max_image_steps, True, False),
         ("image_temperature", "image_temperature", 0, 10, False, False),
         ("max_images", "max_images", 0, 64, True, False),
