@@ -5,15 +5,8 @@ from an asyncio queue: ("text", delta), ("image_start", total), ("image_token", 
 ("image", PIL.Image), then ("done", GenerationResult) or ("error", http_status, message). Each
 item of the queue is the list of one job's events from one decode step: the worker thread
 collects every job's events during a step and hands them all to the event loop with one
-`loop.call_soon_threadsafe` after it, so the loop wakes once a step, not once an event, and the
-client gets one write per step (a thread-safe call per event cost the worker ~10% of its step
-time under 8 clients, in wake-ups and GIL hand-offs).
-
-Threads. The worker's torch ops release the GIL, but every return from one needs it back; while
-the event loop's thread holds it (JSON, SSE, HTTP parsing), the worker waits for the
-interpreter's switch interval (5 ms by default, a whole decode step of the tiny model). The
-worker shortens the interval while it runs (SWITCH_INTERVAL), so the model is never parked
-behind the HTTP side for long.
+`loop.call_soon_threadsafe` after it, so the event loop wakes once a step, not once an event,
+and a streaming client gets one write per step.
 
 Admission: at most `max_running` jobs run in the sampler's batch, at most `max_waiting` wait
 for a slot; beyond that `submit` raises `Busy` and the client gets a 429 with Retry-After. A job
@@ -28,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -46,10 +38,6 @@ __all__ = ["MODES", "Busy", "GenerationConfig", "GenerationResult", "Job", "Turn
            "check_config", "context_length", "generation_config", "load_model", "prompt_length"]
 
 log = logging.getLogger("omni.serve")
-
-# The interpreter's GIL switch interval while the worker runs (see Threads above): short enough
-# that the worker gets the GIL back soon after each torch op, long enough not to thrash.
-SWITCH_INTERVAL = 0.0005
 
 
 class Busy(Exception):
@@ -133,8 +121,6 @@ class Worker:
 
     # -- the HTTP side -------------------------------------------------------------------------
     def start(self) -> None:
-        self._switch = sys.getswitchinterval()
-        sys.setswitchinterval(min(self._switch, SWITCH_INTERVAL))
         self.thread = threading.Thread(target=self._loop, name="omni-serve-worker", daemon=True)
         self.thread.start()
 
@@ -144,7 +130,6 @@ class Worker:
             self.cond.notify_all()
         if self.thread is not None:
             self.thread.join(timeout=30)
-            sys.setswitchinterval(self._switch)
 
     def submit(self, job: Job) -> None:
         with self.cond:
