@@ -1,6 +1,6 @@
 """`omni serve` under load: continuous batching vs one request at a time, latency, memory.
 
-    python -m benchmarks.bench_serve [--preset tiny] [--clients 8] [--long 500] [--json OUT]
+    python -m benchmarks.bench_serve [--preset tiny] [--small] [--clients 8] [--long 500] [--threads 1] [--json OUT]
 
 A random-weight model of the preset is saved as a checkpoint and served on 127.0.0.1 by a server
 process running `omni serve`'s app, with the LM head given a bias towards <boi> so that an
@@ -11,18 +11,28 @@ interleaved answer really draws (as tests/test_generation.py `with_bias` does). 
     caption  [picture] "this is"                           mode text   -> text parts only
     story    "a story with pictures: the circle moves..."  mode auto   -> text and images
 
-1. The same requests (same seeds) one at a time, then from `--clients` concurrent clients:
-   throughput ratio, p50 / p95 time to first token (first streamed text or image start) and
-   latency; every answer checked for the right kinds of parts; every concurrent answer compared
-   with its one-at-a-time twin (text equal, pixels within one step).
-2. `--long` requests in a row (a text answer, every fifth a drawing): the server's resident
+1. The same requests (same seeds) one at a time, then from `--clients` concurrent clients, each
+   on its own kept-alive connection (as the openai client sends them): throughput ratio, p50 /
+   p95 time to first token (first streamed text or image start) and latency, decode steps the
+   server ran; every answer checked for the right kinds of parts; every concurrent answer
+   compared with its one-at-a-time twin (text equal, pixels within one step).
+2. The bare sampler on the same requests, in this process (`bare_sampler`): one at a time, then
+   one row per client, a client's next request added the step its last one finished. Its ratio
+   is the ceiling of the serving layer on this machine: no HTTP, no client think time.
+3. `--long` requests in a row (a text answer, every fifth a drawing): the server's resident
    memory every 50 requests and the mean latency of the first and last hundred.
 
-On a CPU the server runs on one thread (OMP_NUM_THREADS=1), as the clients share the machine.
-There the tiny preset is compute-bound once batched: its diffusion head (256 wide, 10 steps, CFG
-doubling the rows) costs several times the backbone per image token, so 8 rows cost ~3.5x one row
-and the throughput ratio stays near that; `--small` (the tests' 64-wide model) shows the
-overhead-bound regime that a GPU is in for much larger models.
+On a CPU the server runs on `--threads` torch threads (1: the clients share the machine; with 2
+on 2 cores the one-at-a-time run slows down more than the batched one, which flatters the ratio).
+There the tiny preset is compute-bound once batched. The 32 requests take 746 decode steps one at
+a time and ~120 with 8 clients (not 746 / 8 = 93: the clients finish their four requests at
+different times, so the batch averages 6 rows), and a step with 6 rows (9 model streams, CFG
+doubling the drawing rows) costs ~2.8x a step of one: the ceiling is 6.3 / 2.8 = ~2.3-2.9x.
+Where a batched step goes (tiny, 1 thread): decoder 4.6 ms, KV-cache growth by torch.cat 2.2
+ms, cache gathers when rows start or stop drawing or leave 1.7 ms, merging joiners' caches 0.8
+ms, diffusion head 4.3 ms (0.65 ms more per drawing row: compute), the rest 1.1 ms; of one row:
+decoder 2.9 ms, head 1.7 ms. `--small` (the tests' 64-wide model) shows the overhead-bound
+regime that a GPU is in for much larger models.
 """
 
 from __future__ import annotations
@@ -96,17 +106,11 @@ def make_checkpoint(preset: str, tmp: Path, small: bool = False) -> Path:
     return path
 
 
-def serve(ckpt: str, port: int, clients: int) -> None:
-    """The server process: `omni serve`'s app on the checkpoint, its LM head given a bias towards
-    <boi> (random weights that decide to draw now and then; a checkpoint cannot hold the bias, as
-    the backbone's LM head has none)."""
-    import uvicorn
-
+def load_biased(ckpt: str):
+    """The checkpoint with its LM head given a bias towards <boi> (random weights that decide to
+    draw now and then; a checkpoint cannot hold the bias, as the backbone's LM head has none)."""
     import omni
-    from omni.serve.app import create_app
-    from omni.serve.schemas import Limits
 
-    torch.set_grad_enabled(False)
     model = omni.load(ckpt, device="cpu")
     old = model.lm_head
     head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
@@ -114,15 +118,89 @@ def serve(ckpt: str, port: int, clients: int) -> None:
     head.bias.data.zero_()
     head.bias.data[model.special.boi] = 2.5
     model.backbone.lm_head = head
+    return model
+
+
+def serve(ckpt: str, port: int, clients: int) -> None:
+    """The server process: `omni serve`'s app on the biased checkpoint."""
+    import uvicorn
+
+    from omni.serve.app import create_app
+    from omni.serve.schemas import Limits
+
+    torch.set_grad_enabled(False)
+    model = load_biased(ckpt)
     app = create_app(model, model_name=Path(ckpt).name, limits=Limits(max_running=clients))
     uvicorn.run(app, host="127.0.0.1", port=port, access_log=False, log_level="warning")
 
 
-def ask(url: str, body: dict) -> dict:
-    """One streamed request: parts in order, time to first token, latency."""
+def ceiling(ckpt: str, plan: list[list[tuple[int, int, dict]]], threads: int) -> dict:
+    """The same requests on the bare sampler in this process, on as many threads as the server:
+    one at a time, then as many rows as clients, each client's next request added the step its
+    last one finished (no HTTP, no client think time). Its ratio is what the serving layer can
+    reach on this machine; the server's can pass it a little, as the alone run pays the HTTP
+    round trip of every request in series."""
+    from omni.inference.sampler import Sampler
+    from omni.serve.engine import Turn, chat_prompt, default_config
+    from omni.serve.schemas import Limits, parse_request
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    model = load_biased(ckpt)
+
+    def job(body):
+        req = parse_request(body, Limits())
+        cfg = default_config(model, **req.overrides)
+        return chat_prompt(model.tokenizer, [Turn(r, s) for r, s in req.messages]), cfg, cfg.mode, req.seed
+
+    jobs = [[job(body) for _, _, body in reqs] for reqs in plan]
+
+    def alone() -> int:
+        steps = 0
+        for reqs in jobs:
+            for j in reqs:
+                sampler = Sampler(model, cfg=default_config(model))
+                sampler.add(*j)
+                while sampler.live or sampler.joining:
+                    sampler.step()
+                    steps += 1
+        return steps
+
+    def crowd() -> int:
+        sampler = Sampler(model, cfg=default_config(model))
+        queues = [list(reqs) for reqs in jobs]
+        owner = {id(sampler.add(*q.pop(0))): c for c, q in enumerate(queues)}
+        steps = 0
+        while sampler.live or sampler.joining:
+            for row in sampler.step():
+                c = owner.pop(id(row))
+                if queues[c]:
+                    owner[id(sampler.add(*queues[c].pop(0)))] = c
+            steps += 1
+        return steps
+
+    try:
+        with torch.no_grad():
+            alone(), crowd()  # warm up every path once
+            out = {}
+            for name, f in (("alone", alone), ("concurrent", crowd)):
+                t = time.perf_counter()
+                steps = f()
+                out[f"{name}_s"] = time.perf_counter() - t
+                out[f"{name}_steps"] = steps
+                out[f"{name}_step_ms"] = 1000 * out[f"{name}_s"] / steps
+        out["throughput_ratio"] = out["alone_s"] / out["concurrent_s"]
+        return out
+    finally:
+        torch.set_num_threads(before)
+
+
+def ask(http: httpx.Client, url: str, body: dict) -> dict:
+    """One streamed request on a client's kept-alive connection (as the openai client sends them):
+    parts in order, time to first token, latency."""
     t0 = time.perf_counter()
     first, parts, finish = None, [], None
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=300) as r:
+    with http.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=300) as r:
         if r.status_code != 200:
             raise RuntimeError(f"{r.status_code}: {r.read()[:300]!r}")
         for line in r.iter_lines():
@@ -173,14 +251,14 @@ def summary(results: list[dict]) -> dict:
             "latency_p95_s": pct(lat, 95)}
 
 
-def run(preset: str = "tiny", clients: int = 8, long: int = 500, small: bool = False) -> dict:
+def run(preset: str = "tiny", clients: int = 8, long: int = 500, small: bool = False, threads: int = 1) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
     ckpt = make_checkpoint(preset, tmp, small)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     log = open(tmp / "server.log", "w")  # noqa: SIM115  (open for the server's whole life)
     server = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_serve", "--serve", str(ckpt), "--port", str(port),
                                "--clients", str(clients)], stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -198,19 +276,26 @@ def run(preset: str = "tiny", clients: int = 8, long: int = 500, small: bool = F
         # client c sends the four kinds, rotated; request (c, k) always has the same seed
         plan = [[(c, k, {**kinds[(c + k) % 4]["body"], "seed": 1000 + 4 * c + k}) for k in range(4)]
                 for c in range(clients)]
+        http = httpx.Client()
         for c, k, body in plan[0]:
-            ask(url, body)  # warm up every path once
+            ask(http, url, body)  # warm up every path once
+        steps0 = httpx.get(f"{url}/health").json()["steps"]
         t = time.perf_counter()
-        alone = {(c, k): ask(url, body) for reqs in plan for c, k, body in reqs}
+        alone = {(c, k): ask(http, url, body) for reqs in plan for c, k, body in reqs}
         t_alone = time.perf_counter() - t
+        steps1 = httpx.get(f"{url}/health").json()["steps"]
+
+        https = [httpx.Client() for _ in plan]  # made before the clock starts (each builds an SSL context)
 
         def client(reqs):
-            return [((c, k), ask(url, body)) for c, k, body in reqs]
+            own = https[reqs[0][0]]
+            return [((c, k), ask(own, url, body)) for c, k, body in reqs]
 
         t = time.perf_counter()
         with ThreadPoolExecutor(clients) as pool:
             crowd = dict(pair for got in pool.map(client, plan) for pair in got)
         t_crowd = time.perf_counter() - t
+        steps2 = httpx.get(f"{url}/health").json()["steps"]
 
         wrong, differ = [], []
         for (c, k), r in crowd.items():
@@ -225,17 +310,20 @@ def run(preset: str = "tiny", clients: int = 8, long: int = 500, small: bool = F
             "requests": n, "clients": clients, "alone_s": t_alone, "concurrent_s": t_crowd,
             "throughput_alone_rps": n / t_alone, "throughput_concurrent_rps": n / t_crowd,
             "throughput_ratio": t_alone / t_crowd,
+            "steps_alone": steps1 - steps0, "steps_concurrent": steps2 - steps1,
             "alone": summary(list(alone.values())), "concurrent": summary(list(crowd.values())),
             "wrong_kinds": wrong, "same_seed_differs": differ,
             "kinds": {k["kind"]: sorted(k["want"]) for k in kinds},
         }
+
+        out["bare_sampler"] = ceiling(str(ckpt), plan, threads)  # the server sits idle meanwhile
 
         # many requests in a row: memory and latency must not creep
         rss, lat = [], []
         small = {**kinds[0]["body"], "max_tokens": 16}
         for i in range(long):
             body = {**(kinds[1]["body"] if i % 5 == 4 else small), "seed": i}
-            lat.append(ask(url, body)["latency"])
+            lat.append(ask(http, url, body)["latency"])
             if (i + 1) % 50 == 0:
                 rss.append((i + 1, round(rss_mib(server.pid), 1)))
         head, tail = lat[: min(100, long)], lat[-min(100, long):]
@@ -258,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--long", type=int, default=500, help="requests in a row for the memory check")
     p.add_argument("--small", action="store_true", help="the tests' model size (64 wide, 2 layers), not the preset's")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the server (and of the bare sampler)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--serve", metavar="CKPT", help=argparse.SUPPRESS)  # the server process
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -265,14 +354,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve:
         serve(args.serve, args.port, args.clients)
         return 0
-    out = run(args.preset, args.clients, args.long, args.small)
+    out = run(args.preset, args.clients, args.long, args.small, args.threads)
     out["model"] = f"{args.preset}{' (small)' if args.small else ''}"
+    out["threads"] = args.threads
     text = json.dumps(out, indent=2)
     print(text)
     if args.json:
         Path(args.json).write_text(text + "\n")
     ok = out["throughput_ratio"] >= 4 and not out["wrong_kinds"] and not out["same_seed_differs"]
-    print(f"\nthroughput x{out['throughput_ratio']:.2f} (target 4), wrong kinds {len(out['wrong_kinds'])}, "
+    print(f"\nthroughput x{out['throughput_ratio']:.2f} (target 4; the bare sampler on the same requests "
+          f"x{out['bare_sampler']['throughput_ratio']:.2f}), wrong kinds {len(out['wrong_kinds'])}, "
           f"same-seed differences {len(out['same_seed_differs'])}: {'ok' if ok else 'MISSED'}", file=sys.stderr)
     return 0 if ok else 1
 

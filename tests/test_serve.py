@@ -336,3 +336,40 @@ def test_disconnect_cancels_the_rows(model):
         health = httpx.get(f"{url}/health").json()
         took = time.monotonic() - deadline + 10
     assert health["running"] == 0 and health["cancelled"] == 1 and took < 2
+
+
+def test_worker_delivers_each_steps_events_together(model):
+    """The worker hands the event loop one list of events per job and decode step: an image-mode
+    job gets <boi> alone (the prefill step forces it; its first token is drawn the step after),
+    then its 16 progress events in 16 items (one token a step), the picture and "done" with the
+    last, every event in the order the sampler made it."""
+    import asyncio
+
+    from omni.serve.engine import Job, Turn, Worker, chat_prompt, default_config
+
+    async def collect(worker: Worker, mode: str, seed: int) -> list[list[tuple]]:
+        cfg = default_config(model, mode=mode)
+        job = Job(id=f"t{seed}", prompt=chat_prompt(model.tokenizer, [Turn("user", ["draw"])]), cfg=cfg, mode=mode,
+                  seed=seed, deadline=time.monotonic() + 60, loop=asyncio.get_running_loop())
+        worker.submit(job)
+        items = []
+        while not items or items[-1][-1][0] not in ("done", "error"):
+            items.append(await asyncio.wait_for(job.events.get(), timeout=60))
+        return items
+
+    async def main():
+        worker = Worker(model, max_running=2)
+        worker.start()
+        try:
+            return await asyncio.gather(collect(worker, "image", 1), collect(worker, "text", 2))
+        finally:
+            worker.stop()
+
+    image, text = asyncio.run(main())
+    assert all(isinstance(item, list) and item for item in image + text)
+    kinds = [[e[0] for e in item] for item in image]
+    assert kinds[0] == ["image_start"] and kinds[-1] == ["image_token", "image", "done"]
+    assert all(k == ["image_token"] for k in kinds[1:-1]) and len(kinds) == 17
+    assert [e[1] for item in image for e in item if e[0] == "image_token"] == list(range(1, 17))
+    assert all(len(item) == 1 or item[-1][0] == "done" for item in text)  # one text delta a step
+    assert text[-1][-1][0] == "done" and any(e[0] == "text" for item in text for e in item)

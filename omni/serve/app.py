@@ -200,37 +200,48 @@ def create_app(model, *, model_name: str = "omni", limits: Limits | None = None,
         def sse(delta: dict, finish: str | None = None, **extra) -> str:
             return f"data: {json.dumps(chunk(rid, model_name, created, delta, finish, **extra))}\n\n"
 
+        def encode(kind: str, *args) -> tuple[str, bool]:
+            """One event as SSE text, and whether it ends the answer."""
+            nonlocal k
+            if kind == "text":
+                return sse({"content": args[0]}), False
+            if kind == "image_start":
+                return sse({"image_start": {"index": k, "tokens": args[0]}}), False
+            if kind == "image_token":
+                return sse({"image_progress": {"index": k, "done": args[0], "total": args[1]}}), False
+            if kind == "image":
+                k += 1
+                part = {"index": k - 1, "type": "image_url", "image_url": {"url": image_url(args[0])}}
+                return sse({"image": part}), False
+            if kind == "error":
+                request.state.note = " error=generation"
+                err = RequestError(args[0], args[1], code="generation_failed", kind="server_error")
+                return f"data: {json.dumps(err.body())}\n\n", True
+            result = args[0]  # done
+            request.state.note = note(n_prompt, result)
+            extra = {"omni": {"finish_reason": result.finish_reason, "settings": result.settings}}
+            text = sse({}, FINISH.get(result.finish_reason, "stop"), **extra)
+            if include_usage:
+                tail = chunk(rid, model_name, created, {}) | {"choices": [], "usage": usage_of(n_prompt, result)}
+                text += f"data: {json.dumps(tail)}\n\n"
+            return text + "data: [DONE]\n\n", True
+
         done = False
         try:
             yield sse({"role": "assistant", "content": ""})
-            while True:
-                kind, *args = await job.events.get()
-                if kind == "text":
-                    yield sse({"content": args[0]})
-                elif kind == "image_start":
-                    yield sse({"image_start": {"index": k, "tokens": args[0]}})
-                elif kind == "image_token":
-                    yield sse({"image_progress": {"index": k, "done": args[0], "total": args[1]}})
-                elif kind == "image":
-                    yield sse({"image": {"index": k, "type": "image_url", "image_url": {"url": image_url(args[0])}}})
-                    k += 1
-                elif kind == "error":
-                    done = True
-                    request.state.note = " error=generation"
-                    err = RequestError(args[0], args[1], code="generation_failed", kind="server_error")
-                    yield f"data: {json.dumps(err.body())}\n\n"
-                    return
-                else:  # done
-                    done = True
-                    result = args[0]
-                    request.state.note = note(n_prompt, result)
-                    extra = {"omni": {"finish_reason": result.finish_reason, "settings": result.settings}}
-                    yield sse({}, FINISH.get(result.finish_reason, "stop"), **extra)
-                    if include_usage:
-                        tail = chunk(rid, model_name, created, {}) | {"choices": [], "usage": usage_of(n_prompt, result)}
-                        yield f"data: {json.dumps(tail)}\n\n"
-                    yield "data: [DONE]\n\n"
-                    return
+            while not done:
+                # One write per decode step (the worker delivers a step's events together), or
+                # fewer: whatever piled up while this client was being written to goes out at once.
+                steps = [await job.events.get()]
+                while not job.events.empty():
+                    steps.append(job.events.get_nowait())
+                out = []
+                for event in (e for step in steps for e in step):
+                    text, done = encode(*event)
+                    out.append(text)
+                    if done:
+                        break
+                yield "".join(out)
         finally:
             if not done:  # the client went away mid-answer: free its rows
                 job.cancelled = True
@@ -239,17 +250,18 @@ def create_app(model, *, model_name: str = "omni", limits: Limits | None = None,
     async def wait_result(job: Job, request: Request):
         while True:
             try:
-                kind, *args = await asyncio.wait_for(job.events.get(), timeout=0.5)
+                events = await asyncio.wait_for(job.events.get(), timeout=0.5)
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
                     job.cancelled = True
                     request.state.note = " cancelled"
                     raise RequestError(499, "client closed the request", code="client_closed") from None
                 continue
-            if kind == "done":
-                return args[0]
-            if kind == "error":
-                raise RequestError(args[0], args[1], code="generation_failed", kind="server_error")
+            for kind, *args in events:
+                if kind == "done":
+                    return args[0]
+                if kind == "error":
+                    raise RequestError(args[0], args[1], code="generation_failed", kind="server_error")
 
     return app
 

@@ -2,8 +2,11 @@
 
 The HTTP side (app.py) never touches the model. It submits a `Job` and reads the job's events
 from an asyncio queue: ("text", delta), ("image_start", total), ("image_token", done, total),
-("image", PIL.Image), then ("done", GenerationResult) or ("error", http_status, message). The worker thread
-fills that queue with `loop.call_soon_threadsafe`, so events reach the client as they happen.
+("image", PIL.Image), then ("done", GenerationResult) or ("error", http_status, message). Each
+item of the queue is the list of one job's events from one decode step: the worker thread
+collects every job's events during a step and hands them all to the event loop with one
+`loop.call_soon_threadsafe` after it, so the event loop wakes once a step, not once an event,
+and a streaming client gets one write per step.
 
 Admission: at most `max_running` jobs run in the sampler's batch, at most `max_waiting` wait
 for a slot; beyond that `submit` raises `Busy` and the client gets a 429 with Retry-After. A job
@@ -45,7 +48,7 @@ class Busy(Exception):
         self.retry_after = retry_after
 
 
-@dataclass
+@dataclass(eq=False)  # a job is itself, not its fields (the worker looks jobs up by identity)
 class Job:
     """One chat completion: what to sample, and where its events go."""
 
@@ -56,14 +59,16 @@ class Job:
     seed: int
     deadline: float  # time.monotonic() after which the job is stopped ("time_limit")
     loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)  # items: lists of events, one per step
     cancelled: bool = False  # set by the HTTP side when the client disconnects
     timed_out: bool = False
     submitted: float = field(default_factory=time.monotonic)
     started: float | None = None  # when the job joined the batch
+    pending: list = field(default_factory=list)  # events of the current step (worker thread only)
 
     def emit(self, *event: Any) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        """Queue an event; the worker delivers the step's events together (`_deliver`)."""
+        self.pending.append(event)
 
     def should_stop(self) -> bool:
         if not self.timed_out and time.monotonic() > self.deadline:
@@ -112,6 +117,7 @@ class Worker:
         self.cancelled = 0  # jobs stopped because their client went away
         self.steps = 0
         self.step_seconds = 0.05  # running mean of one decode step, for Retry-After
+        self.outbox: dict[int, Job] = {}  # id -> job with events to deliver after this step (worker thread only)
 
     # -- the HTTP side -------------------------------------------------------------------------
     def start(self) -> None:
@@ -155,7 +161,8 @@ class Worker:
             while self.waiting and len(self.running) < self.max_running:
                 job = self.waiting.popleft()
                 if job.should_stop():  # gone, or out of time while it waited
-                    job.emit("error", 503, "the request waited past its time limit for a free slot; retry later")
+                    msg = "the request waited past its time limit for a free slot; retry later"
+                    self._send(job, ("error", 503, msg))
                     self.served += 1
                     continue
                 self.running.append(job)
@@ -172,43 +179,81 @@ class Worker:
             new = self._admit(busy=bool(rows))
             if new is None:
                 break
-            now = time.monotonic()
-            for job in new:
-                job.started = now
-                try:
-                    rows[id(sampler.add(job.prompt, job.cfg, job.mode, job.seed, events=_JobEvents(job)))] = job
-                except ValueError as e:  # the prompt does not fit: this job's fault only
-                    self._done(job, ("error", 400, str(e)))
-            if not rows:
-                continue
             try:
-                t = time.monotonic()
-                finished = sampler.step()
-                self.step_seconds = 0.9 * self.step_seconds + 0.1 * (time.monotonic() - t)
-                self.steps += 1
-            except Exception:  # a failure is the batch's, not the server's: fail its jobs, start afresh
-                log.exception("decode step failed for %s", ", ".join(j.id for j in rows.values()))
-                for job in rows.values():
-                    self._done(job, ("error", 500, (f"internal error while generating (request {job.id}); "
-                                                   "the server log has the details")))
-                rows.clear()
-                sampler = Sampler(self.model, cfg=default_config(self.model))
-                continue
-            for row in finished:
-                job = rows.pop(id(row))
-                result = row.result()
-                if result.finish_reason == "cancelled" and job.timed_out:
-                    result.finish_reason = "time_limit"
-                elif result.finish_reason == "cancelled":
-                    self.cancelled += 1
-                self._done(job, ("done", result))
+                sampler = self._step(sampler, rows, new)
+            finally:
+                self._deliver()
+
+    def _step(self, sampler: Sampler, rows: dict[int, Job], new: list[Job]) -> Sampler:
+        """Admit `new` jobs and run one decode step of the batch; the sampler to go on with."""
+        now = time.monotonic()
+        for job in new:
+            job.started = now
+            try:
+                rows[id(sampler.add(job.prompt, job.cfg, job.mode, job.seed, events=_JobEvents(job)))] = job
+            except ValueError as e:  # the prompt does not fit: this job's fault only
+                self._done(job, ("error", 400, str(e)))
+        if not rows:
+            return sampler
+        try:
+            t = time.monotonic()
+            finished = sampler.step()
+            self.step_seconds = 0.9 * self.step_seconds + 0.1 * (time.monotonic() - t)
+            self.steps += 1
+        except Exception:  # a failure is the batch's, not the server's: fail its jobs, start afresh
+            log.exception("decode step failed for %s", ", ".join(j.id for j in rows.values()))
+            for job in rows.values():
+                job.pending.clear()  # events of the failed step: the client gets the error instead
+                self._done(job, ("error", 500, (f"internal error while generating (request {job.id}); "
+                                               "the server log has the details")))
+            rows.clear()
+            return Sampler(self.model, cfg=default_config(self.model))
+        for job in rows.values():
+            if job.pending:
+                self.outbox[id(job)] = job
+        for row in finished:
+            job = rows.pop(id(row))
+            result = row.result()
+            if result.finish_reason == "cancelled" and job.timed_out:
+                result.finish_reason = "time_limit"
+            elif result.finish_reason == "cancelled":
+                self.cancelled += 1
+            self._done(job, ("done", result))
+        return sampler
+
+    def _send(self, job: Job, event: tuple) -> None:
+        """Queue `event` for `job` and mark the job for this step's delivery."""
+        self.outbox[id(job)] = job
+        job.emit(*event)
+
+    def _deliver(self) -> None:
+        """Hand every job's events of this step to its event loop: one thread-safe call per loop."""
+        if not self.outbox:
+            return
+        by_loop: dict[int, tuple[asyncio.AbstractEventLoop, list]] = {}
+        for job in self.outbox.values():
+            if job.pending:
+                by_loop.setdefault(id(job.loop), (job.loop, []))[1].append((job.events, job.pending))
+                job.pending = []
+        self.outbox = {}
+        for loop, batch in by_loop.values():
+            try:
+                loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:  # the loop is closed (the server is shutting down): nobody listens
+                pass
 
     def _done(self, job: Job, event: tuple) -> None:
-        job.emit(*event)
+        self._send(job, event)
         with self.cond:
             if job in self.running:
                 self.running.remove(job)
             self.served += 1
+
+
+def _put_all(batch: list[tuple[asyncio.Queue, list]]) -> None:
+    """On the event loop: each job's events of one step, as one queue item."""
+    for queue, events in batch:
+        queue.put_nowait(events)
 
 
 def default_config(model, **overrides: Any) -> GenerationConfig:
