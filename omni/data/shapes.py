@@ -429,7 +429,9 @@ class ShapesWorld:
         # The phrasing draws from a stream of its own: a document shows the same scene in every mode.
         self.say = P.Phrasing(self.phrasing, random.Random(f"{key}/phrasing"))
         segments, meta = getattr(self, task)(rng)
-        meta.update(id=key, canvas=self.canvas, **self.say.meta())
+        meta.update(id=key, canvas=self.canvas)
+        for k, v in self.say.meta().items():  # a task that records its own phrasing (edit) keeps it
+            meta.setdefault(k, v)
         return Document.from_segments(segments, meta, key=key)
 
 
