@@ -178,7 +178,6 @@ def evaluate_all(out: Path, model, paths: dict[str, str], limit: int | None,
                  heldout: bool = True) -> dict[str, dict]:
     """Every built-in benchmark on its template split, then (`heldout`) on its held-out phrasing
     split, keyed `NAME` and `NAME (held-out phrasing)`."""
-    from omni.eval.harness import evaluate
 
     results = {}
     for name in SCORECARD:
@@ -189,16 +188,28 @@ def evaluate_all(out: Path, model, paths: dict[str, str], limit: int | None,
         if name == "shapes-vqa":
             data, n = paths["shapes_vqa"], limit or VQA_QUESTIONS
         print(f"-- {name}", flush=True)
-        results[name] = evaluate(model, name, out / "eval" / name, data=data, limit=n,
-                                 samples_per_prompt=SAMPLES_PER_PROMPT.get(name))
+        results[name] = _evaluate(model, name, out / "eval" / name, data=data, limit=n,
+                                  samples_per_prompt=SAMPLES_PER_PROMPT.get(name))
     if heldout:
         results.update(evaluate_heldout(out, model, paths, limit))
     return results
 
 
+def _evaluate(model, name: str, run_dir: Path, **kw) -> dict:
+    """`evaluate`, resuming finished samples; a directory left by other settings (a re-run demo
+    after an upgrade changed the generation settings, or a new model) is evaluated afresh: the
+    demo owns its output directory, and its scorecard must describe one run."""
+    from omni.eval.harness import RunMismatch, evaluate
+
+    try:
+        return evaluate(model, name, run_dir, **kw)
+    except RunMismatch as e:
+        print(f"{e}: evaluating {name} afresh", flush=True)
+        return evaluate(model, name, run_dir, overwrite=True, **kw)
+
+
 def evaluate_heldout(out: Path, model, paths: dict[str, str], limit: int | None) -> dict[str, dict]:
     """The built-in benchmarks on the held-out phrasing shards (build_heldout_data)."""
-    from omni.eval.harness import evaluate
 
     results = {}
     for name in HELDOUT_BENCHMARKS:
@@ -208,8 +219,8 @@ def evaluate_heldout(out: Path, model, paths: dict[str, str], limit: int | None)
         caps = [v for v in (limit, HELDOUT_LIMITS.get(name)) if v is not None]
         n = min(caps) if caps else None
         print(f"-- {name}{HELDOUT}", flush=True)
-        results[name + HELDOUT] = evaluate(model, name, out / "eval" / f"{name}-heldout", data=data, limit=n,
-                                           samples_per_prompt=SAMPLES_PER_PROMPT.get(name))
+        results[name + HELDOUT] = _evaluate(model, name, out / "eval" / f"{name}-heldout", data=data, limit=n,
+                                            samples_per_prompt=SAMPLES_PER_PROMPT.get(name))
     return results
 
 

@@ -65,6 +65,10 @@ def load_model(model_or_ckpt):
     return model_or_ckpt
 
 
+class RunMismatch(ValueError):
+    """An evaluation directory holds samples of a run with other settings."""
+
+
 def _check_run(run_dir: Path, spec: dict[str, Any], overwrite: bool) -> None:
     """Refuse to mix samples of two different runs in one directory."""
     path = run_dir / "run.json"
@@ -72,7 +76,7 @@ def _check_run(run_dir: Path, spec: dict[str, Any], overwrite: bool) -> None:
         old = json.loads(path.read_text())
         diff = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
         if diff:
-            raise ValueError(
+            raise RunMismatch(
                 f"{run_dir} holds a run with other settings ({', '.join(diff)} differ); "
                 "use another --out directory, or --overwrite to start this one afresh"
             )
