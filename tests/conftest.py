@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -92,3 +93,20 @@ def save_tiny_checkpoint(tokenizer_dir, path, *overrides: str):
     model.save_pretrained(path)
     return path
 
+
+
+@contextlib.contextmanager
+def decoder_rows(model):
+    """Record the batch rows of every backbone call made inside the block (a list of ints)."""
+    rows: list[int] = []
+    original = model.decoder
+
+    def spy(embeds, **kw):
+        rows.append(embeds.shape[0])
+        return original(embeds, **kw)
+
+    model.decoder = spy
+    try:
+        yield rows
+    finally:
+        del model.decoder

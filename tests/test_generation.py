@@ -10,7 +10,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, decoder_rows
 from PIL import Image
 
 from omni.config import GenerationConfig, load_config
@@ -131,18 +131,8 @@ def reference_t2i(model, text: str, cfg: GenerationConfig, seed: int) -> torch.T
 def test_cfg_rows_equal_separate_unconditional_pass(model, scale):
     cfg = gcfg(cfg_scale=scale)
     texts = ["a green triangle above a yellow circle.", "draw the digit 3."]
-    rows_seen = []
-    original = model.decoder
-
-    def spy(embeds, **kw):
-        rows_seen.append(embeds.shape[0])
-        return original(embeds, **kw)
-
-    model.decoder = spy
-    try:
+    with decoder_rows(model) as rows_seen:
         results = generate(model, [[t] for t in texts], cfg, seeds=[5, 6], mode="image")
-    finally:
-        del model.decoder
     for text, seed, res in zip(texts, [5, 6], results):
         torch.testing.assert_close(res.image_tokens[0], reference_t2i(model, text, cfg, seed), atol=1e-4, rtol=0)
     # Scale 1 runs no unconditional rows at all; otherwise they join the same batch.

@@ -12,7 +12,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, decoder_rows
 from PIL import Image
 
 from omni.config import GenerationConfig, load_config
@@ -95,18 +95,8 @@ def test_three_streams_in_one_batch_equal_each_stream_alone(model, use_cache, st
     streams join a static batch and the fused image step must leave three-stream rows alone."""
     s, s_img = 3.0, 1.5
     cfg = gcfg(cfg_scale=s, image_cfg_scale=s_img, use_cache=use_cache, static_cache=static, cuda_graphs=static)
-    rows_seen = []
-    original = model.decoder
-
-    def spy(embeds, **kw):
-        rows_seen.append(embeds.shape[0])
-        return original(embeds, **kw)
-
-    model.decoder = spy
-    try:
+    with decoder_rows(model) as rows_seen:
         got = generate(model, [EDIT, T2I, CHATTY, SECOND_ROUND], cfg, seeds=[5, 6, 7, 8], mode="image")
-    finally:
-        del model.decoder
     ip2p = lambda c, i, u: u + s_img * (i - u) + s * (c - i)
     for prompt, seed, res in [(EDIT, 5, got[0]), (CHATTY, 7, got[2]), (SECOND_ROUND, 8, got[3])]:
         c, i, u = streams_of(model, prompt)
