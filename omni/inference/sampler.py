@@ -172,11 +172,7 @@ class Sampler:
     def _prefill_image_only(self, rows: list[_Row]) -> None:
         """Prefill the new image-only streams of `rows` together and merge them into the batch
         (left-padded to its length, as joining rows are); <boi> is fed to them with the others."""
-        streams = [r.image_only for r in rows]
-        width = max(len(s.ids) for s in streams)
-        for s in streams:
-            s.shift(width - len(s.ids), self.sp.pad)
-        group = _Group(streams)
+        group = _Group(self._left_pad([r.image_only for r in rows]))
         self._forward(group, 0)
         self._merge(group)
 
@@ -184,10 +180,15 @@ class Sampler:
         """Rows of `encoded` prompts with the sampler's settings, left-padded to one width."""
         seeds = self.seeds or [self.cfg.seed + i for i in range(len(encoded))]
         rows = [self._row(items, self.cfg, self.mode, seeds[i], self.events, i) for i, items in enumerate(encoded)]
-        width = max(len(r.cond.ids) for r in rows)
-        for r in rows:
-            r.cond.shift(width - len(r.cond.ids), self.sp.pad)
+        self._left_pad([r.cond for r in rows])
         return rows
+
+    def _left_pad(self, streams: list[_Stream]) -> list[_Stream]:
+        """Left-pad `streams` in place to one length (padding sees only itself), for one forward."""
+        width = max(len(s.ids) for s in streams)
+        for s in streams:
+            s.shift(width - len(s.ids), self.sp.pad)
+        return streams
 
     def _merge(self, group: _Group) -> None:
         """Bring a prefilled group of joiners into the batch: the shorter side gets left padding
@@ -601,10 +602,7 @@ class Sampler:
                     hidden.update({id(s): hs for s, hs in zip(grp.streams, h)})
         if self.joining:
             joiners, self.joining = self.joining, []
-            width = max(len(r.cond.ids) for r in joiners)
-            for r in joiners:
-                r.cond.shift(width - len(r.cond.ids), self.sp.pad)
-            group = _Group([r.cond for r in joiners])
+            group = _Group(self._left_pad([r.cond for r in joiners]))
             self.joined = self.live + joiners  # the rows a static cache must hold (_capacity)
             hidden.update({id(r.cond): h for r, h in zip(joiners, self._forward(group, 0))})
             self._merge(group)
