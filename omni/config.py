@@ -107,6 +107,14 @@ class ModelConfig:
     prompt_image_attention: Literal["causal", "bidirectional"] = "causal"
     loss_weight_text: float = 1.0  # weight of the LM loss
     loss_weight_image: float = 1.0  # weight of the diffusion loss
+    # Parallel image decoding (docs/parallel.md): "off" draws one image token per backbone pass from
+    # the position before it; group sizes ("4", or a schedule "1,2,4,8" whose last size repeats)
+    # draw each group of tokens in one pass, every token from its own position query (a learned
+    # per-cell input that sees the committed tokens before its group and is seen by nothing).
+    parallel_image: str = "off"
+
+    def __post_init__(self) -> None:
+        parse_groups(self.parallel_image, "model.parallel_image")
 
 
 @dataclass
@@ -193,9 +201,38 @@ class GenerationConfig:
     static_cache: bool = False
     cuda_graphs: bool = False  # replay each image token's diffusion loop from a CUDA graph (CUDA only)
     head_dtype: Literal["float32", "bfloat16"] = "float32"  # diffusion head matmuls when sampling
+    # Image tokens per backbone pass of a model trained with model.parallel_image: None = the
+    # groups it was trained with; another schedule ("2", "1,2,4") draws with those groups instead.
+    parallel_image: str | None = None
 
     def __post_init__(self) -> None:
         parse_steps_schedule(self.image_steps_schedule)
+        if self.parallel_image is not None:
+            parse_groups(self.parallel_image, "generation.parallel_image")
+
+
+def parse_groups(spec: str, name: str = "model.parallel_image") -> list[int] | None:
+    """A parallel-image schedule -> None ("off") or its group sizes (the last one repeats)."""
+    if spec == "off":
+        return None
+    parts = [p.strip() for p in str(spec).split(",")]
+    if parts and all(p.isdigit() and int(p) >= 1 for p in parts):
+        return [int(p) for p in parts]
+    raise ConfigError(
+        f"{name}={spec!r}: use \"off\" or image tokens per backbone pass, one size (\"4\") or a "
+        "schedule whose last size repeats (\"1,2,4,8\"), each >= 1"
+    )
+
+
+def group_sizes(spec: list[int], total: int) -> list[int]:
+    """Group sizes covering `total` image tokens: the schedule, its last size repeated, the last
+    group cut to fit. [1, 2, 4] over 16 tokens -> [1, 2, 4, 4, 4, 1]."""
+    sizes, done, i = [], 0, 0
+    while done < total:
+        k = min(spec[min(i, len(spec) - 1)], total - done)
+        sizes.append(k)
+        done, i = done + k, i + 1
+    return sizes
 
 
 def parse_steps_schedule(spec: str) -> tuple[int, int, int] | None:
@@ -318,6 +355,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
+        if key.rsplit(".", 1)[-1] in COUNT_STRINGS and isinstance(value, int):
+            # YAML reads `parallel_image: 4` (one group size) as an integer and `off` as false
+            value = "off" if value is False else str(value)
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
@@ -326,6 +366,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
         return _build(tp, value, prefix=key + ".")
     raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+COUNT_STRINGS = ("parallel_image",)  # string fields whose plain values are numbers ("4" or "1,2,4")
 
 
 def coerce(value: Any, tp: Any, key: str) -> Any:

@@ -12,6 +12,17 @@ Rules (DESIGN.md section 3):
 - image token j is a diffusion target conditioned on hidden[p_j - 1] (the position before it);
 - position ids restart at 0 for every document; `doc_ids` numbers documents 1, 2, ... in a row
   (0 = padding) so attention never crosses a document boundary.
+
+Parallel image decoding (`model.parallel_image`, docs/parallel.md): a drawn image is cut into
+groups (sizes from the schedule) and each group is preceded by one position query per token:
+
+    <boi> q1 q2 x1 x2 q3 q4 x3 x4 ... <eoi>        (groups of 2)
+
+A query carries no token (its input is the learned embedding of its target's cell), has its
+target's position id, sees the committed positions before it (so everything before its group)
+and is seen by nothing: the committed positions compute exactly what they would without queries.
+Image token j is then conditioned on the hidden state of its own query instead of position
+p_j - 1. The sampler feeds the same thing one group per pass.
 """
 
 from __future__ import annotations
@@ -62,6 +73,13 @@ class Batch:
     image_tokens: torch.Tensor  # (M, d) float; image tokens in row-major order of image_mask
     image_target_index: torch.Tensor  # (K,) long; which image tokens are diffusion targets
     image_cond_index: torch.Tensor  # (K,) long; flat index b*L + p of the conditioning position
+    # (B, L) long; a position query's target cell, -1 at every other position (all -1 without
+    # model.parallel_image)
+    query_cells: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.query_cells is None:
+            self.query_cells = torch.full_like(self.input_ids, -1)
 
     def to(self, device, non_blocking: bool = False) -> Batch:
         return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
@@ -79,12 +97,48 @@ class Batch:
         return int((self.doc_ids > 0).sum())
 
 
-def doc_length(doc: TokenizedDoc, add_bos: bool = True, add_eos: bool = True) -> int:
-    """Number of positions `doc` occupies in a row."""
+def doc_length(doc: TokenizedDoc, add_bos: bool = True, add_eos: bool = True, queries: bool = False) -> int:
+    """Number of positions `doc` occupies in a row (`queries`: with a position query per drawn token)."""
     n = int(add_bos) + int(add_eos)
     for seg in doc:
-        n += len(seg.ids) if isinstance(seg, TextSegment) else seg.tokens.shape[0] + 2
+        if isinstance(seg, TextSegment):
+            n += len(seg.ids)
+        else:
+            n += seg.tokens.shape[0] * (2 if queries and seg.loss else 1) + 2
     return n
+
+
+def with_queries(tok: list[int], pred: list[bool], img: list[int], groups: list[int], pad: int):
+    """Insert position queries before each group of every drawn image of one flattened document.
+
+    -> (tok, pred, img, pos, query_cell): query positions hold `pad` (their input is the query
+    embedding), are never predicted, carry their target's position id and cell; committed
+    positions keep the position ids they have without queries.
+    """
+    from omni.config import group_sizes
+
+    out = ([], [], [], [], [])
+    p, n = 0, len(tok)
+    while p < n:
+        if img[p] < 0 or not pred[p]:  # text, or a prompt image's token (read, not drawn)
+            for lst, v in zip(out, (tok[p], pred[p], img[p], p, -1)):
+                lst.append(v)
+            p += 1
+            continue
+        end = p
+        while end < n and img[end] >= 0 and pred[end]:
+            end += 1
+        cell = 0
+        for k in group_sizes(groups, end - p):
+            for c in range(cell, cell + k):  # the queries of this group, then its tokens
+                for lst, v in zip(out, (pad, False, -1, p + c, c)):
+                    lst.append(v)
+            for c in range(cell, cell + k):
+                for lst, v in zip(out, (tok[p + c], pred[p + c], img[p + c], p + c, -1)):
+                    lst.append(v)
+            cell += k
+        p = end
+    return out
 
 
 def doc_positions(doc: TokenizedDoc, ids: SpecialIds, add_bos: bool = True, add_eos: bool = True):
@@ -122,13 +176,25 @@ def layout(
     add_bos: bool = True,
     add_eos: bool = True,
     token_dim: int | None = None,
+    groups: list[int] | None = None,
 ) -> Batch:
     """Lay out `rows` (each a list of documents packed together) into a padded Batch.
 
     seq_len pads every row to that length (an over-long row is an error: pack or cut first);
-    None pads to the longest row.
+    None pads to the longest row. `groups` (parallel image decoding, `config.parse_groups`): put
+    position queries before each group of every drawn image (`with_queries`).
     """
-    flat = [[doc_positions(d, ids, add_bos, add_eos) for d in row] for row in rows]
+    flat = []
+    for row in rows:
+        docs = []
+        for d in row:
+            tok, pred, img, images = doc_positions(d, ids, add_bos, add_eos)
+            if groups is None:
+                pos, qcell = list(range(len(tok))), [-1] * len(tok)
+            else:
+                tok, pred, img, pos, qcell = with_queries(tok, pred, img, groups, ids.pad)
+            docs.append((tok, pred, img, images, pos, qcell))
+        flat.append(docs)
     lengths = [sum(len(t) for t, *_ in row) for row in flat]
     L = seq_len if seq_len is not None else max(lengths, default=1)
     for r, n in enumerate(lengths):
@@ -140,27 +206,36 @@ def layout(
     doc_ids = torch.zeros((B, L), dtype=torch.long)
     labels = torch.full((B, L), IGNORE, dtype=torch.long)
     image_mask = torch.zeros((B, L), dtype=torch.bool)
+    query_cells = torch.full((B, L), -1, dtype=torch.long)
     all_tokens: list[torch.Tensor] = []
     n_img = 0  # image tokens laid out so far
     targets: list[torch.Tensor] = []  # per document: indices into image_tokens
     conds: list[torch.Tensor] = []  # per document: flat conditioning positions
     for b, row in enumerate(flat):
         start = 0
-        for d, (tok, pred, img, images) in enumerate(row, start=1):
+        for d, (tok, pred, img, images, pos, qcell) in enumerate(row, start=1):
             n = len(tok)
             sl = slice(start, start + n)
             tok_t, pred_t, img_t = torch.tensor(tok), torch.tensor(pred), torch.tensor(img)  # (n,) each
             input_ids[b, sl] = tok_t
-            position_ids[b, sl] = torch.arange(n)
+            position_ids[b, sl] = torch.tensor(pos)
             doc_ids[b, sl] = d
             image_mask[b, sl] = img_t >= 0
-            # Position p is predicted from position p - 1 of the same document.
+            query_cells[b, sl] = torch.tensor(qcell)
+            # Position p is predicted from position p - 1 of the same document (queries never
+            # sit between two text positions, so text labels are as without them).
             is_img = img_t[1:] >= 0  # (n-1,)
             text_target = pred_t[1:] & ~is_img
             labels[b, start : start + n - 1][text_target] = tok_t[1:][text_target]
-            img_target = pred_t[1:] & is_img
-            targets.append(n_img + img_t[1:][img_target])
-            conds.append(b * L + start + img_target.nonzero().flatten())
+            if groups is None:
+                img_target = pred_t[1:] & is_img
+                targets.append(n_img + img_t[1:][img_target])
+                conds.append(b * L + start + img_target.nonzero().flatten())
+            else:  # a drawn token is conditioned on its query: the k-th query of an image, its k-th token
+                drawn = (pred_t & (img_t >= 0)).nonzero().flatten()  # (K,) committed positions
+                queries = (torch.tensor(qcell) >= 0).nonzero().flatten()  # (K,) same order
+                targets.append(n_img + img_t[drawn])
+                conds.append(b * L + start + queries)
             all_tokens.extend(images)
             n_img += sum(t.shape[0] for t in images)
             start += n
@@ -177,4 +252,5 @@ def layout(
         image_tokens=image_tokens,
         image_target_index=torch.cat(targets).long() if targets else torch.zeros(0, dtype=torch.long),
         image_cond_index=torch.cat(conds).long() if conds else torch.zeros(0, dtype=torch.long),
+        query_cells=query_cells,
     )

@@ -276,7 +276,7 @@ def test_bidirectional_prompt_images_read_as_in_training(tokenizer_dir):
         sampler = Sampler(m, gcfg(), "text", seeds=[0])
         row = sampler._rows(encode_prompts(m, [prompt]))[0]
         with torch.no_grad():
-            return sampler._forward(_Group(streams=[row.cond]), 0)[0]
+            return sampler._forward(_Group(streams=[row.cond]), 0)[0, -1]
 
     with torch.no_grad():
         trained = model.hidden_states(batch)[0, -1]

@@ -166,21 +166,22 @@ def tokenize_document(doc: Document, tokenizer, image_tokenizer, drop_prompt: bo
     return encode_images([[pending]], image_tokenizer)[0][0]
 
 
-def fit_length(doc: TokenizedDoc, seq_len: int) -> tuple[TokenizedDoc | None, str | None]:
-    """Cut a document longer than `seq_len` after its last image that still fits.
+def fit_length(doc: TokenizedDoc, seq_len: int, queries: bool = False) -> tuple[TokenizedDoc | None, str | None]:
+    """Cut a document longer than `seq_len` after its last image that still fits (`queries`:
+    counting the position queries of parallel image decoding, `layout.doc_length`).
 
     Returns (document, None) when it fits, (prefix, "too_long_cut") when cut, (None,
     "too_long_dropped") when no prefix ends at an image (or a segment boundary, for text-only
     documents) and holds something to train on.
     """
-    if doc_length(doc) <= seq_len:
+    if doc_length(doc, queries=queries) <= seq_len:
         return doc, None
     has_images = any(isinstance(s, ImageSegment) for s in doc)
     for k in range(len(doc) - 1, 0, -1):
         prefix = doc[:k]
         if has_images and not isinstance(prefix[-1], ImageSegment):
             continue
-        if doc_length(prefix) <= seq_len and any(s.loss for s in prefix):
+        if doc_length(prefix, queries=queries) <= seq_len and any(s.loss for s in prefix):
             return prefix, "too_long_cut"
     return None, "too_long_dropped"
 
@@ -240,6 +241,8 @@ class _Settings:
     weights: dict[str, float] | None  # None: natural mix
     tasks: set[str] | None  # only these tasks (val split with weights); None: all
     max_warnings: int
+    groups: list[int] | None = None  # parallel image decoding: position queries per group (layout)
+
 
 
 @dataclass
@@ -307,7 +310,8 @@ def run_worker(s: _Settings, worker: int, num_workers: int, state: dict[str, Any
     token_dim = s.image_tokenizer.token_dim
 
     def emit() -> Batch:
-        return layout(encode_images(packer.take(), s.image_tokenizer), s.ids, s.seq_len, token_dim=token_dim)
+        return layout(encode_images(packer.take(), s.image_tokenizer), s.ids, s.seq_len, token_dim=token_dim,
+                      groups=s.groups)
 
     while True:
         snap = snapshot()
@@ -325,12 +329,12 @@ def run_worker(s: _Settings, worker: int, num_workers: int, state: dict[str, Any
         except BadSample as e:
             stats.add(e.reason, e.detail)
             continue
-        tdoc, problem = fit_length(tdoc, s.seq_len)
+        tdoc, problem = fit_length(tdoc, s.seq_len, queries=s.groups is not None)
         if problem:
             stats.add(problem, f"{doc.key!r} is longer than seq_len={s.seq_len}")
         if tdoc is None:
             continue
-        n = doc_length(tdoc)
+        n = doc_length(tdoc, queries=s.groups is not None)
         if not packer.add(tdoc, n):
             yield _Item(worker, emit(), snap)
             packer.add(tdoc, n)
@@ -372,7 +376,7 @@ class BatchStream:
     """
 
     def __init__(self, data_cfg: DataConfig, tokenizer, image_tokenizer, *, split: str = "train",
-                 rank: int = 0, world_size: int = 1, seed: int = 0):
+                 rank: int = 0, world_size: int = 1, seed: int = 0, groups: list[int] | None = None):
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         specs = data_cfg.train if split == "train" else data_cfg.val
@@ -405,6 +409,7 @@ class BatchStream:
             edit_drop_text=data_cfg.edit_drop_text if train else 0.0,
             edit_drop_both=data_cfg.edit_drop_both if train else 0.0, weights=weights if (weights and train) else None,
             tasks=set(weights) if (weights and not train) else None, max_warnings=data_cfg.max_warnings,
+            groups=groups,
         )
         self._reset()
 

@@ -77,19 +77,44 @@ class _Stream:
     next_pos: int
     blocks: list[int]  # > 0: a prompt image's positions, which see each other (prompt_image_blocks)
     src: _Stream | None = None  # set on a fresh copy until its cache rows are copied
+    # Parallel image decoding: positions no later position sees (position queries, and the padding
+    # that evens out the streams of a step), and each query's target cell (-1 elsewhere).
+    hide: list[bool] | None = None
+    qcell: list[int] | None = None
+    n_queries: int = 0  # queries at the end of the positions fed last
+
+    def __post_init__(self) -> None:
+        if self.hide is None:
+            self.hide = [False] * len(self.ids)
+        if self.qcell is None:
+            self.qcell = [-1] * len(self.ids)
 
     def append(self, tok: int, image) -> None:
+        self._put(tok, image, self.next_pos, self.start, False, -1)
+        self.next_pos += 1
+
+    def append_query(self, cell: int, offset: int, pad_id: int) -> None:
+        """A position query for the image token `offset` positions ahead (its target's position id)."""
+        self._put(pad_id, None, self.next_pos + offset, self.start, True, cell)
+
+    def append_pad(self, pad_id: int) -> None:
+        """Padding inside the sequence (a stream feeding fewer positions than others): sees only itself."""
+        self._put(pad_id, None, 0, len(self.ids), True, -1)
+
+    def _put(self, tok: int, image, pos: int, lo: int, hide: bool, qcell: int) -> None:
         self.ids.append(tok)
         self.images.append(image)
-        self.pos.append(self.next_pos)
-        self.lo.append(self.start)
+        self.pos.append(pos)
+        self.lo.append(lo)
         self.blocks.append(0)  # generated positions are causal
-        self.next_pos += 1
+        self.hide.append(hide)
+        self.qcell.append(qcell)
 
     def unconditional(self) -> _Stream:
         """A copy that, from the next position on, sees only [bos] and what follows: the CFG branch."""
         return _Stream(list(self.ids), list(self.images), list(self.pos), list(self.lo), self.bos,
-                       start=len(self.ids), next_pos=1, blocks=list(self.blocks), src=self)
+                       start=len(self.ids), next_pos=1, blocks=list(self.blocks), src=self,
+                       hide=list(self.hide), qcell=list(self.qcell))
 
     def shift(self, n: int, pad_id: int) -> None:
         """n > 0: put n padding positions in front (each sees only itself); n < 0: drop -n of them."""
@@ -98,11 +123,13 @@ class _Stream:
             self.images[:0] = [None] * n
             self.pos[:0] = [0] * n
             self.blocks[:0] = [0] * n
+            self.hide[:0] = [False] * n
+            self.qcell[:0] = [-1] * n
             self.lo = list(range(n)) + [x + n for x in self.lo]
         else:
             m = -n
             assert self.bos >= m, "only padding can be dropped"
-            del self.ids[:m], self.images[:m], self.pos[:m], self.blocks[:m]
+            del self.ids[:m], self.images[:m], self.pos[:m], self.blocks[:m], self.hide[:m], self.qcell[:m]
             self.lo = [x - m for x in self.lo[m:]]
         self.bos += n
         self.start += n
@@ -135,6 +162,8 @@ class _Row:
     last: int = -1
     run: int = 0
     finish: str | None = None
+    spec: list[int] | None = None  # parallel image decoding: the group schedule (None: one token a pass)
+    plan: list[int] = field(default_factory=list)  # group sizes of the image being drawn, still to come
 
     @property
     def use_cfg(self) -> bool:

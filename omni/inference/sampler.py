@@ -57,6 +57,15 @@ capacity); with `generation.cuda_graphs` on top, a steady image-token step of th
 (embed, backbone, the head's loop under CFG) runs as one unit, replayed from a CUDA graph on CUDA
 (omni/inference/image_step.py). Every variant gives the same tokens (tests/test_decode_step.py).
 
+Parallel image decoding (model.parallel_image; docs/parallel.md). A model trained with position
+queries draws a group of image tokens per pass: a drawing row feeds the tokens it committed last
+(or <boi>) and then one query per token of its next group; the head draws the group at once from
+the queries' hidden states. Queries, and the padding that evens out the streams when rows feed
+different numbers of positions in a step, are hidden from every later position (`_Stream.hide`),
+so the committed positions compute what they would without them (`layout.with_queries` is the
+same rule in training). They stay in the cache as hidden entries; steps then feed several
+positions per stream, built from the lists (no one-position fast path, no static cache).
+
 Shape legend: S streams in a forward, Q positions fed, T positions in total (cached + fed),
 D backbone width, V vocabulary, d image-token dim, N image tokens per image.
 """
@@ -68,7 +77,7 @@ from collections.abc import Sequence
 
 import torch
 
-from omni.config import GenerationConfig, steps_for_token
+from omni.config import GenerationConfig, group_sizes, parse_groups, steps_for_token
 from omni.inference.image_step import ImageStep
 from omni.inference.prompts import Item, Prompt, context_length, encode_prompts
 from omni.inference.rows import GenerationEvents, _Group, _Row, _StepState, _Stream
@@ -118,6 +127,10 @@ class Sampler:
             model._image_step_graphs = OrderedDict()
         self.image_step = ImageStep(self._step_compute, model._image_step_graphs)  # fused (graphed on CUDA) step
         self.new_image_only: list[_Row] = []  # rows whose image-only stream waits for its prefill
+        self.parallel = model.groups is not None  # drawn with position queries, a group per pass
+        if self.parallel and self.static:
+            raise ValueError("generation.static_cache does not support a model trained with model.parallel_image "
+                             "(its steps feed a varying number of positions); set generation.static_cache=false")
 
     # -- rows join -----------------------------------------------------------------------------
     def add(self, prompt: Prompt, cfg: GenerationConfig | None = None, mode: str | None = None, seed: int = 0,
@@ -143,9 +156,23 @@ class Sampler:
             banned.add(self.sp.boi)
         row = _Row(index=index, seed=int(seed), gen=torch.Generator(device=self.device).manual_seed(int(seed)),
                    budget=budget, cond=stream, cfg=cfg, mode=mode, events=events,
-                   banned=torch.tensor(sorted(banned), device=self.device), settings=self._settings(cfg, mode, seed))
+                   banned=torch.tensor(sorted(banned), device=self.device), settings=self._settings(cfg, mode, seed),
+                   spec=self._groups(cfg))
         self.joining.append(row)
         return row
+
+    def _groups(self, cfg: GenerationConfig) -> list[int] | None:
+        """A row's group schedule: generation.parallel_image, else the one the model was trained with."""
+        if cfg.parallel_image is None:
+            return self.model.groups
+        spec = parse_groups(cfg.parallel_image, "generation.parallel_image")
+        if (spec is None) != (self.model.groups is None):
+            trained = self.model.cfg.parallel_image
+            raise ValueError(f"generation.parallel_image={cfg.parallel_image!r} does not fit this model, trained with "
+                             f"model.parallel_image={trained!r}: a model draws with position queries only if it was "
+                             "trained with them; leave generation.parallel_image unset"
+                             + ("" if spec is None else " or retrain with model.parallel_image"))
+        return spec
 
     def _stream(self, items: list[Item]) -> _Stream:
         """A fresh stream over `items` (starting with [bos]), positions 0.. and causal."""
@@ -166,7 +193,7 @@ class Sampler:
         if not ends:
             return None
         start = max(j for j in range(cond.bos + 1, ends[-1]) if ids[j] == self.sp.boi)
-        picture = list(zip(ids[start:ends[-1] + 1], cond.images[start:ends[-1] + 1]))
+        picture = [(ids[j], cond.images[j]) for j in range(start, ends[-1] + 1) if not cond.hide[j]]
         return self._stream([(self.sp.bos, None), *picture])
 
     def _prefill_image_only(self, rows: list[_Row]) -> None:
@@ -235,13 +262,14 @@ class Sampler:
 
     # -- the model -----------------------------------------------------------------------------
     def _forward(self, group: _Group, start: int) -> torch.Tensor:
-        """Feed positions [start, T) of every stream of `group`; hidden state of the last one (S, D).
+        """Feed positions [start, T) of every stream of `group`; their hidden states (S, Q, D).
 
         A cached step feeding one position per stream (every decode step) takes its inputs from
         the group's device-side `_StepState` (`_step_inputs`); prefill, recompute and the first
-        step after rows change build them from the streams' lists (`_list_inputs`)."""
+        step after rows change build them from the streams' lists (`_list_inputs`), as does every
+        step of parallel decoding."""
         T = len(group.streams[0].ids)
-        if self.use_cache and group.cache is not None and T - start == 1:
+        if self.use_cache and group.cache is not None and T - start == 1 and not self.parallel:
             embeds, pos, bias = self._step_inputs(group, T)
         else:
             group.state = None
@@ -251,7 +279,7 @@ class Sampler:
             cache=group.cache if self.use_cache else None, use_cache=self.use_cache,
         )
         group.cache = cache if self.use_cache else None
-        return hidden[:, -1]  # (S, D)
+        return hidden  # (S, Q, D)
 
     def _list_inputs(self, group: _Group, start: int, T: int) -> tuple[torch.Tensor, ...]:
         """Embeddings (S, Q, D), position ids (S, Q) and mask (S, 1, Q, K) from the streams' lists."""
@@ -265,10 +293,13 @@ class Sampler:
         tokens = [x for s in streams for x in s.images[start:] if x is not None]
         image_tokens = (torch.stack(tokens) if tokens
                         else torch.zeros(0, self.model.image_tokenizer.token_dim, device=dev))  # (M, d)
+        hide = torch.tensor([s.hide for s in streams], device=dev) if self.parallel else None  # (S, T)
         cells = None
         if self.model.image_pos is not None:  # a cell counts from its image's start, maybe in the cache
-            cells = image_cells(torch.tensor([s.ids for s in streams], device=dev), self.sp.img)[:, start:]
+            cells = image_cells(torch.tensor([s.ids for s in streams], device=dev), self.sp.img, hide)[:, start:]
         embeds = self.model.embed(ids, image_tokens, image_mask, cells)  # (S, Q, D)
+        if self.parallel:
+            embeds = self.model.embed_queries(embeds, torch.tensor([s.qcell[start:] for s in streams], device=dev))
         K = T
         if self.static:  # keys: the whole capacity; positions past T are stale and hidden by k <= q
             if group.cache is None:
@@ -282,6 +313,8 @@ class Sampler:
         if self.bidirectional:
             blocks = torch.tensor([s.blocks + [0] * (K - T) for s in streams], device=dev)  # (S, K)
             allowed = see_own_block(allowed, blocks[:, start:T], blocks)
+        if hide is not None:  # queries and in-sequence padding: seen by nothing after them
+            allowed = allowed & (~hide[:, None, :] | (k == q))
         return embeds, pos, additive_mask(allowed, embeds.dtype)  # ..., (S, 1, Q, K)
 
     # -- the one-position step from device state -------------------------------------------------
@@ -485,6 +518,7 @@ class Sampler:
     def _start_image(self, row: _Row) -> None:
         self._flush_text(row)
         row.drawing, row.current = True, []
+        row.plan = group_sizes(row.spec, self.n_tokens) if row.spec is not None else []
         row.n_new += 1
         row.ids.append(self.sp.boi)
         row.feed.append((self.sp.boi, None))
@@ -571,15 +605,25 @@ class Sampler:
             if drawn is not None:
                 done += [r for r in rows if self._image_token(r, drawn[id(r)])]
                 continue
-            cond = torch.stack([hidden[id(r.cond)] for r in rows])  # (b, D)
+            # A row draws one token from its last position, or (parallel) a group from its queries:
+            # hidden[id(stream)] is (D,) or (k, D); one generator entry per token drawn, in order.
+            def cat(streams):
+                return torch.cat([hidden[id(s)].reshape(-1, hidden[id(s)].shape[-1]) for s in streams])  # (n, D)
+
+            counts = [hidden[id(r.cond)].reshape(-1, hidden[id(r.cond)].shape[-1]).shape[0] for r in rows]
+            cond = cat([r.cond for r in rows])  # (n, D)
             guided = scale != 1.0 or image_scale is not None
-            uncond = torch.stack([hidden[id(r.uncond)] for r in rows]) if guided else None
-            image = torch.stack([hidden[id(r.image_only)] for r in rows]) if image_scale is not None else None
+            uncond = cat([r.uncond for r in rows]) if guided else None
+            image = cat([r.image_only for r in rows]) if image_scale is not None else None
+            gens = [r.gen for r, n in zip(rows, counts) for _ in range(n)]
             x = model.head.sample(cond, uncond, cfg_scale=scale, steps=steps, temperature=temperature,
-                                  sampler=sampler, generator=[r.gen for r in rows], cuda_graph=graphs,
+                                  sampler=sampler, generator=gens, cuda_graph=graphs,
                                   cfg_batching=self.cfg_batching, dtype=getattr(torch, dtype),
-                                  image_cond=image, image_cfg_scale=image_scale)  # (b, d)
-            done += [r for r, xi in zip(rows, x) if self._image_token(r, xi)]
+                                  image_cond=image, image_cfg_scale=image_scale)  # (n, d)
+            for r, xs in zip(rows, x.split(counts)):
+                completed = [self._image_token(r, xi) for xi in xs]  # only a group's last can complete
+                if completed[-1]:
+                    done.append(r)
         if done:
             pixels = model.image_tokenizer.decode(torch.stack([r.image_tokens[-1] for r in done]))  # (k, C, H, W)
             for r, im in zip(done, to_pil(pixels)):
@@ -598,13 +642,14 @@ class Sampler:
         if self.live and drawn is None:
             for grp in self.groups:
                 if grp.streams:
-                    h = self._forward(grp, self.cached if self.use_cache else 0)  # (S, D)
-                    hidden.update({id(s): hs for s, hs in zip(grp.streams, h)})
+                    h = self._forward(grp, self.cached if self.use_cache else 0)  # (S, Q, D)
+                    for s, hs in zip(grp.streams, h):  # the queries' states, or the last position's
+                        hidden[id(s)] = hs[-s.n_queries:] if s.n_queries else hs[-1]
         if self.joining:
             joiners, self.joining = self.joining, []
             group = _Group(self._left_pad([r.cond for r in joiners]))
             self.joined = self.live + joiners  # the rows a static cache must hold (_capacity)
-            hidden.update({id(r.cond): h for r, h in zip(joiners, self._forward(group, 0))})
+            hidden.update({id(r.cond): h[-1] for r, h in zip(joiners, self._forward(group, 0))})
             self._merge(group)
             self.live += joiners
             if self.static:  # after the merge's padding: room for every row's whole budget
@@ -632,13 +677,39 @@ class Sampler:
         if fresh:
             self._prefill_image_only(fresh)
         self._regroup(self.groups, self.live)
-        for r in self.live:
-            tok, x = r.feed.pop(0)
-            for s in (r.cond, r.uncond, r.image_only):
-                if s is not None:
-                    s.append(tok, x)
+        if self.parallel:
+            self._feed_groups()
+        else:
+            for r in self.live:
+                tok, x = r.feed.pop(0)
+                for s in (r.cond, r.uncond, r.image_only):
+                    if s is not None:
+                        s.append(tok, x)
         self._trim()
         return finished
+
+    def _feed_groups(self) -> None:
+        """Parallel decoding: every row appends all it has to feed and, while drawing, the queries
+        of its next group; streams feeding fewer positions get hidden padding first, so all streams
+        keep one length and each one's last positions are its own (its queries, or its last token)."""
+        plans = []
+        for r in self.live:
+            items, r.feed = r.feed, []
+            k = r.plan.pop(0) if r.drawing and r.plan else 0
+            plans.append((r, items, k))
+        width = max(len(items) + k for _, items, k in plans)
+        for r, items, k in plans:
+            for s in (r.cond, r.uncond, r.image_only):
+                if s is None:
+                    continue
+                for _ in range(width - len(items) - k):
+                    s.append_pad(self.sp.pad)
+                for tok, x in items:
+                    s.append(tok, x)
+                first = len(r.current)
+                for j in range(k):
+                    s.append_query(first + j, j, self.sp.pad)
+                s.n_queries = k
 
     @torch.no_grad()
     def run(self, prompts: Sequence[Prompt], progress: bool = False) -> list[_Row]:
@@ -675,5 +746,6 @@ class Sampler:
             "max_images": cfg.max_images,
             "repetition_stop": cfg.repetition_stop,
             "use_cache": self.use_cache,
+            "parallel_image": cfg.parallel_image if cfg.parallel_image is not None else self.model.cfg.parallel_image,
             "checkpoint": getattr(self.model, "checkpoint_path", None),
         }

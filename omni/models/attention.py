@@ -90,11 +90,13 @@ def mask_kind(hf_impl: str) -> str:
     return "dense"
 
 
-def document_block_mask(doc_ids: torch.Tensor, blocks: torch.Tensor | None = None, block_size: int = 128):
+def document_block_mask(doc_ids: torch.Tensor, blocks: torch.Tensor | None = None, block_size: int = 128,
+                        queries: torch.Tensor | None = None):
     """FlexAttention BlockMask of the causal, document-local pattern `attention_bias` draws densely.
 
     doc_ids (B, L): 1.. per document, 0 = padding (which sees only itself). blocks (B, L): positions
     with the same positive number also see each other both ways (bidirectional prompt images).
+    queries (B, L) bool: position queries of parallel decoding, seen by no other position.
     Built without a host read, so it adds no sync to the step.
     """
     from torch.nn.attention.flex_attention import create_block_mask
@@ -105,12 +107,19 @@ def document_block_mask(doc_ids: torch.Tensor, blocks: torch.Tensor | None = Non
     def same_doc_causal(b, h, q, kv):
         return ((docs[b, q] == docs[b, kv]) & (q >= kv) & (docs[b, kv] > 0)) | (q == kv)
 
-    mask_mod = same_doc_causal
+    base = same_doc_causal
     if blocks is not None:
         blk = blocks.contiguous()
 
-        def mask_mod(b, h, q, kv):
+        def base(b, h, q, kv):
             return same_doc_causal(b, h, q, kv) | ((blk[b, q] > 0) & (blk[b, q] == blk[b, kv]))
+
+    mask_mod = base
+    if queries is not None:
+        hidden = queries.contiguous()
+
+        def mask_mod(b, h, q, kv):
+            return (base(b, h, q, kv) & ~hidden[b, kv]) | (q == kv)
 
     return create_block_mask(mask_mod, B, None, L, L, device=doc_ids.device, BLOCK_SIZE=block_size)
 

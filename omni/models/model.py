@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from omni.config import ModelConfig
+from omni.config import ModelConfig, parse_groups
 from omni.heads.diffusion import DiffusionHead
 from omni.heads.lm import lm_loss
 from omni.layout import Batch, SpecialIds
 from omni.models import checkpoint
 from omni.models.attention import (
     FLEX,
+    VARLEN,
     additive_mask,
     document_block_mask,
     mask_kind,
@@ -43,14 +44,17 @@ from omni.tokenizers.image import build_image_tokenizer
 from omni.tokenizers.text import TextTokenizer
 
 
-def attention_bias(doc_ids: torch.Tensor, dtype: torch.dtype, blocks: torch.Tensor | None = None) -> torch.Tensor | None:
+def attention_bias(doc_ids: torch.Tensor, dtype: torch.dtype, blocks: torch.Tensor | None = None,
+                   queries: torch.Tensor | None = None) -> torch.Tensor | None:
     """Causal, document-local additive mask (B, 1, L, L); None when a plain causal mask does.
 
     `blocks` (B, L): positions with the same positive number also see each other in both
-    directions (the tokens of one prompt image, `prompt_image_blocks`).
+    directions (the tokens of one prompt image, `prompt_image_blocks`). `queries` (B, L) bool:
+    position queries (parallel decoding), which no other position sees.
     """
     bidirectional = blocks is not None and bool((blocks > 0).any())
-    if bool((doc_ids == 1).all()) and not bidirectional:
+    has_queries = queries is not None and bool(queries.any())
+    if bool((doc_ids == 1).all()) and not bidirectional and not has_queries:
         return None
     L = doc_ids.shape[1]
     causal = torch.ones(L, L, dtype=torch.bool, device=doc_ids.device).tril()  # (L, L)
@@ -58,6 +62,8 @@ def attention_bias(doc_ids: torch.Tensor, dtype: torch.dtype, blocks: torch.Tens
     allowed = same & causal & (doc_ids[:, None, :] > 0)
     if bidirectional:
         allowed = see_own_block(allowed, blocks, blocks)
+    if has_queries:
+        allowed = allowed & ~queries[:, None, :]  # the diagonal comes back below
     allowed |= torch.eye(L, dtype=torch.bool, device=doc_ids.device)  # padding attends to itself
     return additive_mask(allowed, dtype)  # (B, 1, L, L)
 
@@ -77,17 +83,20 @@ def prompt_image_blocks(image_mask: torch.Tensor, image_target_index: torch.Tens
     return torch.where(prompt, run, 0)
 
 
-def image_cells(input_ids: torch.Tensor, img_id: int) -> torch.Tensor:
+def image_cells(input_ids: torch.Tensor, img_id: int, skip: torch.Tensor | None = None) -> torch.Tensor:
     """(B, L) -> (B, L): each image position's index in its image (0 right after <boi>); 0 elsewhere.
 
-    An image is one run of `img_id` placeholders in raster order, so the cell is the distance to
-    the last position that is not a placeholder, minus one.
+    An image is one run of `img_id` placeholders in raster order, so the cell counts the
+    placeholders since the last position that is not one. `skip` (B, L) bool: positions that
+    neither count nor end a run (the position queries of parallel decoding, between two groups).
     """
-    L = input_ids.shape[-1]
     is_img = input_ids == img_id
-    where = torch.arange(L, device=input_ids.device).expand_as(input_ids)
-    last_other = torch.where(is_img, -1, where).cummax(dim=-1).values  # (B, L)
-    return torch.where(is_img, where - last_other - 1, 0)
+    other = ~is_img
+    if skip is not None:
+        is_img, other = is_img & ~skip, other & ~skip
+    count = is_img.long().cumsum(-1)  # (B, L) placeholders up to here
+    before = torch.where(other, count, 0).cummax(dim=-1).values  # the count at the last run end
+    return torch.where(is_img, count - before - 1, 0)
 
 
 class OmniModel(nn.Module):
@@ -118,6 +127,14 @@ class OmniModel(nn.Module):
         if cfg.image_pos_embed:
             self.image_pos = nn.Embedding(image_tokenizer.num_tokens, hidden)  # (N, D), cell -> vector
         self.head = DiffusionHead(cfg.head, token_dim=token_dim, cond_dim=hidden)
+        self.groups = parse_groups(cfg.parallel_image)  # None: one image token per pass
+        self.query_embed = None
+        if self.groups is not None:
+            if cfg.backbone.attn_implementation in VARLEN:
+                raise ValueError(f"model.parallel_image={cfg.parallel_image!r} needs a mask that hides the position "
+                                 f"queries, which {cfg.backbone.attn_implementation} cannot take; use "
+                                 "model.backbone.attn_implementation=sdpa (the default) or flex_attention")
+            self.query_embed = nn.Embedding(image_tokenizer.num_tokens, hidden)  # (N, D), target cell -> query
         self.initialize_weights()
         self.special = SpecialIds(
             bos=tokenizer.bos_id,
@@ -148,6 +165,8 @@ class OmniModel(nn.Module):
         if self.image_pos is not None:
             # Small, like a token embedding, so the cell vector nudges rather than drowns the token.
             nn.init.normal_(self.image_pos.weight, std=0.02)
+        if self.query_embed is not None:  # a query is a position's whole input, like a token embedding
+            nn.init.normal_(self.query_embed.weight, std=0.02)
         # The head's rules (zero adaLN modulation and output: the untrained head is the identity
         # plus a zero prediction) live with the head, which is also used on its own.
         self.head.net.initialize_weights()
@@ -195,6 +214,12 @@ class OmniModel(nn.Module):
             img = img + self.image_pos(cells.to(emb.device)[image_mask.to(emb.device)]).to(emb.dtype)
         return emb.masked_scatter(image_mask[..., None].to(emb.device), img)
 
+    def embed_queries(self, embeds: torch.Tensor, query_cells: torch.Tensor) -> torch.Tensor:
+        """Put the position queries' inputs (query_cells >= 0: their target cell) into embeds (B, L, D)."""
+        is_query = query_cells >= 0  # (B, L)
+        q = self.query_embed(query_cells.clamp(min=0)).to(embeds.dtype)  # (B, L, D)
+        return torch.where(is_query[..., None], q, embeds)
+
     def decoder(self, embeds, attention_mask=None, position_ids=None, cache=None, use_cache=False, **attn_kwargs):
         """The backbone's transformer without its LM head -> (hidden (B, L, D), KV cache).
 
@@ -218,17 +243,23 @@ class OmniModel(nn.Module):
             idx = batch.image_target_index  # (K,) rows of image_tokens that are targets
             noise = torch.randn(idx.shape[0], tokens.shape[1], device=tokens.device, dtype=tokens.dtype)
             tokens = tokens.index_add(0, idx, self.cfg.image_input_noise * noise)
+        queries = None
+        if self.query_embed is not None:
+            queries = batch.query_cells >= 0  # (B, L)
         # A training batch holds whole sequences, so the cells count from each row's start.
-        cells = image_cells(batch.input_ids, self.special.img) if self.image_pos is not None else None
+        cells = image_cells(batch.input_ids, self.special.img, queries) if self.image_pos is not None else None
         embeds = self.embed(batch.input_ids, tokens, batch.image_mask, cells=cells)
+        if queries is not None:
+            embeds = self.embed_queries(embeds, batch.query_cells)
         blocks = None
         if self.cfg.prompt_image_attention == "bidirectional":
             blocks = prompt_image_blocks(batch.image_mask, batch.image_target_index)
-        mask, attn_kwargs = self.packed_attention(batch.doc_ids, embeds.dtype, blocks)
+        mask, attn_kwargs = self.packed_attention(batch.doc_ids, embeds.dtype, blocks, queries)
         hidden, _ = self.decoder(embeds, attention_mask=mask, position_ids=batch.position_ids, **attn_kwargs)
         return hidden  # (B, L, D)
 
-    def packed_attention(self, doc_ids: torch.Tensor, dtype: torch.dtype, blocks: torch.Tensor | None = None):
+    def packed_attention(self, doc_ids: torch.Tensor, dtype: torch.dtype, blocks: torch.Tensor | None = None,
+                         queries: torch.Tensor | None = None):
         """The document structure of packed rows in the form the backbone's kernel reads -> (mask, kwargs).
 
         sdpa / eager: the dense additive (B, 1, L, L) mask (None when every row is one document);
@@ -243,10 +274,10 @@ class OmniModel(nn.Module):
                     "FlexAttention has no CPU backward. Train on CPU with sdpa (the default); flex_attention "
                     "is for GPUs (its CPU forward serves parity tests and evaluation)"
                 )
-            return document_block_mask(doc_ids, blocks), {}
+            return document_block_mask(doc_ids, blocks, queries=queries), {}
         if kind == "varlen":
             return None, varlen_kwargs(doc_ids)
-        return attention_bias(doc_ids, dtype, blocks), {}
+        return attention_bias(doc_ids, dtype, blocks, queries), {}
 
     def text_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Text-only forward -> logits (B, L, V); what the parity tests compare with HF."""

@@ -266,7 +266,7 @@ def new_token_ids(model: OmniModel, cfg: Config) -> list[int]:
 
 
 def select_trainable(model: OmniModel, cfg: Config) -> None:
-    """`train.trainable`: `all`; `new` = in_proj, diffusion head, image cell embeddings and the new token rows (Orthus
+    """`train.trainable`: `all`; `new` = in_proj, diffusion head, image cell and query embeddings and the new token rows (Orthus
     stage 1); or a list of parameter-name globs (`[in_proj.*, head.*]`).
 
     With `new`, the embedding matrices stay trainable but a gradient mask zeroes every
@@ -293,6 +293,8 @@ def select_trainable(model: OmniModel, cfg: Config) -> None:
     model.head.requires_grad_(True)
     if model.image_pos is not None:
         model.image_pos.requires_grad_(True)
+    if model.query_embed is not None:
+        model.query_embed.requires_grad_(True)
     rows = torch.tensor(new_token_ids(model, cfg))
     embeddings = {id(m.weight): m.weight for m in (model.backbone.get_input_embeddings(), model.lm_head)}
     for weight in embeddings.values():

@@ -372,7 +372,7 @@ def _source(spec: BatchSource | None, cfg: Config, model, d: Dist, split: str):
     from omni.data.loader import BatchStream
 
     return BatchStream(cfg.data, model.tokenizer, model.image_tokenizer, split=split, rank=d.rank,
-                       world_size=d.world_size, seed=cfg.train.seed)
+                       world_size=d.world_size, seed=cfg.train.seed, groups=model.groups)
 
 
 def write_run_files(cfg: Config, run_dir: Path, model, ds_config: dict, precision: str, d: Dist) -> None:

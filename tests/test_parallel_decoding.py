@@ -1,0 +1,300 @@
+"""Parallel image decoding (model.parallel_image): position queries in the layout, the attention
+rule that hides them, and a cached sampler that draws a group of image tokens per backbone pass
+and conditions each token exactly as training does (docs/parallel.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import TINY, decoder_rows
+
+from omni.config import ConfigError, GenerationConfig, group_sizes, load_config, parse_groups
+from omni.inference.generate import generate
+from omni.inference.sampler import Sampler
+from omni.layout import IGNORE, ImageSegment, TextSegment, doc_length, doc_positions, layout, with_queries
+from omni.models.model import OmniModel, image_cells
+
+N = 16  # image tokens of the tiny preset (32 x 32 pixels, patches of 8)
+
+
+def make_model(tokenizer_dir, groups: str = "4", *extra: str) -> OmniModel:
+    cfg = load_config("tiny", [f"model.tokenizer={tokenizer_dir}", *TINY, "model.image_pos_embed=true",
+                               f"model.parallel_image={groups}", *extra])
+    torch.manual_seed(0)
+    model = OmniModel.from_config(cfg.model).eval()
+    with torch.no_grad():  # the zero-initialised head ignores its condition; wake it up
+        for p in model.head.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.05)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer_dir):
+    return make_model(tokenizer_dir)
+
+
+def gcfg(**kw) -> GenerationConfig:
+    base = {"mode": "image", "image_steps": 3, "cfg_scale": 2.0, "max_new_tokens": 48}
+    return GenerationConfig(**{**base, **kw})
+
+
+# -- schedules and layout -------------------------------------------------------------------------
+def test_group_schedules():
+    assert parse_groups("off") is None
+    assert parse_groups("4") == [4]
+    assert group_sizes([4], 16) == [4, 4, 4, 4]
+    assert group_sizes([1, 2, 4, 8], 16) == [1, 2, 4, 8, 1]
+    assert group_sizes([1, 2, 4], 16) == [1, 2, 4, 4, 4, 1]
+    assert group_sizes([5], 16) == [5, 5, 5, 1]
+    for bad in ("0", "two", "4,", "-1", ""):
+        with pytest.raises(ConfigError, match="parallel_image"):
+            parse_groups(bad)
+
+
+def test_config_reads_a_number_as_a_schedule(tokenizer_dir):
+    cfg = load_config("tiny", [f"model.tokenizer={tokenizer_dir}", "model.parallel_image=4",
+                               "generation.parallel_image=1,2,4"])
+    assert cfg.model.parallel_image == "4" and cfg.generation.parallel_image == "1,2,4"
+    with pytest.raises(ConfigError, match="model.parallel_image='x'"):
+        load_config("tiny", [f"model.tokenizer={tokenizer_dir}", "model.parallel_image=x"])
+
+
+def test_with_queries_places_a_query_per_token_before_its_group():
+    # [bos] t t <boi> x0..x4 <eoi> [eos], the image drawn, groups of 2: 3 groups (2, 2, 1)
+    tok = [1, 7, 8, 3] + [5] * 5 + [4, 2]
+    pred = [False, True, True, True] + [True] * 5 + [False, True]
+    img = [-1, -1, -1, -1, 0, 1, 2, 3, 4, -1, -1]
+    t, p, i, pos, q = with_queries(tok, pred, img, [2], pad=0)
+    assert q == [-1, -1, -1, -1, 0, 1, -1, -1, 2, 3, -1, -1, 4, -1, -1, -1]
+    assert i == [-1, -1, -1, -1, -1, -1, 0, 1, -1, -1, 2, 3, -1, 4, -1, -1]
+    # a query has its target's position id; committed positions keep theirs
+    assert pos == [0, 1, 2, 3, 4, 5, 4, 5, 6, 7, 6, 7, 8, 8, 9, 10]
+    assert [t[j] for j in range(len(t)) if q[j] >= 0] == [0] * 5 and not any(p[j] for j in range(len(p)) if q[j] >= 0)
+    # a prompt image (not drawn) gets no queries
+    assert with_queries(tok, [False] * 11, img, [2], pad=0)[4] == [-1] * 11
+
+
+def test_layout_conditions_each_drawn_token_on_its_query(model):
+    sp = model.special
+    x = torch.randn(N, 192)
+    src = torch.randn(N, 192)
+    doc = [ImageSegment(src, loss=False), TextSegment([10, 11]), ImageSegment(x), TextSegment([12])]
+    plain = layout([[doc]], sp)
+    b = layout([[doc]], sp, groups=[4])
+    assert b.input_ids.shape[1] == plain.input_ids.shape[1] + N == doc_length(doc, queries=True)
+    qpos = (b.query_cells[0] >= 0).nonzero().flatten()
+    assert b.query_cells[0, qpos].tolist() == list(range(N))
+    assert b.image_cond_index.tolist() == qpos.tolist()  # token j of the drawn image <- query j
+    assert b.image_target_index.tolist() == list(range(N, 2 * N))  # the drawn image's tokens, in order
+    # text labels are unchanged: the same ids are predicted, queries predict nothing
+    assert sorted(b.labels[b.labels != IGNORE].tolist()) == sorted(plain.labels[plain.labels != IGNORE].tolist())
+    assert (b.labels[0, qpos] == IGNORE).all()
+    # cells count through the queries: every image's tokens are 0..N-1
+    cells = image_cells(b.input_ids, sp.img, b.query_cells >= 0)[b.image_mask]
+    assert cells.tolist() == list(range(N)) * 2
+
+
+def test_queries_are_hidden_from_committed_positions(model):
+    """Committed positions compute exactly what they compute without queries (so one KV cache
+    serves both), and a query sees nothing of its own group."""
+    sp = model.special
+    torch.manual_seed(1)
+    doc = [TextSegment([10, 11, 12]), ImageSegment(torch.randn(N, 192)), TextSegment([13, 14])]
+    with torch.no_grad():
+        h_plain = model.hidden_states(layout([[doc]], sp))
+        b = layout([[doc]], sp, groups=[4])
+        h = model.hidden_states(b)
+        committed = b.query_cells[0] < 0
+        torch.testing.assert_close(h[0, committed], h_plain[0], atol=1e-5, rtol=1e-5)
+        # changing a token of group 2 moves neither group 2's queries nor anything before it
+        doc2 = [TextSegment([10, 11, 12]), ImageSegment(torch.cat([doc[1].tokens[:5], torch.randn(1, 192),
+                                                                     doc[1].tokens[6:]])), TextSegment([13, 14])]
+        h2 = model.hidden_states(layout([[doc2]], sp, groups=[4]))
+    q = (b.query_cells[0] >= 0).nonzero().flatten()
+    same = q[:8]  # queries of groups 1 and 2 (cells 0..7): cell 5 is in group 2
+    torch.testing.assert_close(h2[0, same], h[0, same], atol=1e-6, rtol=1e-6)
+    assert (h2[0, q[8:]] - h[0, q[8:]]).abs().max() > 1e-4  # later groups see it
+
+
+def test_packed_rows_with_queries_mask_documents(model):
+    """Two documents packed in one row compute what each computes alone."""
+    sp = model.special
+    torch.manual_seed(2)
+    d1 = [TextSegment([10, 11]), ImageSegment(torch.randn(N, 192))]
+    d2 = [TextSegment([12]), ImageSegment(torch.randn(N, 192)), TextSegment([13])]
+    with torch.no_grad():
+        packed = layout([[d1, d2]], sp, groups=[4])
+        h = model.hidden_states(packed)
+        n1 = doc_length(d1, queries=True)
+        a1 = model.hidden_states(layout([[d1]], sp, groups=[4]))
+        a2 = model.hidden_states(layout([[d2]], sp, groups=[4]))
+    torch.testing.assert_close(h[0, :n1], a1[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h[0, n1:n1 + a2.shape[1]], a2[0], atol=1e-5, rtol=1e-5)
+
+
+# -- the sampler -------------------------------------------------------------------------------------
+def spy_head(model):
+    """Record every head.sample call's (cond, uncond, generators)."""
+    calls = []
+    original = model.head.sample
+
+    def sample(cond, uncond=None, **kw):
+        calls.append((cond.clone(), None if uncond is None else uncond.clone(), list(kw["generator"])))
+        return original(cond, uncond, **kw)
+
+    model.head.sample = sample
+    return calls
+
+
+def per_row(calls, gen, which: int) -> torch.Tensor:
+    return torch.stack([c[which][i] for c in calls for i, g in enumerate(c[2]) if g is gen])
+
+
+@pytest.mark.parametrize("groups", ["4", "1,2,4,8"])
+def test_cached_conditioning_equals_training_layout(tokenizer_dir, groups):
+    """The vectors the cached sampler hands the head, for the conditional and the unconditional
+    streams, equal what training computes over the same committed tokens (the layout's queries),
+    for rows of different lengths that start and finish images at different steps."""
+    model = make_model(tokenizer_dir, groups)
+    with torch.no_grad():  # favour <boi> so interleaved rows draw mid-answer
+        model.lm_head.weight[model.special.boi] += 0.5
+    sp = model.special
+    prompts = [["a red circle left of a blue square."], ["two"], ["draw three small green triangles please"]]
+    calls = spy_head(model)
+    sampler = Sampler(model, gcfg(mode="auto", max_new_tokens=40, temperature=1.0), seeds=[3, 4, 5])
+    rows = sampler.run(prompts)
+    del model.head.sample
+    drew = 0
+    for r, prompt in zip(rows, prompts):
+        if not r.image_tokens:
+            continue
+        drew += 1
+        # the row's document: its prompt, then what it generated (text runs and images, in order)
+        doc, text, k = [TextSegment(model.tokenizer.encode(prompt[0]))], [], 0
+        i = 0
+        while i < len(r.ids):
+            t = r.ids[i]
+            if t == sp.boi:
+                if text:
+                    doc.append(TextSegment(text))
+                    text = []
+                if k < len(r.image_tokens):
+                    doc.append(ImageSegment(r.image_tokens[k]))
+                    k += 1
+                i += 1 + N + 1
+                continue
+            text.append(t)
+            i += 1
+        b = layout([[doc]], sp, add_eos=False, groups=parse_groups(groups))
+        with torch.no_grad():
+            ref = model.hidden_states(b).flatten(0, 1)[b.image_cond_index]  # (n_images * N, D)
+        got = per_row(calls, r.gen, 0)
+        assert got.shape == ref.shape
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+        # the unconditional stream of each image: [bos] <boi> queries/tokens, nothing of the prompt
+        unc = torch.cat([model.hidden_states(u).flatten(0, 1)[u.image_cond_index] for u in
+                         [layout([[[ImageSegment(x)]]], sp, add_eos=False, groups=parse_groups(groups))
+                          for x in r.image_tokens]])
+        torch.testing.assert_close(per_row(calls, r.gen, 1), unc.detach(), atol=1e-4, rtol=1e-4)
+    assert drew >= 2
+
+
+def test_group_of_tokens_per_pass_counted(tokenizer_dir, model):
+    """16-token images: groups of 4 -> 4 backbone passes per image (after the prompt's), vs 16."""
+    with decoder_rows(model) as rows:
+        out = generate(model, [["a red circle"], ["two blue squares"]], gcfg())
+    assert rows == [2] + [4] * 4  # prefill of both rows, then 4 passes of 2 rows x (cond, uncond)
+    assert all(r.image_tokens[0].shape == (N, 192) for r in out) and all(len(r.images) == 1 for r in out)
+    with decoder_rows(model) as rows:
+        generate(model, [["a red circle"]], gcfg(parallel_image="1,2,4,8"))
+    assert len(rows) == 1 + len(group_sizes([1, 2, 4, 8], N)) == 6
+    one = make_model(tokenizer_dir, "off")
+    with decoder_rows(one) as rows:
+        generate(one, [["a red circle"]], gcfg())
+    assert len(rows) == 1 + N  # one token per pass, the baseline
+
+
+def test_cache_recompute_and_batch_agree(model):
+    prompts = [["a red circle"], ["two blue squares left of a green triangle"], ["hi"]]
+    cfg = gcfg(mode="auto", max_new_tokens=44, temperature=1.0)
+    with torch.no_grad():
+        model.lm_head.weight[model.special.boi] += 0.5
+    try:
+        cached = generate(model, prompts, cfg, seeds=[1, 2, 3])
+        recomputed = generate(model, prompts, dataclasses.replace(cfg, use_cache=False), seeds=[1, 2, 3])
+        alone = [generate(model, [p], cfg, seeds=[s])[0] for p, s in zip(prompts, [1, 2, 3])]
+    finally:
+        with torch.no_grad():
+            model.lm_head.weight[model.special.boi] -= 0.5
+    assert sum(len(r.image_tokens) for r in cached) >= 2
+    for a, b, c in zip(cached, recomputed, alone):
+        assert a.ids == b.ids == c.ids
+        for x, y, z in zip(a.image_tokens, b.image_tokens, c.image_tokens):
+            torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(x, z, atol=1e-4, rtol=1e-4)
+
+
+def test_image_guided_cfg_and_second_group_schedule(model):
+    """Edits (a third, image-only stream) and another schedule at generation time still run."""
+    from PIL import Image
+
+    pic = Image.new("RGB", (32, 32), (200, 30, 30))
+    out = generate(model, [[pic, "make it blue"]], gcfg(image_cfg_scale=1.5, parallel_image="2"))
+    assert out[0].image_tokens[0].shape == (N, 192)
+    assert out[0].settings["parallel_image"] == "2"
+
+
+def test_wrong_settings_are_refused(tokenizer_dir, model):
+    with pytest.raises(ValueError, match="static_cache"):
+        generate(model, [["x"]], gcfg(static_cache=True))
+    one = make_model(tokenizer_dir, "off")
+    with pytest.raises(ValueError, match="trained with model.parallel_image='off'"):
+        generate(one, [["x"]], gcfg(parallel_image="4"))
+    with pytest.raises(ValueError, match="flash_attention_2"):
+        make_model(tokenizer_dir, "4", "model.backbone.attn_implementation=flash_attention_2")
+
+
+def test_checkpoint_round_trip(tmp_path, model):
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = OmniModel.from_pretrained(tmp_path / "ckpt")
+    assert loaded.groups == [4]
+    torch.testing.assert_close(loaded.query_embed.weight, model.query_embed.weight)
+    a = generate(model, [["a red circle"]], gcfg())[0]
+    b = generate(loaded, [["a red circle"]], gcfg())[0]
+    torch.testing.assert_close(a.image_tokens[0], b.image_tokens[0])
+
+
+def test_training_learns_with_queries(tokenizer_dir):
+    """A few optimizer steps on a fixed batch of drawn images lower the loss of the queries' tokens."""
+    model = make_model(tokenizer_dir, "4").train()
+    sp = model.special
+    torch.manual_seed(3)
+    base = torch.randn(4, 1, 192).expand(4, N, 192) + 0.1 * torch.randn(4, N, 192)
+    docs = [[[TextSegment([10 + i]), ImageSegment(base[i].clone())]] for i in range(4)]
+    batch = layout(docs, sp, groups=[4])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(40):
+        torch.manual_seed(step)
+        out = model(batch)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(float(out["loss_image"]))
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+    assert model.query_embed.weight.grad is not None and model.query_embed.weight.grad.abs().sum() > 0
+
+
+def test_doc_length_matches_layout():
+    sp_doc = [TextSegment([5, 6]), ImageSegment(torch.zeros(N, 3)), ImageSegment(torch.zeros(N, 3), loss=False)]
+    tok, pred, img, _ = doc_positions(sp_doc, _ids())
+    assert doc_length(sp_doc, queries=True) == len(with_queries(tok, pred, img, [4], 0)[0]) == len(tok) + N
+
+
+def _ids():
+    from omni.layout import SpecialIds
+
+    return SpecialIds(bos=1, eos=2, pad=0, boi=3, eoi=4, img=5)
