@@ -161,3 +161,17 @@ def test_gpu_matrix_code_path_runs_on_cpu(capsys):
     assert positive(one["step_graph_speedup"]) and positive(four["step_graph_schedule_speedup"])
     lines = [x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("batch")]
     assert len(lines) == 10 + 7 and all("ms/token step" in x and "x floor" in x for x in lines)
+
+
+def test_bench_parallel_counts_passes_and_reports_ratios():
+    """bench_parallel in quick mode: one token per pass takes N passes per image, groups of k take
+    N / k (and one head call per pass), and every row carries the ratio it promises."""
+    from benchmarks import bench_parallel
+
+    r = bench_parallel.run("tiny", "cpu", groups=("4",), batches=(1,), quick=True)
+    n = r["image_tokens"]
+    assert r["counts_off"] == {"passes_per_image": n, "head_calls_per_image": n}
+    assert r["counts_4"] == {"passes_per_image": n // 4, "head_calls_per_image": n // 4}
+    (row,) = r["rows"]
+    assert row["batch"] == 1 and positive(row["s_per_image_off"]) and positive(row["s_per_image_4"])
+    assert row["speedup_4"] == pytest.approx(row["s_per_image_off"] / row["s_per_image_4"], rel=0.02)

@@ -47,13 +47,17 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=int, dest="image_steps", help="denoising steps per image token")
     g.add_argument("--image-temperature", type=float, dest="image_temperature", help="image noise scale")
     g.add_argument("--sampler", choices=SAMPLERS, help="image token sampler")
+    g.add_argument("--parallel-image", dest="parallel_image", metavar="GROUPS",
+                   help="a model trained with model.parallel_image: image tokens per backbone pass, one size "
+                        "(4) or a schedule (1,2,4,8); default the trained one (docs/parallel.md)")
     g.add_argument("--no-cache", action="store_false", dest="use_cache", default=None,
                    help="recompute the whole prefix every step (slow; for checking)")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
 
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "max_new_tokens", "max_images", "repetition_stop",
-                 "cfg_scale", "image_cfg_scale", "image_steps", "image_temperature", "sampler", "use_cache")
+                 "cfg_scale", "image_cfg_scale", "image_steps", "image_temperature", "sampler", "use_cache",
+                 "parallel_image")
 
 
 def sampling_overrides(args: argparse.Namespace) -> dict:
