@@ -9,6 +9,7 @@ import dataclasses
 import pytest
 import torch
 from conftest import TINY, decoder_rows
+from test_generation import wake_head
 
 from omni.config import ConfigError, GenerationConfig, group_sizes, load_config, parse_groups
 from omni.inference.generate import generate
@@ -23,12 +24,7 @@ def make_model(tokenizer_dir, groups: str = "4", *extra: str) -> OmniModel:
     cfg = load_config("tiny", [f"model.tokenizer={tokenizer_dir}", *TINY, "model.image_pos_embed=true",
                                f"model.parallel_image={groups}", *extra])
     torch.manual_seed(0)
-    model = OmniModel.from_config(cfg.model).eval()
-    with torch.no_grad():  # the zero-initialised head ignores its condition; wake it up
-        for p in model.head.parameters():
-            if not p.any():
-                p.normal_(0.0, 0.05)
-    return model
+    return wake_head(OmniModel.from_config(cfg.model).eval())
 
 
 @pytest.fixture(scope="module")
