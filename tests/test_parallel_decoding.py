@@ -294,3 +294,20 @@ def _ids():
     from omni.layout import SpecialIds
 
     return SpecialIds(bos=1, eos=2, pad=0, boi=3, eoi=4, img=5)
+
+
+def test_rows_joining_a_running_batch_equal_each_alone(tokenizer_dir):
+    """Continuous batching (omni serve) with a parallel model: rows with different modes, settings
+    and schedules join between steps, so streams feed different numbers of positions in one step
+    (hidden padding) and joiners get left padding; each row's answer equals the row alone."""
+    from test_continuous_batching import REQUESTS, alone, drive
+    from test_generation import assert_same, with_bias
+    from test_generation import gcfg as base_cfg
+
+    model = with_bias(make_model(tokenizer_dir, "4"))
+    requests = [*REQUESTS, (["two blue squares"], base_cfg(parallel_image="1,2,4"), "image", 10)]
+    schedule = {0: [0, 1], 2: [2], 3: [3, 4], 9: [5, 9], 15: [6, 7], 30: [8]}
+    got = drive(Sampler(model, base_cfg()), schedule, requests)
+    for i, request in enumerate(requests):
+        assert_same([got[i]], [alone(model, request)])
+    assert sum(len(r.image_tokens) for r in got.values()) >= 4
