@@ -13,6 +13,7 @@ import importlib.resources
 import types
 import typing
 from dataclasses import dataclass, field
+from math import isqrt
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -112,9 +113,18 @@ class ModelConfig:
     # draw each group of tokens in one pass, every token from its own position query (a learned
     # per-cell input that sees the committed tokens before its group and is seen by nothing).
     parallel_image: str = "off"
+    # The order the groups take the cells in: "raster" (groups are runs of a row) or "strided"
+    # (each group a lattice of cells sqrt(k) apart in both directions, as PAR draws distant tokens
+    # together, so no two tokens of a group touch; needs one group size k, a square whose root
+    # divides the grid side). Committed tokens then sit in the sequence in drawing order, each with
+    # its raster position id.
+    parallel_order: Literal["raster", "strided"] = "raster"
 
     def __post_init__(self) -> None:
-        parse_groups(self.parallel_image, "model.parallel_image")
+        groups = parse_groups(self.parallel_image, "model.parallel_image")
+        if self.parallel_order == "strided" and (groups is None or len(groups) != 1 or isqrt(groups[0]) ** 2 != groups[0]):
+            raise ConfigError(f"model.parallel_order=strided needs model.parallel_image to be one square group size "
+                              f"(4, 9, 16, ...), got {self.parallel_image!r}")
 
 
 @dataclass
@@ -222,6 +232,20 @@ def parse_groups(spec: str, name: str = "model.parallel_image") -> list[int] | N
         f"{name}={spec!r}: use \"off\" or image tokens per backbone pass, one size (\"4\") or a "
         "schedule whose last size repeats (\"1,2,4,8\"), each >= 1"
     )
+
+
+def draw_order(total: int, spec: list[int], order: str = "raster") -> list[int]:
+    """The cells of a `total`-token image in the order parallel decoding draws them (groups are
+    consecutive runs of it, `group_sizes`): raster, or strided (one group size k = r * r: the
+    cells (i + s a, j + s b), a, b < r, with s = side / r, one offset (i, j) per group)."""
+    if order == "raster":
+        return list(range(total))
+    side, r = isqrt(total), isqrt(spec[0])
+    if side * side != total or r * r != spec[0] or side % r:
+        raise ValueError(f"a strided drawing order needs a square grid whose side is divisible by sqrt(k): "
+                         f"{total} tokens with groups of {spec[0]}; use model.parallel_order=raster")
+    s = side // r
+    return sorted(range(total), key=lambda c: ((c // side) % s, (c % side) % s, c // side, c % side))
 
 
 def group_sizes(spec: list[int], total: int) -> list[int]:

@@ -108,16 +108,20 @@ def doc_length(doc: TokenizedDoc, add_bos: bool = True, add_eos: bool = True, qu
     return n
 
 
-def with_queries(tok: list[int], pred: list[bool], img: list[int], groups: list[int], pad: int):
+def with_queries(tok: list[int], pred: list[bool], img: list[int], groups: list[int], pad: int,
+                 order: str = "raster"):
     """Insert position queries before each group of every drawn image of one flattened document.
 
-    -> (tok, pred, img, pos, query_cell): query positions hold `pad` (their input is the query
-    embedding), are never predicted, carry their target's position id and cell; committed
-    positions keep the position ids they have without queries.
+    -> (tok, pred, img, pos, query_cell, orders): query positions hold `pad` (their input is the
+    query embedding), are never predicted, carry their target's position id and cell; committed
+    positions keep their raster position ids. `order` "strided" (`config.draw_order`) commits an
+    image's tokens in drawing order: its j-th committed token is image token img[start] + j, and
+    orders[img[start]] = the cells in that order (`layout` permutes the image's tokens to match).
     """
-    from omni.config import group_sizes
+    from omni.config import draw_order, group_sizes
 
     out = ([], [], [], [], [])
+    orders: dict[int, list[int]] = {}
     p, n = 0, len(tok)
     while p < n:
         if img[p] < 0 or not pred[p]:  # text, or a prompt image's token (read, not drawn)
@@ -128,17 +132,21 @@ def with_queries(tok: list[int], pred: list[bool], img: list[int], groups: list[
         end = p
         while end < n and img[end] >= 0 and pred[end]:
             end += 1
-        cell = 0
+        cells = draw_order(end - p, groups, order)
+        if order != "raster":
+            orders[img[p]] = cells
+        j = 0
         for k in group_sizes(groups, end - p):
-            for c in range(cell, cell + k):  # the queries of this group, then its tokens
+            group = cells[j:j + k]
+            for c in group:  # the queries of this group, then its tokens
                 for lst, v in zip(out, (pad, False, -1, p + c, c)):
                     lst.append(v)
-            for c in range(cell, cell + k):
-                for lst, v in zip(out, (tok[p + c], pred[p + c], img[p + c], p + c, -1)):
+            for i, c in enumerate(group):
+                for lst, v in zip(out, (tok[p + c], pred[p + c], img[p] + j + i, p + c, -1)):
                     lst.append(v)
-            cell += k
+            j += k
         p = end
-    return out
+    return (*out, orders)
 
 
 def doc_positions(doc: TokenizedDoc, ids: SpecialIds, add_bos: bool = True, add_eos: bool = True):
@@ -177,12 +185,14 @@ def layout(
     add_eos: bool = True,
     token_dim: int | None = None,
     groups: list[int] | None = None,
+    order: str = "raster",
 ) -> Batch:
     """Lay out `rows` (each a list of documents packed together) into a padded Batch.
 
     seq_len pads every row to that length (an over-long row is an error: pack or cut first);
     None pads to the longest row. `groups` (parallel image decoding, `config.parse_groups`): put
-    position queries before each group of every drawn image (`with_queries`).
+    position queries before each group of every drawn image, its cells taken in `order`
+    (`with_queries`).
     """
     flat = []
     for row in rows:
@@ -192,7 +202,10 @@ def layout(
             if groups is None:
                 pos, qcell = list(range(len(tok))), [-1] * len(tok)
             else:
-                tok, pred, img, pos, qcell = with_queries(tok, pred, img, groups, ids.pad)
+                tok, pred, img, pos, qcell, orders = with_queries(tok, pred, img, groups, ids.pad, order)
+                if orders:  # strided: an image's tokens stored in the order they are committed
+                    starts = [sum(t.shape[0] for t in images[:i]) for i in range(len(images))]
+                    images = [t[orders[b]] if b in orders else t for b, t in zip(starts, images)]
             docs.append((tok, pred, img, images, pos, qcell))
         flat.append(docs)
     lengths = [sum(len(t) for t, *_ in row) for row in flat]

@@ -11,16 +11,18 @@ import torch
 from conftest import TINY, decoder_rows
 from test_generation import wake_head
 
-from omni.config import ConfigError, GenerationConfig, group_sizes, load_config, parse_groups
+from omni.config import ConfigError, GenerationConfig, draw_order, group_sizes, load_config, parse_groups
 from omni.inference.generate import generate
 from omni.inference.sampler import Sampler
 from omni.layout import IGNORE, ImageSegment, TextSegment, doc_length, doc_positions, layout, with_queries
-from omni.models.model import OmniModel, image_cells
+from omni.models.model import OmniModel, image_cells, image_cells_from_positions
 
 N = 16  # image tokens of the tiny preset (32 x 32 pixels, patches of 8)
 
 
 def make_model(tokenizer_dir, groups: str = "4", *extra: str) -> OmniModel:
+    if groups == "strided":
+        groups, extra = "4", ("model.parallel_order=strided", *extra)
     cfg = load_config("tiny", [f"model.tokenizer={tokenizer_dir}", *TINY, "model.image_pos_embed=true",
                                f"model.parallel_image={groups}", *extra])
     torch.manual_seed(0)
@@ -63,7 +65,8 @@ def test_with_queries_places_a_query_per_token_before_its_group():
     tok = [1, 7, 8, 3] + [5] * 5 + [4, 2]
     pred = [False, True, True, True] + [True] * 5 + [False, True]
     img = [-1, -1, -1, -1, 0, 1, 2, 3, 4, -1, -1]
-    t, p, i, pos, q = with_queries(tok, pred, img, [2], pad=0)
+    t, p, i, pos, q, orders = with_queries(tok, pred, img, [2], pad=0)
+    assert orders == {}  # raster: images stay in raster order
     assert q == [-1, -1, -1, -1, 0, 1, -1, -1, 2, 3, -1, -1, 4, -1, -1, -1]
     assert i == [-1, -1, -1, -1, -1, -1, 0, 1, -1, -1, 2, 3, -1, 4, -1, -1]
     # a query has its target's position id; committed positions keep theirs
@@ -149,7 +152,7 @@ def per_row(calls, gen, which: int) -> torch.Tensor:
     return torch.stack([c[which][i] for c in calls for i, g in enumerate(c[2]) if g is gen])
 
 
-@pytest.mark.parametrize("groups", ["4", "1,2,4,8"])
+@pytest.mark.parametrize("groups", ["4", "1,2,4,8", "strided"])
 def test_cached_conditioning_equals_training_layout(tokenizer_dir, groups):
     """The vectors the cached sampler hands the head, for the conditional and the unconditional
     streams, equal what training computes over the same committed tokens (the layout's queries),
@@ -184,7 +187,7 @@ def test_cached_conditioning_equals_training_layout(tokenizer_dir, groups):
                 continue
             text.append(t)
             i += 1
-        b = layout([[doc]], sp, add_eos=False, groups=parse_groups(groups))
+        b = layout([[doc]], sp, add_eos=False, groups=model.groups, order=model.order)
         with torch.no_grad():
             ref = model.hidden_states(b).flatten(0, 1)[b.image_cond_index]  # (n_images * N, D)
         got = per_row(calls, r.gen, 0)
@@ -192,7 +195,7 @@ def test_cached_conditioning_equals_training_layout(tokenizer_dir, groups):
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
         # the unconditional stream of each image: [bos] <boi> queries/tokens, nothing of the prompt
         unc = torch.cat([model.hidden_states(u).flatten(0, 1)[u.image_cond_index] for u in
-                         [layout([[[ImageSegment(x)]]], sp, add_eos=False, groups=parse_groups(groups))
+                         [layout([[[ImageSegment(x)]]], sp, add_eos=False, groups=model.groups, order=model.order)
                           for x in r.image_tokens]])
         torch.testing.assert_close(per_row(calls, r.gen, 1), unc.detach(), atol=1e-4, rtol=1e-4)
     assert drew >= 2
@@ -311,3 +314,59 @@ def test_rows_joining_a_running_batch_equal_each_alone(tokenizer_dir):
     for i, request in enumerate(requests):
         assert_same([got[i]], [alone(model, request)])
     assert sum(len(r.image_tokens) for r in got.values()) >= 4
+
+
+# -- the strided order -------------------------------------------------------------------------------
+def test_strided_order_groups_cells_that_do_not_touch():
+    order = draw_order(16, [4], "strided")
+    assert order == [0, 2, 8, 10, 1, 3, 9, 11, 4, 6, 12, 14, 5, 7, 13, 15]
+    for g in range(4):  # no two cells of a group are neighbours (rows and columns 2 apart)
+        cells = order[4 * g:4 * g + 4]
+        assert all(abs(a // 4 - b // 4) + abs(a % 4 - b % 4) >= 2 for a in cells for b in cells if a != b)
+    assert sorted(draw_order(256, [16], "strided")) == list(range(256))
+    with pytest.raises(ValueError, match="strided"):
+        draw_order(16, [2], "strided")
+    with pytest.raises(ConfigError, match="parallel_order=strided"):
+        load_config("tiny", ["model.parallel_image=1,2,4", "model.parallel_order=strided"])
+
+
+def test_strided_layout_commits_in_drawing_order_at_raster_positions(tokenizer_dir):
+    model = make_model(tokenizer_dir, "strided")
+    sp = model.special
+    x = torch.randn(N, 192)
+    b = layout([[[TextSegment([10]), ImageSegment(x)]]], sp, groups=model.groups, order=model.order)
+    order = draw_order(N, [4], "strided")
+    committed = b.image_mask[0].nonzero().flatten()
+    start = int(b.position_ids[0, committed].min())
+    assert (b.position_ids[0, committed] - start).tolist() == order  # raster position ids, drawing order
+    torch.testing.assert_close(b.image_tokens, x[order])  # each position carries its own cell's token
+    assert b.query_cells[0][b.query_cells[0] >= 0].tolist() == order
+    torch.testing.assert_close(b.image_tokens[b.image_target_index], x[order])
+    cells = image_cells_from_positions(b.input_ids, b.position_ids, sp.boi, sp.img)[b.image_mask]
+    assert cells.tolist() == order
+    # the raster layout counts cells the same way by position as by runs
+    r = layout([[[TextSegment([10]), ImageSegment(x)]]], sp, groups=[4])
+    assert (image_cells_from_positions(r.input_ids, r.position_ids, sp.boi, sp.img)
+            == image_cells(r.input_ids, sp.img, r.query_cells >= 0)).all()
+
+
+def test_strided_sampling_counts_passes_and_returns_raster_images(tokenizer_dir):
+    model = make_model(tokenizer_dir, "strided")
+    with decoder_rows(model) as rows:
+        out = generate(model, [["a red circle"], ["two blue squares"]], gcfg())
+    assert rows == [2] + [4] * 4
+    # the picture holds the drawn tokens back in raster order: token j of the head's draws is cell order[j]
+    draws, original = [], model.head.sample
+
+    def sample(*a, **k):
+        draws.append(original(*a, **k))
+        return draws[-1]
+
+    model.head.sample = sample
+    try:
+        (row,) = generate(model, [["a red circle"]], gcfg(cfg_scale=1.0))
+    finally:
+        del model.head.sample
+    order = draw_order(N, [4], "strided")
+    torch.testing.assert_close(row.image_tokens[0][order], torch.cat(draws))
+    assert len(out[0].images) == 1 and out[0].image_tokens[0].shape == (N, 192)

@@ -82,6 +82,7 @@ class _Stream:
     hide: list[bool] | None = None
     qcell: list[int] | None = None
     n_queries: int = 0  # queries at the end of the positions fed last
+    image_base: int = 0  # position id of cell 0 of the image being drawn (the one after its <boi>)
 
     def __post_init__(self) -> None:
         if self.hide is None:
@@ -93,9 +94,14 @@ class _Stream:
         self._put(tok, image, self.next_pos, self.start, False, -1)
         self.next_pos += 1
 
-    def append_query(self, cell: int, offset: int, pad_id: int) -> None:
-        """A position query for the image token `offset` positions ahead (its target's position id)."""
-        self._put(pad_id, None, self.next_pos + offset, self.start, True, cell)
+    def append_at(self, tok: int, image, pos: int) -> None:
+        """A position with an explicit position id (an image token committed out of raster order)."""
+        self._put(tok, image, pos, self.start, False, -1)
+        self.next_pos = max(self.next_pos, pos + 1)
+
+    def append_query(self, cell: int, pos: int, pad_id: int) -> None:
+        """A position query for image cell `cell`, at its target's position id `pos`."""
+        self._put(pad_id, None, pos, self.start, True, cell)
 
     def append_pad(self, pad_id: int) -> None:
         """Padding inside the sequence (a stream feeding fewer positions than others): sees only itself."""
@@ -114,7 +120,7 @@ class _Stream:
         """A copy that, from the next position on, sees only [bos] and what follows: the CFG branch."""
         return _Stream(list(self.ids), list(self.images), list(self.pos), list(self.lo), self.bos,
                        start=len(self.ids), next_pos=1, blocks=list(self.blocks), src=self,
-                       hide=list(self.hide), qcell=list(self.qcell))
+                       hide=list(self.hide), qcell=list(self.qcell), image_base=self.image_base)
 
     def shift(self, n: int, pad_id: int) -> None:
         """n > 0: put n padding positions in front (each sees only itself); n < 0: drop -n of them."""
@@ -164,6 +170,8 @@ class _Row:
     finish: str | None = None
     spec: list[int] | None = None  # parallel image decoding: the group schedule (None: one token a pass)
     plan: list[int] = field(default_factory=list)  # group sizes of the image being drawn, still to come
+    order: list[int] = field(default_factory=list)  # its cells in drawing order (config.draw_order)
+    committed: int = 0  # its tokens fed back so far
 
     @property
     def use_cfg(self) -> bool:

@@ -77,13 +77,13 @@ from collections.abc import Sequence
 
 import torch
 
-from omni.config import GenerationConfig, group_sizes, parse_groups, steps_for_token
+from omni.config import GenerationConfig, draw_order, group_sizes, parse_groups, steps_for_token
 from omni.inference.image_step import ImageStep
 from omni.inference.prompts import Item, Prompt, context_length, encode_prompts
 from omni.inference.rows import GenerationEvents, _Group, _Row, _StepState, _Stream
 from omni.models.attention import additive_mask, see_own_block
 from omni.models.kv_cache import KVOps, StaticKV, round_capacity
-from omni.models.model import image_cells
+from omni.models.model import image_cells, image_cells_from_positions
 from omni.tokenizers.base import to_pil
 
 
@@ -193,7 +193,8 @@ class Sampler:
         if not ends:
             return None
         start = max(j for j in range(cond.bos + 1, ends[-1]) if ids[j] == self.sp.boi)
-        picture = [(ids[j], cond.images[j]) for j in range(start, ends[-1] + 1) if not cond.hide[j]]
+        tokens = sorted((cond.pos[j], j) for j in range(start + 1, ends[-1]) if not cond.hide[j])  # raster order
+        picture = [(ids[start], None), *[(ids[j], cond.images[j]) for _, j in tokens], (self.sp.eoi, None)]
         return self._stream([(self.sp.bos, None), *picture])
 
     def _prefill_image_only(self, rows: list[_Row]) -> None:
@@ -296,7 +297,12 @@ class Sampler:
         hide = torch.tensor([s.hide for s in streams], device=dev) if self.parallel else None  # (S, T)
         cells = None
         if self.model.image_pos is not None:  # a cell counts from its image's start, maybe in the cache
-            cells = image_cells(torch.tensor([s.ids for s in streams], device=dev), self.sp.img, hide)[:, start:]
+            every = torch.tensor([s.ids for s in streams], device=dev)  # (S, T)
+            if self.parallel:  # committed in drawing order: the cell from the position id (as in training)
+                cells = image_cells_from_positions(every, torch.tensor([s.pos for s in streams], device=dev),
+                                                   self.sp.boi, self.sp.img)[:, start:]
+            else:
+                cells = image_cells(every, self.sp.img)[:, start:]
         embeds = self.model.embed(ids, image_tokens, image_mask, cells)  # (S, Q, D)
         if self.parallel:
             embeds = self.model.embed_queries(embeds, torch.tensor([s.qcell[start:] for s in streams], device=dev))
@@ -517,8 +523,10 @@ class Sampler:
 
     def _start_image(self, row: _Row) -> None:
         self._flush_text(row)
-        row.drawing, row.current = True, []
-        row.plan = group_sizes(row.spec, self.n_tokens) if row.spec is not None else []
+        row.drawing, row.current, row.committed = True, [], 0
+        if row.spec is not None:  # parallel: group sizes, and the cells in drawing order
+            row.plan = group_sizes(row.spec, self.n_tokens)
+            row.order = draw_order(self.n_tokens, row.spec, self.model.order)
         row.n_new += 1
         row.ids.append(self.sp.boi)
         row.feed.append((self.sp.boi, None))
@@ -565,7 +573,10 @@ class Sampler:
         if len(row.current) < self.n_tokens:
             row.feed.append((self.sp.img, x))
             return False
-        row.image_tokens.append(torch.stack(row.current))  # (N, d)
+        drawn = torch.stack(row.current)  # (N, d) in drawing order
+        if row.order and row.order != list(range(self.n_tokens)):  # back to raster order for the picture
+            drawn = drawn[torch.tensor(row.order).argsort().to(drawn.device)]
+        row.image_tokens.append(drawn)  # (N, d)
         row.n_images += 1
         row.drawing, row.current, row.uncond, row.image_only = False, [], None, None
         if row.mode != "image":
@@ -695,21 +706,33 @@ class Sampler:
         plans = []
         for r in self.live:
             items, r.feed = r.feed, []
+            cells = []  # each committed image token's cell, in the order the row drew them
+            for tok, _ in items:
+                if tok == self.sp.img:
+                    cells.append(r.order[r.committed])
+                    r.committed += 1
+                else:
+                    cells.append(None)
             k = r.plan.pop(0) if r.drawing and r.plan else 0
-            plans.append((r, items, k))
-        width = max(len(items) + k for _, items, k in plans)
-        for r, items, k in plans:
+            queries = r.order[len(r.current):len(r.current) + k]
+            plans.append((r, items, cells, queries))
+        width = max(len(items) + len(queries) for _, items, _, queries in plans)
+        for r, items, cells, queries in plans:
             for s in (r.cond, r.uncond, r.image_only):
                 if s is None:
                     continue
-                for _ in range(width - len(items) - k):
+                for _ in range(width - len(items) - len(queries)):
                     s.append_pad(self.sp.pad)
-                for tok, x in items:
-                    s.append(tok, x)
-                first = len(r.current)
-                for j in range(k):
-                    s.append_query(first + j, j, self.sp.pad)
-                s.n_queries = k
+                for (tok, x), cell in zip(items, cells):
+                    if cell is None:
+                        s.append(tok, x)
+                        if tok == self.sp.boi:
+                            s.image_base = s.next_pos  # the position id of the image's cell 0
+                    else:  # a committed image token at its raster position (drawing order may differ)
+                        s.append_at(tok, x, s.image_base + cell)
+                for cell in queries:
+                    s.append_query(cell, s.image_base + cell, self.sp.pad)
+                s.n_queries = len(queries)
 
     @torch.no_grad()
     def run(self, prompts: Sequence[Prompt], progress: bool = False) -> list[_Row]:

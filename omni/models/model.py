@@ -99,6 +99,18 @@ def image_cells(input_ids: torch.Tensor, img_id: int, skip: torch.Tensor | None 
     return torch.where(is_img, count - before - 1, 0)
 
 
+def image_cells_from_positions(input_ids: torch.Tensor, position_ids: torch.Tensor, boi_id: int,
+                               img_id: int) -> torch.Tensor:
+    """(B, L) -> (B, L): each image position's cell as its position id minus that of its image's
+    <boi>, minus one; 0 elsewhere. Holds whatever the sequence order of an image's tokens (a
+    strided parallel order commits them out of raster order, each with its raster position id)."""
+    L = input_ids.shape[-1]
+    where = torch.arange(L, device=input_ids.device).expand_as(input_ids)
+    last_boi = torch.where(input_ids == boi_id, where, 0).cummax(dim=-1).values  # (B, L) index of the last <boi>
+    cells = position_ids - position_ids.gather(-1, last_boi) - 1
+    return torch.where(input_ids == img_id, cells, 0)
+
+
 class OmniModel(nn.Module):
     def __init__(
         self,
@@ -128,6 +140,7 @@ class OmniModel(nn.Module):
             self.image_pos = nn.Embedding(image_tokenizer.num_tokens, hidden)  # (N, D), cell -> vector
         self.head = DiffusionHead(cfg.head, token_dim=token_dim, cond_dim=hidden)
         self.groups = parse_groups(cfg.parallel_image)  # None: one image token per pass
+        self.order = cfg.parallel_order  # the cells' order under parallel decoding (config.draw_order)
         self.query_embed = None
         if self.groups is not None:
             if cfg.backbone.attn_implementation in VARLEN:
@@ -247,7 +260,10 @@ class OmniModel(nn.Module):
         if self.query_embed is not None:
             queries = batch.query_cells >= 0  # (B, L)
         # A training batch holds whole sequences, so the cells count from each row's start.
-        cells = image_cells(batch.input_ids, self.special.img, queries) if self.image_pos is not None else None
+        cells = None
+        if self.image_pos is not None:
+            cells = (image_cells(batch.input_ids, self.special.img) if queries is None else
+                     image_cells_from_positions(batch.input_ids, batch.position_ids, self.special.boi, self.special.img))
         embeds = self.embed(batch.input_ids, tokens, batch.image_mask, cells=cells)
         if queries is not None:
             embeds = self.embed_queries(embeds, batch.query_cells)

@@ -372,7 +372,8 @@ def _source(spec: BatchSource | None, cfg: Config, model, d: Dist, split: str):
     from omni.data.loader import BatchStream
 
     return BatchStream(cfg.data, model.tokenizer, model.image_tokenizer, split=split, rank=d.rank,
-                       world_size=d.world_size, seed=cfg.train.seed, groups=model.groups)
+                       world_size=d.world_size, seed=cfg.train.seed, groups=model.groups,
+                       order=model.order)
 
 
 def write_run_files(cfg: Config, run_dir: Path, model, ds_config: dict, precision: str, d: Dist) -> None:
