@@ -92,7 +92,7 @@ def test_layout_conditions_each_drawn_token_on_its_query(model):
     assert sorted(b.labels[b.labels != IGNORE].tolist()) == sorted(plain.labels[plain.labels != IGNORE].tolist())
     assert (b.labels[0, qpos] == IGNORE).all()
     # cells count through the queries: every image's tokens are 0..N-1
-    cells = image_cells(b.input_ids, sp.img, b.query_cells >= 0)[b.image_mask]
+    cells = image_cells_from_positions(b.input_ids, b.position_ids, sp.boi, sp.img)[b.image_mask]
     assert cells.tolist() == list(range(N)) * 2
 
 
@@ -344,10 +344,11 @@ def test_strided_layout_commits_in_drawing_order_at_raster_positions(tokenizer_d
     torch.testing.assert_close(b.image_tokens[b.image_target_index], x[order])
     cells = image_cells_from_positions(b.input_ids, b.position_ids, sp.boi, sp.img)[b.image_mask]
     assert cells.tolist() == order
-    # the raster layout counts cells the same way by position as by runs
-    r = layout([[[TextSegment([10]), ImageSegment(x)]]], sp, groups=[4])
-    assert (image_cells_from_positions(r.input_ids, r.position_ids, sp.boi, sp.img)
-            == image_cells(r.input_ids, sp.img, r.query_cells >= 0)).all()
+    # with raster queries, cells by position equal the run-counted cells of the layout without queries
+    doc = [[[TextSegment([10]), ImageSegment(x), TextSegment([11]), ImageSegment(x, loss=False)]]]
+    r, plain = layout(doc, sp, groups=[4]), layout(doc, sp)
+    assert (image_cells_from_positions(r.input_ids, r.position_ids, sp.boi, sp.img)[r.image_mask]
+            == image_cells(plain.input_ids, sp.img)[plain.image_mask]).all()
 
 
 def test_strided_sampling_counts_passes_and_returns_raster_images(tokenizer_dir):

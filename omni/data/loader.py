@@ -245,7 +245,6 @@ class _Settings:
     order: str = "raster"  # ... and the order the groups take the cells in
 
 
-
 @dataclass
 class _Item:
     worker: int

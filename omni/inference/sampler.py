@@ -574,7 +574,7 @@ class Sampler:
             row.feed.append((self.sp.img, x))
             return False
         drawn = torch.stack(row.current)  # (N, d) in drawing order
-        if row.order and row.order != list(range(self.n_tokens)):  # back to raster order for the picture
+        if row.order:  # parallel: back to raster order for the picture (identity for the raster order)
             drawn = drawn[torch.tensor(row.order).argsort().to(drawn.device)]
         row.image_tokens.append(drawn)  # (N, d)
         row.n_images += 1
@@ -611,21 +611,22 @@ class Sampler:
             key = (c.cfg_scale if r.use_cfg else 1.0, image_scale, steps, c.image_temperature, c.sampler,
                    c.cuda_graphs, c.head_dtype)
             by_setting.setdefault(key, []).append(r)
+        def tokens_of(stream) -> torch.Tensor:
+            """A stream's conditioning vectors (n, D): its last position's (n = 1) or, drawing in
+            parallel, its queries' (n = k); one generator entry per token drawn, in order."""
+            h = hidden[id(stream)]
+            return h if h.dim() == 2 else h[None]
+
         done = []
         for (scale, image_scale, steps, temperature, sampler, graphs, dtype), rows in by_setting.items():
             if drawn is not None:
                 done += [r for r in rows if self._image_token(r, drawn[id(r)])]
                 continue
-            # A row draws one token from its last position, or (parallel) a group from its queries:
-            # hidden[id(stream)] is (D,) or (k, D); one generator entry per token drawn, in order.
-            def cat(streams):
-                return torch.cat([hidden[id(s)].reshape(-1, hidden[id(s)].shape[-1]) for s in streams])  # (n, D)
-
-            counts = [hidden[id(r.cond)].reshape(-1, hidden[id(r.cond)].shape[-1]).shape[0] for r in rows]
-            cond = cat([r.cond for r in rows])  # (n, D)
+            cond = torch.cat([tokens_of(r.cond) for r in rows])  # (n, D)
+            counts = [tokens_of(r.cond).shape[0] for r in rows]
             guided = scale != 1.0 or image_scale is not None
-            uncond = cat([r.uncond for r in rows]) if guided else None
-            image = cat([r.image_only for r in rows]) if image_scale is not None else None
+            uncond = torch.cat([tokens_of(r.uncond) for r in rows]) if guided else None
+            image = torch.cat([tokens_of(r.image_only) for r in rows]) if image_scale is not None else None
             gens = [r.gen for r, n in zip(rows, counts) for _ in range(n)]
             x = model.head.sample(cond, uncond, cfg_scale=scale, steps=steps, temperature=temperature,
                                   sampler=sampler, generator=gens, cuda_graph=graphs,

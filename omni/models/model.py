@@ -83,20 +83,18 @@ def prompt_image_blocks(image_mask: torch.Tensor, image_target_index: torch.Tens
     return torch.where(prompt, run, 0)
 
 
-def image_cells(input_ids: torch.Tensor, img_id: int, skip: torch.Tensor | None = None) -> torch.Tensor:
+def image_cells(input_ids: torch.Tensor, img_id: int) -> torch.Tensor:
     """(B, L) -> (B, L): each image position's index in its image (0 right after <boi>); 0 elsewhere.
 
-    An image is one run of `img_id` placeholders in raster order, so the cell counts the
-    placeholders since the last position that is not one. `skip` (B, L) bool: positions that
-    neither count nor end a run (the position queries of parallel decoding, between two groups).
+    An image is one run of `img_id` placeholders in raster order, so the cell is the distance to
+    the last position that is not a placeholder, minus one. (Parallel decoding puts queries inside
+    an image's run and may commit out of raster order: it uses `image_cells_from_positions`.)
     """
+    L = input_ids.shape[-1]
     is_img = input_ids == img_id
-    other = ~is_img
-    if skip is not None:
-        is_img, other = is_img & ~skip, other & ~skip
-    count = is_img.long().cumsum(-1)  # (B, L) placeholders up to here
-    before = torch.where(other, count, 0).cummax(dim=-1).values  # the count at the last run end
-    return torch.where(is_img, count - before - 1, 0)
+    where = torch.arange(L, device=input_ids.device).expand_as(input_ids)
+    last_other = torch.where(is_img, -1, where).cummax(dim=-1).values  # (B, L)
+    return torch.where(is_img, where - last_other - 1, 0)
 
 
 def image_cells_from_positions(input_ids: torch.Tensor, position_ids: torch.Tensor, boi_id: int,
