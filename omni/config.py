@@ -112,6 +112,9 @@ class ModelConfig:
     # the position before it; group sizes ("4", or a schedule "1,2,4,8" whose last size repeats)
     # draw each group of tokens in one pass, every token from its own position query (a learned
     # per-cell input that sees the committed tokens before its group and is seen by nothing).
+    # Alternatives joined by "|" ("4|1|2|8") train one model for all of them: each drawn image of
+    # training takes one, picked by its content (`layout`); the model draws with the first unless
+    # generation.parallel_image names another, so one run gives the curve over k.
     parallel_image: str = "off"
     # The order the groups take the cells in: "raster" (groups are runs of a row) or "strided"
     # (each group a lattice of cells sqrt(k) apart in both directions, as PAR draws distant tokens
@@ -121,8 +124,9 @@ class ModelConfig:
     parallel_order: Literal["raster", "strided"] = "raster"
 
     def __post_init__(self) -> None:
-        groups = parse_groups(self.parallel_image, "model.parallel_image")
-        if self.parallel_order == "strided" and (groups is None or len(groups) != 1 or isqrt(groups[0]) ** 2 != groups[0]):
+        choices = parse_group_choices(self.parallel_image, "model.parallel_image")
+        if self.parallel_order == "strided" and (choices is None or len(choices) != 1 or len(choices[0]) != 1
+                                                 or isqrt(choices[0][0]) ** 2 != choices[0][0]):
             raise ConfigError(f"model.parallel_order=strided needs model.parallel_image to be one square group size "
                               f"(4, 9, 16, ...), got {self.parallel_image!r}")
 
@@ -231,7 +235,19 @@ def parse_groups(spec: str, name: str = "model.parallel_image") -> list[int] | N
     raise ConfigError(
         f"{name}={spec!r}: use \"off\" or image tokens per backbone pass, one size (\"4\") or a "
         "schedule whose last size repeats (\"1,2,4,8\"), each >= 1"
+        + (", or alternatives to train together joined by \"|\" (\"4|1|2|8\")" if name.startswith("model.") else "")
     )
+
+
+def parse_group_choices(spec: str, name: str = "model.parallel_image") -> list[list[int]] | None:
+    """model.parallel_image -> None ("off") or its schedules: one, or alternatives joined by "|"
+    ("4|1|2|8"), each drawn image of training taking one of them; the first is the model's own."""
+    if spec == "off":
+        return None
+    choices = [parse_groups(part, name) for part in str(spec).split("|")]
+    if any(c is None for c in choices):
+        raise ConfigError(f"{name}={spec!r}: \"off\" cannot be one of several alternatives")
+    return choices
 
 
 def draw_order(total: int, spec: list[int], order: str = "raster") -> list[int]:

@@ -27,6 +27,8 @@ p_j - 1. The sampler feeds the same thing one group per pass.
 
 from __future__ import annotations
 
+import itertools
+import zlib
 from dataclasses import dataclass, fields
 
 import torch
@@ -109,7 +111,7 @@ def doc_length(doc: TokenizedDoc, add_bos: bool = True, add_eos: bool = True, qu
 
 
 def with_queries(tok: list[int], pred: list[bool], img: list[int], groups: list[int], pad: int,
-                 order: str = "raster"):
+                 order: str = "raster", per_image: dict[int, list[int]] | None = None):
     """Insert position queries before each group of every drawn image of one flattened document.
 
     -> (tok, pred, img, pos, query_cell, orders): query positions hold `pad` (their input is the
@@ -117,6 +119,7 @@ def with_queries(tok: list[int], pred: list[bool], img: list[int], groups: list[
     positions keep their raster position ids. `order` "strided" (`config.draw_order`) commits an
     image's tokens in drawing order: its j-th committed token is image token img[start] + j, and
     orders[img[start]] = the cells in that order (`layout` permutes the image's tokens to match).
+    `per_image` gives an image its own schedule instead of `groups`, by its first image-token index.
     """
     from omni.config import draw_order, group_sizes
 
@@ -132,11 +135,12 @@ def with_queries(tok: list[int], pred: list[bool], img: list[int], groups: list[
         end = p
         while end < n and img[end] >= 0 and pred[end]:
             end += 1
-        cells = draw_order(end - p, groups, order)
+        schedule = (per_image or {}).get(img[p], groups)
+        cells = draw_order(end - p, schedule, order)
         if order != "raster":
             orders[img[p]] = cells
         j = 0
-        for k in group_sizes(groups, end - p):
+        for k in group_sizes(schedule, end - p):
             group = cells[j:j + k]
             for c in group:  # the queries of this group, then its tokens
                 for lst, v in zip(out, (pad, False, -1, p + c, c)):
@@ -147,6 +151,13 @@ def with_queries(tok: list[int], pred: list[bool], img: list[int], groups: list[
             j += k
         p = end
     return (*out, orders)
+
+
+def pick_schedule(tokens: torch.Tensor, choices: list[list[int]]) -> list[int]:
+    """One of `choices` for an image, from a checksum of its first token's values (n, d): the same
+    image always gets the same schedule, and different images spread evenly over them."""
+    first = tokens[0].detach().float().cpu().contiguous().numpy()
+    return choices[zlib.crc32(first.tobytes()) % len(choices)]
 
 
 def doc_positions(doc: TokenizedDoc, ids: SpecialIds, add_bos: bool = True, add_eos: bool = True):
@@ -186,13 +197,16 @@ def layout(
     token_dim: int | None = None,
     groups: list[int] | None = None,
     order: str = "raster",
+    choices: list[list[int]] | None = None,
 ) -> Batch:
     """Lay out `rows` (each a list of documents packed together) into a padded Batch.
 
     seq_len pads every row to that length (an over-long row is an error: pack or cut first);
     None pads to the longest row. `groups` (parallel image decoding, `config.parse_groups`): put
     position queries before each group of every drawn image, its cells taken in `order`
-    (`with_queries`).
+    (`with_queries`). `choices` (several schedules, `config.parse_group_choices`): each drawn image
+    takes one of them instead, picked by its tokens' content (`pick_schedule`), so a batch trains
+    them all and a document always gets the same ones (exact resumption needs no random state).
     """
     flat = []
     for row in rows:
@@ -202,7 +216,11 @@ def layout(
             if groups is None:
                 pos, qcell = list(range(len(tok))), [-1] * len(tok)
             else:
-                tok, pred, img, pos, qcell, orders = with_queries(tok, pred, img, groups, ids.pad, order)
+                per_image = None
+                if choices is not None and len(choices) > 1:
+                    starts = itertools.accumulate((t.shape[0] for t in images), initial=0)
+                    per_image = {s: pick_schedule(t, choices) for s, t in zip(starts, images)}
+                tok, pred, img, pos, qcell, orders = with_queries(tok, pred, img, groups, ids.pad, order, per_image)
                 if orders:  # strided: an image's tokens stored in the order they are committed
                     starts = [sum(t.shape[0] for t in images[:i]) for i in range(len(images))]
                     images = [t[orders[b]] if b in orders else t for b, t in zip(starts, images)]

@@ -218,6 +218,36 @@ def test_exact_resume(data, tok, itok, tmp_path, workers, resampled):
     assert any(pos[0] >= 1 for s in streams for pos in s.values())  # the resumed run crossed an epoch
 
 
+def test_alternative_group_schedules_reach_the_batches_and_resume(data, tok, itok):
+    """model.parallel_image="4|1|8": the training stream lays each drawn image out with one of the
+    schedules (several occur), and a resumed stream gives the same batches."""
+    from omni.config import group_sizes
+
+    cfg = _cfg(train=[str(data / "t2i")], resampled=True, seq_len=224)
+    kw = {"groups": [4], "choices": [[4], [1], [8]], "seed": 1}
+    seen = set()
+    straight = _take(BatchStream(cfg, tok, itok, **kw), 6)
+    for batch in straight:
+        for row in batch.query_cells.tolist():
+            runs = [len(list(g)) for is_q, g in itertools.groupby(row, key=lambda c: c >= 0) if is_q]
+            i = 0
+            while i < len(runs):  # one image's runs: a schedule's group sizes covering 16 tokens
+                for k in (4, 1, 8):
+                    sizes = group_sizes([k], 16)
+                    if runs[i:i + len(sizes)] == sizes:
+                        seen.add(k)
+                        i += len(sizes)
+                        break
+                else:
+                    raise AssertionError(f"query runs {runs[i:]} follow none of the schedules")
+    assert seen == {4, 1, 8}
+    first = BatchStream(cfg, tok, itok, **kw)
+    _take(first, 2)
+    resumed = BatchStream(cfg, tok, itok, **kw)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert all(_equal(a, b) for a, b in zip(_take(resumed, 4), straight[2:]))
+
+
 def test_state_dict_round_trips_and_rejects_a_different_setup(data, tok, itok, tmp_path):
     cfg = _cfg(train=[str(data / "shapes")], resampled=True)
     stream = BatchStream(cfg, tok, itok)

@@ -5,16 +5,34 @@ and conditions each token exactly as training does (docs/parallel.md)."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 import torch
 from conftest import TINY, decoder_rows
 from test_generation import wake_head
 
-from omni.config import ConfigError, GenerationConfig, draw_order, group_sizes, load_config, parse_groups
+from omni.config import (
+    ConfigError,
+    GenerationConfig,
+    draw_order,
+    group_sizes,
+    load_config,
+    parse_group_choices,
+    parse_groups,
+)
 from omni.inference.generate import generate
 from omni.inference.sampler import Sampler
-from omni.layout import IGNORE, ImageSegment, TextSegment, doc_length, doc_positions, layout, with_queries
+from omni.layout import (
+    IGNORE,
+    ImageSegment,
+    TextSegment,
+    doc_length,
+    doc_positions,
+    layout,
+    pick_schedule,
+    with_queries,
+)
 from omni.models.model import OmniModel, image_cells, image_cells_from_positions
 
 N = 16  # image tokens of the tiny preset (32 x 32 pixels, patches of 8)
@@ -50,6 +68,47 @@ def test_group_schedules():
     for bad in ("0", "two", "4,", "-1", ""):
         with pytest.raises(ConfigError, match="parallel_image"):
             parse_groups(bad)
+
+
+def test_alternative_schedules_parse(tokenizer_dir):
+    assert parse_group_choices("off") is None
+    assert parse_group_choices("4") == [[4]]
+    assert parse_group_choices("4|1|1,2,4,8") == [[4], [1], [1, 2, 4, 8]]
+    for bad in ("4|", "4|off", "|4", "4||2"):
+        with pytest.raises(ConfigError, match="parallel_image"):
+            parse_group_choices(bad)
+    with pytest.raises(ConfigError, match="generation.parallel_image"):  # a generation draws with one
+        GenerationConfig(parallel_image="4|2")
+    with pytest.raises(ConfigError, match="strided"):
+        load_config("tiny", [f"model.tokenizer={tokenizer_dir}", "model.parallel_image=4|16",
+                             "model.parallel_order=strided"])
+    m = make_model(tokenizer_dir, "4|1|8")
+    assert m.groups == [4] and m.group_choices == [[4], [1], [8]]  # draws with the first by default
+
+
+def test_alternatives_spread_over_images_and_match_each_alone(model):
+    """With alternatives, each drawn image's queries follow the schedule `pick_schedule` gives it
+    (the same image always the same one), every alternative occurs, and a document lays out
+    exactly as it would under that one schedule; prompt images and text are untouched."""
+    sp = model.special
+    choices = [[1], [2], [4], [8]]
+    gen = torch.Generator().manual_seed(0)
+    picked = []
+    for i in range(24):
+        prompt_img, drawn = torch.randn(N, 192, generator=gen), torch.randn(N, 192, generator=gen)
+        doc = [ImageSegment(prompt_img, loss=False), TextSegment([10 + i % 5, 11]), ImageSegment(drawn)]
+        k = pick_schedule(drawn, choices)
+        assert k == pick_schedule(drawn.clone(), choices)
+        picked.append(k[0])
+        mixed, alone = layout([[doc]], sp, groups=[4], choices=choices), layout([[doc]], sp, groups=k)
+        for f in dataclasses.fields(mixed):
+            torch.testing.assert_close(getattr(mixed, f.name), getattr(alone, f.name), msg=f.name)
+        # the drawn image's queries come in runs of k before their tokens
+        q = mixed.query_cells[0].tolist()
+        runs = [len(list(g)) for is_q, g in itertools.groupby(q, key=lambda c: c >= 0) if is_q]
+        assert runs == group_sizes(k, N)
+    assert set(picked) == {1, 2, 4, 8}
+    assert max(picked.count(k) for k in (1, 2, 4, 8)) <= 12  # spread, not one favourite
 
 
 def test_config_reads_a_number_as_a_schedule(tokenizer_dir):

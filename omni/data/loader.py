@@ -243,6 +243,7 @@ class _Settings:
     max_warnings: int
     groups: list[int] | None = None  # parallel image decoding: position queries per group (layout)
     order: str = "raster"  # ... and the order the groups take the cells in
+    choices: list[list[int]] | None = None  # ... or schedules trained together, one per image (layout)
 
 
 @dataclass
@@ -311,7 +312,7 @@ def run_worker(s: _Settings, worker: int, num_workers: int, state: dict[str, Any
 
     def emit() -> Batch:
         return layout(encode_images(packer.take(), s.image_tokenizer), s.ids, s.seq_len, token_dim=token_dim,
-                      groups=s.groups, order=s.order)
+                      groups=s.groups, order=s.order, choices=s.choices)
 
     while True:
         snap = snapshot()
@@ -377,7 +378,7 @@ class BatchStream:
 
     def __init__(self, data_cfg: DataConfig, tokenizer, image_tokenizer, *, split: str = "train",
                  rank: int = 0, world_size: int = 1, seed: int = 0, groups: list[int] | None = None,
-                 order: str = "raster"):
+                 order: str = "raster", choices: list[list[int]] | None = None):
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         specs = data_cfg.train if split == "train" else data_cfg.val
@@ -410,7 +411,7 @@ class BatchStream:
             edit_drop_text=data_cfg.edit_drop_text if train else 0.0,
             edit_drop_both=data_cfg.edit_drop_both if train else 0.0, weights=weights if (weights and train) else None,
             tasks=set(weights) if (weights and not train) else None, max_warnings=data_cfg.max_warnings,
-            groups=groups, order=order,
+            groups=groups, order=order, choices=choices,
         )
         self._reset()
 

@@ -770,6 +770,8 @@ class Sampler:
             "max_images": cfg.max_images,
             "repetition_stop": cfg.repetition_stop,
             "use_cache": self.use_cache,
-            "parallel_image": cfg.parallel_image if cfg.parallel_image is not None else self.model.cfg.parallel_image,
+            # the schedule drawn with: the request's, else the model's own (the first of its alternatives)
+            "parallel_image": (cfg.parallel_image if cfg.parallel_image is not None
+                               else self.model.cfg.parallel_image.split("|")[0]),
             "checkpoint": getattr(self.model, "checkpoint_path", None),
         }

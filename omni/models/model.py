@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from omni.config import ModelConfig, parse_groups
+from omni.config import ModelConfig, parse_group_choices
 from omni.heads.diffusion import DiffusionHead
 from omni.heads.lm import lm_loss
 from omni.layout import Batch, SpecialIds
@@ -137,7 +137,10 @@ class OmniModel(nn.Module):
         if cfg.image_pos_embed:
             self.image_pos = nn.Embedding(image_tokenizer.num_tokens, hidden)  # (N, D), cell -> vector
         self.head = DiffusionHead(cfg.head, token_dim=token_dim, cond_dim=hidden)
-        self.groups = parse_groups(cfg.parallel_image)  # None: one image token per pass
+        # None: one image token per pass; else the schedules trained (alternatives: one per image) and
+        # the one drawn with by default (the first)
+        self.group_choices = parse_group_choices(cfg.parallel_image)
+        self.groups = self.group_choices[0] if self.group_choices else None
         self.order = cfg.parallel_order  # the cells' order under parallel decoding (config.draw_order)
         self.query_embed = None
         if self.groups is not None:

@@ -373,7 +373,7 @@ def _source(spec: BatchSource | None, cfg: Config, model, d: Dist, split: str):
 
     return BatchStream(cfg.data, model.tokenizer, model.image_tokenizer, split=split, rank=d.rank,
                        world_size=d.world_size, seed=cfg.train.seed, groups=model.groups,
-                       order=model.order)
+                       order=model.order, choices=model.group_choices)
 
 
 def write_run_files(cfg: Config, run_dir: Path, model, ds_config: dict, precision: str, d: Dist) -> None:
