@@ -83,6 +83,11 @@ class DiffusionHeadConfig:
     # torch.compile the training loss (noise and timesteps stay eager): inductor fuses the adaLN
     # blocks' LayerNorm / modulate / SiLU / gate into a few kernels. Costs a compile on first use.
     compile: bool = False
+    # Parallel image decoding (model.parallel_image): the tokens of a group are denoised together,
+    # each still from its own query's condition: every block first lets a group's tokens attend to
+    # each other (one attention over the group, zero-initialised output), and training noises a
+    # group at one timestep. Without it a group's tokens are drawn independently given the context.
+    group_attention: bool = False
 
 
 @dataclass
@@ -125,6 +130,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         choices = parse_group_choices(self.parallel_image, "model.parallel_image")
+        if self.head.group_attention and choices is None:
+            raise ConfigError("model.head.group_attention=true denoises a group of image tokens together, so it "
+                              "needs model.parallel_image (e.g. 4); set one or leave group_attention off")
         if self.parallel_order == "strided" and (choices is None or len(choices) != 1 or len(choices[0]) != 1
                                                  or isqrt(choices[0][0]) ** 2 != choices[0][0]):
             raise ConfigError(f"model.parallel_order=strided needs model.parallel_image to be one square group size "

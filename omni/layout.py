@@ -78,10 +78,16 @@ class Batch:
     # (B, L) long; a position query's target cell, -1 at every other position (all -1 without
     # model.parallel_image)
     query_cells: torch.Tensor | None = None
+    # The targets drawn together (`group_index`: (G, k) and (K,)); without model.parallel_image
+    # every target is its own group
+    image_group_index: torch.Tensor | None = None
+    image_group_pos: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.query_cells is None:
             self.query_cells = torch.full_like(self.input_ids, -1)
+        if self.image_group_index is None:
+            self.image_group_index, self.image_group_pos = group_index([1] * self.image_target_index.numel())
 
     def to(self, device, non_blocking: bool = False) -> Batch:
         return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
@@ -151,6 +157,19 @@ def with_queries(tok: list[int], pred: list[bool], img: list[int], groups: list[
             j += k
         p = end
     return (*out, orders)
+
+
+def group_index(sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows that come in consecutive groups of `sizes` (tokens drawn together, the head's group
+    attention): index (G, k) of each group's rows, -1 padding a group shorter than the longest (k),
+    and pos (R,), each row's place in the flattened (G, k) (`omni.heads.diffusion.Groups`)."""
+    k = max(sizes, default=1)
+    index, pos, start = [], [], 0
+    for g, size in enumerate(sizes):
+        index.append(list(range(start, start + size)) + [-1] * (k - size))
+        pos += range(g * k, g * k + size)
+        start += size
+    return torch.tensor(index, dtype=torch.long).view(len(sizes), k), torch.tensor(pos, dtype=torch.long)
 
 
 def pick_schedule(tokens: torch.Tensor, choices: list[list[int]]) -> list[int]:
@@ -242,6 +261,7 @@ def layout(
     n_img = 0  # image tokens laid out so far
     targets: list[torch.Tensor] = []  # per document: indices into image_tokens
     conds: list[torch.Tensor] = []  # per document: flat conditioning positions
+    sizes: list[int] = []  # the targets' groups in order (a group's queries are one run of positions)
     for b, row in enumerate(flat):
         start = 0
         for d, (tok, pred, img, images, pos, qcell) in enumerate(row, start=1):
@@ -267,6 +287,9 @@ def layout(
                 queries = (torch.tensor(qcell) >= 0).nonzero().flatten()  # (K,) same order
                 targets.append(n_img + img_t[drawn])
                 conds.append(b * L + start + queries)
+                if len(queries):
+                    cuts = ((queries[1:] - queries[:-1]) > 1).nonzero().flatten() + 1
+                    sizes += torch.diff(torch.cat([torch.tensor([0]), cuts, torch.tensor([len(queries)])])).tolist()
             all_tokens.extend(images)
             n_img += sum(t.shape[0] for t in images)
             start += n
@@ -284,4 +307,5 @@ def layout(
         image_target_index=torch.cat(targets).long() if targets else torch.zeros(0, dtype=torch.long),
         image_cond_index=torch.cat(conds).long() if conds else torch.zeros(0, dtype=torch.long),
         query_cells=query_cells,
+        **(dict(zip(("image_group_index", "image_group_pos"), group_index(sizes))) if groups is not None else {}),
     )

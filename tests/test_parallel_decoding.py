@@ -29,6 +29,7 @@ from omni.layout import (
     TextSegment,
     doc_length,
     doc_positions,
+    group_index,
     layout,
     pick_schedule,
     with_queries,
@@ -41,6 +42,8 @@ N = 16  # image tokens of the tiny preset (32 x 32 pixels, patches of 8)
 def make_model(tokenizer_dir, groups: str = "4", *extra: str) -> OmniModel:
     if groups == "strided":
         groups, extra = "4", ("model.parallel_order=strided", *extra)
+    if groups.endswith("+ga"):  # group attention in the head (woken below, so it mixes)
+        groups, extra = groups[:-3], ("model.head.group_attention=true", *extra)
     cfg = load_config("tiny", [f"model.tokenizer={tokenizer_dir}", *TINY, "model.image_pos_embed=true",
                                f"model.parallel_image={groups}", *extra])
     torch.manual_seed(0)
@@ -109,6 +112,61 @@ def test_alternatives_spread_over_images_and_match_each_alone(model):
         assert runs == group_sizes(k, N)
     assert set(picked) == {1, 2, 4, 8}
     assert max(picked.count(k) for k in (1, 2, 4, 8)) <= 12  # spread, not one favourite
+
+
+def test_layout_records_the_groups_drawn_together(model):
+    sp = model.special
+    x, src = torch.randn(N, 192), torch.randn(N, 192)
+    doc = [ImageSegment(src, loss=False), TextSegment([10, 11]), ImageSegment(x), TextSegment([12]), ImageSegment(x)]
+    for groups, sizes in (([4], [4] * 8), ([1, 2, 4, 8], [1, 2, 4, 8, 1] * 2), ([16], [16, 16])):
+        b = layout([[doc], [[TextSegment([9])]]], sp, groups=groups)
+        index, pos = b.image_group_index, b.image_group_pos
+        assert (index >= 0).sum(1).tolist() == sizes
+        assert index[index >= 0].tolist() == list(range(2 * N))  # consecutive runs of the targets, in order
+        assert index.flatten()[pos].tolist() == list(range(2 * N))  # pos finds each target's slot
+    plain = layout([[doc]], sp)  # one token a pass: every target its own group
+    assert plain.image_group_index.tolist() == [[i] for i in range(2 * N)]
+    i, p = group_index([2, 1, 3])
+    assert i.tolist() == [[0, 1, -1], [2, -1, -1], [3, 4, 5]] and p.tolist() == [0, 1, 3, 6, 7, 8]
+
+
+def test_group_attention_mixes_only_within_a_group(tokenizer_dir):
+    """The head's group attention: zero-initialised it changes nothing; woken, a token's
+    prediction depends on its group-mates' inputs and on no other group's; the sampling path
+    (precomputed modulations, pre-transposed weights) equals the training path; CFG's stacked
+    streams keep their groups."""
+    from omni.heads.diffusion import repeat_groups
+
+    fresh = OmniModel.from_config(load_config("tiny", [f"model.tokenizer={tokenizer_dir}", *TINY,
+                                                        "model.parallel_image=4", "model.head.group_attention=true"]).model)
+    plain_cfg = load_config("tiny", [f"model.tokenizer={tokenizer_dir}", *TINY, "model.parallel_image=4"]).model
+    plain = OmniModel.from_config(plain_cfg)
+    plain.head.load_state_dict(fresh.head.state_dict(), strict=False)
+    net, W = fresh.head.net, fresh.head.cfg.width
+    torch.manual_seed(0)
+    x, c = torch.randn(6, 192), torch.randn(6, W)
+    groups = group_index([4, 2])
+    torch.testing.assert_close(net.body(x, c, groups), plain.head.net.body(x, c))
+    net = make_model(tokenizer_dir, "4+ga").head.net  # woken
+    with torch.no_grad():
+        base = net.body(x, c, groups)
+        y = x.clone()
+        y[1] += 1.0  # a token of the first group
+        moved = (net.body(y, c, groups) - base).abs().amax(1)
+        assert moved[[0, 2, 3]].min() > 1e-4 and moved[4:].max() == 0  # its mates move, the other group not
+        alone = net.body(x, c, group_index([1] * 6))
+        assert (alone - base).abs().max() > 1e-4  # grouping matters
+        mods = net.modulations(c)
+        fast = net.fast_modulated(net.in_proj(x), net.sampling_weights(), mods, groups)
+        torch.testing.assert_close(fast, base)
+        two = repeat_groups(groups, 6, 2)  # [cond; uncond] streams: the same groups, shifted
+        assert two[0].tolist() == [[0, 1, 2, 3], [4, 5, -1, -1], [6, 7, 8, 9], [10, 11, -1, -1]]
+        stacked = net.body(torch.cat([x, x]), torch.cat([c, c]), two)
+        torch.testing.assert_close(stacked, torch.cat([base, base]))
+    with pytest.raises(ValueError, match="group_attention"):
+        fresh.head.sample(torch.randn(2, fresh.head.net.cond_embed.in_features), steps=2)
+    with pytest.raises(ConfigError, match="group_attention"):
+        load_config("tiny", [f"model.tokenizer={tokenizer_dir}", "model.head.group_attention=true"])
 
 
 def test_config_reads_a_number_as_a_schedule(tokenizer_dir):
@@ -195,12 +253,12 @@ def test_packed_rows_with_queries_mask_documents(model):
 
 # -- the sampler -------------------------------------------------------------------------------------
 def spy_head(model):
-    """Record every head.sample call's (cond, uncond, generators)."""
+    """Record every head.sample call's (cond, uncond, generators, groups)."""
     calls = []
     original = model.head.sample
 
     def sample(cond, uncond=None, **kw):
-        calls.append((cond.clone(), None if uncond is None else uncond.clone(), list(kw["generator"])))
+        calls.append((cond.clone(), None if uncond is None else uncond.clone(), list(kw["generator"]), kw.get("groups")))
         return original(cond, uncond, **kw)
 
     model.head.sample = sample
@@ -211,7 +269,7 @@ def per_row(calls, gen, which: int) -> torch.Tensor:
     return torch.stack([c[which][i] for c in calls for i, g in enumerate(c[2]) if g is gen])
 
 
-@pytest.mark.parametrize("groups", ["4", "1,2,4,8", "strided"])
+@pytest.mark.parametrize("groups", ["4", "1,2,4,8", "strided", "1,2,4,8+ga"])
 def test_cached_conditioning_equals_training_layout(tokenizer_dir, groups):
     """The vectors the cached sampler hands the head, for the conditional and the unconditional
     streams, equal what training computes over the same committed tokens (the layout's queries),
@@ -257,6 +315,10 @@ def test_cached_conditioning_equals_training_layout(tokenizer_dir, groups):
                          [layout([[[ImageSegment(x)]]], sp, add_eos=False, groups=model.groups, order=model.order)
                           for x in r.image_tokens]])
         torch.testing.assert_close(per_row(calls, r.gen, 1), unc.detach(), atol=1e-4, rtol=1e-4)
+        if model.head.cfg.group_attention:  # the head drew the row's tokens in the groups training used
+            drawn = [int((ix >= 0).sum()) for c in calls for ix in c[3][0] if c[2][int(ix[0])] is r.gen]
+            assert drawn == (b.image_group_index >= 0).sum(1).tolist()
+            assert drawn[:5] == [1, 2, 4, 8, 1]  # the schedule, over the row's first image
     assert drew >= 2
 
 
@@ -325,9 +387,11 @@ def test_checkpoint_round_trip(tmp_path, model):
     torch.testing.assert_close(a.image_tokens[0], b.image_tokens[0])
 
 
-def test_training_learns_with_queries(tokenizer_dir):
-    """A few optimizer steps on a fixed batch of drawn images lower the loss of the queries' tokens."""
-    model = make_model(tokenizer_dir, "4").train()
+@pytest.mark.parametrize("groups", ["4", "4+ga"])
+def test_training_learns_with_queries(tokenizer_dir, groups):
+    """A few optimizer steps on a fixed batch of drawn images lower the loss of the queries' tokens
+    (with group attention, its weights learn too)."""
+    model = make_model(tokenizer_dir, groups).train()
     sp = model.special
     torch.manual_seed(3)
     base = torch.randn(4, 1, 192).expand(4, N, 192) + 0.1 * torch.randn(4, N, 192)
@@ -344,6 +408,8 @@ def test_training_learns_with_queries(tokenizer_dir):
         losses.append(float(out["loss_image"]))
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
     assert model.query_embed.weight.grad is not None and model.query_embed.weight.grad.abs().sum() > 0
+    if model.head.cfg.group_attention:
+        assert all(b.mix.qkv.weight.grad.abs().sum() > 0 for b in model.head.net.blocks)
 
 
 def test_doc_length_matches_layout():

@@ -82,34 +82,85 @@ def guide(pred: torch.Tensor, b: int, cfg_scale: float, image_cfg_scale: float |
     return torch.lerp(uncond_pred, image_pred, image_cfg_scale).add_(cond_pred - image_pred, alpha=cfg_scale)
 
 
-class ResBlock(nn.Module):
-    """LayerNorm -> modulate -> MLP -> gated residual; shift/scale/gate come from the condition."""
+# Rows drawn together (group attention): index (G, k) of each group's rows (-1 pads a group shorter
+# than the longest, k) and pos (R,), each row's place in the flattened (G, k); `omni.layout.group_index`
+# makes them from group sizes.
+Groups = tuple[torch.Tensor, torch.Tensor]
+
+
+def repeat_groups(groups: Groups, rows: int, copies: int) -> Groups:
+    """`groups` of `rows` rows for `copies` stacked copies of those rows (device arithmetic only)."""
+    index, pos = groups
+    if copies == 1:
+        return groups
+    c = torch.arange(copies, device=index.device)
+    index = torch.where(index >= 0, index + rows * c[:, None, None], -1).flatten(0, 1)  # (C*G, k)
+    pos = (pos + groups[0].numel() * c[:, None]).flatten()  # (C*R,)
+    return index, pos
+
+
+class GroupAttention(nn.Module):
+    """Self-attention among the tokens of each group (parallel decoding's jointly drawn tokens):
+    rows (R, W) -> (R, W); a row sees only its own group. Its output projection starts at zero."""
 
     def __init__(self, width: int):
+        super().__init__()
+        self.heads = max(1, width // 64)
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, groups: Groups) -> torch.Tensor:
+        index, pos = groups
+        G, k = index.shape
+        h = self.norm(x)[index.clamp(min=0)]  # (G, k, W); padding rows read row 0 and are masked
+        q, key, v = self.qkv(h).view(G, k, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (G, H, k, W/H)
+        seen = (index >= 0)[:, None, None, :]  # (G, 1, 1, k)
+        out = F.scaled_dot_product_attention(q, key, v, attn_mask=seen)  # (G, H, k, W/H)
+        return self.proj(out.transpose(1, 2).reshape(G * k, -1)[pos])  # (R, W)
+
+
+class ResBlock(nn.Module):
+    """LayerNorm -> modulate -> MLP -> gated residual; shift/scale/gate come from the condition.
+    With `group_attention` the block first adds attention among each group's tokens."""
+
+    def __init__(self, width: int, group_attention: bool = False):
         super().__init__()
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
+        self.mix = GroupAttention(width) if group_attention else None
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, groups: Groups | None = None) -> torch.Tensor:
         shift, scale, gate = self.ada(c).chunk(3, dim=-1)  # 3 x (B, W)
-        return self.modulated(x, shift, 1 + scale, gate)
+        return self.modulated(x, shift, 1 + scale, gate, groups)
 
-    def modulated(self, x: torch.Tensor, shift: torch.Tensor, scale1: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    def mixed(self, x: torch.Tensor, groups: Groups | None) -> torch.Tensor:
+        if self.mix is None:
+            return x
+        if groups is None:
+            raise ValueError("this head denoises groups of tokens together (model.head.group_attention): "
+                             "pass the rows' groups")
+        return x + self.mix(x, groups)
+
+    def modulated(self, x: torch.Tensor, shift: torch.Tensor, scale1: torch.Tensor, gate: torch.Tensor,
+                  groups: Groups | None = None) -> torch.Tensor:
         """The block given its modulation (scale1 = 1 + scale), which sampling precomputes."""
+        x = self.mixed(x, groups)
         return torch.addcmul(x, gate, self.mlp(torch.addcmul(shift, self.norm(x), scale1)))
 
 
 class Denoiser(nn.Module):
     """net(x_t, t, z) -> prediction, all (B, d); t is a float timestep on the 0..1000 scale."""
 
-    def __init__(self, token_dim: int, cond_dim: int, width: int, depth: int, grad_checkpointing: bool):
+    def __init__(self, token_dim: int, cond_dim: int, width: int, depth: int, grad_checkpointing: bool,
+                 group_attention: bool = False):
         super().__init__()
         self.grad_checkpointing = grad_checkpointing
         self.time_embed = nn.Sequential(nn.Linear(256, width), nn.SiLU(), nn.Linear(width, width))
         self.cond_embed = nn.Linear(cond_dim, width)
         self.in_proj = nn.Linear(token_dim, width)
-        self.blocks = nn.ModuleList(ResBlock(width) for _ in range(depth))
+        self.blocks = nn.ModuleList(ResBlock(width, group_attention) for _ in range(depth))
         self.final_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
         self.out = nn.Linear(width, token_dim)
@@ -126,6 +177,9 @@ class Denoiser(nn.Module):
         for block in self.blocks:
             nn.init.zeros_(block.ada[-1].weight)
             nn.init.zeros_(block.ada[-1].bias)
+            if block.mix is not None:  # groups start as independent tokens
+                nn.init.zeros_(block.mix.proj.weight)
+                nn.init.zeros_(block.mix.proj.bias)
         nn.init.zeros_(self.final_ada[-1].weight)
         nn.init.zeros_(self.final_ada[-1].bias)
         # Zero output: the first prediction is 0, the mean of every target, not noise.
@@ -135,17 +189,18 @@ class Denoiser(nn.Module):
     def embed_time(self, t: torch.Tensor) -> torch.Tensor:
         return self.time_embed(timestep_embedding(t, 256))  # (B, W)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return self.body(x, self.embed_time(t) + self.cond_embed(z))
+    def forward(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor, groups: Groups | None = None) -> torch.Tensor:
+        return self.body(x, self.embed_time(t) + self.cond_embed(z), groups)
 
-    def body(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """The net given its condition c = time + condition embedding (B, W)."""
+    def body(self, x: torch.Tensor, c: torch.Tensor, groups: Groups | None = None) -> torch.Tensor:
+        """The net given its condition c = time + condition embedding (B, W) (and, with group
+        attention, the rows' `Groups`)."""
         h = self.in_proj(x)  # (B, W)
         for block in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(block, h, c, use_reentrant=False)
+                h = checkpoint(block, h, c, groups, use_reentrant=False)
             else:
-                h = block(h, c)
+                h = block(h, c, groups)
         return self.head_out(h, self.final_ada(c))
 
     def head_out(self, h: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
@@ -162,10 +217,10 @@ class Denoiser(nn.Module):
             out.append(tuple(parts))
         return out
 
-    def modulated(self, h: torch.Tensor, mods: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
+    def modulated(self, h: torch.Tensor, mods: list[tuple[torch.Tensor, ...]], groups: Groups | None = None) -> torch.Tensor:
         """The net after in_proj, given precomputed `modulations` (h (R, W) -> (R, d))."""
         for block, mod in zip(self.blocks, mods):
-            h = block.modulated(h, *mod)
+            h = block.modulated(h, *mod, groups)
         shift, scale1 = mods[-1]
         return self.out(torch.addcmul(shift, self.final_norm(h), scale1))  # (R, d)
 
@@ -179,11 +234,13 @@ class Denoiser(nn.Module):
         blocks = [(b.norm.weight, b.norm.bias, b.norm.eps, *lin(b.mlp[0]), *lin(b.mlp[2])) for b in self.blocks]
         return lin(self.in_proj), blocks, lin(self.out)
 
-    def fast_modulated(self, h: torch.Tensor, weights: tuple, mods: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
+    def fast_modulated(self, h: torch.Tensor, weights: tuple, mods: list[tuple[torch.Tensor, ...]],
+                       groups: Groups | None = None) -> torch.Tensor:
         """`modulated` on `sampling_weights`, op for op the same kernels (h (R, W) -> (R, d))."""
         _, blocks, (w_out, b_out) = weights
         width = (h.shape[-1],)
-        for (nw, nb, eps, w1, b1, w2, b2), (shift, scale1, gate) in zip(blocks, mods):
+        for block, (nw, nb, eps, w1, b1, w2, b2), (shift, scale1, gate) in zip(self.blocks, blocks, mods):
+            h = block.mixed(h, groups)
             u = torch.addcmul(shift, F.layer_norm(h, width, nw, nb, eps), scale1)
             h = torch.addcmul(h, gate, torch.addmm(b2, F.silu(torch.addmm(b1, u, w1)), w2))
         shift, scale1 = mods[-1]
@@ -196,7 +253,7 @@ class DiffusionHead(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.token_dim = token_dim
-        self.net = Denoiser(token_dim, cond_dim, cfg.width, cfg.depth, cfg.grad_checkpointing)
+        self.net = Denoiser(token_dim, cond_dim, cfg.width, cfg.depth, cfg.grad_checkpointing, cfg.group_attention)
         if cfg.parameterization != "flow":
             ac = alphas_cumprod(cfg)  # (T,) float32
             self.register_buffer("alphas_cumprod", ac.clone(), persistent=False)
@@ -207,8 +264,9 @@ class DiffusionHead(nn.Module):
         self._graphs: OrderedDict = OrderedDict()  # CUDA graphs of the sampling loop, by shape/settings
 
     # training --------------------------------------------------------------------------------
-    def loss(self, target: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Mean denoising loss of tokens `target` (K, d) given hidden states `cond` (K, D)."""
+    def loss(self, target: torch.Tensor, cond: torch.Tensor, groups: Groups | None = None) -> torch.Tensor:
+        """Mean denoising loss of tokens `target` (K, d) given hidden states `cond` (K, D); with
+        group attention, `groups` (`group_index` of the K tokens): a group shares its timestep."""
         if target.shape[0] == 0:
             return cond.sum() * 0.0 + sum(p.sum() for p in self.parameters()) * 0.0
         bf16 = (self.cfg.bf16_train and torch.is_autocast_enabled(cond.device.type)
@@ -217,11 +275,22 @@ class DiffusionHead(nn.Module):
         # The random draws stay eager (a compiled graph draws other numbers); the rest may be compiled.
         n = target.shape[0] * self.cfg.noise_copies
         noise = torch.randn(n, target.shape[1], device=target.device)  # (C*K, d)
-        if self.cfg.parameterization == "flow":
-            t = torch.rand(n, device=target.device)  # (C*K,)
+        if self.cfg.group_attention:
+            if groups is None:
+                raise ValueError("this head denoises groups of tokens together (model.head.group_attention): "
+                                 "pass the targets' groups (Batch.image_groups)")
+            groups = repeat_groups(groups, target.shape[0], self.cfg.noise_copies)
+            slots = groups[0].numel() // groups[0].shape[0]
+            draws = groups[0].shape[0]  # (C*G,): one timestep per group and copy, spread to its rows
         else:
-            t = torch.randint(0, self.cfg.train_steps, (n,), device=target.device)
-        return self._loss_fn()(target, cond, noise, t, bf16)
+            groups, draws = None, n
+        if self.cfg.parameterization == "flow":
+            t = torch.rand(draws, device=target.device)  # (C*K,) or (C*G,)
+        else:
+            t = torch.randint(0, self.cfg.train_steps, (draws,), device=target.device)
+        if groups is not None:
+            t = t[groups[1] // slots]  # (C*K,)
+        return self._loss_fn()(target, cond, noise, t, bf16, groups)
 
     def _loss_fn(self) -> Callable:
         """`_loss_given_noise`, compiled once when `model.head.compile` (adaLN blocks fused by inductor)."""
@@ -232,7 +301,7 @@ class DiffusionHead(nn.Module):
         return self._compiled_loss
 
     def _loss_given_noise(self, target: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
-                          bf16: bool) -> torch.Tensor:
+                          bf16: bool, groups: Groups | None = None) -> torch.Tensor:
         """The denoising loss given the noise (C*K, d) and timesteps (C*K,) drawn for it."""
         with torch.autocast(device_type=cond.device.type, dtype=torch.bfloat16, enabled=bf16):
             copies = self.cfg.noise_copies
@@ -248,7 +317,7 @@ class DiffusionHead(nn.Module):
                 xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
                 goal = a.sqrt() * noise - (1 - a).sqrt() * x0 if self.cfg.parameterization == "v" else noise
                 t_net = t.float()
-            pred = self.net.body(xt, self.net.embed_time(t_net) + zc)
+            pred = self.net.body(xt, self.net.embed_time(t_net) + zc, groups)
             return F.mse_loss(pred.float(), goal)
 
     def _apply(self, fn, recurse=True):
@@ -276,6 +345,7 @@ class DiffusionHead(nn.Module):
         dtype: torch.dtype | None = None,
         image_cond: torch.Tensor | None = None,
         image_cfg_scale: float | None = None,
+        groups: list[int] | None = None,
     ) -> torch.Tensor:
         """Draw one token per row of `cond` (B, D); with `uncond` (B, D) and cfg_scale != 1, guided.
 
@@ -291,8 +361,16 @@ class DiffusionHead(nn.Module):
         recurrence x <- a x + b pred + c noise and the guidance combination stay fp32).
         image_cond (B, D) with image_cfg_scale: image-guided CFG (needs `uncond`): the third
         prediction sees the pictures without the text, combined as `guide` says.
+        groups: with group attention, the `Groups` of the B rows (`omni.layout.group_index` of the
+        sizes of the consecutive groups drawn together; a row's guidance streams form the same
+        groups); such a head runs eagerly, not graphed.
         """
         b = cond.shape[0]
+        if self.cfg.group_attention != (groups is not None):
+            raise ValueError("pass `groups` (the sizes of the groups of rows drawn together) exactly when the head "
+                             "was built with model.head.group_attention")
+        if groups is not None and groups[1].shape[0] != b:
+            raise ValueError(f"groups cover {groups[1].shape[0]} rows, not the {b} being drawn")
         with torch.autocast(device_type=cond.device.type, enabled=False):
             if (image_cond is None) != (image_cfg_scale is None) or (image_cond is not None and uncond is None):
                 raise ValueError("image-guided CFG needs cond, uncond and image_cond with an image_cfg_scale")
@@ -305,6 +383,8 @@ class DiffusionHead(nn.Module):
                                     image_cfg_scale)
             noise = self.sampling_noise(b, steps, sampler, temperature, generator, z.device)
             bf16 = dtype == torch.bfloat16
+            if groups is not None:
+                return run(z, noise, groups=groups)
             if cuda_graph and z.is_cuda:
                 key = (b, z.shape[0], steps, sampler, float(temperature), float(cfg_scale), cfg_batching, bf16,
                        z.device, image_cfg_scale)
@@ -414,22 +494,24 @@ class DiffusionHead(nn.Module):
 
     def _denoise(self, z: torch.Tensor, noise: torch.Tensor, t_net: torch.Tensor, coefs: tuple[tuple, ...],
                  cfg_scale: float, batched: bool = True, bf16: bool = False,
-                 image_cfg_scale: float | None = None) -> torch.Tensor:
-        """The sampling loop from noise[0] (already scaled); z (R, D) with R = B, 2B or 3B (guided)."""
+                 image_cfg_scale: float | None = None, groups: Groups | None = None) -> torch.Tensor:
+        """The sampling loop from noise[0] (already scaled); z (R, D) with R = B, 2B or 3B (guided);
+        `groups` of the B rows (group attention)."""
         guidance = functools.partial(guide, cfg_scale=cfg_scale, image_cfg_scale=image_cfg_scale)
         if bf16:  # (no autocast cache: the loop's weights are cast once by sampling_weights, and a
             # cache that outlived a CUDA graph capture would hand the graph freed memory)
             with torch.autocast(device_type=z.device.type, dtype=torch.bfloat16, cache_enabled=False):
-                return self._loop(z, noise, t_net, coefs, guidance, batched, torch.bfloat16)
-        return self._loop(z, noise, t_net, coefs, guidance, batched, torch.float32)
+                return self._loop(z, noise, t_net, coefs, guidance, batched, torch.bfloat16, groups)
+        return self._loop(z, noise, t_net, coefs, guidance, batched, torch.float32, groups)
 
     def _loop(self, z: torch.Tensor, noise: torch.Tensor, t_net: torch.Tensor, coefs: tuple[tuple, ...],
-              guidance: Callable, batched: bool, dtype: torch.dtype) -> torch.Tensor:
+              guidance: Callable, batched: bool, dtype: torch.dtype, groups: Groups | None = None) -> torch.Tensor:
         # Host work per step is the cost of an eager loop (a GPU waits on it; a CPU spends it), so
         # everything a step only indexes is split once: noise and modulations are unbound into
         # per-step views and the weights transposed/cast once per call (sampling_weights).
         net = self.net
         b = noise.shape[1]
+        every = None if groups is None else repeat_groups(groups, b, z.shape[0] // b)  # the R rows' groups
         noise_steps = noise.unbind(0)  # each (B, d)
         x = noise_steps[0]
         weights = net.sampling_weights(dtype)
@@ -451,9 +533,10 @@ class DiffusionHead(nn.Module):
             if z.shape[0] != b:
                 h = torch.cat([h] * (z.shape[0] // b))  # (R, W)
             if batched or z.shape[0] == b:
-                pred = net.fast_modulated(h, weights, step_mods)  # (R, d)
+                pred = net.fast_modulated(h, weights, step_mods, every)  # (R, d)
             else:  # one pass per stream kind: conditional rows, then unconditional (then image-only) rows
-                pred = torch.cat([net.fast_modulated(h[j:j + b], weights, [tuple(m[j:j + b] for m in g) for g in step_mods])
+                pred = torch.cat([net.fast_modulated(h[j:j + b], weights, [tuple(m[j:j + b] for m in g) for g in step_mods],
+                                                     groups)
                                   for j in range(0, z.shape[0], b)])
             pred = guidance(pred.float(), b)  # fp32: a no-op in fp32; under bf16 the guidance and update stay fp32
             x = torch.add(x * a, pred, alpha=bc) if a != 1.0 else x.add(pred, alpha=bc)

@@ -81,6 +81,7 @@ from omni.config import GenerationConfig, draw_order, group_sizes, parse_groups,
 from omni.inference.image_step import ImageStep
 from omni.inference.prompts import Item, Prompt, context_length, encode_prompts
 from omni.inference.rows import GenerationEvents, _Group, _Row, _StepState, _Stream
+from omni.layout import group_index
 from omni.models.attention import additive_mask, see_own_block
 from omni.models.kv_cache import KVOps, StaticKV, round_capacity
 from omni.models.model import image_cells, image_cells_from_positions
@@ -628,10 +629,13 @@ class Sampler:
             uncond = torch.cat([tokens_of(r.uncond) for r in rows]) if guided else None
             image = torch.cat([tokens_of(r.image_only) for r in rows]) if image_scale is not None else None
             gens = [r.gen for r, n in zip(rows, counts) for _ in range(n)]
+            groups = None
+            if model.head.cfg.group_attention:  # a row's group is denoised together, as in training
+                groups = tuple(t.to(self.device) for t in group_index(counts))
             x = model.head.sample(cond, uncond, cfg_scale=scale, steps=steps, temperature=temperature,
                                   sampler=sampler, generator=gens, cuda_graph=graphs,
                                   cfg_batching=self.cfg_batching, dtype=getattr(torch, dtype),
-                                  image_cond=image, image_cfg_scale=image_scale)  # (n, d)
+                                  image_cond=image, image_cfg_scale=image_scale, groups=groups)  # (n, d)
             for r, xs in zip(rows, x.split(counts)):
                 completed = [self._image_token(r, xi) for xi in xs]  # only a group's last can complete
                 if completed[-1]:

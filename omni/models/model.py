@@ -308,7 +308,8 @@ class OmniModel(nn.Module):
         loss_text, n_text = lm_loss(self.lm_head, hidden, batch.labels)
         cond = hidden.flatten(0, 1)[batch.image_cond_index]  # (K, D)
         target = batch.image_tokens[batch.image_target_index]  # (K, d)
-        loss_image = self.head.loss(target, cond)
+        groups = (batch.image_group_index, batch.image_group_pos) if self.head.cfg.group_attention else None
+        loss_image = self.head.loss(target, cond, groups)
         loss = self.cfg.loss_weight_text * loss_text + self.cfg.loss_weight_image * loss_image
         return {
             "loss": loss,
