@@ -1,11 +1,12 @@
 """Parallel image decoding: seconds per image, one token per backbone pass vs a group per pass.
 
-    python -m benchmarks.bench_parallel [--preset tiny] [--device cpu|cuda] [--groups 2,4,8] [--quick]
+    python -m benchmarks.bench_parallel [--preset tiny] [--device cpu|cuda] [--groups 2,4,8,4+ga] [--quick]
 
 Text-to-image sampling (mode "image", the preset's generation settings: tiny draws 16-token
 images with 20 stochastic head steps under CFG 2) with random-weight models of the preset: the
 baseline (`model.parallel_image=off`, one image token per pass from the position before it) and
-one model per group size k (`model.parallel_image=k`, position queries, docs/parallel.md). Speed
+one model per group size k (`model.parallel_image=k`, position queries, docs/parallel.md; `k+ga`:
+with the head's group attention, `model.head.group_attention=true`). Speed
 does not depend on what the weights learned, only on the passes and the head calls a schedule
 makes, which the benchmark also counts (backbone passes per image, head calls per image).
 
@@ -32,7 +33,8 @@ from benchmarks.common import bench_config, cpu_threads, interleaved_best, machi
 def _model(preset: str, tmp: str, dev: torch.device, groups: str):
     from omni.models.model import OmniModel
 
-    cfg = bench_config(preset, tmp, [f"model.parallel_image={groups}"])
+    k, ga = groups.removesuffix("+ga"), groups.endswith("+ga")
+    cfg = bench_config(preset, tmp, [f"model.parallel_image={k}", *(["model.head.group_attention=true"] if ga else [])])
     torch.manual_seed(0)
     with torch.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
         model = OmniModel.from_config(cfg.model)
@@ -103,7 +105,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--preset", default=None, help="tiny (CPU default) or bench-1b (CUDA default)")
     p.add_argument("--device", default=None)
-    p.add_argument("--groups", default="2,4,8", help="group sizes to compare with one token per pass")
+    p.add_argument("--groups", default="2,4,8",
+                   help="group sizes to compare with one token per pass (K+ga: with the head's group attention)")
     p.add_argument("--batches", default="1,16")
     p.add_argument("--quick", action="store_true", help="4 head steps, one round: a smoke run")
     p.add_argument("--out", default=None, help="also write the JSON here")

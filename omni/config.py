@@ -121,22 +121,24 @@ class ModelConfig:
     # training takes one, picked by its content (`layout`); the model draws with the first unless
     # generation.parallel_image names another, so one run gives the curve over k.
     parallel_image: str = "off"
-    # The order the groups take the cells in: "raster" (groups are runs of a row) or "strided"
-    # (each group a lattice of cells sqrt(k) apart in both directions, as PAR draws distant tokens
-    # together, so no two tokens of a group touch; needs one group size k, a square whose root
-    # divides the grid side). Committed tokens then sit in the sequence in drawing order, each with
-    # its raster position id.
-    parallel_order: Literal["raster", "strided"] = "raster"
+    # The order the groups take the cells in: "raster" (groups are runs of a row), "strided" (each
+    # group a lattice of cells sqrt(k) apart in both directions, as PAR draws distant tokens
+    # together, so no two tokens of a group touch) or "blocks" (each group a sqrt(k) x sqrt(k)
+    # block of neighbouring cells, blocks in raster order: what one object covers is drawn in one
+    # pass, best with model.head.group_attention). The last two need one group size k, a square
+    # whose root divides the grid side. Committed tokens then sit in the sequence in drawing order,
+    # each with its raster position id.
+    parallel_order: Literal["raster", "strided", "blocks"] = "raster"
 
     def __post_init__(self) -> None:
         choices = parse_group_choices(self.parallel_image, "model.parallel_image")
         if self.head.group_attention and choices is None:
             raise ConfigError("model.head.group_attention=true denoises a group of image tokens together, so it "
                               "needs model.parallel_image (e.g. 4); set one or leave group_attention off")
-        if self.parallel_order == "strided" and (choices is None or len(choices) != 1 or len(choices[0]) != 1
+        if self.parallel_order != "raster" and (choices is None or len(choices) != 1 or len(choices[0]) != 1
                                                  or isqrt(choices[0][0]) ** 2 != choices[0][0]):
-            raise ConfigError(f"model.parallel_order=strided needs model.parallel_image to be one square group size "
-                              f"(4, 9, 16, ...), got {self.parallel_image!r}")
+            raise ConfigError(f"model.parallel_order={self.parallel_order} needs model.parallel_image to be one square "
+                              f"group size (4, 9, 16, ...), got {self.parallel_image!r}")
 
 
 @dataclass
@@ -260,14 +262,17 @@ def parse_group_choices(spec: str, name: str = "model.parallel_image") -> list[l
 
 def draw_order(total: int, spec: list[int], order: str = "raster") -> list[int]:
     """The cells of a `total`-token image in the order parallel decoding draws them (groups are
-    consecutive runs of it, `group_sizes`): raster, or strided (one group size k = r * r: the
-    cells (i + s a, j + s b), a, b < r, with s = side / r, one offset (i, j) per group)."""
+    consecutive runs of it, `group_sizes`): raster; strided (one group size k = r * r: the
+    cells (i + s a, j + s b), a, b < r, with s = side / r, one offset (i, j) per group); blocks (one
+    group size k = r * r: the r x r blocks of neighbouring cells, in raster order of blocks)."""
     if order == "raster":
         return list(range(total))
     side, r = isqrt(total), isqrt(spec[0])
     if side * side != total or r * r != spec[0] or side % r:
-        raise ValueError(f"a strided drawing order needs a square grid whose side is divisible by sqrt(k): "
+        raise ValueError(f"a {order} drawing order needs a square grid whose side is divisible by sqrt(k): "
                          f"{total} tokens with groups of {spec[0]}; use model.parallel_order=raster")
+    if order == "blocks":
+        return sorted(range(total), key=lambda c: ((c // side) // r, (c % side) // r, c // side, c % side))
     s = side // r
     return sorted(range(total), key=lambda c: ((c // side) % s, (c % side) % s, c // side, c % side))
 

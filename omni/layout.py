@@ -122,7 +122,7 @@ def with_queries(tok: list[int], pred: list[bool], img: list[int], groups: list[
 
     -> (tok, pred, img, pos, query_cell, orders): query positions hold `pad` (their input is the
     query embedding), are never predicted, carry their target's position id and cell; committed
-    positions keep their raster position ids. `order` "strided" (`config.draw_order`) commits an
+    positions keep their raster position ids. `order` "strided" or "blocks" (`config.draw_order`) commits an
     image's tokens in drawing order: its j-th committed token is image token img[start] + j, and
     orders[img[start]] = the cells in that order (`layout` permutes the image's tokens to match).
     `per_image` gives an image its own schedule instead of `groups`, by its first image-token index.
@@ -240,7 +240,7 @@ def layout(
                     starts = itertools.accumulate((t.shape[0] for t in images), initial=0)
                     per_image = {s: pick_schedule(t, choices) for s, t in zip(starts, images)}
                 tok, pred, img, pos, qcell, orders = with_queries(tok, pred, img, groups, ids.pad, order, per_image)
-                if orders:  # strided: an image's tokens stored in the order they are committed
+                if orders:  # strided / blocks: an image's tokens stored in the order they are committed
                     starts = [sum(t.shape[0] for t in images[:i]) for i in range(len(images))]
                     images = [t[orders[b]] if b in orders else t for b, t in zip(starts, images)]
             docs.append((tok, pred, img, images, pos, qcell))

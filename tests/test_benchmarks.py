@@ -168,10 +168,10 @@ def test_bench_parallel_counts_passes_and_reports_ratios():
     N / k (and one head call per pass), and every row carries the ratio it promises."""
     from benchmarks import bench_parallel
 
-    r = bench_parallel.run("tiny", "cpu", groups=("4",), batches=(1,), quick=True)
+    r = bench_parallel.run("tiny", "cpu", groups=("4", "4+ga"), batches=(1,), quick=True)
     n = r["image_tokens"]
     assert r["counts_off"] == {"passes_per_image": n, "head_calls_per_image": n}
-    assert r["counts_4"] == {"passes_per_image": n // 4, "head_calls_per_image": n // 4}
+    assert r["counts_4"] == r["counts_4+ga"] == {"passes_per_image": n // 4, "head_calls_per_image": n // 4}
     (row,) = r["rows"]
     assert row["batch"] == 1 and positive(row["s_per_image_off"]) and positive(row["s_per_image_4"])
     assert row["speedup_4"] == pytest.approx(row["s_per_image_off"] / row["s_per_image_4"], rel=0.02)

@@ -40,10 +40,10 @@ N = 16  # image tokens of the tiny preset (32 x 32 pixels, patches of 8)
 
 
 def make_model(tokenizer_dir, groups: str = "4", *extra: str) -> OmniModel:
-    if groups == "strided":
-        groups, extra = "4", ("model.parallel_order=strided", *extra)
     if groups.endswith("+ga"):  # group attention in the head (woken below, so it mixes)
         groups, extra = groups[:-3], ("model.head.group_attention=true", *extra)
+    if groups in ("strided", "blocks"):
+        groups, extra = "4", (f"model.parallel_order={groups}", *extra)
     cfg = load_config("tiny", [f"model.tokenizer={tokenizer_dir}", *TINY, "model.image_pos_embed=true",
                                f"model.parallel_image={groups}", *extra])
     torch.manual_seed(0)
@@ -269,7 +269,7 @@ def per_row(calls, gen, which: int) -> torch.Tensor:
     return torch.stack([c[which][i] for c in calls for i, g in enumerate(c[2]) if g is gen])
 
 
-@pytest.mark.parametrize("groups", ["4", "1,2,4,8", "strided", "1,2,4,8+ga"])
+@pytest.mark.parametrize("groups", ["4", "1,2,4,8", "strided", "1,2,4,8+ga", "blocks+ga"])
 def test_cached_conditioning_equals_training_layout(tokenizer_dir, groups):
     """The vectors the cached sampler hands the head, for the conditional and the unconditional
     streams, equal what training computes over the same committed tokens (the layout's queries),
@@ -318,7 +318,8 @@ def test_cached_conditioning_equals_training_layout(tokenizer_dir, groups):
         if model.head.cfg.group_attention:  # the head drew the row's tokens in the groups training used
             drawn = [int((ix >= 0).sum()) for c in calls for ix in c[3][0] if c[2][int(ix[0])] is r.gen]
             assert drawn == (b.image_group_index >= 0).sum(1).tolist()
-            assert drawn[:5] == [1, 2, 4, 8, 1]  # the schedule, over the row's first image
+            sizes = group_sizes(model.groups, N)
+            assert drawn[:len(sizes)] == sizes  # the schedule, over the row's first image
     assert drew >= 2
 
 
@@ -476,8 +477,19 @@ def test_strided_layout_commits_in_drawing_order_at_raster_positions(tokenizer_d
             == image_cells(plain.input_ids, sp.img)[plain.image_mask]).all()
 
 
-def test_strided_sampling_counts_passes_and_returns_raster_images(tokenizer_dir):
-    model = make_model(tokenizer_dir, "strided")
+def test_blocks_order_groups_neighbouring_cells():
+    assert draw_order(16, [4], "blocks") == [0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15]  # the quadrants
+    order = draw_order(256, [16], "blocks")
+    assert sorted(order) == list(range(256)) and order[:16] == [r * 16 + c for r in range(4) for c in range(4)]
+    with pytest.raises(ValueError, match="blocks"):
+        draw_order(16, [2], "blocks")
+    with pytest.raises(ConfigError, match="parallel_order=blocks"):
+        load_config("tiny", ["model.parallel_image=1,2,4", "model.parallel_order=blocks"])
+
+
+@pytest.mark.parametrize("order", ["strided", "blocks+ga"])
+def test_strided_sampling_counts_passes_and_returns_raster_images(tokenizer_dir, order):
+    model = make_model(tokenizer_dir, order)
     with decoder_rows(model) as rows:
         out = generate(model, [["a red circle"], ["two blue squares"]], gcfg())
     assert rows == [2] + [4] * 4
@@ -493,6 +505,6 @@ def test_strided_sampling_counts_passes_and_returns_raster_images(tokenizer_dir)
         (row,) = generate(model, [["a red circle"]], gcfg(cfg_scale=1.0))
     finally:
         del model.head.sample
-    order = draw_order(N, [4], "strided")
-    torch.testing.assert_close(row.image_tokens[0][order], torch.cat(draws))
+    cells = draw_order(N, [4], order.removesuffix("+ga"))
+    torch.testing.assert_close(row.image_tokens[0][cells], torch.cat(draws))
     assert len(out[0].images) == 1 and out[0].image_tokens[0].shape == (N, 192)
