@@ -156,6 +156,9 @@ def test_group_attention_mixes_only_within_a_group(tokenizer_dir):
         assert moved[[0, 2, 3]].min() > 1e-4 and moved[4:].max() == 0  # its mates move, the other group not
         alone = net.body(x, c, group_index([1] * 6))
         assert (alone - base).abs().max() > 1e-4  # grouping matters
+        pairs = net.body(x, c, group_index([2, 2, 2]))  # no padding: the groups are a view of the rows
+        padded = (torch.tensor([[0, 1, -1], [2, 3, -1], [4, 5, -1]]), torch.tensor([0, 1, 3, 4, 6, 7]))
+        torch.testing.assert_close(pairs, net.body(x, c, padded))  # the same groups, gathered and masked
         mods = net.modulations(c)
         fast = net.fast_modulated(net.in_proj(x), net.sampling_weights(), mods, groups)
         torch.testing.assert_close(fast, base)

@@ -83,8 +83,9 @@ def guide(pred: torch.Tensor, b: int, cfg_scale: float, image_cfg_scale: float |
 
 
 # Rows drawn together (group attention): index (G, k) of each group's rows (-1 pads a group shorter
-# than the longest, k) and pos (R,), each row's place in the flattened (G, k); `omni.layout.group_index`
-# makes them from group sizes.
+# than the longest, k) and pos (R,), each row's place in the flattened (G, k). Groups are consecutive
+# runs of the rows, in order (`omni.layout.group_index` makes them from the sizes), so without
+# padding (G * k = R) index is arange(R).view(G, k).
 Groups = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -113,11 +114,13 @@ class GroupAttention(nn.Module):
     def forward(self, x: torch.Tensor, groups: Groups) -> torch.Tensor:
         index, pos = groups
         G, k = index.shape
-        h = self.norm(x)[index.clamp(min=0)]  # (G, k, W); padding rows read row 0 and are masked
+        full = G * k == x.shape[0]  # no padding: the groups are the rows in order (a view, no mask)
+        h = self.norm(x)
+        h = h.view(G, k, -1) if full else h[index.clamp(min=0)]  # (G, k, W); padding reads row 0, masked
         q, key, v = self.qkv(h).view(G, k, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (G, H, k, W/H)
-        seen = (index >= 0)[:, None, None, :]  # (G, 1, 1, k)
-        out = F.scaled_dot_product_attention(q, key, v, attn_mask=seen)  # (G, H, k, W/H)
-        return self.proj(out.transpose(1, 2).reshape(G * k, -1)[pos])  # (R, W)
+        seen = None if full else (index >= 0)[:, None, None, :]  # (G, 1, 1, k)
+        out = F.scaled_dot_product_attention(q, key, v, attn_mask=seen).transpose(1, 2).reshape(G * k, -1)
+        return self.proj(out if full else out[pos])  # (R, W)
 
 
 class ResBlock(nn.Module):
