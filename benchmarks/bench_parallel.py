@@ -6,7 +6,7 @@ Text-to-image sampling (mode "image", the preset's generation settings: tiny dra
 images with 20 stochastic head steps under CFG 2) with random-weight models of the preset: the
 baseline (`model.parallel_image=off`, one image token per pass from the position before it) and
 one model per group size k (`model.parallel_image=k`, position queries, docs/parallel.md; `k+ga`:
-with the head's group attention, `model.head.group_attention=true`). Speed
+with the head's group attention, `model.head.group_attention=true`; `k+ga64`: of width 64). Speed
 does not depend on what the weights learned, only on the passes and the head calls a schedule
 makes, which the benchmark also counts (backbone passes per image, head calls per image).
 
@@ -33,8 +33,9 @@ from benchmarks.common import bench_config, cpu_threads, interleaved_best, machi
 def _model(preset: str, tmp: str, dev: torch.device, groups: str):
     from omni.models.model import OmniModel
 
-    k, ga = groups.removesuffix("+ga"), groups.endswith("+ga")
-    cfg = bench_config(preset, tmp, [f"model.parallel_image={k}", *(["model.head.group_attention=true"] if ga else [])])
+    k, _, ga = groups.partition("+ga")  # "4+ga": group attention; "4+ga64": of width 64
+    extra = ["model.head.group_attention=true", f"model.head.group_attention_dim={ga or 0}"] if "+ga" in groups else []
+    cfg = bench_config(preset, tmp, [f"model.parallel_image={k}", *extra])
     torch.manual_seed(0)
     with torch.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
         model = OmniModel.from_config(cfg.model)

@@ -88,6 +88,10 @@ class DiffusionHeadConfig:
     # each other (one attention over the group, zero-initialised output), and training noises a
     # group at one timestep. Without it a group's tokens are drawn independently given the context.
     group_attention: bool = False
+    # Width of that attention's queries, keys and values (heads of 64): 0 = the head's width. Its
+    # projections cost 4 x dim x width per token and block against the MLP's 2 x width^2, so a
+    # narrow one (64) is cheap; the output projection maps back to the width.
+    group_attention_dim: int = 0
 
 
 @dataclass

@@ -40,8 +40,9 @@ N = 16  # image tokens of the tiny preset (32 x 32 pixels, patches of 8)
 
 
 def make_model(tokenizer_dir, groups: str = "4", *extra: str) -> OmniModel:
-    if groups.endswith("+ga"):  # group attention in the head (woken below, so it mixes)
-        groups, extra = groups[:-3], ("model.head.group_attention=true", *extra)
+    if "+ga" in groups:  # group attention in the head (woken below, so it mixes); "+ga64": of width 64
+        groups, _, dim = groups.partition("+ga")
+        extra = ("model.head.group_attention=true", f"model.head.group_attention_dim={dim or 0}", *extra)
     if groups in ("strided", "blocks"):
         groups, extra = "4", (f"model.parallel_order={groups}", *extra)
     cfg = load_config("tiny", [f"model.tokenizer={tokenizer_dir}", *TINY, "model.image_pos_embed=true",
@@ -166,6 +167,16 @@ def test_group_attention_mixes_only_within_a_group(tokenizer_dir):
         assert two[0].tolist() == [[0, 1, 2, 3], [4, 5, -1, -1], [6, 7, 8, 9], [10, 11, -1, -1]]
         stacked = net.body(torch.cat([x, x]), torch.cat([c, c]), two)
         torch.testing.assert_close(stacked, torch.cat([base, base]))
+    narrow = make_model(tokenizer_dir, "4+ga64").head.net.blocks[0].mix
+    assert narrow.qkv.weight.shape == (3 * 64, W) and narrow.proj.weight.shape == (W, 64) and narrow.heads == 1
+    with torch.no_grad():
+        h = torch.randn(6, W)
+        h2 = h.clone()
+        h2[1] += torch.randn(W)  # (a constant shift would vanish in the LayerNorm)
+        moved = (narrow(h2, groups) - narrow(h, groups)).abs().amax(1)
+    assert moved[0] > 1e-4 and moved[4:].max() == 0  # mixes within the group only
+    with pytest.raises(ValueError, match="group_attention_dim"):
+        make_model(tokenizer_dir, "4+ga100")
     with pytest.raises(ValueError, match="group_attention"):
         fresh.head.sample(torch.randn(2, fresh.head.net.cond_embed.in_features), steps=2)
     with pytest.raises(ConfigError, match="group_attention"):
@@ -272,7 +283,7 @@ def per_row(calls, gen, which: int) -> torch.Tensor:
     return torch.stack([c[which][i] for c in calls for i, g in enumerate(c[2]) if g is gen])
 
 
-@pytest.mark.parametrize("groups", ["4", "1,2,4,8", "strided", "1,2,4,8+ga", "blocks+ga"])
+@pytest.mark.parametrize("groups", ["4", "1,2,4,8", "strided", "1,2,4,8+ga", "blocks+ga", "blocks+ga64"])
 def test_cached_conditioning_equals_training_layout(tokenizer_dir, groups):
     """The vectors the cached sampler hands the head, for the conditional and the unconditional
     streams, equal what training computes over the same committed tokens (the layout's queries),

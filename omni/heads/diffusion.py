@@ -104,12 +104,15 @@ class GroupAttention(nn.Module):
     """Self-attention among the tokens of each group (parallel decoding's jointly drawn tokens):
     rows (R, W) -> (R, W); a row sees only its own group. Its output projection starts at zero."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, dim: int = 0):
         super().__init__()
-        self.heads = max(1, width // 64)
+        dim = dim or width
+        if dim % 64 and dim > 64:
+            raise ValueError(f"model.head.group_attention_dim={dim}: use a multiple of 64 (heads of 64) or at most 64")
+        self.heads = max(1, dim // 64)
         self.norm = nn.LayerNorm(width, eps=1e-6)
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
+        self.qkv = nn.Linear(width, 3 * dim)
+        self.proj = nn.Linear(dim, width)
 
     def forward(self, x: torch.Tensor, groups: Groups) -> torch.Tensor:
         index, pos = groups
@@ -127,12 +130,12 @@ class ResBlock(nn.Module):
     """LayerNorm -> modulate -> MLP -> gated residual; shift/scale/gate come from the condition.
     With `group_attention` the block first adds attention among each group's tokens."""
 
-    def __init__(self, width: int, group_attention: bool = False):
+    def __init__(self, width: int, group_attention: bool = False, group_attention_dim: int = 0):
         super().__init__()
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
-        self.mix = GroupAttention(width) if group_attention else None
+        self.mix = GroupAttention(width, group_attention_dim) if group_attention else None
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, groups: Groups | None = None) -> torch.Tensor:
         shift, scale, gate = self.ada(c).chunk(3, dim=-1)  # 3 x (B, W)
@@ -157,13 +160,13 @@ class Denoiser(nn.Module):
     """net(x_t, t, z) -> prediction, all (B, d); t is a float timestep on the 0..1000 scale."""
 
     def __init__(self, token_dim: int, cond_dim: int, width: int, depth: int, grad_checkpointing: bool,
-                 group_attention: bool = False):
+                 group_attention: bool = False, group_attention_dim: int = 0):
         super().__init__()
         self.grad_checkpointing = grad_checkpointing
         self.time_embed = nn.Sequential(nn.Linear(256, width), nn.SiLU(), nn.Linear(width, width))
         self.cond_embed = nn.Linear(cond_dim, width)
         self.in_proj = nn.Linear(token_dim, width)
-        self.blocks = nn.ModuleList(ResBlock(width, group_attention) for _ in range(depth))
+        self.blocks = nn.ModuleList(ResBlock(width, group_attention, group_attention_dim) for _ in range(depth))
         self.final_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
         self.out = nn.Linear(width, token_dim)
@@ -256,7 +259,8 @@ class DiffusionHead(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.token_dim = token_dim
-        self.net = Denoiser(token_dim, cond_dim, cfg.width, cfg.depth, cfg.grad_checkpointing, cfg.group_attention)
+        self.net = Denoiser(token_dim, cond_dim, cfg.width, cfg.depth, cfg.grad_checkpointing, cfg.group_attention,
+                            cfg.group_attention_dim)
         if cfg.parameterization != "flow":
             ac = alphas_cumprod(cfg)  # (T,) float32
             self.register_buffer("alphas_cumprod", ac.clone(), persistent=False)
