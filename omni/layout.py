@@ -163,13 +163,12 @@ def group_index(sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows that come in consecutive groups of `sizes` (tokens drawn together, the head's group
     attention): index (G, k) of each group's rows, -1 padding a group shorter than the longest (k),
     and pos (R,), each row's place in the flattened (G, k) (`omni.heads.diffusion.Groups`)."""
-    k = max(sizes, default=1)
-    index, pos, start = [], [], 0
-    for g, size in enumerate(sizes):
-        index.append(list(range(start, start + size)) + [-1] * (k - size))
-        pos += range(g * k, g * k + size)
-        start += size
-    return torch.tensor(index, dtype=torch.long).view(len(sizes), k), torch.tensor(pos, dtype=torch.long)
+    s = torch.tensor(sizes, dtype=torch.long)  # (G,)
+    j = torch.arange(max(sizes, default=1))  # (k,)
+    valid = j[None] < s[:, None]  # (G, k)
+    index = torch.where(valid, (torch.cumsum(s, 0) - s)[:, None] + j[None], -1)
+    pos = (torch.arange(len(sizes))[:, None] * len(j) + j[None])[valid]
+    return index, pos
 
 
 def pick_schedule(tokens: torch.Tensor, choices: list[list[int]]) -> list[int]:
@@ -235,13 +234,12 @@ def layout(
             if groups is None:
                 pos, qcell = list(range(len(tok))), [-1] * len(tok)
             else:
+                starts = list(itertools.accumulate((t.shape[0] for t in images), initial=0))  # first token of each
                 per_image = None
                 if choices is not None and len(choices) > 1:
-                    starts = itertools.accumulate((t.shape[0] for t in images), initial=0)
                     per_image = {s: pick_schedule(t, choices) for s, t in zip(starts, images)}
                 tok, pred, img, pos, qcell, orders = with_queries(tok, pred, img, groups, ids.pad, order, per_image)
                 if orders:  # strided / blocks: an image's tokens stored in the order they are committed
-                    starts = [sum(t.shape[0] for t in images[:i]) for i in range(len(images))]
                     images = [t[orders[b]] if b in orders else t for b, t in zip(starts, images)]
             docs.append((tok, pred, img, images, pos, qcell))
         flat.append(docs)

@@ -285,9 +285,8 @@ class DiffusionHead(nn.Module):
         if self.cfg.group_attention:
             if groups is None:
                 raise ValueError("this head denoises groups of tokens together (model.head.group_attention): "
-                                 "pass the targets' groups (Batch.image_groups)")
+                                 "pass the targets' groups (Batch.image_group_index, image_group_pos)")
             groups = repeat_groups(groups, target.shape[0], self.cfg.noise_copies)
-            slots = groups[0].numel() // groups[0].shape[0]
             draws = groups[0].shape[0]  # (C*G,): one timestep per group and copy, spread to its rows
         else:
             groups, draws = None, n
@@ -296,7 +295,7 @@ class DiffusionHead(nn.Module):
         else:
             t = torch.randint(0, self.cfg.train_steps, (draws,), device=target.device)
         if groups is not None:
-            t = t[groups[1] // slots]  # (C*K,)
+            t = t[groups[1] // groups[0].shape[1]]  # (C*K,): each row's group
         return self._loss_fn()(target, cond, noise, t, bf16, groups)
 
     def _loss_fn(self) -> Callable:
@@ -352,7 +351,7 @@ class DiffusionHead(nn.Module):
         dtype: torch.dtype | None = None,
         image_cond: torch.Tensor | None = None,
         image_cfg_scale: float | None = None,
-        groups: list[int] | None = None,
+        groups: Groups | None = None,
     ) -> torch.Tensor:
         """Draw one token per row of `cond` (B, D); with `uncond` (B, D) and cfg_scale != 1, guided.
 
@@ -374,8 +373,8 @@ class DiffusionHead(nn.Module):
         """
         b = cond.shape[0]
         if self.cfg.group_attention != (groups is not None):
-            raise ValueError("pass `groups` (the sizes of the groups of rows drawn together) exactly when the head "
-                             "was built with model.head.group_attention")
+            raise ValueError("pass `groups` (the rows drawn together, `omni.layout.group_index`) exactly when the "
+                             "head was built with model.head.group_attention")
         if groups is not None and groups[1].shape[0] != b:
             raise ValueError(f"groups cover {groups[1].shape[0]} rows, not the {b} being drawn")
         with torch.autocast(device_type=cond.device.type, enabled=False):

@@ -623,8 +623,9 @@ class Sampler:
             if drawn is not None:
                 done += [r for r in rows if self._image_token(r, drawn[id(r)])]
                 continue
-            cond = torch.cat([tokens_of(r.cond) for r in rows])  # (n, D)
-            counts = [tokens_of(r.cond).shape[0] for r in rows]
+            conds = [tokens_of(r.cond) for r in rows]
+            cond = torch.cat(conds)  # (n, D)
+            counts = [c.shape[0] for c in conds]
             guided = scale != 1.0 or image_scale is not None
             uncond = torch.cat([tokens_of(r.uncond) for r in rows]) if guided else None
             image = torch.cat([tokens_of(r.image_only) for r in rows]) if image_scale is not None else None
