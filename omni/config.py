@@ -62,6 +62,18 @@ class ImageTokenizerConfig:
     path: str | None = None  # local directory of the autoencoder / VAE / VQGAN weights (patch-ae, vae, vq-features)
     scale: float = 1.0  # latents are multiplied by this before becoming tokens (MAR KL-16: 0.2325)
     shift: float = 0.0  # subtracted from latents before scaling
+    # The order of an image's tokens in the sequence (they are read and drawn in it): raster, or
+    # blocks: the `block` x `block` blocks of neighbouring tokens in raster order of blocks, raster
+    # within each (the shapes world at 32 px, block 2: one object cell after another, each drawn
+    # whole before the next starts). The tokenizer's encode / decode apply it (omni/tokenizers/base.py).
+    order: Literal["raster", "blocks"] = "raster"
+    block: int = 2  # tokens per block side for order=blocks
+
+    def __post_init__(self) -> None:
+        if self.order not in ("raster", "blocks"):
+            raise ConfigError(f"model.image.order={self.order!r}: use raster or blocks")
+        if self.block < 1:
+            raise ConfigError(f"model.image.block={self.block}: use a block side of at least 1 token")
 
 
 @dataclass
@@ -143,6 +155,9 @@ class ModelConfig:
                                                  or isqrt(choices[0][0]) ** 2 != choices[0][0]):
             raise ConfigError(f"model.parallel_order={self.parallel_order} needs model.parallel_image to be one square "
                               f"group size (4, 9, 16, ...), got {self.parallel_image!r}")
+        if self.parallel_order != "raster" and self.image.order != "raster":
+            raise ConfigError(f"model.parallel_order={self.parallel_order} reorders an image's cells itself; it needs "
+                              f"model.image.order=raster, got {self.image.order!r}")
 
 
 @dataclass

@@ -23,6 +23,34 @@ def test_patch_roundtrip_exact_and_shapes():
     assert torch.equal(tok.encode(pil), t)
 
 
+def test_blocks_order_puts_each_block_together_and_round_trips():
+    """model.image.order=blocks: the 2 x 2 blocks of a 4 x 4 grid one after another (one shapes-world
+    object cell each), raster inside a block; decode takes that order back to the same picture."""
+    raster = PatchTokenizer(ImageTokenizerConfig(kind="patch", image_size=32, patch_size=8))
+    blocks = PatchTokenizer(ImageTokenizerConfig(kind="patch", image_size=32, patch_size=8, order="blocks", block=2))
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    r, b = raster.encode(x), blocks.encode(x)
+    assert raster.order is None
+    assert blocks.order.tolist() == [0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15]
+    assert torch.equal(b, r[:, blocks.order])
+    # the 4th token is the patch below-right of the first: the top-left 16 x 16 cell is tokens 0-3
+    assert torch.equal(b[0, 3].view(8, 8, 3), (x[0, :, 8:16, 8:16].permute(1, 2, 0).float() / 127.5 - 1))
+    assert torch.equal(blocks.decode(b), x) and not torch.equal(blocks.decode(r), x)
+    whole = PatchTokenizer(ImageTokenizerConfig(kind="patch", image_size=32, patch_size=8, order="blocks", block=4))
+    assert whole.order.tolist() == list(range(16))  # one block = the raster order
+    with pytest.raises(ValueError, match=r"model.image.block=3; this tokenizer's grid is 4 x 4"):
+        PatchTokenizer(ImageTokenizerConfig(kind="patch", image_size=32, patch_size=8, order="blocks", block=3)).encode(x)
+
+
+def test_blocks_order_config_errors():
+    from omni.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="model.image.block=0"):
+        ImageTokenizerConfig(order="blocks", block=0)
+    with pytest.raises(ConfigError, match="model.parallel_order=blocks reorders"):
+        load_config("tiny", ["model.image.order=blocks", "model.parallel_image=4", "model.parallel_order=blocks"])
+
+
 def test_wrong_size_names_size_and_multiple():
     tok = PatchTokenizer(ImageTokenizerConfig(kind="patch", image_size=32, patch_size=8))
     with pytest.raises(ValueError, match=r"image 0 is 40x31; this tokenizer needs 32x32 \(a multiple of 8"):

@@ -2,7 +2,8 @@
 
     encode(images) -> (B, N, d_tok) float   images: uint8 (B, C, H, W) tensor or PIL images
     decode(tokens) -> (B, C, H, W) uint8
-    grid           -> (rows, cols) of tokens, N = rows * cols, raster order
+    grid           -> (rows, cols) of tokens, N = rows * cols
+    order          -> the raster index of each token in sequence order (model.image.order), or None (raster)
     token_dim      -> d_tok
 
 Implementations: `patch` and `vae` (omni.tokenizers.image), `patch-ae` (omni.tokenizers.patch_ae),
@@ -91,6 +92,23 @@ class ImageTokenizer:
     def token_dim(self) -> int:
         raise NotImplementedError
 
+    @property
+    def order(self) -> torch.Tensor | None:
+        """(N,) the raster index of each token in sequence order, None for raster (model.image.order).
+        `encode` returns tokens in this order and `decode` takes them in it; `_encode` / `_decode`
+        always work in raster order."""
+        if getattr(self.cfg, "order", "raster") == "raster":
+            return None
+        from omni.config import draw_order
+
+        rows, cols = self.grid
+        b = self.cfg.block
+        if rows != cols or rows % b:
+            raise ValueError(f"model.image.order=blocks needs a square token grid whose side is a multiple of "
+                             f"model.image.block={b}; this tokenizer's grid is {rows} x {cols}: set model.image.block "
+                             "to a divisor of the side, or model.image.order=raster")
+        return torch.tensor(draw_order(rows * cols, [b * b], "blocks"))
+
     def check(self, images: torch.Tensor) -> None:
         size = self.cfg.image_size
         for i, im in enumerate(images):
@@ -107,7 +125,9 @@ class ImageTokenizer:
     def encode(self, images) -> torch.Tensor:
         x = to_uint8_tensor(images)
         self.check(x)
-        return self._encode(x)
+        tokens = self._encode(x)  # (B, N, d) raster
+        order = self.order
+        return tokens if order is None else tokens[:, order.to(tokens.device)]
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -116,7 +136,8 @@ class ImageTokenizer:
             raise ValueError(
                 f"tokens of shape {tuple(tokens.shape)}; expected (B, {rows * cols}, {self.token_dim})"
             )
-        return self._decode(tokens)
+        order = self.order
+        return self._decode(tokens if order is None else tokens[:, order.argsort().to(tokens.device)])
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write whatever weights the tokenizer needs into a checkpoint directory."""
