@@ -97,7 +97,7 @@ class ImageTokenizer:
         """(N,) the raster index of each token in sequence order, None for raster (model.image.order).
         `encode` returns tokens in this order and `decode` takes them in it; `_encode` / `_decode`
         always work in raster order."""
-        if getattr(self.cfg, "order", "raster") == "raster":
+        if self.cfg.order == "raster":
             return None
         from omni.config import draw_order
 
