@@ -13,6 +13,7 @@ Implementations: `patch` and `vae` (omni.tokenizers.image), `patch-ae` (omni.tok
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ import torch
 from einops import rearrange
 from PIL import Image
 
-from omni.config import ImageTokenizerConfig
+from omni.config import ImageTokenizerConfig, draw_order
 
 
 def to_uint8_tensor(images: torch.Tensor | Sequence[Image.Image] | Image.Image) -> torch.Tensor:
@@ -92,15 +93,13 @@ class ImageTokenizer:
     def token_dim(self) -> int:
         raise NotImplementedError
 
-    @property
+    @cached_property
     def order(self) -> torch.Tensor | None:
-        """(N,) the raster index of each token in sequence order, None for raster (model.image.order).
-        `encode` returns tokens in this order and `decode` takes them in it; `_encode` / `_decode`
-        always work in raster order."""
+        """(N,) the raster index of each token in sequence order, None for raster (model.image.order),
+        worked out once. `encode` returns tokens in this order and `decode` takes them in it;
+        `_encode` / `_decode` always work in raster order."""
         if self.cfg.order == "raster":
             return None
-        from omni.config import draw_order
-
         rows, cols = self.grid
         b = self.cfg.block
         if rows != cols or rows % b:
