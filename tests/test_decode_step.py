@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from decode_reference import PROMPTS, REFERENCE, SEEDS, build_model, reference_outputs
 from test_continuous_batching import REQUESTS, drive
 from test_continuous_batching import model as small_model  # noqa: F401  (a fixture)
@@ -23,7 +24,7 @@ from test_generation import assert_same, gcfg
 from omni.inference.generate import generate
 from omni.inference.rows import GenerationEvents
 from omni.inference.sampler import Sampler
-from omni.models.kv_cache import CAPACITY_STEP, StaticKV
+from omni.models.kv_cache import CAPACITY_STEP, SLACK, GrowingKV, KVOps, StaticKV
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +145,65 @@ def test_static_cache_is_written_in_place(model):
     ptrs = {p for p, _, _ in seen[1:]}  # token 0 is drawn before the unconditional stream is gathered
     assert len(ptrs) == 1, "the static cache was reallocated inside an image"
     assert all(cap % CAPACITY_STEP == 0 and cap >= T for _, cap, T in seen)
+
+
+def test_growing_cache_moves_match_plain_tensor_ops(model):
+    # The default cache against what transformers' DynamicCache does with plain tensors: append by
+    # concatenation, gather rows, stack two caches' rows, pad the front with zeros, drop the front.
+    # It writes into spare room in place and drops the front without a copy.
+    torch.manual_seed(0)
+    ops = KVOps(model.backbone.config, static=False)
+    layers = model.backbone.config.num_hidden_layers
+
+    def kv(s, t):
+        return [(torch.randn(s, 2, t, 4), torch.randn(s, 2, t, 4)) for _ in range(layers)]
+
+    def same(cache, want):
+        for c, (k, v) in zip(cache.layers, want, strict=True):
+            torch.testing.assert_close(c.keys, k, rtol=0, atol=0)
+            torch.testing.assert_close(c.values, v, rtol=0, atol=0)
+        assert cache.get_seq_length() == want[0][0].shape[2]
+
+    cache, want = ops.empty(), kv(3, 5)
+    for i, (k, v) in enumerate(want):
+        cache.update(k, v, i)
+    same(cache, want)
+    ptr = cache.layers[0].k.data_ptr()
+    for _ in range(SLACK - 1):  # one position a step: in place while the spare room lasts
+        new = kv(3, 1)
+        for i, (k, v) in enumerate(new):
+            cache.update(k, v, i)
+        want = [(torch.cat([a, k], 2), torch.cat([b, v], 2)) for (a, b), (k, v) in zip(want, new)]
+    same(cache, want)
+    assert cache.layers[0].k.data_ptr() == ptr
+    new = kv(3, 7)  # past the room: moved to a bigger buffer, nothing lost
+    for i, (k, v) in enumerate(new):
+        ks = cache.update(k, v, i)[0]
+        assert ks.shape[2] == want[0][0].shape[2] + 7
+    want = [(torch.cat([a, k], 2), torch.cat([b, v], 2)) for (a, b), (k, v) in zip(want, new)]
+    same(cache, want)
+    assert cache.layers[0].k.data_ptr() != ptr
+
+    T = want[0][0].shape[2]
+    ptr = cache.layers[0].k.data_ptr()
+    cache = ops.drop_front(cache, 10, T)
+    want = [(k[:, :, 10:], v[:, :, 10:]) for k, v in want]
+    same(cache, want)
+    assert cache.layers[0].k.data_ptr() == ptr  # a view further into the same buffer
+    new = kv(3, 2)  # appending after a drop still lands after the last position
+    for i, (k, v) in enumerate(new):
+        cache.update(k, v, i)
+    want = [(torch.cat([a, k], 2), torch.cat([b, v], 2)) for (a, b), (k, v) in zip(want, new)]
+    same(cache, want)
+
+    index = torch.tensor([2, 0, 0])
+    same(ops.gather([cache], index), [(k[index], v[index]) for k, v in want])
+    other = ops.make(kv(2, want[0][0].shape[2]))
+    both = ops.concat(cache, other)
+    same(both, [(torch.cat([a, k]), torch.cat([b, v])) for (a, b), (k, v) in zip(want, ops.tensors(other))])
+    padded = ops.pad_front(cache, 3, want[0][0].shape[2])
+    same(padded, [(F.pad(k, (0, 0, 3, 0)), F.pad(v, (0, 0, 3, 0))) for k, v in want])
+    assert isinstance(padded, GrowingKV) and padded.layers[0].capacity > padded.layers[0].length
 
 
 # --------------------------------------------------------------------------------------------

@@ -51,10 +51,11 @@ inputs as device tensors, advanced in place while every stream continues as pred
 being drawn), so an image-token step makes no tensor from Python data and reads nothing back;
 they are rebuilt from the streams' lists only when rows start or end something (prefill, <boi>,
 the first image token, text tokens, joins, leaves, trims). Text rows' sampled ids are read back
-once per step for the whole batch. `generation.static_cache` swaps the growing DynamicCache for a
-preallocated one written in place (omni/models/kv_cache.py; the mask then spans its fixed
-capacity); with `generation.cuda_graphs` on top, a steady image-token step of the whole batch
-(embed, backbone, the head's loop under CFG) runs as one unit, replayed from a CUDA graph on CUDA
+once per step for the whole batch. The cache grows in place into spare room (`GrowingKV` in
+omni/models/kv_cache.py); `generation.static_cache` swaps it for a preallocated one of fixed
+capacity, written in place at a device index (the mask then spans that capacity); with
+`generation.cuda_graphs` on top, a steady image-token step of the whole batch (embed, backbone,
+the head's loop under CFG) runs as one unit, replayed from a CUDA graph on CUDA
 (omni/inference/image_step.py). Every variant gives the same tokens (tests/test_decode_step.py).
 
 Parallel image decoding (model.parallel_image; docs/parallel.md). A model trained with position
@@ -276,10 +277,11 @@ class Sampler:
         else:
             group.state = None
             embeds, pos, bias = self._list_inputs(group, start, T)
-        hidden, cache = self.model.decoder(
-            embeds, attention_mask=bias, position_ids=pos,
-            cache=group.cache if self.use_cache else None, use_cache=self.use_cache,
-        )
+        cache = None
+        if self.use_cache:  # a prefill starts an empty growing cache (a static one is made sized, above)
+            cache = group.cache if group.cache is not None else self.kv.empty()
+        hidden, cache = self.model.decoder(embeds, attention_mask=bias, position_ids=pos, cache=cache,
+                                           use_cache=self.use_cache)
         group.cache = cache if self.use_cache else None
         return hidden  # (S, Q, D)
 
@@ -484,7 +486,7 @@ class Sampler:
             s.src = None
 
     def _gather(self, groups: list[_Group], src: list[tuple[int, int]]):
-        """A new DynamicCache whose rows are the cache rows `src` = [(group, row), ...]."""
+        """A new cache whose rows are the cache rows `src` = [(group, row), ...]."""
         offsets, n = [], 0
         for grp in groups:
             offsets.append(n)
