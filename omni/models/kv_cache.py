@@ -176,8 +176,9 @@ class KVOps:
 
     def gather(self, caches: list, index: torch.Tensor):
         """Rows `index` of the caches' rows stacked in order (static caches share one capacity)."""
-        if not self.static and len(caches) == 1:  # one copy of the rows, spare room included
-            return GrowingKV([_GrowingLayer(c.k.index_select(0, index), c.v.index_select(0, index), c.start, c.length)
+        if not self.static and len(caches) == 1:  # one copy of the rows from their start, spare room included
+            return GrowingKV([_GrowingLayer(c.k[:, :, c.start:].index_select(0, index),
+                                            c.v[:, :, c.start:].index_select(0, index), 0, c.length)
                               for c in caches[0].layers])
         layers = []
         for parts in zip(*(c.layers for c in caches)):
