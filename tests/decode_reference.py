@@ -39,7 +39,9 @@ def build_model(tokenizer_dir):
     from omni.config import load_config
     from omni.models.model import OmniModel
 
-    cfg = load_config("tiny", [f"model.tokenizer={tokenizer_dir}", *TINY, "model.image_pos_embed=true"])
+    # causal given pictures: the reference was written before the tiny preset made them bidirectional
+    cfg = load_config("tiny", [f"model.tokenizer={tokenizer_dir}", *TINY, "model.image_pos_embed=true",
+                               "model.prompt_image_attention=causal"])
     torch.manual_seed(0)
     return wake_head(with_bias(OmniModel.from_config(cfg.model).eval()))
 

@@ -31,7 +31,9 @@ SECOND_ROUND = [FIRST, "make the square blue", SOURCE, "move it to the left"]  #
 
 @pytest.fixture(scope="module")
 def model(tokenizer_dir):
-    cfg = load_config("tiny", [f"model.tokenizer={tokenizer_dir}", *TINY, "model.image_pos_embed=true"])
+    # causal given pictures: `reference` runs each stream with a causal decoder
+    cfg = load_config("tiny", [f"model.tokenizer={tokenizer_dir}", *TINY, "model.image_pos_embed=true",
+                               "model.prompt_image_attention=causal"])
     torch.manual_seed(0)
     model = OmniModel.from_config(cfg.model).eval()
     with torch.no_grad():  # the zero-initialised modulation and output would ignore the condition

@@ -207,6 +207,7 @@ def test_image_cell_embeddings_add_per_cell_train_and_round_trip(tmp_path, tiny_
 
 def test_image_input_noise_perturbs_only_what_the_backbone_reads_in_training(tiny_cfg):
     tiny_cfg.model.image_input_noise = 0.5
+    tiny_cfg.model.prompt_image_attention = "causal"  # `hidden_for` reads with the causal document mask
     torch.manual_seed(0)
     model = OmniModel.from_config(tiny_cfg.model)
     batch = _mixed_batch(model, torch.Generator().manual_seed(0))
