@@ -28,7 +28,8 @@ There the tiny preset is compute-bound once batched. The 32 requests take 746 de
 a time and ~120 with 8 clients (not 746 / 8 = 93: the clients finish their four requests at
 different times, so the batch averages 6 rows), and a step with 6 rows (9 model streams, CFG
 doubling the drawing rows) costs ~2.8x a step of one: the ceiling is 6.3 / 2.8 = ~2.3-2.9x.
-Where a batched step goes (tiny, 1 thread): decoder 4.6 ms, KV-cache growth by torch.cat 2.2
+Where a batched step went before the growing KV cache (tiny, 1 thread; docs/serving.md says what
+it changed): decoder 4.6 ms, KV-cache growth by torch.cat 2.2
 ms, cache gathers when rows start or stop drawing or leave 1.7 ms, merging joiners' caches 0.8
 ms, diffusion head 4.3 ms (0.65 ms more per drawing row: compute), the rest 1.1 ms; of one row:
 decoder 2.9 ms, head 1.7 ms. `--small` (the tests' 64-wide model) shows the overhead-bound

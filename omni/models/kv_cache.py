@@ -112,9 +112,9 @@ class _GrowingLayer:
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         n = key_states.shape[2]
         if self.start + self.length + n > self.capacity:  # out of room: move to a bigger buffer
-            keep = self.length
-            self.k = _moved(self.k, self.start, keep, keep + n + SLACK, key_states)
-            self.v = _moved(self.v, self.start, keep, keep + n + SLACK, value_states)
+            room = self.length + n + SLACK
+            held = (self.keys, self.values) if self.k is not None else (key_states[:, :, :0], value_states[:, :, :0])
+            self.k, self.v = (_placed(x, 0, self.length, room) for x in held)
             self.start = 0
         end = self.start + self.length
         self.k[:, :, end:end + n] = key_states
@@ -123,11 +123,10 @@ class _GrowingLayer:
         return self.keys, self.values
 
 
-def _moved(buf: torch.Tensor | None, start: int, length: int, capacity: int, like: torch.Tensor) -> torch.Tensor:
-    """A new (S, H, capacity, hd) buffer holding buf's positions [start, start + length) first."""
-    out = like.new_empty(like.shape[0], like.shape[1], capacity, like.shape[3])
-    if length:
-        out[:, :, :length] = buf[:, :, start:start + length]
+def _placed(x: torch.Tensor, n: int, length: int, capacity: int) -> torch.Tensor:
+    """A zero (S, H, capacity, hd) tensor holding x's first `length` positions from position n."""
+    out = x.new_zeros(x.shape[0], x.shape[1], capacity, x.shape[3])
+    out[:, :, n:n + length] = x[:, :, :length]
     return out
 
 
@@ -200,11 +199,11 @@ class KVOps:
         if cache is None or n == 0:
             return cache
         if not self.static:  # (S, H, n + T, hd) and spare room; the padding's keys are zeros, never stale
-            return GrowingKV([_GrowingLayer(self._placed(c.keys, n, length, n + length + SLACK),
-                                            self._placed(c.values, n, length, n + length + SLACK), 0, n + length)
+            return GrowingKV([_GrowingLayer(_placed(c.keys, n, length, n + length + SLACK),
+                                            _placed(c.values, n, length, n + length + SLACK), 0, n + length)
                               for c in cache.layers])
         cap = max(cache.capacity, round_capacity(length + n))
-        return self.make([(self._placed(c.keys, n, length, cap), self._placed(c.values, n, length, cap))
+        return self.make([(_placed(c.keys, n, length, cap), _placed(c.values, n, length, cap))
                           for c in cache.layers])
 
     def drop_front(self, cache, m: int, length: int):
@@ -213,15 +212,15 @@ class KVOps:
             for c in cache.layers:
                 c.start, c.length = c.start + m, c.length - m
             return cache
-        return self.make([(self._placed(c.keys[:, :, m:], 0, length - m, cache.capacity),
-                           self._placed(c.values[:, :, m:], 0, length - m, cache.capacity)) for c in cache.layers])
+        return self.make([(_placed(c.keys[:, :, m:], 0, length - m, cache.capacity),
+                           _placed(c.values[:, :, m:], 0, length - m, cache.capacity)) for c in cache.layers])
 
     def fit(self, cache, capacity: int):
         """A static cache with at least `capacity` positions (the same tensors when it has them)."""
         if cache is None or not self.static or cache.capacity >= capacity:
             return cache
         cap = round_capacity(capacity)
-        return self.make([(self._placed(c.keys, 0, c.keys.shape[2], cap), self._placed(c.values, 0, c.values.shape[2], cap))
+        return self.make([(_placed(c.keys, 0, c.keys.shape[2], cap), _placed(c.values, 0, c.values.shape[2], cap))
                           for c in cache.layers])
 
     @staticmethod
@@ -233,9 +232,3 @@ class KVOps:
         out[a.shape[0]:, :, :T] = b
         return out
 
-    @staticmethod
-    def _placed(x: torch.Tensor, n: int, length: int, capacity: int) -> torch.Tensor:
-        """A zero (S, H, capacity, hd) tensor holding x's first `length` positions from position n."""
-        out = x.new_zeros(x.shape[0], x.shape[1], capacity, x.shape[3])
-        out[:, :, n:n + length] = x[:, :, :length]
-        return out
