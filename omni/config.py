@@ -127,6 +127,12 @@ class ModelConfig:
     # token of the image sees the whole image, so a patch knows the object it is part of (as a ViT
     # encoder would give). Drawn images stay causal: they are generated token by token.
     prompt_image_attention: Literal["causal", "bidirectional"] = "causal"
+    # Condition each drawn image token also on the token at the same cell of the previous image of
+    # its document (the picture an edit changes, a story's last frame): a learned projection of it
+    # is added to the diffusion head's conditioning vector, as InstructPix2Pix hands its denoiser
+    # the source latents. Zero-initialised; the first image of a document has no reference. One
+    # image token per pass only (not with model.parallel_image). docs/editing.md.
+    image_reference: bool = False
     loss_weight_text: float = 1.0  # weight of the LM loss
     loss_weight_image: float = 1.0  # weight of the diffusion loss
     # Parallel image decoding (docs/parallel.md): "off" draws one image token per backbone pass from
@@ -148,6 +154,10 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         choices = parse_group_choices(self.parallel_image, "model.parallel_image")
+        if self.image_reference and choices is not None:
+            raise ConfigError(f"model.image_reference=true conditions one image token per pass on its cell of the "
+                              f"previous picture; it does not work with model.parallel_image={self.parallel_image!r} "
+                              "yet: turn one of them off")
         if self.head.group_attention and choices is None:
             raise ConfigError("model.head.group_attention=true denoises a group of image tokens together, so it "
                               "needs model.parallel_image (e.g. 4); set one or leave group_attention off")

@@ -82,10 +82,16 @@ class Batch:
     # every target is its own group
     image_group_index: torch.Tensor | None = None
     image_group_pos: torch.Tensor | None = None
+    # (K,) long: for each target, the image token at the same cell of the previous image of its
+    # document (an index into image_tokens), -1 where there is none (the document's first image, an
+    # image of another size, parallel decoding); what model.image_reference conditions on
+    image_ref_index: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.query_cells is None:
             self.query_cells = torch.full_like(self.input_ids, -1)
+        if self.image_ref_index is None:
+            self.image_ref_index = torch.full_like(self.image_target_index, -1)
         if self.image_group_index is None:
             self.image_group_index, self.image_group_pos = group_index([1] * self.image_target_index.numel())
 
@@ -178,6 +184,20 @@ def pick_schedule(tokens: torch.Tensor, choices: list[list[int]]) -> list[int]:
     return choices[zlib.crc32(first.tobytes()) % len(choices)]
 
 
+def reference_index(local: torch.Tensor, sizes: list[int], offset: int = 0) -> torch.Tensor:
+    """(k,) image-token indices within one document -> (k,) the index of the token at the same cell
+    of the previous image of the document (plus `offset`), or -1: the first image has no previous
+    one, and an image of another size no cell-to-cell match."""
+    if not len(local):
+        return local.new_full((0,), -1)
+    starts = torch.tensor(list(itertools.accumulate(sizes, initial=0)))  # (I + 1,) first token of each image
+    n = torch.tensor(sizes + [0])  # (I + 1,)
+    image = torch.searchsorted(starts, local, right=True) - 1  # (k,) which image each token is in
+    prev = (image - 1).clamp(min=0)
+    ok = (image > 0) & (n[prev] == n[image])
+    return torch.where(ok, offset + starts[prev] + local - starts[image], -1)
+
+
 def doc_positions(doc: TokenizedDoc, ids: SpecialIds, add_bos: bool = True, add_eos: bool = True):
     """Flatten one document: (token ids, predicted?, image-token index or -1, image tensors).
 
@@ -259,6 +279,7 @@ def layout(
     n_img = 0  # image tokens laid out so far
     targets: list[torch.Tensor] = []  # per document: indices into image_tokens
     conds: list[torch.Tensor] = []  # per document: flat conditioning positions
+    refs: list[torch.Tensor] = []  # per document: each target's reference token (reference_index)
     sizes: list[int] = []  # the targets' groups in order (a group's queries are one run of positions)
     for b, row in enumerate(flat):
         start = 0
@@ -278,8 +299,10 @@ def layout(
             labels[b, start : start + n - 1][text_target] = tok_t[1:][text_target]
             if groups is None:
                 img_target = pred_t[1:] & is_img
-                targets.append(n_img + img_t[1:][img_target])
+                local = img_t[1:][img_target]  # (k,) the targets' indices among the document's image tokens
+                targets.append(n_img + local)
                 conds.append(b * L + start + img_target.nonzero().flatten())
+                refs.append(reference_index(local, [t.shape[0] for t in images], n_img))
             else:  # a drawn token is conditioned on its query: the k-th query of an image, its k-th token
                 drawn = (pred_t & (img_t >= 0)).nonzero().flatten()  # (K,) committed positions
                 queries = (torch.tensor(qcell) >= 0).nonzero().flatten()  # (K,) same order
@@ -305,5 +328,6 @@ def layout(
         image_target_index=torch.cat(targets).long() if targets else torch.zeros(0, dtype=torch.long),
         image_cond_index=torch.cat(conds).long() if conds else torch.zeros(0, dtype=torch.long),
         query_cells=query_cells,
+        image_ref_index=torch.cat(refs).long() if groups is None and refs else None,
         **(dict(zip(("image_group_index", "image_group_pos"), group_index(sizes))) if groups is not None else {}),
     )

@@ -13,14 +13,13 @@ from test_train_run import records, run_cfg, synthetic
 NOT_THE_STEP = ("torch/optim/", "omni/train/synthetic.py")
 
 
-def test_one_host_read_per_step_and_metrics_only_when_logged(tokenizer_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("attention", ["causal", "bidirectional"])
+def test_one_host_read_per_step_and_metrics_only_when_logged(tokenizer_dir, tmp_path, monkeypatch, attention):
     from omni.train import loop
 
     steps, log_every = 6, 3
-    # causal given pictures, as the GPU presets train: the bidirectional mask path reads the host
-    # three more times a step (model.py: blocks.any(), the prompt-image blocks), a cost for #25
     cfg = run_cfg(tokenizer_dir, tmp_path / "run", f"train.steps={steps}", f"train.log_every={log_every}",
-                  "train.save_every=1000", "model.prompt_image_attention=causal")
+                  "train.save_every=1000", f"model.prompt_image_attention={attention}")
     run = loop.prepare(cfg, batches=synthetic(tokenizer_dir))
     counter = count_host_reads(ignore=NOT_THE_STEP)
     inside = {"log_train": 0, "save": 0}
@@ -43,11 +42,12 @@ def test_one_host_read_per_step_and_metrics_only_when_logged(tokenizer_dir, tmp_
     finally:
         loop.finish(run, True)
     per_step = mode.n - inside["log_train"] - inside["save"]
-    # Per step: the loop's finite check (1) and the dense-mask path's "is every row one document?"
-    # (1; the flex_attention and varlen paths read nothing, tests/test_packed_attention.py). Before
-    # this change the step read 10 values: 5 metrics, the finite check, the token count, the LM
-    # loss's label count, the image-cell guard and the mask decision.
-    assert per_step == 2 * steps, mode.where
+    # Per step: the loop's finite check (1) and, with causal given pictures, the dense-mask path's
+    # "is every row one document?" (1; bidirectional given pictures always build the mask, and the
+    # flex_attention and varlen paths read nothing, tests/test_packed_attention.py). Before #25's
+    # work the step read 10 values: 5 metrics, the finite check, the token count, the LM loss's
+    # label count, the image-cell guard and the mask decision (bidirectional: 3 more).
+    assert per_step == (2 if attention == "causal" else 1) * steps, mode.where
     loop_reads = sum(v for k, v in mode.where.items() if k.startswith("loop.py"))
     assert loop_reads - inside["log_train"] - inside["save"] <= steps  # the loop itself: <= 1 per step
     assert calls["log_train"] == steps // log_every

@@ -15,7 +15,7 @@ What the graph reads by address, and how it stays valid:
 - the head's plan tensor (cached per settings by the head) and the weights;
 - two static inputs copied in before each replay: the fed tokens (S, d) and the noise (n, B, d),
   drawn eagerly from the rows' own generators (so a row's numbers do not depend on the batch,
-  graphed or not).
+  graphed or not); with model.image_reference a third, each row's reference token (B, d).
 A graph is captured once per bucket (streams, cache capacity, head steps and settings) and owns
 the state and cache tensors it was captured on. When the sampler hands it another state or cache
 (rows started or ended something: a new image, a row joined or left), their values are copied
@@ -42,7 +42,8 @@ class ImageStep:
     """The fused image-token step of a Sampler: `__call__(...)` -> the drawn tokens (B, d)."""
 
     def __init__(self, compute: Callable[..., torch.Tensor], graphs: OrderedDict | None = None):
-        # compute(state, cache, tokens (S, d), noise (n, B, d), head run) -> tokens (B, d): the step's math
+        # compute(state, cache, tokens (S, d), noise (n, B, d), head run, refs (B, d) or None)
+        # -> tokens (B, d): the step's math
         self.compute = compute
         # Captured graphs by bucket; the sampler passes the model's own, so every generate() call on
         # a model replays the graphs an earlier call captured (a graph holds no sampler state).
@@ -51,14 +52,15 @@ class ImageStep:
         self.captures = 0  # graphs captured
         self.replays = 0
 
-    def __call__(self, key: tuple, state, cache, tokens: torch.Tensor, noise: torch.Tensor, run: Callable) -> torch.Tensor:
+    def __call__(self, key: tuple, state, cache, tokens: torch.Tensor, noise: torch.Tensor, run: Callable,
+                 refs: torch.Tensor | None = None) -> torch.Tensor:
         self.calls += 1
         if not tokens.is_cuda:
-            return self.compute(state, cache, tokens, noise, run)
-        key = (*key, tuple(tokens.shape), tuple(noise.shape), cache.capacity)
+            return self.compute(state, cache, tokens, noise, run, refs)
+        key = (*key, tuple(tokens.shape), tuple(noise.shape), cache.capacity, refs is None)
         entry = self.graphs.get(key)
         if entry is None:
-            entry = self._capture(state, cache, tokens, noise, run)
+            entry = self._capture(state, cache, tokens, noise, run, refs)
             self.graphs[key] = entry
             while len(self.graphs) > MAX_GRAPHS:
                 self.graphs.popitem(last=False)
@@ -68,25 +70,30 @@ class ImageStep:
         graph, static_tokens, static_noise, out = entry[:4]
         static_tokens.copy_(tokens)
         static_noise.copy_(noise)
+        if refs is not None:
+            entry[6].copy_(refs)
         graph.replay()
         self.replays += 1
         return out.clone()
 
-    def _capture(self, state, cache, tokens: torch.Tensor, noise: torch.Tensor, run: Callable) -> tuple:
+    def _capture(self, state, cache, tokens: torch.Tensor, noise: torch.Tensor, run: Callable,
+                 refs: torch.Tensor | None) -> tuple:
         static_tokens, static_noise = tokens.clone(), noise.clone()
+        static_refs = None if refs is None else refs.clone()
         dev = tokens.device
         side = torch.cuda.Stream(device=dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):  # warm-up outside the graph (allocator, lazy init, cuBLAS handles)
-            self.compute(state, cache, static_tokens, static_noise, run)
+            self.compute(state, cache, static_tokens, static_noise, run, static_refs)
         torch.cuda.current_stream(dev).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = self.compute(state, cache, static_tokens, static_noise, run)
+            out = self.compute(state, cache, static_tokens, static_noise, run, static_refs)
         self.captures += 1
         # The warm-up wrote this position's keys/values once already; the replay writes the same
         # values again at the same index, so running the step twice changes nothing.
-        return graph, static_tokens, static_noise, out, _tensors(state, cache), run  # `run` holds the plan tensor
+        # `run` holds the plan tensor
+        return graph, static_tokens, static_noise, out, _tensors(state, cache), run, static_refs
 
 
 def _tensors(state, cache) -> list[tuple[object, str, torch.Tensor]]:

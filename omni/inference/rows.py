@@ -155,6 +155,7 @@ class _Row:
     settings: dict  # recorded in the result
     uncond: _Stream | None = None
     image_only: _Stream | None = None  # image-guided CFG: the context's last picture, no text
+    reference: torch.Tensor | None = None  # model.image_reference: the context's last picture (N, d) while drawing
     feed: list = field(default_factory=list)  # items waiting to be fed, oldest first
     drawing: bool = False
     n_new: int = 0

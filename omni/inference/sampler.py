@@ -29,6 +29,12 @@ picture per drawn image), then merged into the batch like a joining row. The hea
 three predictions u + s_img (i - u) + s (c - i) (omni.heads.diffusion.guide). A context without
 pictures has i = u, so such rows keep two streams and plain CFG whatever image_cfg_scale says.
 
+The previous picture as a reference (model.image_reference). A row that starts an image takes
+the tokens of the last picture in its context (an edit's source, a story's last frame; what
+`layout.reference_index` points at in training) and adds the projection of the one at the cell it
+draws next to the conditional and image-only streams' conditioning vectors; the unconditional
+stream, which sees no picture, gets none. The fused image step takes them as a third static input.
+
 Prompts of different lengths share a batch through left padding, explicit position ids and an
 additive 4D mask (built here, so the cached and the recomputed paths use the same one). Every row
 has its own torch.Generator for text sampling and diffusion noise, so a row's result does not
@@ -119,6 +125,8 @@ class Sampler:
         self.bidirectional = model.cfg.prompt_image_attention == "bidirectional"
         self.n_tokens = model.image_tokenizer.num_tokens
         self.device = model.device
+        if model.image_ref is not None:  # the reference of a row whose context holds no picture
+            self.zero_token = torch.zeros(model.image_tokenizer.token_dim, device=self.device)
         self.ctx = context_length(model)
         self.groups = [_Group()] + ([] if cfg_batching else [_Group()])
         self.live: list[_Row] = []  # rows in the batch
@@ -187,17 +195,36 @@ class Sampler:
         return _Stream([t for t, _ in items], images, list(range(len(items))), [0] * len(items), bos=0, start=0,
                        next_pos=len(items), blocks=blocks)
 
-    def _image_only(self, cond: _Stream) -> _Stream | None:
-        """The image-only stream of a row about to draw: [bos] and the last picture of its context
-        (<boi> x1..xN <eoi>), no text; None when the context holds no picture (then i = u)."""
+    def _last_picture(self, cond: _Stream) -> list[Item] | None:
+        """The last picture of a stream's context as items (<boi> x1..xN <eoi>, raster order); None
+        when the context holds none."""
         ids = cond.ids
         ends = [j for j in range(cond.bos + 1, len(ids)) if ids[j] == self.sp.eoi]
         if not ends:
             return None
         start = max(j for j in range(cond.bos + 1, ends[-1]) if ids[j] == self.sp.boi)
         tokens = sorted((cond.pos[j], j) for j in range(start + 1, ends[-1]) if not cond.hide[j])  # raster order
-        picture = [(ids[start], None), *[(ids[j], cond.images[j]) for _, j in tokens], (self.sp.eoi, None)]
-        return self._stream([(self.sp.bos, None), *picture])
+        return [(ids[start], None), *[(ids[j], cond.images[j]) for _, j in tokens], (self.sp.eoi, None)]
+
+    def _image_only(self, cond: _Stream) -> _Stream | None:
+        """The image-only stream of a row about to draw: [bos] and the last picture of its context
+        (<boi> x1..xN <eoi>), no text; None when the context holds no picture (then i = u)."""
+        picture = self._last_picture(cond)
+        return None if picture is None else self._stream([(self.sp.bos, None), *picture])
+
+    def _reference(self, cond: _Stream) -> torch.Tensor | None:
+        """model.image_reference: the tokens (N, d) of the picture before the one a row starts (the
+        previous image of its document, as `layout.reference_index` takes it in training); None
+        when there is none or it has another size."""
+        picture = self._last_picture(cond)
+        if picture is None or len(picture) - 2 != self.n_tokens:
+            return None
+        return torch.stack([x for _, x in picture[1:-1]]).to(self.device)  # (N, d)
+
+    def _references(self, rows: list[_Row]) -> torch.Tensor:
+        """Each drawing row's reference token for the cell it draws next (n, d); zeros for none."""
+        return torch.stack([r.reference[len(r.current)] if r.reference is not None else self.zero_token
+                            for r in rows])
 
     def _prefill_image_only(self, rows: list[_Row]) -> None:
         """Prefill the new image-only streams of `rows` together and merge them into the batch
@@ -454,16 +481,23 @@ class Sampler:
         run = head.sampling_run(steps, sampler, temperature, scale, self.device, True, getattr(torch, dtype))
         noise = head.sampling_noise(len(self.live), steps, sampler, temperature, [r.gen for r in self.live],
                                     self.device)  # (n, B, d), eagerly: each row's own generator
-        x = self.image_step(key, st, group.cache, self._step_tokens(group.streams), noise, run)  # (B, d)
+        refs = self._references(self.live) if self.model.image_ref is not None else None  # (B, d)
+        x = self.image_step(key, st, group.cache, self._step_tokens(group.streams), noise, run, refs)  # (B, d)
         return {id(r): xi for r, xi in zip(self.live, x)}
 
-    def _step_compute(self, st: _StepState, cache, tokens: torch.Tensor, noise: torch.Tensor, run) -> torch.Tensor:
-        """The math of the fused step (what a graph captures): tokens (S, d) -> drawn tokens (B, d)."""
+    def _step_compute(self, st: _StepState, cache, tokens: torch.Tensor, noise: torch.Tensor, run,
+                      refs: torch.Tensor | None = None) -> torch.Tensor:
+        """The math of the fused step (what a graph captures): tokens (S, d) -> drawn tokens (B, d);
+        `refs` (B, d): the conditional rows' reference tokens (model.image_reference)."""
         embeds = self._embed_step(st, tokens)  # (S, 1, D)
         hidden, _ = self.model.decoder(embeds, attention_mask=self._step_mask(st, embeds.dtype), position_ids=st.pos,
                                        cache=cache, use_cache=True)
         with torch.autocast(device_type=embeds.device.type, enabled=False):
-            return run(hidden[:, -1].float(), noise)  # z (S, D) = [cond rows; uncond rows], as `sample` stacks it
+            z = hidden[:, -1].float()  # (S, D) = [cond rows; uncond rows], as `sample` stacks it
+            if refs is not None:  # the unconditional rows see no picture: no reference
+                B = refs.shape[0]
+                z = torch.cat([self.model.reference(z[:B], refs), z[B:]])
+            return run(z, noise)
 
     def _regroup(self, groups: list[_Group], rows: list[_Row]) -> None:
         """Put the live streams in their groups; copy/drop cache rows to match (one gather per group)."""
@@ -531,6 +565,8 @@ class Sampler:
             row.plan = group_sizes(row.spec, self.n_tokens)
             row.order = draw_order(self.n_tokens, row.spec, self.model.order)
         row.n_new += 1
+        if self.model.image_ref is not None:  # before <boi> joins the context
+            row.reference = self._reference(row.cond)
         row.ids.append(self.sp.boi)
         row.feed.append((self.sp.boi, None))
         if row.use_cfg:
@@ -581,7 +617,7 @@ class Sampler:
             drawn = drawn[torch.tensor(row.order).argsort().to(drawn.device)]
         row.image_tokens.append(drawn)  # (N, d)
         row.n_images += 1
-        row.drawing, row.current, row.uncond, row.image_only = False, [], None, None
+        row.drawing, row.current, row.uncond, row.image_only, row.reference = False, [], None, None, None
         if row.mode != "image":
             row.ids.append(self.sp.eoi)
             row.n_new += 1
@@ -631,6 +667,11 @@ class Sampler:
             guided = scale != 1.0 or image_scale is not None
             uncond = torch.cat([tokens_of(r.uncond) for r in rows]) if guided else None
             image = torch.cat([tokens_of(r.image_only) for r in rows]) if image_scale is not None else None
+            if model.image_ref is not None:  # the conditional and image-only streams see the source; u does not
+                refs = self._references(rows)  # (n, d): one token a pass
+                cond = model.reference(cond, refs)
+                if image is not None:
+                    image = model.reference(image, refs)
             gens = [r.gen for r, n in zip(rows, counts) for _ in range(n)]
             groups = None
             if model.head.cfg.group_attention:  # a row's group is denoised together, as in training

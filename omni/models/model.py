@@ -52,9 +52,11 @@ def attention_bias(doc_ids: torch.Tensor, dtype: torch.dtype, blocks: torch.Tens
     directions (the tokens of one prompt image, `prompt_image_blocks`). `queries` (B, L) bool:
     position queries (parallel decoding), which no other position sees.
     """
-    bidirectional = blocks is not None and bool((blocks > 0).any())
-    has_queries = queries is not None and bool(queries.any())
-    if bool((doc_ids == 1).all()) and not bidirectional and not has_queries:
+    # Given blocks or queries, the mask is built whatever they hold (all-zero blocks and no query
+    # change nothing): deciding from their values would read the device. Else one read decides
+    # whether the plain causal mask does (every row one document).
+    bidirectional, has_queries = blocks is not None, queries is not None
+    if not bidirectional and not has_queries and bool((doc_ids == 1).all()):
         return None
     L = doc_ids.shape[1]
     causal = torch.ones(L, L, dtype=torch.bool, device=doc_ids.device).tril()  # (L, L)
@@ -68,15 +70,17 @@ def attention_bias(doc_ids: torch.Tensor, dtype: torch.dtype, blocks: torch.Tens
     return additive_mask(allowed, dtype)  # (B, 1, L, L)
 
 
-def prompt_image_blocks(image_mask: torch.Tensor, image_target_index: torch.Tensor) -> torch.Tensor:
+def prompt_image_blocks(image_mask: torch.Tensor, image_target_index: torch.Tensor,
+                        n_tokens: int | None = None) -> torch.Tensor:
     """(B, L) long: 1, 2, ... per prompt image (image positions that are not diffusion targets),
     numbered per row; 0 at every other position. Images are runs of image positions (<boi> and
-    <eoi> separate two images), and a target image has every token a target."""
+    <eoi> separate two images), and a target image has every token a target. `n_tokens`: the
+    number of image positions when the caller knows it (a shape: then nothing is read back)."""
     flat = image_mask.flatten()
-    is_prompt = torch.ones(int(flat.sum()), dtype=torch.bool, device=image_mask.device)
+    n = int(flat.sum()) if n_tokens is None else n_tokens
+    is_prompt = torch.ones(n, dtype=torch.bool, device=image_mask.device)
     is_prompt[image_target_index] = False
-    prompt = torch.zeros_like(flat)
-    prompt[flat] = is_prompt
+    prompt = torch.zeros_like(flat).masked_scatter(flat, is_prompt)  # no nonzero(): no device wait
     prompt = prompt.view_as(image_mask)  # (B, L)
     before = torch.nn.functional.pad(prompt[:, :-1], (1, 0))  # the previous position's flag
     run = (prompt & ~before).long().cumsum(-1)
@@ -137,6 +141,9 @@ class OmniModel(nn.Module):
         if cfg.image_pos_embed:
             self.image_pos = nn.Embedding(image_tokenizer.num_tokens, hidden)  # (N, D), cell -> vector
         self.head = DiffusionHead(cfg.head, token_dim=token_dim, cond_dim=hidden)
+        self.image_ref = None
+        if cfg.image_reference:  # the previous picture's token at the drawn cell -> the head's condition
+            self.image_ref = nn.Linear(token_dim, hidden, bias=False)  # (d -> D); no reference = a zero token
         # None: one image token per pass; else the schedules trained (alternatives: one per image) and
         # the one drawn with by default (the first)
         self.group_choices = parse_group_choices(cfg.parallel_image)
@@ -181,6 +188,8 @@ class OmniModel(nn.Module):
             nn.init.normal_(self.image_pos.weight, std=0.02)
         if self.query_embed is not None:  # a query is a position's whole input, like a token embedding
             nn.init.normal_(self.query_embed.weight, std=0.02)
+        if self.image_ref is not None:  # untrained, the reference changes nothing
+            nn.init.zeros_(self.image_ref.weight)
         # The head's rules (zero adaLN modulation and output: the untrained head is the identity
         # plus a zero prediction) live with the head, which is also used on its own.
         self.head.net.initialize_weights()
@@ -225,7 +234,9 @@ class OmniModel(nn.Module):
                     raise ValueError("these positions start inside an image, so its cells cannot be counted "
                                      "from them; pass `cells` computed on the whole sequence (image_cells)")
                 cells = image_cells(input_ids, self.special.img)
-            img = img + self.image_pos(cells.to(emb.device)[image_mask.to(emb.device)]).to(emb.dtype)
+            mask = image_mask[..., None].to(emb.device)  # (B, L, 1)
+            pos = self.image_pos(cells.to(emb.device)).to(emb.dtype)  # (B, L, D): every position, no nonzero()
+            return emb.masked_scatter(mask, img) + torch.where(mask, pos, 0.0)
         return emb.masked_scatter(image_mask[..., None].to(emb.device), img)
 
     def embed_queries(self, embeds: torch.Tensor, query_cells: torch.Tensor) -> torch.Tensor:
@@ -249,14 +260,24 @@ class OmniModel(nn.Module):
         )
         return out.last_hidden_state, getattr(out, name)
 
-    def hidden_states(self, batch: Batch) -> torch.Tensor:
+    def read_tokens(self, batch: Batch) -> torch.Tensor:
+        """The image tokens as the backbone reads them (M, d): in training, drawn images (diffusion
+        targets) with the read-back noise, since they are read back from samples at generation time;
+        prompt images (captioning, VQA, an edit's source) stay clean, as they are when read."""
         tokens = batch.image_tokens  # (M, d)
         if self.training and self.cfg.image_input_noise > 0:
-            # Only drawn images (diffusion targets) are read back from samples at generation time;
-            # prompt images (captioning, VQA) stay clean, as they are when the model reads them.
             idx = batch.image_target_index  # (K,) rows of image_tokens that are targets
             noise = torch.randn(idx.shape[0], tokens.shape[1], device=tokens.device, dtype=tokens.dtype)
             tokens = tokens.index_add(0, idx, self.cfg.image_input_noise * noise)
+        return tokens
+
+    def reference(self, cond: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
+        """cond (n, D) + the projection of each one's reference token refs (n, d) (zeros: none)."""
+        w = self.image_ref.weight
+        return cond + self.image_ref(refs.to(w.device, w.dtype)).to(cond.dtype)
+
+    def hidden_states(self, batch: Batch, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        tokens = self.read_tokens(batch) if tokens is None else tokens  # (M, d)
         queries = None
         if self.query_embed is not None:
             queries = batch.query_cells >= 0  # (B, L)
@@ -270,7 +291,7 @@ class OmniModel(nn.Module):
             embeds = self.embed_queries(embeds, batch.query_cells)
         blocks = None
         if self.cfg.prompt_image_attention == "bidirectional":
-            blocks = prompt_image_blocks(batch.image_mask, batch.image_target_index)
+            blocks = prompt_image_blocks(batch.image_mask, batch.image_target_index, batch.image_tokens.shape[0])
         mask, attn_kwargs = self.packed_attention(batch.doc_ids, embeds.dtype, blocks, queries)
         hidden, _ = self.decoder(embeds, attention_mask=mask, position_ids=batch.position_ids, **attn_kwargs)
         return hidden  # (B, L, D)
@@ -304,9 +325,14 @@ class OmniModel(nn.Module):
         return self.lm_head(hidden)
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        hidden = self.hidden_states(batch)  # (B, L, D)
+        tokens = self.read_tokens(batch)  # (M, d)
+        hidden = self.hidden_states(batch, tokens)  # (B, L, D)
         loss_text, n_text = lm_loss(self.lm_head, hidden, batch.labels)
         cond = hidden.flatten(0, 1)[batch.image_cond_index]  # (K, D)
+        if self.image_ref is not None:  # the previous picture's token at each target's cell, as it was read
+            idx = batch.image_ref_index  # (K,) -1: none
+            refs = tokens[idx.clamp(min=0)] * (idx >= 0)[:, None]  # (K, d)
+            cond = self.reference(cond, refs)
         target = batch.image_tokens[batch.image_target_index]  # (K, d)
         groups = (batch.image_group_index, batch.image_group_pos) if self.head.cfg.group_attention else None
         loss_image = self.head.loss(target, cond, groups)
