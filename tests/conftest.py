@@ -110,3 +110,25 @@ def decoder_rows(model):
         yield rows
     finally:
         del model.decoder
+
+
+def generated_doc(row, prefix: list, boi: int, n_tokens: int) -> list:
+    """A sampled row's document as training segments: `prefix` (its prompt), then what it generated,
+    text runs and pictures in order (a picture unfinished at the end is left out)."""
+    from omni.layout import ImageSegment, TextSegment
+
+    doc, text, k, i = list(prefix), [], 0, 0
+    while i < len(row.ids):
+        t = row.ids[i]
+        if t == boi:
+            if text:
+                doc.append(TextSegment(text))
+                text = []
+            if k < len(row.image_tokens):
+                doc.append(ImageSegment(row.image_tokens[k]))
+                k += 1
+            i += n_tokens + 2
+            continue
+        text.append(t)
+        i += 1
+    return doc

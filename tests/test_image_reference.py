@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, generated_doc
 from PIL import Image
 
 from omni.config import ConfigError, GenerationConfig, load_config
@@ -180,19 +180,7 @@ def test_cached_conditioning_equals_training(model, image_cfg):
     torch.testing.assert_close(per_row(calls, t2i_row.gen, 0), want, atol=1e-4, rtol=1e-4)
     # the story, rebuilt from what it generated: the second picture refers to the first
     assert len(story_row.image_tokens) == 2, "the story row must draw two pictures (raise <boi>'s logit)"
-    doc, text, k, i = [*prompt_segments(model, story)], [], 0, 0
-    sp = model.special
-    while i < len(story_row.ids):
-        t = story_row.ids[i]
-        if t == sp.boi:
-            if text:
-                doc.append(TextSegment(text))
-            text = []
-            doc.append(ImageSegment(story_row.image_tokens[k]))
-            k, i = k + 1, i + N + 2
-            continue
-        text.append(t)
-        i += 1
+    doc = generated_doc(story_row, prompt_segments(model, story), model.special.boi, N)
     want = training_conditions(model, doc)
     assert want.shape == (2 * N, model.backbone.config.hidden_size)
     torch.testing.assert_close(per_row(calls, story_row.gen, 0), want, atol=1e-4, rtol=1e-4)

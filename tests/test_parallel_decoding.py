@@ -9,7 +9,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import TINY, decoder_rows
+from conftest import TINY, decoder_rows, generated_doc
 from test_generation import wake_head
 
 from omni.config import (
@@ -303,21 +303,7 @@ def test_cached_conditioning_equals_training_layout(tokenizer_dir, groups):
             continue
         drew += 1
         # the row's document: its prompt, then what it generated (text runs and images, in order)
-        doc, text, k = [TextSegment(model.tokenizer.encode(prompt[0]))], [], 0
-        i = 0
-        while i < len(r.ids):
-            t = r.ids[i]
-            if t == sp.boi:
-                if text:
-                    doc.append(TextSegment(text))
-                    text = []
-                if k < len(r.image_tokens):
-                    doc.append(ImageSegment(r.image_tokens[k]))
-                    k += 1
-                i += 1 + N + 1
-                continue
-            text.append(t)
-            i += 1
+        doc = generated_doc(r, [TextSegment(model.tokenizer.encode(prompt[0]))], sp.boi, N)
         b = layout([[doc]], sp, add_eos=False, groups=model.groups, order=model.order)
         with torch.no_grad():
             ref = model.hidden_states(b).flatten(0, 1)[b.image_cond_index]  # (n_images * N, D)
