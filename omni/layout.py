@@ -188,8 +188,8 @@ def reference_index(local: torch.Tensor, sizes: list[int], offset: int = 0) -> t
     """(k,) image-token indices within one document -> (k,) the index of the token at the same cell
     of the previous image of the document (plus `offset`), or -1: the first image has no previous
     one, and an image of another size no cell-to-cell match."""
-    if not len(local):
-        return local.new_full((0,), -1)
+    if len(sizes) < 2 or not len(local):  # most documents hold one picture: nothing to refer to
+        return local.new_full(local.shape, -1)
     starts = torch.tensor(list(itertools.accumulate(sizes, initial=0)))  # (I + 1,) first token of each image
     n = torch.tensor(sizes + [0])  # (I + 1,)
     image = torch.searchsorted(starts, local, right=True) - 1  # (k,) which image each token is in

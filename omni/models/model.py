@@ -228,16 +228,17 @@ class OmniModel(nn.Module):
         if image_tokens.shape[0] == 0:
             return emb
         img = self.in_proj(image_tokens.to(emb.device, torch.float32)).to(emb.dtype)  # (M, D)
+        mask = image_mask[..., None].to(emb.device)  # (B, L, 1)
+        emb = emb.masked_scatter(mask, img)
         if self.image_pos is not None:
             if cells is None:
                 if bool(image_mask[:, 0].any()):
                     raise ValueError("these positions start inside an image, so its cells cannot be counted "
                                      "from them; pass `cells` computed on the whole sequence (image_cells)")
                 cells = image_cells(input_ids, self.special.img)
-            mask = image_mask[..., None].to(emb.device)  # (B, L, 1)
             pos = self.image_pos(cells.to(emb.device)).to(emb.dtype)  # (B, L, D): every position, no nonzero()
-            return emb.masked_scatter(mask, img) + torch.where(mask, pos, 0.0)
-        return emb.masked_scatter(image_mask[..., None].to(emb.device), img)
+            emb = emb + torch.where(mask, pos, 0.0)
+        return emb
 
     def embed_queries(self, embeds: torch.Tensor, query_cells: torch.Tensor) -> torch.Tensor:
         """Put the position queries' inputs (query_cells >= 0: their target cell) into embeds (B, L, D)."""
