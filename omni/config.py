@@ -133,6 +133,14 @@ class ModelConfig:
     # the source latents. Zero-initialised; the first image of a document has no reference. One
     # image token per pass only (not with model.parallel_image). docs/editing.md.
     image_reference: bool = False
+    # Weight of the diffusion loss of a drawn image token that differs from the token at the same
+    # cell of the previous picture of its document (what an edit or a story step changes), against
+    # 1 for every other image token; the image loss stays a weighted mean. An edit copies most of
+    # its source, so without it the few changed cells, the edit itself, are a small share of the
+    # loss. A token counts as changed when a value differs by more than 1e-3 (exact for the patch
+    # tokenizer; an encoder with a wide receptive field marks the change's surroundings too).
+    # 1 = off. One image token per pass only (not with model.parallel_image). docs/editing.md.
+    image_change_weight: float = 1.0
     loss_weight_text: float = 1.0  # weight of the LM loss
     loss_weight_image: float = 1.0  # weight of the diffusion loss
     # Parallel image decoding (docs/parallel.md): "off" draws one image token per backbone pass from
@@ -158,6 +166,13 @@ class ModelConfig:
             raise ConfigError(f"model.image_reference=true conditions one image token per pass on its cell of the "
                               f"previous picture; it does not work with model.parallel_image={self.parallel_image!r} "
                               "yet: turn one of them off")
+        if not self.image_change_weight > 0:
+            raise ConfigError(f"model.image_change_weight={self.image_change_weight} must be > 0 (1 = every image "
+                              "token weighs the same)")
+        if self.image_change_weight != 1.0 and choices is not None:
+            raise ConfigError(f"model.image_change_weight={self.image_change_weight} weighs tokens by their cell of the "
+                              f"previous picture, which the layout of model.parallel_image={self.parallel_image!r} "
+                              "does not record: set it to 1 or turn parallel decoding off")
         if self.head.group_attention and choices is None:
             raise ConfigError("model.head.group_attention=true denoises a group of image tokens together, so it "
                               "needs model.parallel_image (e.g. 4); set one or leave group_attention off")

@@ -271,9 +271,11 @@ class DiffusionHead(nn.Module):
         self._graphs: OrderedDict = OrderedDict()  # CUDA graphs of the sampling loop, by shape/settings
 
     # training --------------------------------------------------------------------------------
-    def loss(self, target: torch.Tensor, cond: torch.Tensor, groups: Groups | None = None) -> torch.Tensor:
+    def loss(self, target: torch.Tensor, cond: torch.Tensor, groups: Groups | None = None,
+             weight: torch.Tensor | None = None) -> torch.Tensor:
         """Mean denoising loss of tokens `target` (K, d) given hidden states `cond` (K, D); with
-        group attention, `groups` (`group_index` of the K tokens): a group shares its timestep."""
+        group attention, `groups` (`group_index` of the K tokens): a group shares its timestep.
+        `weight` (K,): each token's weight, the loss then their weighted mean (None: all equal)."""
         if target.shape[0] == 0:
             return cond.sum() * 0.0 + sum(p.sum() for p in self.parameters()) * 0.0
         bf16 = (self.cfg.bf16_train and torch.is_autocast_enabled(cond.device.type)
@@ -296,7 +298,7 @@ class DiffusionHead(nn.Module):
             t = torch.randint(0, self.cfg.train_steps, (draws,), device=target.device)
         if groups is not None:
             t = t[groups[1] // groups[0].shape[1]]  # (C*K,): each row's group
-        return self._loss_fn()(target, cond, noise, t, bf16, groups)
+        return self._loss_fn()(target, cond, noise, t, bf16, groups, weight)
 
     def _loss_fn(self) -> Callable:
         """`_loss_given_noise`, compiled once when `model.head.compile` (adaLN blocks fused by inductor)."""
@@ -307,7 +309,8 @@ class DiffusionHead(nn.Module):
         return self._compiled_loss
 
     def _loss_given_noise(self, target: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
-                          bf16: bool, groups: Groups | None = None) -> torch.Tensor:
+                          bf16: bool, groups: Groups | None = None,
+                          weight: torch.Tensor | None = None) -> torch.Tensor:
         """The denoising loss given the noise (C*K, d) and timesteps (C*K,) drawn for it."""
         with torch.autocast(device_type=cond.device.type, dtype=torch.bfloat16, enabled=bf16):
             copies = self.cfg.noise_copies
@@ -324,7 +327,10 @@ class DiffusionHead(nn.Module):
                 goal = a.sqrt() * noise - (1 - a).sqrt() * x0 if self.cfg.parameterization == "v" else noise
                 t_net = t.float()
             pred = self.net.body(xt, self.net.embed_time(t_net) + zc, groups)
-            return F.mse_loss(pred.float(), goal)
+            if weight is None:
+                return F.mse_loss(pred.float(), goal)
+            w = weight.float().repeat(copies)  # (C*K,)
+            return ((pred.float() - goal).pow(2).mean(-1) * w).sum() / w.sum()
 
     def _apply(self, fn, recurse=True):
         """Casts move the schedule but keep it fp32: DeepSpeed's bf16 mode casts every buffer, and

@@ -87,6 +87,17 @@ def prompt_image_blocks(image_mask: torch.Tensor, image_target_index: torch.Tens
     return torch.where(prompt, run, 0)
 
 
+def change_weight(target: torch.Tensor, tokens: torch.Tensor, ref_index: torch.Tensor, weight: float,
+                  tol: float = 1e-3) -> torch.Tensor:
+    """(K,) diffusion-loss weights (model.image_change_weight): `weight` for a target (K, d) that
+    differs by more than `tol` in some value from the token at its cell of the previous picture
+    (`tokens` (M, d) indexed by `ref_index` (K,), -1 where there is none), 1 for the rest. Pure
+    tensor arithmetic: no host read."""
+    ref = tokens[ref_index.clamp(min=0)]  # (K, d)
+    changed = (ref_index >= 0) & ((target.float() - ref.float()).abs().amax(-1) > tol)
+    return torch.where(changed, weight, 1.0)
+
+
 def image_cells(input_ids: torch.Tensor, img_id: int) -> torch.Tensor:
     """(B, L) -> (B, L): each image position's index in its image (0 right after <boi>); 0 elsewhere.
 
@@ -336,7 +347,10 @@ class OmniModel(nn.Module):
             cond = self.reference(cond, refs)
         target = batch.image_tokens[batch.image_target_index]  # (K, d)
         groups = (batch.image_group_index, batch.image_group_pos) if self.head.cfg.group_attention else None
-        loss_image = self.head.loss(target, cond, groups)
+        weight = None
+        if self.cfg.image_change_weight != 1.0:
+            weight = change_weight(target, batch.image_tokens, batch.image_ref_index, self.cfg.image_change_weight)
+        loss_image = self.head.loss(target, cond, groups, weight)
         loss = self.cfg.loss_weight_text * loss_text + self.cfg.loss_weight_image * loss_image
         return {
             "loss": loss,
