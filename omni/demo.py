@@ -64,6 +64,7 @@ HELDOUT_LIMITS = {"digits-t2i": 150}
 # (EDIT_DOCS_PER_STEP a step: about one pass; an editing document is ~50 tokens, 3 to a 160-token row).
 EDIT_FIRST = 1 / 3
 EDIT_DOCS_PER_STEP = 50
+QUICK_EDIT_FIRST = 50  # --quick: a smoke test of both stages
 
 
 def _stage(title: str) -> None:
@@ -95,7 +96,9 @@ def build_data(out: Path, n_train: int, n_val: int, force: bool, ae_steps: int =
     """Every shard set, the tokenizer and the autoencoder (each skipped when it exists); `n_edit`
     editing documents for the editing-first stage (0: none)."""
     from omni.data import writers
+    from omni.data.cli import default_workers
 
+    workers = default_workers()  # shapes shards are written by a process per CPU (the same bytes)
     paths = data_paths(out)
     shapes, digits, tok, ae, vqa = (Path(paths[k]) for k in ("shapes", "digits", "tokenizer", "autoencoder",
                                                                "shapes_vqa"))
@@ -106,7 +109,7 @@ def build_data(out: Path, n_train: int, n_val: int, force: bool, ae_steps: int =
 
         # The validation split keeps the default mix: the built-in benchmarks read it.
         val_mix = format_mix(DEFAULT_MIX) if train_mix else None
-        writers.write_shapes(shapes, n_train, n_val, mix=train_mix, val_mix=val_mix)
+        writers.write_shapes(shapes, n_train, n_val, mix=train_mix, val_mix=val_mix, workers=workers)
     else:
         print(f"shapes shards exist in {shapes}: skipped")
     if not (vqa / "manifest.json").exists():
@@ -118,7 +121,7 @@ def build_data(out: Path, n_train: int, n_val: int, force: bool, ae_steps: int =
     if n_edit and not (edit / "manifest.json").exists():
         # Seeded apart from the shards above; 100 validation documents for the stage's held-out loss
         # (the benchmark draws its own edits from the validation scenes of `shapes`).
-        writers.write_shapes(edit, n_edit, 100, mix="edit=1", seed=2)
+        writers.write_shapes(edit, n_edit, 100, mix="edit=1", seed=2, workers=workers)
     elif n_edit:
         print(f"editing shards exist in {edit}: skipped")
     if not (digits / "manifest.json").exists():
@@ -403,13 +406,18 @@ def run(args: argparse.Namespace) -> int:
     if quick:
         # In 400 steps reading digits at the full mix's weight (0.04) swung between 0.18 and 0.43
         # from one run to the next; the quick run reads more digits (weights are relative).
-        overrides = ["train.steps=400", "train.warmup_steps=30", "train.val_every=100", "train.save_every=200",
+        # The editing-first stage gets 50 steps of its own (QUICK_EDIT_FIRST): the mix keeps its 400,
+        # which the smoke test's bounds were measured on (a third of 400 left too few to learn reading).
+        overrides = [f"train.steps={400 + QUICK_EDIT_FIRST}", "train.warmup_steps=30", "train.val_every=100", "train.save_every=200",
                      "train.log_every=50", "data.task_weights.digit_read=0.12", *overrides]
     if args.steps:
         overrides.append(f"train.steps={args.steps}")
     paths = data_paths(out)
     total = train_config(out, paths, overrides).train.steps
-    edit_steps = edit_first_steps(total) if args.edit_first_steps is None else args.edit_first_steps
+    if args.edit_first_steps is not None:
+        edit_steps = args.edit_first_steps
+    else:
+        edit_steps = QUICK_EDIT_FIRST if quick else edit_first_steps(total)
     first, cfg = stage_configs(out, paths, overrides, edit_steps)
     _stage("1/5 data: shapes + handwritten digits shards, text tokenizer, image autoencoder")
     build_data(out, n_train=4000 if quick else args.train_docs, n_val=300, force=args.force,

@@ -380,3 +380,33 @@ def test_convert_and_inspect_cli(tmp_path, capsys):
     assert main(["data", "inspect", str(tmp_path / "out")]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report == {"shards": 1, "documents": 5, "tasks": {"interleaved": 5}, "skipped": {}}
+
+
+def test_shapes_shards_written_by_several_processes_are_the_serial_bytes(tmp_path, capsys):
+    # 1,100 documents in shards of 400: two whole shards and a short last one, a mix with edits and
+    # stories (their documents hold several images); the validation split stays in one process.
+    args = ["data", "shapes", "--train", "1100", "--val", "30", "--shard-size", "400", "--mix", "t2i=1,edit=1,story=1"]
+    assert main([*args, "--out", str(tmp_path / "one"), "--workers", "1"]) == 0
+    assert main([*args, "--out", str(tmp_path / "two"), "--workers", "2"]) == 0
+    one = sorted(p.name for p in (tmp_path / "one").glob("*.tar"))
+    assert one == ["train-000000.tar", "train-000001.tar", "train-000002.tar", "val-000000.tar"]
+    assert sorted(p.name for p in (tmp_path / "two").glob("*.tar")) == one
+    for name in one:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    manifests = [json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("one", "two")]
+    for m in manifests:  # the brace patterns name each one's directory
+        assert m["train"].pop("pattern").endswith("/train-{000000..000002}.tar")
+        m["val"].pop("pattern")
+    assert manifests[0] == manifests[1]
+    assert manifests[0]["train"]["tasks"] == {"edit": 367, "story": 366, "t2i": 367}
+    assert not list((tmp_path / "two").glob(".*.tmp"))  # no temporary file left behind
+    # A rewrite with fewer documents removes the shards the first write had beyond them.
+    assert main(["data", "shapes", "--train", "500", "--val", "0", "--shard-size", "400",
+                 "--out", str(tmp_path / "two"), "--workers", "2"]) == 0
+    assert sorted(p.name for p in (tmp_path / "two").glob("train-*.tar")) == ["train-000000.tar", "train-000001.tar"]
+
+
+def test_shapes_cli_refuses_zero_workers(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["data", "shapes", "--out", str(tmp_path), "--workers", "0"])
+    assert "--workers: must be 1 or more, got 0" in capsys.readouterr().err

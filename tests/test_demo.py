@@ -44,6 +44,23 @@ def test_quick_demo_learns(tmp_path):
     assert vqa["generator"]["mix"] == {"vqa": 1.0} and vqa["generator"]["seed"] != generator["seed"]
     assert "train" not in vqa and vqa["val"]["tasks"] == {"vqa": 200}
 
+    # Editing first: --quick gives it 50 steps on editing documents alone (shards of their own, 50 a
+    # step; the full demo a third of its steps), then the mix's 400 from that stage's EMA export.
+    import yaml
+
+    from omni.demo import EDIT_DOCS_PER_STEP
+
+    first = yaml.safe_load((out / "run-edit" / "config.yaml").read_text())
+    second = yaml.safe_load((out / "run" / "config.yaml").read_text())
+    assert first["data"]["task_weights"] == {"edit": 1.0} and first["train"]["steps"] == 50
+    assert second["train"]["steps"] == 400 and second["train"]["init_from"] == str((out / "model-edit").resolve())
+    assert (out / "model-edit" / "model.safetensors").exists()
+    edits = json.loads((out / "data" / "shapes-edit" / "manifest.json").read_text())
+    assert edits["train"]["tasks"] == {"edit": EDIT_DOCS_PER_STEP * 50}
+    edit_val = [json.loads(line) for line in (out / "run-edit" / "metrics.jsonl").read_text().splitlines()]
+    edit_val = [r for r in edit_val if r["kind"] == "val"]
+    assert edit_val[-1]["loss_image"] < 0.7 * edit_val[0]["loss_image"], edit_val
+
     scores = json.loads((out / "scorecard.json").read_text())
     names = {"shapes-t2i", "shapes-vqa", "shapes-caption", "shapes-story", "digits-t2i", "digits-read"}
     # every benchmark again on its held-out phrasing split, beside the template split (shapes-edit

@@ -28,3 +28,28 @@ def test_rerun_demo_evaluates_afresh_when_settings_changed(tmp_path, monkeypatch
     calls.clear()
     demo._evaluate(None, "shapes-t2i", run_dir, limit=4)
     assert calls == [False]
+
+
+def test_demo_trains_editing_first_then_the_mix_in_the_steps_of_one_run(tmp_path):
+    import pytest
+
+    paths = demo.data_paths(tmp_path)
+    assert demo.edit_first_steps(3600) == 1200 and demo.edit_first_steps(400) == 133
+    first, main = demo.stage_configs(tmp_path, paths, ["train.seed=3", "train.steps=3000"], 1000)
+    # The first stage: editing documents alone, from their own shards, in a run directory of its own.
+    assert first.data.task_weights == {"edit": 1.0}
+    assert first.data.train == [f"{paths['shapes_edit']}/train-*.tar"]
+    assert first.data.val == [f"{paths['shapes_edit']}/val-*.tar"]
+    assert (first.train.steps, first.train.out_dir, first.train.init_from) == (1000, str(tmp_path / "run-edit"), None)
+    # The second: the preset's full mix for the rest of the steps, from the first stage's export.
+    assert main.train.init_from == str(tmp_path / "model-edit") and main.train.steps == 2000
+    assert main.train.out_dir == str(tmp_path / "run")
+    assert main.data.task_weights == demo.train_config(tmp_path, paths, []).data.task_weights
+    assert first.train.seed == main.train.seed == 3 and first.model == main.model
+    # 0: the mix alone, as one run; a stage that leaves the mix no steps, or a negative one, is refused.
+    none, alone = demo.stage_configs(tmp_path, paths, ["train.steps=3000"], 0)
+    assert none is None and alone.train.steps == 3000 and alone.train.init_from is None
+    with pytest.raises(ValueError, match="must leave steps for the mix"):
+        demo.stage_configs(tmp_path, paths, ["train.steps=3000"], 3000)
+    with pytest.raises(ValueError, match="0 or more"):
+        demo.stage_configs(tmp_path, paths, [], -1)

@@ -1,7 +1,7 @@
 """`omni data ...`: write the built-in datasets, convert foreign ones, train a text tokenizer.
 
     omni data shapes    --out DIR [--train N --val N --shard-size N --seed S --size 32 --mix t2i=0.5,...
-                                   --val-mix t2i=0.5,... --phrasing train|heldout|template]
+                                   --val-mix t2i=0.5,... --phrasing train|heldout|template --workers N]
     omni data digits    --out DIR [--size 32 --shard-size N --phrasing train|heldout|template]
     omni data tokenizer --shards SPEC [SPEC ...] --out DIR [--vocab-size N]
     omni data convert   --format mmc4|comm --input FILE [FILE ...] --out DIR [--size 32]
@@ -19,11 +19,26 @@ from collections import Counter
 from pathlib import Path
 
 
+def default_workers() -> int:
+    """Shard-writing processes: the CPUs this process may use, at most 8."""
+    import os
+
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
 def run_shapes(args: argparse.Namespace) -> int:
     from omni.data.writers import write_shapes
 
     write_shapes(args.out, args.train, args.val, seed=args.seed, canvas=args.size, mix=args.mix,
-                 val_mix=args.val_mix, shard_size=args.shard_size, force=args.force, phrasing=args.phrasing)
+                 val_mix=args.val_mix, shard_size=args.shard_size, force=args.force, phrasing=args.phrasing,
+                 workers=args.workers)
     return 0
 
 
@@ -102,6 +117,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="how the requests are worded (omni.data.phrasing): train (varied, the default), heldout "
                         "(phrasings that never occur in training; validation documents only), template (the one fixed form)")
     p.add_argument("--force", action="store_true", help="replace train-*.tar / val-*.tar in --out that omni did not write")
+    p.add_argument("--workers", type=_positive, default=default_workers(),
+                   help=f"processes writing shards, each a whole shard (default: the CPU count up to 8, here "
+                        f"{default_workers()}); the shards are the same bytes for any number")
     p.set_defaults(func=run_shapes)
 
     p = sub.add_parser("digits", help="real handwritten digits (scikit-learn) with a held-out split")

@@ -465,8 +465,15 @@ def generate(n: int, split: str = "train", seed: int = 0, canvas: int = 32,
              mix: dict[str, float] | None = None, phrasing: str = "train") -> Iterator[Document]:
     """`n` documents of `split`; document i depends only on (seed, split, i, its task), and its
     texts' wording on `phrasing` (omni.data.phrasing: train, heldout or template)."""
+    yield from documents(task_plan(n, mix or DEFAULT_MIX, seed, split), 0, split, seed, canvas, phrasing)
+
+
+def documents(tasks: list[str], first: int, split: str = "train", seed: int = 0, canvas: int = 32,
+              phrasing: str = "train") -> Iterator[Document]:
+    """Documents first, first + 1, ... of `split` with the given tasks (a slice of `task_plan`):
+    what `generate` yields at those positions, so a slice can be made in another process."""
     world = ShapesWorld(canvas, phrasing)
-    for i, task in enumerate(task_plan(n, mix or DEFAULT_MIX, seed, split)):
+    for i, task in enumerate(tasks, first):
         rng = random.Random(f"omni-shapes/{seed}/{split}/{i}")
         yield world.document(task, rng, key=f"shapes-{split}-{i:07d}")
 

@@ -94,14 +94,16 @@ def brace_pattern(paths: list[Path]) -> str:
 
 
 class ShardWriter:
-    """Write samples into `out_dir/PREFIX-000000.tar`, ... with `shard_size` samples each."""
+    """Write samples into `out_dir/PREFIX-000000.tar`, ... with `shard_size` samples each (numbered
+    from `first`: a process that writes shard k alone passes first=k)."""
 
-    def __init__(self, out_dir: str | Path, prefix: str = "train", shard_size: int = 500):
+    def __init__(self, out_dir: str | Path, prefix: str = "train", shard_size: int = 500, first: int = 0):
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.prefix = prefix
+        self.first = first
         self.shard_size = shard_size
         self.paths: list[Path] = []
         self.count = 0
@@ -110,7 +112,7 @@ class ShardWriter:
         self._in_shard = 0
 
     def _open(self) -> None:
-        final = self.out_dir / f"{self.prefix}-{len(self.paths):06d}.tar"
+        final = self.out_dir / f"{self.prefix}-{self.first + len(self.paths):06d}.tar"
         fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=self.out_dir)
         os.close(fd)
         self._tmp = Path(tmp)

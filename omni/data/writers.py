@@ -43,6 +43,57 @@ def _write_split(docs: Iterable, out: Path, prefix: str, shard_size: int, total:
             "documents": sum(tasks.values()), "tasks": dict(sorted(tasks.items()))}
 
 
+def _shapes_shard(out: Path, prefix: str, shard_size: int, k: int, tasks: list[str], seed: int, canvas: int,
+                  phrasing: str) -> tuple[int, list[Path], Counter]:
+    """Shard k of a shapes split, written in a worker process: exactly the serial writer's shard k."""
+    from omni.data import shapes
+    from omni.data.shards import ShardWriter
+
+    tasks_done: Counter = Counter()
+    with ShardWriter(out, prefix, shard_size, first=k) as writer:
+        for doc in shapes.documents(tasks, k * shard_size, prefix, seed, canvas, phrasing):
+            tasks_done[doc.task] += 1
+            writer.write(doc)
+    return k, writer.paths, tasks_done
+
+
+def _write_shapes_split(out: Path, split: str, n: int, mix: dict[str, float], seed: int, canvas: int,
+                        phrasing: str, shard_size: int, workers: int) -> dict[str, Any]:
+    """A shapes split, its shards made by `workers` processes (byte-identical to one process's:
+    document i depends only on (seed, split, i, its task) and shard k holds documents k*size ...)."""
+    from omni.data import shapes
+
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    plan = shapes.task_plan(n, mix, seed, split)
+    if workers <= 1 or n <= shard_size:
+        return _write_split(shapes.documents(plan, 0, split, seed, canvas, phrasing), out, split, shard_size, n)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from tqdm import tqdm
+
+    jobs = range(-(-n // shard_size))
+    done: dict[int, list[Path]] = {}
+    tasks: Counter = Counter()
+    # spawn: the parent may hold torch's thread pools, which a forked child must not inherit
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool, \
+            tqdm(total=n, desc=f"{split} shards", unit="doc") as bar:
+        futures = [pool.submit(_shapes_shard, out, split, shard_size, k, plan[k * shard_size:(k + 1) * shard_size],
+                               seed, canvas, phrasing) for k in jobs]
+        for future in as_completed(futures):
+            k, paths, counts = future.result()
+            done[k] = paths
+            tasks.update(counts)
+            bar.update(sum(counts.values()))
+    paths = [p for k in sorted(done) for p in done[k]]
+    from omni.data.shards import brace_pattern
+
+    _clear_stale(out, split, paths)
+    return {"pattern": brace_pattern(paths), "shards": [p.name for p in paths],
+            "documents": sum(tasks.values()), "tasks": dict(sorted(tasks.items()))}
+
+
 def _check_dir(out: Path, generator: str | None, force: bool = False, prefixes: tuple[str, ...] = ("train", "val")) -> None:
     """Writing replaces `train-*.tar` / `val-*.tar` in `out` and removes the stale ones: allowed only
     for shards an earlier run of the same writer made (listed in its manifest.json), or `force`.
@@ -95,10 +146,11 @@ def _check_phrasing(phrasing: str, n_train: int) -> None:
 
 def write_shapes(out: str | Path, n_train: int, n_val: int, *, seed: int = 0, canvas: int = 32,
                  mix: str | None = None, val_mix: str | None = None, shard_size: int = 500,
-                 force: bool = False, phrasing: str = "train") -> dict[str, Any]:
+                 force: bool = False, phrasing: str = "train", workers: int = 1) -> dict[str, Any]:
     """Shapes documents; `mix` / `val_mix` as `omni data shapes --mix` text (None: the default mix;
     val_mix None: the training mix); `phrasing` the texts' wording (omni.data.phrasing: train,
-    heldout -- validation documents only -- or template). Returns the manifest."""
+    heldout -- validation documents only -- or template); `workers` processes write the shards
+    (the same bytes as one). Returns the manifest."""
     from omni.data import shapes
 
     out = Path(out)
@@ -110,8 +162,7 @@ def write_shapes(out: str | Path, n_train: int, n_val: int, *, seed: int = 0, ca
                                               "val_mix": held_mix, "phrasing": phrasing}}
     for split, n, split_mix in (("train", n_train, train_mix), ("val", n_val, held_mix)):
         if n > 0:
-            docs = shapes.generate(n, split, seed=seed, canvas=canvas, mix=split_mix, phrasing=phrasing)
-            manifest[split] = _write_split(docs, out, split, shard_size, n)
+            manifest[split] = _write_shapes_split(out, split, n, split_mix, seed, canvas, phrasing, shard_size, workers)
     return _finish(out, manifest)
 
 
