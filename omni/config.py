@@ -195,6 +195,9 @@ class DataConfig:
     shuffle_buffer: int = 1000  # samples held for shuffling
     resampled: bool = True  # stream shards with replacement (multi-epoch)
     pack: bool = True  # pack several documents into one row
+    # Documents that fit no row of the batch wait for the next one while up to this many more are
+    # tried in the gaps (0: a document that fits nowhere closes the batch); at most batch_size - 1
+    pack_lookahead: int = 0
     cfg_drop: float = 0.1  # prob. of replacing a text-to-image caption by the empty condition
     edit_drop_text: float = 0.05  # prob. an edit doc drops its instruction, keeps its image (InstructPix2Pix)
     edit_drop_both: float = 0.05  # prob. it drops instruction and image: t2i's null form (InstructPix2Pix)

@@ -9,14 +9,18 @@ Per (rank, worker) the pipeline is
          instructions / source images (`edit_condition`)
       -> tokenize (text tokenizer, image tokenizer), cut over-long documents at an image boundary
       -> pack: first fit into `batch_size` rows of `seq_len`; a document that fits no row closes
-         the batch and opens the next one
+         the batch and opens the next one, or (data.pack_lookahead = N) waits for the next batch
+         while up to N more documents are tried in the gaps, and the batch closes at the N+1-th
+         that fits nowhere; the waiting documents open the next batch, in the order they came
       -> omni.layout.layout -> Batch
 
 Exact resume. Every random choice is a function of saved state: the stream positions (epoch,
 samples yielded), the mixer's PCG64 state, and per-document hashes of (seed, rank, worker,
 task, epoch, position) for CFG drops. Packing consumes documents in order, so the state after a
 batch is the state just before pulling the document that opened the next batch; each batch
-carries that state from its worker. With W workers the DataLoader delivers batches round-robin,
+carries that state from its worker. With a lookahead it is the state just before the first
+waiting document was pulled, plus which of the documents pulled since went into the batch
+(`skip`, counted from there): a restore pulls them again (with their skip counts) and drops them. With W workers the DataLoader delivers batches round-robin,
 worker 0, 1, ..., W-1, 0, ...; the main process keeps the state of each worker's last delivered
 batch and which worker is next. A restore starts each worker from its saved state and rotates
 the worker numbering so the worker that was next delivers first. "Exact" covers the batches
@@ -241,6 +245,7 @@ class _Settings:
     weights: dict[str, float] | None  # None: natural mix
     tasks: set[str] | None  # only these tasks (val split with weights); None: all
     max_warnings: int
+    lookahead: int = 0  # data.pack_lookahead
     groups: list[int] | None = None  # parallel image decoding: position queries per group (layout)
     order: str = "raster"  # ... and the order the groups take the cells in
     choices: list[list[int]] | None = None  # ... or schedules trained together, one per image (layout)
@@ -314,11 +319,25 @@ def run_worker(s: _Settings, worker: int, num_workers: int, state: dict[str, Any
         return layout(encode_images(packer.take(), s.image_tokenizer), s.ids, s.seq_len, token_dim=token_dim,
                       groups=s.groups, order=s.order, choices=s.choices)
 
+    # The lookahead: documents that fit no row wait in `waiting` for the next batch; `wait_state` is
+    # the state just before the first of them was pulled and `packed` the pulls since then (counted
+    # from it) that went into this batch. A restored state's `skip` names the pulls to drop again.
+    waiting: list[tuple[TokenizedDoc, int]] = []
+    wait_state: dict[str, Any] = {}
+    first_wait = 0
+    packed: list[int] = []
+    pulls = 0
+    replayed = set(state.get("skip", ())) if state else set()
+
+    def batch_state() -> dict[str, Any]:
+        return {**wait_state, "skip": list(packed)} if packed else wait_state
+
     while True:
         snap = snapshot()
         got = next_doc()
         if got is None:
             break
+        pull, pulls = pulls, pulls + 1
         doc, tag = got
         drop = doc.task in T.CFG_TASKS and s.cfg_drop > 0 and _uniform(s.seed, s.rank, worker, tag, "cfg") < s.cfg_drop
         edit_drop = None
@@ -333,13 +352,27 @@ def run_worker(s: _Settings, worker: int, num_workers: int, state: dict[str, Any
         tdoc, problem = fit_length(tdoc, s.seq_len, queries=s.groups is not None)
         if problem:
             stats.add(problem, f"{doc.key!r} is longer than seq_len={s.seq_len}")
-        if tdoc is None:
+        if tdoc is None or pull in replayed:  # a replayed pull went into the batch before the restore
             continue
         n = doc_length(tdoc, queries=s.groups is not None)
-        if not packer.add(tdoc, n):
-            yield _Item(worker, emit(), snap)
-            packer.add(tdoc, n)
+        if packer.add(tdoc, n):
+            if waiting:
+                packed.append(pull - first_wait)
+            continue
+        if not waiting:
+            wait_state, first_wait = snap, pull
+        waiting.append((tdoc, n))
+        if len(waiting) > s.lookahead:
+            yield _Item(worker, emit(), batch_state())
+            for t, m in waiting:  # at most batch_size of them, each fits a row of its own
+                if not packer.add(t, m):
+                    raise AssertionError("a waiting document did not fit an empty batch")
+            waiting, packed = [], []
     if packer.rows:
+        yield _Item(worker, emit(), batch_state() if waiting else snapshot())
+    if waiting:
+        for t, m in waiting:
+            packer.add(t, m)
         yield _Item(worker, emit(), snapshot())
 
 
@@ -393,6 +426,10 @@ class BatchStream:
         if any(not 0 <= p <= 1 for p in drops.values()) or sum(drops.values()) > 1:
             raise ValueError(f"edit drop rates {drops} must each lie in [0, 1] and sum to at most 1 "
                              "(InstructPix2Pix: 0.05 each)")
+        if not 0 <= data_cfg.pack_lookahead < data_cfg.batch_size or (data_cfg.pack_lookahead and not data_cfg.pack):
+            raise ValueError(f"data.pack_lookahead={data_cfg.pack_lookahead} must lie in [0, data.batch_size - 1 = "
+                             f"{data_cfg.batch_size - 1}] (the documents waiting must fit an empty batch) and needs "
+                             f"data.pack=true (pack={data_cfg.pack})")
         if data_cfg.task_weights and not weights:
             raise ValueError(f"data.task_weights {data_cfg.task_weights} gives no task a positive weight")
         resampled = data_cfg.resampled and train
@@ -411,6 +448,7 @@ class BatchStream:
             edit_drop_text=data_cfg.edit_drop_text if train else 0.0,
             edit_drop_both=data_cfg.edit_drop_both if train else 0.0, weights=weights if (weights and train) else None,
             tasks=set(weights) if (weights and not train) else None, max_warnings=data_cfg.max_warnings,
+            lookahead=data_cfg.pack_lookahead,
             groups=groups, order=order, choices=choices,
         )
         self._reset()
