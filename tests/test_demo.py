@@ -2,7 +2,7 @@
 
 It checks that training clearly learned (held-out losses fall well below their values at
 initialisation; reading shapes and digits is far above chance), not that it reached the full
-demo's targets, which take the full ~25-minute run (README, "What the demo trains, and what it reaches").
+demo's targets, which take the full ~30-minute run (README, "What the demo trains, and what it reaches").
 """
 
 import json
