@@ -48,6 +48,16 @@ def reference_sample(head: DiffusionHead, cond, uncond, cfg_scale, steps, temper
         return x
     sched = make_scheduler(head.cfg)
     sched.set_timesteps(steps)
+    # At zero SNR's first stochastic step (alpha_t = 0) diffusers' 1 - a_prev - std^2 is exactly 0,
+    # and on some CPUs it rounds to -1 ulp, whose square root is NaN (seen with diffusers 0.42 on this
+    # project's machine); there alone a variance smaller by 1e-6 keeps it >= 0 (a term of size ~1e-3).
+    variance = sched._get_variance
+
+    def safe_variance(t, prev):
+        v = variance(t, prev)
+        return v * (1 - 1e-6) if float(sched.alphas_cumprod[t]) == 0.0 else v
+
+    sched._get_variance = safe_variance
     for t in sched.timesteps:
         pred = predict(x, float(t))
         var_noise = noise() * temperature if stochastic else None
