@@ -117,9 +117,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="how the requests are worded (omni.data.phrasing): train (varied, the default), heldout "
                         "(phrasings that never occur in training; validation documents only), template (the one fixed form)")
     p.add_argument("--force", action="store_true", help="replace train-*.tar / val-*.tar in --out that omni did not write")
-    p.add_argument("--workers", type=_positive, default=default_workers(),
+    workers = default_workers()
+    p.add_argument("--workers", type=_positive, default=workers,
                    help=f"processes writing shards, each a whole shard (default: the CPU count up to 8, here "
-                        f"{default_workers()}); the shards are the same bytes for any number")
+                        f"{workers}); the shards are the same bytes for any number")
     p.set_defaults(func=run_shapes)
 
     p = sub.add_parser("digits", help="real handwritten digits (scikit-learn) with a held-out split")

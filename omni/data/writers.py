@@ -28,7 +28,7 @@ def _clear_stale(out: Path, prefix: str, keep: list[Path]) -> None:
 
 
 def _write_split(docs: Iterable, out: Path, prefix: str, shard_size: int, total: int | None) -> dict[str, Any]:
-    from omni.data.shards import brace_pattern, write_shards
+    from omni.data.shards import write_shards
 
     tasks: Counter = Counter()
 
@@ -37,7 +37,13 @@ def _write_split(docs: Iterable, out: Path, prefix: str, shard_size: int, total:
             tasks[d.task] += 1
             yield d
 
-    paths = write_shards(counted(), out, prefix, shard_size, total=total)
+    return _split_entry(out, prefix, write_shards(counted(), out, prefix, shard_size, total=total), tasks)
+
+
+def _split_entry(out: Path, prefix: str, paths: list[Path], tasks: Counter) -> dict[str, Any]:
+    """A written split's manifest entry, after removing the stale shards an earlier, larger run left."""
+    from omni.data.shards import brace_pattern
+
     _clear_stale(out, prefix, paths)
     return {"pattern": brace_pattern(paths) if paths else None, "shards": [p.name for p in paths],
             "documents": sum(tasks.values()), "tasks": dict(sorted(tasks.items()))}
@@ -86,12 +92,7 @@ def _write_shapes_split(out: Path, split: str, n: int, mix: dict[str, float], se
             done[k] = paths
             tasks.update(counts)
             bar.update(sum(counts.values()))
-    paths = [p for k in sorted(done) for p in done[k]]
-    from omni.data.shards import brace_pattern
-
-    _clear_stale(out, split, paths)
-    return {"pattern": brace_pattern(paths), "shards": [p.name for p in paths],
-            "documents": sum(tasks.values()), "tasks": dict(sorted(tasks.items()))}
+    return _split_entry(out, split, [p for k in sorted(done) for p in done[k]], tasks)
 
 
 def _check_dir(out: Path, generator: str | None, force: bool = False, prefixes: tuple[str, ...] = ("train", "val")) -> None:
