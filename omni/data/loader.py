@@ -20,9 +20,9 @@ task, epoch, position) for CFG drops. Packing consumes documents in order, so th
 batch is the state just before pulling the document that opened the next batch; each batch
 carries that state from its worker. With a lookahead it is the state just before the first
 waiting document was pulled, plus which of the documents pulled since went into the batch
-(`skip`, counted from there): a restore pulls them again (with their skip counts) and drops them. With W workers the DataLoader delivers batches round-robin,
-worker 0, 1, ..., W-1, 0, ...; the main process keeps the state of each worker's last delivered
-batch and which worker is next. A restore starts each worker from its saved state and rotates
+(`skip`, counted from there): a restore pulls them again (with their skip counts) and drops them.
+With W workers the DataLoader delivers batches round-robin, worker 0, 1, ..., W-1, 0, ...; the
+main process keeps the state of each worker's last delivered batch and which worker is next. A restore starts each worker from its saved state and rotates
 the worker numbering so the worker that was next delivers first. "Exact" covers the batches
 (every tensor) and the skip counters, given the same shards, config (seq_len, batch_size,
 num_workers, weights, seed), rank and world size; it costs replaying (without decoding images)
@@ -332,6 +332,14 @@ def run_worker(s: _Settings, worker: int, num_workers: int, state: dict[str, Any
     def batch_state() -> dict[str, Any]:
         return {**wait_state, "skip": list(packed)} if packed else wait_state
 
+    def open_with_waiting() -> None:
+        """The emptied packer takes the waiting documents: at most batch_size, each fits a row of its own."""
+        for t, m in waiting:
+            if not packer.add(t, m):
+                raise AssertionError("a waiting document did not fit an empty batch")
+        waiting.clear()
+        packed.clear()
+
     while True:
         snap = snapshot()
         got = next_doc()
@@ -364,15 +372,11 @@ def run_worker(s: _Settings, worker: int, num_workers: int, state: dict[str, Any
         waiting.append((tdoc, n))
         if len(waiting) > s.lookahead:
             yield _Item(worker, emit(), batch_state())
-            for t, m in waiting:  # at most batch_size of them, each fits a row of its own
-                if not packer.add(t, m):
-                    raise AssertionError("a waiting document did not fit an empty batch")
-            waiting, packed = [], []
+            open_with_waiting()
     if packer.rows:
         yield _Item(worker, emit(), batch_state() if waiting else snapshot())
     if waiting:
-        for t, m in waiting:
-            packer.add(t, m)
+        open_with_waiting()
         yield _Item(worker, emit(), snapshot())
 
 
