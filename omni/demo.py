@@ -64,6 +64,9 @@ HELDOUT_LIMITS = {"digits-t2i": 150}
 # (EDIT_DOCS_PER_STEP a step: about one pass; an editing document is ~50 tokens, 3 to a 160-token row).
 EDIT_FIRST = 1 / 3
 EDIT_DOCS_PER_STEP = 50
+# The first stage's documents by task: editing alone, or with other shapes tasks read from the
+# main shards beside the editing ones (`--edit-first-mix edit=0.7,t2i=0.3`).
+EDIT_FIRST_MIX = {"edit": 1.0}
 QUICK_EDIT_FIRST = 50  # --quick: a smoke test of both stages
 
 
@@ -186,10 +189,15 @@ def edit_first_steps(total: int, share: float = EDIT_FIRST) -> int:
     return round(total * share)
 
 
-def stage_configs(out: Path, paths: dict[str, str], overrides: list[str], edit_steps: int):
+def stage_configs(out: Path, paths: dict[str, str], overrides: list[str], edit_steps: int,
+                  first_mix: dict[str, float] | None = None):
     """(editing-first config or None, main config). The first trains `edit_steps` steps on the
-    editing shards alone into OUT/run-edit; the main one starts from its export (OUT/model-edit)
-    and trains the rest of the steps on the full mix, so both take `train.steps` together."""
+    editing shards (with `first_mix`'s other tasks from the main shapes shards, when it names
+    any) into OUT/run-edit; the main one starts from its export (OUT/model-edit) and trains the
+    rest of the steps on the full mix, so both take `train.steps` together."""
+    from omni.data.shapes import format_mix
+
+    first_mix = dict(first_mix or EDIT_FIRST_MIX)
     cfg = train_config(out, paths, overrides)
     total = cfg.train.steps
     if edit_steps < 0:
@@ -199,9 +207,16 @@ def stage_configs(out: Path, paths: dict[str, str], overrides: list[str], edit_s
     if edit_steps >= total:
         raise ValueError(f"the editing-first stage ({edit_steps} steps) must leave steps for the mix "
                          f"(train.steps={total}); give fewer, or --edit-first-steps 0 to train the mix alone")
+    if first_mix.get("edit", 0) <= 0 or any(w < 0 for w in first_mix.values()):
+        raise ValueError(f"--edit-first-mix {format_mix(first_mix)}: the editing-first stage needs a positive "
+                         f"edit weight and no negative ones (e.g. edit=0.7,t2i=0.3)")
     edit = paths["shapes_edit"]
-    first = train_config(out, paths, [*overrides, f"data.train={edit}/train-*.tar", f"data.val={edit}/val-*.tar",
-                                      "data.task_weights={edit: 1.0}", f"train.steps={edit_steps}",
+    train = f"{edit}/train-*.tar"
+    if set(first_mix) != {"edit"}:
+        train += f"::{paths['shapes']}/train-*.tar"
+    weights = "{" + ", ".join(f"{t}: {w:g}" for t, w in first_mix.items()) + "}"
+    first = train_config(out, paths, [*overrides, f"data.train={train}", f"data.val={edit}/val-*.tar",
+                                      f"data.task_weights={weights}", f"train.steps={edit_steps}",
                                       f"train.out_dir={out / 'run-edit'}"])
     main = train_config(out, paths, [*overrides, f"train.init_from={out / 'model-edit'}",
                                      f"train.steps={total - edit_steps}"])
@@ -418,7 +433,12 @@ def run(args: argparse.Namespace) -> int:
         edit_steps = args.edit_first_steps
     else:
         edit_steps = QUICK_EDIT_FIRST if quick else edit_first_steps(total)
-    first, cfg = stage_configs(out, paths, overrides, edit_steps)
+    first_mix = None
+    if args.edit_first_mix:
+        from omni.data.shapes import parse_mix
+
+        first_mix = parse_mix(args.edit_first_mix)
+    first, cfg = stage_configs(out, paths, overrides, edit_steps, first_mix)
     _stage("1/5 data: shapes + handwritten digits shards, text tokenizer, image autoencoder")
     build_data(out, n_train=4000 if quick else args.train_docs, n_val=300, force=args.force,
                ae_steps=1000 if quick else 3000, train_mix=shapes_train_mix(cfg),
@@ -427,7 +447,9 @@ def run(args: argparse.Namespace) -> int:
     if first is None:
         _stage(f"2/5 train the {PRESET} preset ({cfg.train.steps} steps)")
     else:
-        _stage(f"2/5 train the {PRESET} preset: editing documents alone ({edit_steps} steps), "
+        what = "editing documents alone" if set(first.data.task_weights) == {"edit"} else \
+            "editing first (" + ", ".join(f"{t} {w:g}" for t, w in first.data.task_weights.items()) + ")"
+        _stage(f"2/5 train the {PRESET} preset: {what} ({edit_steps} steps), "
                f"then the full mix ({cfg.train.steps} steps)")
         print("-- editing first", flush=True)
         train_and_export(out, first, force=args.force, model_dir=out / "model-edit")
@@ -469,6 +491,9 @@ def register(sub) -> None:
     p.add_argument("--edit-first-steps", type=int, metavar="N",
                    help=f"train on editing documents alone for the first N of the training steps, then on the "
                         f"full mix (default: {EDIT_FIRST:.0%} of them; 0: the full mix from the start)")
+    p.add_argument("--edit-first-mix", metavar="MIX",
+                   help="the editing-first stage's documents by task, e.g. edit=0.7,t2i=0.3: tasks other than "
+                        "edit come from the main shapes shards (default: edit=1, editing alone)")
     p.add_argument("--limit", type=int, help="evaluate only the first N prompts per benchmark")
     p.add_argument("--no-preview", action="store_true", help="no inline image previews")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.lr=5e-4")

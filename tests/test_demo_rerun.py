@@ -53,3 +53,19 @@ def test_demo_trains_editing_first_then_the_mix_in_the_steps_of_one_run(tmp_path
         demo.stage_configs(tmp_path, paths, ["train.steps=3000"], 3000)
     with pytest.raises(ValueError, match="0 or more"):
         demo.stage_configs(tmp_path, paths, [], -1)
+
+
+def test_demo_editing_first_stage_can_read_other_shapes_tasks_beside_the_edits(tmp_path):
+    import pytest
+
+    paths = demo.data_paths(tmp_path)
+    first, main = demo.stage_configs(tmp_path, paths, ["train.steps=3000"], 1000, {"edit": 0.7, "t2i": 0.3})
+    # Editing documents from their shards, drawing ones from the main shapes shards, in those shares.
+    assert first.data.task_weights == {"edit": 0.7, "t2i": 0.3}
+    assert first.data.train == [f"{paths['shapes_edit']}/train-*.tar::{paths['shapes']}/train-*.tar"]
+    assert first.data.val == [f"{paths['shapes_edit']}/val-*.tar"]
+    assert first.train.steps == 1000 and main.train.steps == 2000
+    assert main.data.task_weights == demo.train_config(tmp_path, paths, []).data.task_weights
+    for bad in ({"t2i": 1.0}, {"edit": 0.0, "t2i": 1.0}, {"edit": 1.0, "t2i": -0.5}):
+        with pytest.raises(ValueError, match="positive edit weight"):
+            demo.stage_configs(tmp_path, paths, ["train.steps=3000"], 1000, bad)
