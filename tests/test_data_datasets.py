@@ -88,6 +88,7 @@ def _check_semantics(record: dict) -> None:
     """The texts say what the pictures show, in any phrasing (omni.data.phrasing) of the requests."""
     meta, texts = record["meta"], [t for t in record["texts"] if t is not None]
     task = meta["task"]
+    task = "t2i" if task == "t2i_position" else task
     if task in ("t2i", "caption"):
         # a caption document may ask for its caption first ("describe it"): the caption is last
         objects, text = meta["objects"], (texts[0] if task == "t2i" else texts[-1]).lower()
@@ -205,6 +206,23 @@ def test_vqa_position_task_asks_only_where_objects_are(tmp_path):
         _check_pixels(images[0], _image_objects(record["meta"])[0])
     with pytest.raises(ValueError, match="unknown shapes task.*vqa_position"):
         shapes.task_plan(10, {"vqa_where": 1.0}, seed=0, split="train")
+
+
+def test_t2i_position_task_draws_two_objects_in_every_named_relation(tmp_path):
+    out = tmp_path / "shapes"
+    assert main(["data", "shapes", "--out", str(out), "--train", "80", "--val", "0", "--mix", "t2i=1,t2i_position=1"]) == 0
+    records = _read_plain(sorted(out.glob("train-*.tar")))
+    assert Counter(r["meta"]["task"] for r, _ in records) == {"t2i": 40, "t2i_position": 40}
+    position = [r for r, _ in records if r["meta"]["task"] == "t2i_position"]
+    assert {r["meta"]["subtask"] for r in position} == {"position"}
+    # All four relations, so the first-named object is drawn first (left of, above) and last (right of, below).
+    assert {r["meta"]["relation"]["rel"] for r in position} == set(T.RELATIONS)
+    for record, images in records:
+        _check_semantics(record)
+        _check_pixels(images[0], _image_objects(record["meta"])[0])
+    # It is drawing: the t2i template (the prompt is everything before the picture) and its CFG drop.
+    assert T.template("t2i_position") == "t2i" and "t2i_position" in T.CFG_TASKS
+    assert T.template("digit_t2i") == "digit_t2i"
 
 
 def test_vqa_binding_task_asks_attributes_of_one_object_among_several(tmp_path):

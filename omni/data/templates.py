@@ -36,7 +36,7 @@ from PIL import Image
 from omni.data.document import Document, Segment
 
 TASKS = ("t2i", "caption", "vqa", "story", "text", "digit_t2i", "digit_read")
-CFG_TASKS = ("t2i", "digit_t2i")  # tasks whose prompt is dropped for classifier-free guidance
+CFG_TASKS = ("t2i", "digit_t2i", "t2i_position")  # tasks whose prompt is dropped for classifier-free guidance
 RELATIONS = ("left of", "right of", "above", "below")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 CELL_NAMES = {(0, 0): "top left", (0, 1): "top right", (1, 0): "bottom left", (1, 1): "bottom right"}
@@ -52,10 +52,13 @@ def _first(segments: Sequence[Segment], kind: type) -> int:
 
 
 def template(task: str | None) -> str | None:
-    """The template a task's documents follow: a task named `vqa_<kind>` (a narrower VQA task of a
-    training mix, e.g. the shapes world's `vqa_position`) is VQA; other names are their own."""
+    """The template a task's documents follow: a task named `vqa_<kind>` or `t2i_<kind>` (a narrower
+    VQA or drawing task of a training mix, e.g. the shapes world's `vqa_position`) is VQA or t2i;
+    other names are their own."""
     if task and task.startswith("vqa_"):
         return "vqa"
+    if task and task.startswith("t2i_"):
+        return "t2i"
     return task
 
 
