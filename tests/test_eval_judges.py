@@ -69,6 +69,29 @@ def test_ground_truth_scores_high_and_noise_low(name):
         assert noise["overall"] <= 0.05, noise
 
 
+def test_shapes_t2i_splits_position_by_whether_the_first_named_object_is_drawn_first():
+    from omni.data.shapes import render
+    from omni.eval.benchmarks_builtin import FIRST_NAMED_FIRST
+
+    bench = BUILTIN["shapes-t2i"]()
+    samples = [s for s in bench.samples(None, 300) if s.task == "position"]
+    rels = [s.reference["geneval"]["include"][1]["position"][0] for s in samples]
+    assert set(rels) == {"left of", "right of", "above", "below"}
+    truth = _judge_all(bench, samples, [oracle_output(s) for s in samples])
+    assert truth["metrics"] == {"position_named_first": 1.0, "position_named_last": 1.0}
+    # A model that draws the object it reads first in the earlier cell, whatever the relation says:
+    # right where that is what the prompt asks, wrong everywhere else.
+    outputs = []
+    for s, rel in zip(samples, rels):
+        objs = [dict(o) for o in s.reference["objects"]]
+        if rel not in FIRST_NAMED_FIRST:
+            for k in ("cx", "cy"):
+                objs[0][k], objs[1][k] = objs[1][k], objs[0][k]
+        outputs.append(Output([render(objs)]))
+    first_first = _judge_all(bench, samples, outputs)
+    assert first_first["metrics"] == {"position_named_first": 1.0, "position_named_last": 0.0}
+
+
 def test_judge_palette_is_the_data_palette():
     from omni.data.shapes import COLORS
 

@@ -135,7 +135,23 @@ class ShapesT2I(Benchmark):
         return {"correct": float(ok), "_reason": "; ".join(reasons), "_detected": [d.to_dict() for d in dets]}
 
     def aggregate(self, records, run_dir):
-        return mean_by_task(records, self.tasks, primary="correct")
+        res = mean_by_task(records, self.tasks, primary="correct")
+        # Position prompts split by whether the first-named object is drawn first in raster order
+        # ("X left of Y", "X above Y") or last ("X right of Y", "X below Y"): a model that draws what
+        # it reads first first, and so ignores the relation, scores high on the one and ~0 on the other.
+        split: dict[str, list[dict[str, Any]]] = {"position_named_first": [], "position_named_last": []}
+        for r in records:
+            if r["task"] == "position":
+                rel = r["reference"]["geneval"]["include"][1]["position"][0]
+                split["position_named_first" if rel in FIRST_NAMED_FIRST else "position_named_last"].append(r)
+        metrics = {k: _micro(rows) for k, rows in split.items() if rows}
+        if metrics:
+            res["metrics"] = {**res.get("metrics", {}), **metrics}
+        return res
+
+
+# A position prompt "X rel Y" whose first-named object X sits in the earlier cell in raster order.
+FIRST_NAMED_FIRST = ("left of", "above")
 
 
 class ShapesVQA(Benchmark):
