@@ -437,7 +437,7 @@ def run(args: argparse.Namespace) -> int:
     if args.edit_first_mix:
         from omni.data.shapes import parse_mix
 
-        first_mix = parse_mix(args.edit_first_mix)
+        first_mix = parse_mix(args.edit_first_mix, flag="--edit-first-mix")
     first, cfg = stage_configs(out, paths, overrides, edit_steps, first_mix)
     _stage("1/5 data: shapes + handwritten digits shards, text tokenizer, image autoencoder")
     build_data(out, n_train=4000 if quick else args.train_docs, n_val=300, force=args.force,
@@ -490,7 +490,7 @@ def register(sub) -> None:
     p.add_argument("--train-docs", type=int, default=90000, help="shapes training documents (in the training mix)")
     p.add_argument("--edit-first-steps", type=int, metavar="N",
                    help=f"train on editing documents alone for the first N of the training steps, then on the "
-                        f"full mix (default: {EDIT_FIRST:.0%} of them; 0: the full mix from the start)")
+                        f"full mix (default: {EDIT_FIRST * 100:.0f}%% of them; 0: the full mix from the start)")
     p.add_argument("--edit-first-mix", metavar="MIX",
                    help="the editing-first stage's documents by task, e.g. edit=0.7,t2i=0.3: tasks other than "
                         "edit come from the main shapes shards (default: edit=1, editing alone)")

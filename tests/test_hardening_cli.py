@@ -165,3 +165,24 @@ def test_eval_records_batch_size_and_refuses_a_resume_with_another(ckpt, tmp_pat
     assert res["batch_size"] == 2 and json.loads((out / "run.json").read_text())["batch_size"] == 2
     with pytest.raises(ValueError, match=r"\(batch_size differ\); use another --out directory, or --overwrite"):
         evaluate(ckpt, "shapes-vqa", out, limit=2, batch_size=1, progress=False)
+
+
+def test_every_command_prints_its_help():
+    """`--help` of every command and subcommand formats (a bare % in a help text broke `omni demo --help`)."""
+    import argparse
+
+    from omni.cli import build_parser
+
+    seen = []
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> None:
+        text = parser.format_help()
+        assert text.startswith("usage:"), path
+        seen.append(path)
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    walk(child, f"{path} {name}")
+
+    walk(build_parser(), "omni")
+    assert {"omni demo", "omni data shapes", "omni serve", "omni eval", "omni train"} <= set(seen)

@@ -489,8 +489,9 @@ def documents(tasks: list[str], first: int, split: str = "train", seed: int = 0,
         yield world.document(task, rng, key=f"shapes-{split}-{i:07d}")
 
 
-def parse_mix(text: str | None) -> dict[str, float]:
-    """`t2i=0.5,vqa=0.5` -> {"t2i": 0.5, "vqa": 0.5}; None -> DEFAULT_MIX."""
+def parse_mix(text: str | None, flag: str = "--mix") -> dict[str, float]:
+    """`t2i=0.5,vqa=0.5` -> {"t2i": 0.5, "vqa": 0.5}; None -> DEFAULT_MIX. `flag` names the option
+    in error messages."""
     if not text:
         return dict(DEFAULT_MIX)
     out = {}
@@ -499,8 +500,8 @@ def parse_mix(text: str | None) -> dict[str, float]:
         try:
             out[name.strip()] = float(value)
         except ValueError:
-            raise ValueError(f"bad --mix entry {part!r}; write task=weight,task=weight (e.g. t2i=0.5,vqa=0.5)") from None
-    check_tasks(out, where=" in --mix")
+            raise ValueError(f"bad {flag} entry {part!r}; write task=weight,task=weight (e.g. t2i=0.5,vqa=0.5)") from None
+    check_tasks(out, where=f" in {flag}")
     return out
 
 
