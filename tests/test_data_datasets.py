@@ -221,7 +221,7 @@ def test_t2i_position_task_draws_two_objects_in_every_named_relation(tmp_path):
         _check_semantics(record)
         _check_pixels(images[0], _image_objects(record["meta"])[0])
     # It is drawing: the t2i template (the prompt is everything before the picture) and its CFG drop.
-    assert T.template("t2i_position") == "t2i" and "t2i_position" in T.CFG_TASKS
+    assert T.template("t2i_position") == "t2i" and T.template("t2i_position") in T.CFG_TASKS
     assert T.template("digit_t2i") == "digit_t2i"
 
 

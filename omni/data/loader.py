@@ -347,7 +347,7 @@ def run_worker(s: _Settings, worker: int, num_workers: int, state: dict[str, Any
             break
         pull, pulls = pulls, pulls + 1
         doc, tag = got
-        drop = doc.task in T.CFG_TASKS and s.cfg_drop > 0 and _uniform(s.seed, s.rank, worker, tag, "cfg") < s.cfg_drop
+        drop = T.template(doc.task) in T.CFG_TASKS and s.cfg_drop > 0 and _uniform(s.seed, s.rank, worker, tag, "cfg") < s.cfg_drop
         edit_drop = None
         if T.template(doc.task) == "edit" and s.edit_drop_text + s.edit_drop_both > 0:
             u = _uniform(s.seed, s.rank, worker, tag, "edit")

@@ -36,7 +36,7 @@ from PIL import Image
 from omni.data.document import Document, Segment
 
 TASKS = ("t2i", "caption", "vqa", "story", "text", "digit_t2i", "digit_read")
-CFG_TASKS = ("t2i", "digit_t2i", "t2i_position")  # tasks whose prompt is dropped for classifier-free guidance
+CFG_TASKS = ("t2i", "digit_t2i")  # templates whose prompt is dropped for classifier-free guidance
 RELATIONS = ("left of", "right of", "above", "below")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 CELL_NAMES = {(0, 0): "top left", (0, 1): "top right", (1, 0): "bottom left", (1, 1): "bottom right"}

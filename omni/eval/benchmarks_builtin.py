@@ -109,6 +109,10 @@ def _micro(records: list[dict[str, Any]], key: str = "correct") -> float | str:
 # --------------------------------------------------------------------------------------------
 
 
+# A position prompt "X rel Y" whose first-named object X sits in the earlier cell in raster order.
+FIRST_NAMED_FIRST = ("left of", "above")
+
+
 class ShapesT2I(Benchmark):
     name = "shapes-t2i"
     description = "GenEval's protocol on the shapes world (rule-based detector on the generated pixels)"
@@ -148,10 +152,6 @@ class ShapesT2I(Benchmark):
         if metrics:
             res["metrics"] = {**res.get("metrics", {}), **metrics}
         return res
-
-
-# A position prompt "X rel Y" whose first-named object X sits in the earlier cell in raster order.
-FIRST_NAMED_FIRST = ("left of", "above")
 
 
 class ShapesVQA(Benchmark):
