@@ -400,6 +400,49 @@ def test_convert_and_inspect_cli(tmp_path, capsys):
     assert report == {"shards": 1, "documents": 5, "tasks": {"interleaved": 5}, "skipped": {}}
 
 
+def test_inspect_with_a_config_measures_positions_and_each_tasks_share_of_a_step(tmp_path, tokenizer_dir, capsys):
+    from omni.tokenizers.text import TextTokenizer
+
+    for name, mix in (("a", "t2i=1,story=1"), ("b", "t2i=1")):
+        assert main(["data", "shapes", "--out", str(tmp_path / name), "--train", "40", "--val", "2",
+                     "--shard-size", "10", "--mix", mix, "--workers", "1"]) == 0
+    capsys.readouterr()
+    tok = TextTokenizer.from_pretrained(tokenizer_dir)
+    n_image = (32 // 8) ** 2  # the tiny preset's patch tokenizer
+
+    def positions(doc) -> int:  # [bos] text ... <boi> image <eoi> ... [eos], counted from the document itself
+        return 2 + sum(len(tok.encode(s)) if isinstance(s, str) else n_image + 2 for s in doc.segments)
+
+    spec = f"{tmp_path / 'a'}/train-*.tar::{tmp_path / 'b'}/train-*.tar"
+    expected: dict[str, list[int]] = {}
+    for doc in read_documents(spec.split("::")):
+        expected.setdefault(doc.task, []).append(positions(doc))
+    args = ["data", "inspect", "--config", "tiny", "--set", f"model.tokenizer={tokenizer_dir}",
+            "--set", f"data.train={spec}", "--set", "data.task_weights={t2i: 3, story: 1, vqa: 1}"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["documents"] == 80 and report["shards"] == 8
+    mean = {t: sum(v) / len(v) for t, v in expected.items()}
+    assert {t: r["mean"] for t, r in report["positions"].items()} == {t: round(m, 1) for t, m in mean.items()}
+    assert {t: r["max"] for t, r in report["positions"].items()} == {t: max(v) for t, v in expected.items()}
+    mix = report["mix"]
+    per_doc = (3 * mean["t2i"] + mean["story"]) / 4  # vqa has no documents here: left out, and named
+    assert mix["weighted_tasks_without_documents"] == ["vqa"]
+    assert mix["positions_per_document"] == round(per_doc, 1)
+    assert mix["documents_per_step_at_most"] == round(16 * 160 / per_doc, 1)
+    assert mix["tasks"]["t2i"]["document_share"] == 0.75
+    assert mix["tasks"]["story"]["position_share"] == round(mean["story"] / (4 * per_doc), 3)
+    assert mix["tasks"]["story"]["position_share"] > 0.25  # a story is several pictures long
+    # --limit reads the first documents of every spec in turn: both shard sets, not only the first
+    assert main([*args, "--limit", "20"]) == 0
+    limited = json.loads(capsys.readouterr().out)
+    assert limited["documents"] == 20 and limited["tasks"]["t2i"] > 10 and limited["tasks"]["story"] > 0
+    with pytest.raises(SystemExit, match="--set needs --config"):
+        main(["data", "inspect", str(tmp_path / "a"), "--set", "data.seq_len=64"])
+    with pytest.raises(SystemExit, match="name shard specs"):
+        main(["data", "inspect"])
+
+
 def test_shapes_shards_written_by_several_processes_are_the_serial_bytes(tmp_path, capsys):
     # 1,100 documents in shards of 400: two whole shards and a short last one, a mix with edits and
     # stories (their documents hold several images); the validation split stays in one process.

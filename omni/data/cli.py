@@ -5,7 +5,7 @@
     omni data digits    --out DIR [--size 32 --shard-size N --phrasing train|heldout|template]
     omni data tokenizer --shards SPEC [SPEC ...] --out DIR [--vocab-size N]
     omni data convert   --format mmc4|comm --input FILE [FILE ...] --out DIR [--size 32]
-    omni data inspect   SPEC [SPEC ...]
+    omni data inspect   [SPEC ...] [--config CFG [--set KEY=VALUE ...]] [--limit N]
 
 Each writer leaves DIR/train-000000.tar ... (and DIR/val-...), a DIR/manifest.json, and prints
 the brace patterns to put in data.train / data.val.
@@ -14,6 +14,8 @@ the brace patterns to put in data.train / data.val.
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import json
 from collections import Counter
 from pathlib import Path
@@ -82,15 +84,110 @@ def run_convert(args: argparse.Namespace) -> int:
 
 def run_inspect(args: argparse.Namespace) -> int:
     from omni.data.document import Stats
-    from omni.data.shards import expand_shards, read_documents
+    from omni.data.shards import read_documents
 
+    cfg = None
+    if args.config:
+        from omni.config import load_config
+
+        cfg = load_config(args.config, args.set)
+    elif args.set:
+        raise SystemExit("omni data inspect: --set needs --config (the config it overrides)")
+    shards = args.shards or (cfg.data.train if cfg is not None else None)
+    if not shards:
+        raise SystemExit("omni data inspect: name shard specs, or --config CONFIG to read its data.train")
+    measure = positions_counter(cfg) if cfg is not None else None
+    urls = interleaved(shards)
     stats = Stats(max_warnings=3)
     tasks: Counter = Counter()
-    for doc in read_documents(args.shards, stats=stats):
+    lengths: dict[str, list[int]] = {}
+    for doc in read_documents(urls, stats=stats):
+        if measure is not None:
+            n = measure(doc, stats)
+            if n is None:
+                continue
+            lengths.setdefault(doc.task, []).append(n)
         tasks[doc.task] += 1
-    print(json.dumps({"shards": len(expand_shards(args.shards)), "documents": sum(tasks.values()),
-                      "tasks": dict(tasks), "skipped": stats.as_dict()}, indent=2))
+        if args.limit and sum(tasks.values()) >= args.limit:
+            break
+    report = {"shards": len(urls), "documents": sum(tasks.values()), "tasks": dict(tasks),
+              "skipped": stats.as_dict()}
+    if cfg is not None:
+        report.update(mix_report(cfg, lengths))
+    print(json.dumps(report, indent=2))
     return 0
+
+
+def interleaved(specs) -> list[str]:
+    """The shards of every spec (and of every `::` part of one), taken in turn from each, so that
+    the first documents read (`--limit`) come from all of them."""
+    from omni.data.shards import expand_shards
+
+    specs = [specs] if isinstance(specs, (str, Path)) else specs
+    parts = [expand_shards(part) for spec in specs for part in str(spec).split("::")]
+    return [url for group in itertools.zip_longest(*parts) for url in group if url is not None]
+
+
+def positions_counter(cfg):
+    """doc -> the positions it takes in a training row under `cfg` (tokenizer, image tokens per
+    picture, templates; without CFG drops), or None (counted in `stats`) when the loader would skip it."""
+    from omni.data.document import BadSample
+    from omni.data.loader import prepare_document
+    from omni.layout import doc_length
+    from omni.tokenizers.image import build_image_tokenizer
+    from omni.tokenizers.text import TextTokenizer
+
+    root = Path(cfg.train.init_from) if cfg.train.init_from else None
+    if root is not None:  # the checkpoint's model: its tokenizer and image settings (as training reads them)
+        from omni.train.build import with_init_model
+
+        cfg, _ = with_init_model(cfg)
+        tokenizer = TextTokenizer.from_pretrained(root / "tokenizer")
+    elif cfg.model.tokenizer is None:
+        raise SystemExit("omni data inspect: the config sets no model.tokenizer; --set model.tokenizer=DIR")
+    else:
+        tokenizer = TextTokenizer.from_pretrained(cfg.model.tokenizer)
+    image_tokenizer = build_image_tokenizer(cfg.model.image, root=root)
+    queries = cfg.model.parallel_image != "off"
+    encode = functools.lru_cache(maxsize=1 << 16)(tokenizer.encode)
+
+    def positions(doc, stats) -> int | None:
+        try:
+            return doc_length(prepare_document(doc, encode, image_tokenizer), queries=queries)
+        except BadSample as e:
+            stats.add(e.reason, e.detail)
+            return None
+
+    return positions
+
+
+def mix_report(cfg, lengths: dict[str, list[int]]) -> dict:
+    """Positions per document by task and, with data.task_weights, what each task costs a step:
+    its share of the documents drawn and of the row positions they fill."""
+    seq_len = cfg.data.seq_len
+    out: dict = {"positions": {t: {"mean": round(sum(v) / len(v), 1), "max": max(v),
+                                   "over_seq_len": sum(n > seq_len for n in v)}
+                               for t, v in sorted(lengths.items())}}
+    weights = {t: w for t, w in cfg.data.task_weights.items() if w > 0}
+    if not weights:
+        return out
+    missing = sorted(t for t in weights if t not in lengths)
+    mean = {t: sum(lengths[t]) / len(lengths[t]) for t in weights if t in lengths}
+    total_w = sum(weights[t] for t in mean)
+    per_doc = sum(weights[t] * mean[t] for t in mean) / total_w if total_w else 0.0
+    out["mix"] = {
+        "seq_len": seq_len,
+        "batch_size": cfg.data.batch_size,
+        "positions_per_document": round(per_doc, 1),
+        # Rows filled to the last position; packing leaves a few percent empty (docs/demo.md).
+        "documents_per_step_at_most": round(cfg.data.batch_size * seq_len / per_doc, 1) if per_doc else None,
+        "tasks": {t: {"weight": weights[t], "document_share": round(weights[t] / total_w, 3),
+                      "position_share": round(weights[t] * mean[t] / (per_doc * total_w), 3)}
+                  for t in mean},
+    }
+    if missing:
+        out["mix"]["weighted_tasks_without_documents"] = missing
+    return out
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -163,6 +260,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace train-*.tar / val-*.tar in --out that omni did not write")
     p.set_defaults(func=run_convert)
 
-    p = sub.add_parser("inspect", help="count documents per task and bad samples in shards")
-    p.add_argument("shards", nargs="+", help="shard specs")
+    p = sub.add_parser("inspect", help="count documents per task and bad samples in shards; with --config, the "
+                                        "positions each task's documents take and each task's share of a step")
+    p.add_argument("shards", nargs="*", help="shard specs (default with --config: its data.train)")
+    p.add_argument("--config", default=None,
+                   help="preset or YAML whose tokenizer, image settings, seq_len and task weights measure the documents")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override of --config, e.g. --set data.task_weights.story=0.06 (repeatable)")
+    p.add_argument("--limit", type=_positive, default=None, help="read at most N documents")
     p.set_defaults(func=run_inspect)
