@@ -437,6 +437,14 @@ def test_inspect_with_a_config_measures_positions_and_each_tasks_share_of_a_step
     assert main([*args, "--limit", "20"]) == 0
     limited = json.loads(capsys.readouterr().out)
     assert limited["documents"] == 20 and limited["tasks"]["t2i"] > 10 and limited["tasks"]["story"] > 0
+    # a config that starts from a checkpoint (train.init_from) reads that checkpoint's tokenizer and image settings
+    from conftest import save_tiny_checkpoint
+
+    ckpt = save_tiny_checkpoint(tokenizer_dir, tmp_path / "ckpt")
+    assert main(["data", "inspect", "--config", "tiny", "--set", f"train.init_from={ckpt}", "--set", f"data.train={spec}"]) == 0
+    assert json.loads(capsys.readouterr().out)["positions"] == report["positions"]
+    with pytest.raises(SystemExit, match="holds no config.yaml"):
+        main(["data", "inspect", "--config", "tiny", "--set", f"train.init_from={tmp_path / 'a'}", "--set", f"data.train={spec}"])
     with pytest.raises(SystemExit, match="--set needs --config"):
         main(["data", "inspect", str(tmp_path / "a"), "--set", "data.seq_len=64"])
     with pytest.raises(SystemExit, match="name shard specs"):

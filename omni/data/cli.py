@@ -138,16 +138,21 @@ def positions_counter(cfg):
     from omni.tokenizers.text import TextTokenizer
 
     root = Path(cfg.train.init_from) if cfg.train.init_from else None
-    if root is not None:  # the checkpoint's model: its tokenizer and image settings (as training reads them)
-        from omni.train.build import with_init_model
+    image = cfg.model.image
+    if root is not None:  # the checkpoint's tokenizer and image settings, as training reads them
+        import yaml
 
-        cfg, _ = with_init_model(cfg)
+        from omni.config import from_dict
+
+        if not (root / "config.yaml").is_file():
+            raise SystemExit(f"omni data inspect: train.init_from={str(root)!r} holds no config.yaml (not an omni checkpoint)")
+        image = from_dict(yaml.safe_load((root / "config.yaml").read_text()) or {}).model.image
         tokenizer = TextTokenizer.from_pretrained(root / "tokenizer")
     elif cfg.model.tokenizer is None:
         raise SystemExit("omni data inspect: the config sets no model.tokenizer; --set model.tokenizer=DIR")
     else:
         tokenizer = TextTokenizer.from_pretrained(cfg.model.tokenizer)
-    image_tokenizer = build_image_tokenizer(cfg.model.image, root=root)
+    image_tokenizer = build_image_tokenizer(image, root=root)
     queries = cfg.model.parallel_image != "off"
     encode = functools.lru_cache(maxsize=1 << 16)(tokenizer.encode)
 
