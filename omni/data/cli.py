@@ -140,13 +140,11 @@ def positions_counter(cfg):
     root = Path(cfg.train.init_from) if cfg.train.init_from else None
     image = cfg.model.image
     if root is not None:  # the checkpoint's tokenizer and image settings, as training reads them
-        import yaml
-
-        from omni.config import from_dict
+        from omni.config import load_config
 
         if not (root / "config.yaml").is_file():
             raise SystemExit(f"omni data inspect: train.init_from={str(root)!r} holds no config.yaml (not an omni checkpoint)")
-        image = from_dict(yaml.safe_load((root / "config.yaml").read_text()) or {}).model.image
+        image = load_config(root / "config.yaml").model.image
         tokenizer = TextTokenizer.from_pretrained(root / "tokenizer")
     elif cfg.model.tokenizer is None:
         raise SystemExit("omni data inspect: the config sets no model.tokenizer; --set model.tokenizer=DIR")
