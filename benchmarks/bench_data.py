@@ -1,4 +1,5 @@
-"""Data loader throughput: documents/s and tokens/s of BatchStream with 0 and 2 workers.
+"""Data loader throughput: documents/s and tokens/s of BatchStream with 0 and 2 workers, and with
+the task streams parsing each shard once (SharedShards, the default) against each on its own.
 
 The demo recipe's stream: shapes + digits shards, the tiny preset's seq_len 160 and batch 32,
 patch image tokens, task weights as in the demo. Startup (forking workers, filling shuffle
@@ -10,6 +11,7 @@ stream from a saved position (the replay that exact resume costs).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import sys
@@ -88,6 +90,14 @@ def run(quick: bool = True) -> dict[str, Any]:
             cfg = DataConfig(train=specs, seq_len=160, batch_size=32, num_workers=workers, resampled=True,
                              shuffle_buffer=200 if quick else 1000, task_weights=WEIGHTS)
             out[f"workers_{workers}"] = _measure(cfg, tok, itok, batches=8 if quick else 40)
+        # Before SharedShards every task stream parsed every shard itself: the same stream, timed
+        # with each task stream parsing alone (the batches are identical: tests/test_data_shards.py).
+        from unittest import mock
+
+        with mock.patch("omni.data.loader.SharedShards", lambda: None):
+            out["workers_0_unshared"] = _measure(dataclasses.replace(cfg, num_workers=0), tok, itok,
+                                                 batches=8 if quick else 40)
+        out["shared_parse_speedup"] = round(out["workers_0"]["tokens_per_s"] / out["workers_0_unshared"]["tokens_per_s"], 2)
     return out
 
 

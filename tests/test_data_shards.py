@@ -236,3 +236,64 @@ def test_comm_adapter_reads_typed_items(tmp_path):
     assert from_comm(items[:1]).texts == ["step one."]
     with pytest.raises(BadSample, match="bad_item"):
         from_comm([{"type": "video"}])
+
+
+def _task_streams(urls, shared, report=None):
+    from omni.data.shards import select_task
+
+    return {t: SampleStream(urls, seed=5, shuffle_buffer=8, loop=True, select=select_task([t]), shared=shared,
+                            report=report if t == "digit" else None)
+            for t in ("digit", "t2i", "text")}
+
+
+def _interleaved_reads(streams, n: int, seed: int = 0) -> dict[str, list[str]]:
+    """Advance the streams in a random interleaving, as the loader's task mixer does."""
+    rng = np.random.default_rng(seed)
+    its = {t: iter(s) for t, s in streams.items()}
+    got: dict[str, list[str]] = {t: [] for t in streams}
+    for _ in range(n):
+        t = list(streams)[rng.integers(len(streams))]
+        got[t].append(next(its[t])["__key__"])
+    return got
+
+
+@pytest.mark.parametrize("budget", [64 << 20, 1])
+def test_task_streams_sharing_parsed_shards_read_what_they_read_alone(tmp_path, budget):
+    """SharedShards (the loader's task streams): each stream yields, and saves as its position,
+    exactly what it yields reading alone; a read error is reported as often; a shard is parsed once
+    while the cache holds it; a clean shard with none of a stream's tasks is skipped."""
+    from omni.data.shards import SharedShards
+
+    a = write_shards(_docs(60), tmp_path / "a", "train", shard_size=10, progress=False)
+    digits = [Document.from_segments([f"digit {i}.", _img()], {"task": "digit"}, key=f"dig{i:05d}") for i in range(12)]
+    b = write_shards(digits, tmp_path / "b", "train", shard_size=6, progress=False)
+    data = a[2].read_bytes()
+    a[2].write_bytes(data[: len(data) // 2 + 100])  # a truncated shard among them
+    urls = [str(p) for p in [*a, *b]]
+    # budget 1: only the shard read last stays cached (each other one is parsed again when met again)
+    shared = SharedShards(budget=budget, max_shard=1 << 20)
+    alone_stats, shared_stats = Stats(), Stats()
+    alone = _task_streams(urls, None, alone_stats.add)
+    together = _task_streams(urls, shared, shared_stats.add)
+    want, got = _interleaved_reads(alone, 400), _interleaved_reads(together, 400)
+    assert got == want and all(len(v) > 60 for v in got.values())
+    assert {t: s.state() for t, s in together.items()} == {t: s.state() for t, s in alone.items()}
+    assert shared_stats.counts == alone_stats.counts and alone_stats.counts["truncated_tar"] >= 1
+    epochs = max(s.state()[0] for s in together.values()) + 1
+    if budget > 1:
+        assert shared.parses == len(urls)  # every shard parsed once, however many streams and epochs
+        assert shared.holds_none(str(a[0]), {"digit"}) and not shared.holds_none(str(a[0]), {"t2i"})
+        assert not shared.holds_none(str(a[2]), {"digit"})  # a shard with read errors is always read
+    else:
+        assert shared.parses > 2 * len(urls) and len(shared._cache) == 1 and epochs >= 2
+
+
+def test_shards_over_the_share_budget_are_streamed_not_cached(shards):
+    from omni.data.shards import SharedShards, select_task
+
+    out, paths = shards
+    shared = SharedShards(budget=8 * min(p.stat().st_size for p in paths) - 8)  # every shard over budget / 8
+    stream = SampleStream(expand_shards(str(out)), loop=False, select=select_task(["t2i"]), shared=shared)
+    keys = [s["__key__"] for s in stream]
+    assert len(keys) == sum(1 for d in _docs(103) if d.meta["task"] == "t2i")
+    assert shared.parses == 0 and shared.used == 0

@@ -52,7 +52,7 @@ from PIL import Image
 from omni.config import DataConfig
 from omni.data import templates as T
 from omni.data.document import BadSample, Document, Stats, decode_document
-from omni.data.shards import SampleStream, expand_shards, select_task
+from omni.data.shards import SampleStream, SharedShards, expand_shards, select_task
 from omni.layout import Batch, ImageSegment, SpecialIds, TextSegment, TokenizedDoc, doc_length, layout
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers fork after the tokenizer exists
@@ -273,13 +273,14 @@ def run_worker(s: _Settings, worker: int, num_workers: int, state: dict[str, Any
     """Batches of one (rank, worker), each with the state to resume right after it."""
     stats = Stats(s.max_warnings)
     names = sorted(s.weights) if s.weights else [ALL]
+    shared = SharedShards() if len(names) > 1 else None  # one parse of each shard for every task stream
     streams = {
         name: SampleStream(
             s.urls, seed=s.seed, rank=s.rank, world_size=s.world_size, worker=worker, num_workers=num_workers,
             shuffle_buffer=s.shuffle_buffer, resampled=s.resampled, loop=s.loop,
             # read and json errors are counted by the first stream only: every stream reads them
             report=stats.add if i == 0 else None,
-            select=select_task(s.tasks if name == ALL else [name]),
+            select=select_task(s.tasks if name == ALL else [name]), shared=shared,
         )
         for i, name in enumerate(names)
     }

@@ -10,6 +10,7 @@ shard truncated at that point: the samples before it are kept, the shard is name
 
 from __future__ import annotations
 
+import re
 import tarfile
 from collections.abc import Iterator
 
@@ -52,6 +53,9 @@ def _octal(field: bytes) -> int:
     return int(text, 8) if text else 0
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _name(field: bytes, what: str) -> str:
     """A member name from a header field or a long-name record; one that is not UTF-8 or holds
     control characters is a corrupt header (the key would name files and directories)."""
@@ -59,7 +63,7 @@ def _name(field: bytes, what: str) -> str:
         name = field.split(b"\0", 1)[0].decode("utf-8")
     except UnicodeDecodeError:
         raise TarError(f"corrupt header ({what} is not UTF-8: {field[:40]!r})") from None
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+    if _CONTROL.search(name):
         raise TarError(f"corrupt header ({what} holds control characters: {name[:40]!r})")
     return name
 
