@@ -13,6 +13,7 @@ Each lever is one row of output, printed as soon as it is measured, and written 
   flex         FlexAttention with a BlockMask of the documents (model.backbone.attn_implementation=flex_attention)
   +head_bf16   ... and the diffusion head's matmuls in bf16 (model.head.bf16_train)
   +head_compile ... and the head's loss compiled (model.head.compile)
+  +layers_compile ... and every backbone decoder layer compiled (train.compile)
   +liger       ... and Liger's fused RMSNorm / RoPE / SwiGLU (train.liger; skipped when not installed)
   +bf16_weights ... and bf16 parameters (what train.bf16_mode=deepspeed trains; here the step is plain
                AdamW on bf16 weights, without DeepSpeed's fp32 master copy, so it is an upper bound)
@@ -192,6 +193,9 @@ def run(device: str = "cpu", preset: str = "tiny", quick: bool = False, seq_len:
                        {"bf16_train": True, "compile": True}))
     levers.append(("flex+head_bf16+head_compile+bf16_weights", {"attn": "flex_attention", "bf16": True},
                    {"bf16_train": True, "compile": True}))
+    # last: its compile may not fit gpu.sh's stage limit on a cold machine (the rows above are kept)
+    levers.append(("flex+head_bf16+head_compile+layers_compile", {"attn": "flex_attention", "layers": True},
+                   {"bf16_train": True, "compile": True}))
     for name, opt, head in levers:
         if only and name not in only:
             continue
@@ -200,6 +204,10 @@ def run(device: str = "cpu", preset: str = "tiny", quick: bool = False, seq_len:
             from omni.models.backbone import fuse_with_liger
 
             fuse_with_liger(model.backbone)
+        if opt.get("layers"):
+            from omni.models.backbone import compile_layers
+
+            compile_layers(model.backbone)
         if opt.get("bf16"):
             model = model.to(torch.bfloat16)
         opt_ = optimizer(model, dev, 1e-4)

@@ -8,7 +8,7 @@
 #      FlexAttention parity on CUDA                                                   (<= 60 s)
 #   2. training throughput (#25): bench-1b on packed rows of realistic documents and on
 #      single-document rows, lever by lever (dense, flex, head bf16 / compile, liger, bf16
-#      weights), MFU at the device's bf16 peak, backbone alone, peak memory            (<= 150 s)
+#      weights, decoder layers compiled), MFU at the bf16 peak, backbone alone, peak memory (<= 150 s)
 #   3. generation (#24): bench-1b 256-token images, DDIM 50, CFG 3, batch 1 / 4 / 16, eager vs
 #      graphed head loop, step schedule, bf16 head; ms per image token and the ratio to the
 #      memory-bandwidth floor (H100 3.35, H200 4.8 TB/s)                                (<= 130 s)

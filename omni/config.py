@@ -229,6 +229,11 @@ class TrainConfig:
     # Fused Liger kernels in the backbone (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy), GPU
     # only; needs the liger-kernel package (pip install -e .[gpu])
     liger: bool = False
+    # torch.compile each backbone decoder layer for training (inductor fuses RMSNorm, RoPE, SwiGLU
+    # and the casts around attention): the tiny CPU step at 0.76x of eager, 0.69x with
+    # model.head.compile (interleaved steps, one process). The first steps pay the compile (~10-40 s
+    # on 2 cores; cached on disk after). Inference stays eager. Not with ZeRO-3.
+    compile: bool = False
     activation_checkpointing: bool = False  # recompute backbone activations in backward
     ema_decay: float = 0.0  # EMA of weights; 0 disables
     trainable: Literal["all", "new"] | list[str] = "all"  # new: in_proj/head/new rows; or name globs

@@ -178,6 +178,10 @@ def train_config(out: Path, paths: dict[str, str], overrides: list[str]):
         f"data.val={paths['shapes']}/val-*.tar::{paths['digits']}/val-*.tar",
         f"train.out_dir={out / 'run'}",
         "train.resume=auto",  # an interrupted demo continues from its last checkpoint
+        # The decoder layers and the head's loss compiled: the step at 0.68x of eager on 2 cores
+        # (benchmarks/bench_compile.py), for ~40 s of compiling (docs/demo.md, session 12).
+        "train.compile=true",
+        "model.head.compile=true",
         *overrides,
     ])
 

@@ -37,6 +37,7 @@ from omni.models.backbone import (
     allow_tf32,
     backbone_from_config,
     build_backbone,
+    compile_layers,
     fuse_with_liger,
     rebuild_backbone,
     tied_elsewhere,
@@ -106,6 +107,9 @@ def build_model(cfg: Config, ds_config: dict) -> OmniModel:
     initial weights depend on `train.seed` only, not on how the backbone was made.
     """
     mcfg, zero3 = cfg.model, cfg.train.zero_stage == 3
+    if cfg.train.compile and zero3:
+        raise ValueError("train.compile=true compiles the decoder layers, and ZeRO-3's parameter hooks do not "
+                         "survive that; use train.zero_stage=0, 1 or 2, or train.compile=false")
     root = Path(cfg.train.init_from) if cfg.train.init_from else None
     if root is not None:
         check_checkpoint_dir(root)
@@ -139,6 +143,8 @@ def build_model(cfg: Config, ds_config: dict) -> OmniModel:
     select_trainable(model, cfg)
     if cfg.train.liger:
         fuse_with_liger(model.backbone)
+    if cfg.train.compile:
+        compile_layers(model.backbone)
     allow_tf32(cfg.train.tf32)
     return model
 
