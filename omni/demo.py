@@ -1,8 +1,9 @@
 """`omni demo`: the project's main job on its built-in data, end to end on a CPU.
 
     data (shapes + handwritten digits shards, text tokenizer, patch autoencoder) -> train the
-    `tiny` preset on the autoencoder's image tokens (DeepSpeed engine, one process): a third of
-    the steps on editing documents alone, then the rest on the full mix from those weights ->
+    `tiny` preset on the autoencoder's image tokens (DeepSpeed engine, one process, the decoder
+    layers and the head's loss compiled): a third of the steps on editing documents alone, then
+    the rest on the full mix from those weights ->
     export the EMA weights -> every built-in benchmark (VQA on 1,000
     held-out questions of its own), on the training phrasings and again on held-out phrasings
     that training never uses -> scorecard, HTML reports -> a short sample chat (a caption, a
