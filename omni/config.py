@@ -230,8 +230,8 @@ class TrainConfig:
     # only; needs the liger-kernel package (pip install -e .[gpu])
     liger: bool = False
     # torch.compile each backbone decoder layer for training (inductor fuses RMSNorm, RoPE, SwiGLU
-    # and the casts around attention): the tiny CPU step at 0.76x of eager, 0.69x with
-    # model.head.compile (interleaved steps, one process). The first steps pay the compile (~10-40 s
+    # and the casts around attention): the demo's CPU step at 0.79x of eager, 0.68x with
+    # model.head.compile (benchmarks/bench_compile.py). The first steps pay the compile (~10-40 s
     # on 2 cores; cached on disk after). Inference stays eager. Not with ZeRO-3.
     compile: bool = False
     activation_checkpointing: bool = False  # recompute backbone activations in backward

@@ -245,10 +245,10 @@ class SharedShards:
     With `data.task_weights` every task has its own SampleStream, and each reads every shard and
     keeps its task's samples: with nine tasks each shard was parsed nine times (in the demo, 40%
     of the loader's time a step). The streams walk the same shard order at about the same pace,
-    so one parse serves them all: a local shard of at most `budget // 8` bytes is parsed whole
-    once, kept while the cache holds at most `budget` bytes of samples (least recently read
-    dropped first; the last one read is always kept), and replayed to each stream, read errors included (each stream reports them
-    as it would have). A shard that parsed cleanly also records its tasks, and a stream skips a
+    so one parse serves them all: a local shard of at most `max_shard` bytes (`budget // 8` by
+    default) is parsed whole once, kept while the cache holds at most `budget` bytes of samples
+    (least recently read dropped first; the last one read is always kept), and replayed to each
+    stream, read errors included (each stream reports them as it would have). A shard that parsed cleanly also records its tasks, and a stream skips a
     shard that holds none of its own (a digits stream never reparses the shapes shards). What
     each stream yields, and its saved position, are exactly those of reading alone; larger or
     remote shards are streamed as before.
@@ -269,19 +269,19 @@ class SharedShards:
         known = self._tasks.get(url)
         return known is not None and tasks is not None and not (known & tasks)
 
-    def _cacheable(self, url: str) -> int | None:
+    def _cacheable(self, url: str) -> bool:
+        """A local file of at most `max_shard` bytes (a URL or pipe: is streamed)."""
         try:
-            size = os.path.getsize(url) if os.path.isfile(url) else None
+            return os.path.isfile(url) and os.path.getsize(url) <= self.max_shard
         except OSError:
-            return None
-        return size if size is not None and size <= self.max_shard else None
+            return False
 
     def read(self, url: str, report: Report) -> Iterator[dict[str, Any]]:
         """The raw samples of `url` (each a fresh dict, `__record__` parsed when the json is
         good), reporting read errors where they fall, as `iter_tar` does."""
         entry = self._cache.get(url)
         if entry is None:
-            if self._cacheable(url) is None:
+            if not self._cacheable(url):
                 yield from iter_tar(url, report)
                 return
             events: list[Any] = []

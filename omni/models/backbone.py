@@ -184,8 +184,9 @@ def compile_layers(backbone: nn.Module) -> int:
     if not layers:
         raise ValueError(f"train.compile=true found no decoder layers in the {backbone.config.model_type!r} "
                          "backbone; set train.compile=false")
-    compiler = os.environ.get("CXX") or next((c for c in ("g++", "clang++") if shutil.which(c)), None)
-    if not torch.cuda.is_available() and not (compiler and shutil.which(compiler)):
+    cxx = os.environ.get("CXX")
+    compiler = shutil.which(cxx) if cxx else shutil.which("g++") or shutil.which("clang++")
+    if not torch.cuda.is_available() and not compiler:
         logging.getLogger("omni.train").warning(
             "train.compile=true: no C++ compiler (g++ or clang++, or $CXX) for inductor's CPU code; the "
             "backbone trains eager (slower). Install g++ (Debian: apt-get install g++) to compile it.")
