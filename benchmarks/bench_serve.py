@@ -1,6 +1,7 @@
 """`omni serve` under load: continuous batching vs one request at a time, latency, memory.
 
     python -m benchmarks.bench_serve [--preset tiny] [--small] [--clients 8] [--long 500] [--threads 1] [--json OUT]
+    python -m benchmarks.bench_serve --ckpt DEMO/model     # a trained demo model, every answer judged
 
 A random-weight model of the preset is saved as a checkpoint and served on 127.0.0.1 by a server
 process running `omni serve`'s app, with the LM head given a bias towards <boi> so that an
@@ -10,6 +11,10 @@ interleaved answer really draws (as tests/test_generation.py `with_bias` does). 
     drawing  "draw a red circle left of a blue square."    mode image  -> exactly one image
     caption  [picture] "this is"                           mode text   -> text parts only
     story    "a story with pictures: the circle moves..."  mode auto   -> text and images
+
+With `--ckpt` a trained checkpoint is served as it is, and client c's four requests are the c-th
+held-out samples of shapes-vqa, shapes-t2i, shapes-caption and shapes-story, each answer judged by
+its benchmark's judge (`trained_mix`; docs/serving.md).
 
 1. The same requests (same seeds) one at a time, then from `--clients` concurrent clients, each
    on its own kept-alive connection (as the openai client sends them): throughput ratio, p50 /
@@ -87,6 +92,66 @@ def mix(model: str) -> list[dict]:
     ]
 
 
+def data_url(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def content(prompt: list) -> list[dict]:
+    """A benchmark prompt (text and PIL images in order) as a user message's content parts."""
+    return [{"type": "image_url", "image_url": {"url": data_url(x)}} if isinstance(x, Image.Image)
+            else {"type": "text", "text": x} for x in prompt]
+
+
+def texts(parts: list) -> str:
+    return " ".join(x for k, x in parts if k == "text")
+
+
+def images(parts: list) -> list[np.ndarray]:
+    return [x for k, x in parts if k == "image"]
+
+
+def trained_mix(model: str, clients: int) -> list[list[dict]]:
+    """For a trained demo model: client c's four requests are the c-th held-out sample of the
+    shapes benchmarks (procedural test split, the benchmarks' own phrasing), each with its judge:
+    a question about an attached picture (shapes-vqa: the answer), a drawing (shapes-t2i: the
+    detected objects match the prompt), a caption of an attached picture (shapes-caption: the
+    parsed caption matches the scene), a story with pictures (shapes-story's free continuation: the
+    text and image blocks in the story's order)."""
+    from omni.eval.benchmarks_builtin import ShapesCaption, ShapesStory, ShapesT2I, ShapesVQA
+    from omni.eval.judges import shapes as SJ
+
+    vqa, t2i, cap, story = (b().samples(None, clients) for b in (ShapesVQA, ShapesT2I, ShapesCaption, ShapesStory))
+
+    def parts(answer: list) -> list:  # a reference answer as `ask` returns parts
+        return [("image", np.asarray(x.convert("RGB"))) if isinstance(x, Image.Image) else ("text", x) for x in answer]
+
+    out = []
+    for c in range(clients):
+        v, t, k, s = vqa[c], t2i[c], cap[c], story[c]
+
+        def drawn_ok(parts, spec=t.reference["geneval"]):
+            return len(images(parts)) == 1 and SJ.check_spec(SJ.detect(images(parts)[0]), spec)[0]
+
+        def story_ok(parts, want=s.reference["structure"]):
+            return [kind for kind, _ in parts] == want
+
+        def request(kind, sample, want, check, **fields):
+            return {"kind": kind, "want": want, "check": check, "answer": parts(sample.answer),
+                    "body": {"model": model, **fields, "messages": [{"role": "user", "content": content(sample.prompt)}]}}
+
+        out.append([
+            request("text", v, {"text"}, lambda p, a=v.reference["answer"]: SJ.answer_correct(texts(p), a),
+                    mode="text", max_tokens=16),
+            request("drawing", t, {"image"}, drawn_ok, mode="image"),
+            request("caption", k, {"text"}, lambda p, o=k.reference["objects"]: SJ.caption_correct(texts(p), o),
+                    mode="text", max_tokens=40),
+            request("story", s, {"text", "image"}, story_ok, mode="auto", max_tokens=200, max_images=4),
+        ])
+    return out
+
+
 SMALL = ["model.backbone.hidden_size=64", "model.backbone.num_layers=2", "model.backbone.num_heads=4",
          "model.backbone.intermediate_size=128", "model.head.width=64", "model.head.depth=2"]  # tests' size
 
@@ -122,20 +187,29 @@ def load_biased(ckpt: str):
     return model
 
 
-def serve(ckpt: str, port: int, clients: int) -> None:
-    """The server process: `omni serve`'s app on the biased checkpoint."""
+def load(ckpt: str, trained: bool):
+    """A trained checkpoint as `omni serve` loads it; a random one with the <boi> bias."""
+    if trained:
+        import omni
+
+        return omni.load(ckpt, device="cpu")
+    return load_biased(ckpt)
+
+
+def serve(ckpt: str, port: int, clients: int, trained: bool = False) -> None:
+    """The server process: `omni serve`'s app on the checkpoint (random ones biased to draw)."""
     import uvicorn
 
     from omni.serve.app import create_app
     from omni.serve.schemas import Limits
 
     torch.set_grad_enabled(False)
-    model = load_biased(ckpt)
+    model = load(ckpt, trained)
     app = create_app(model, model_name=Path(ckpt).name, limits=Limits(max_running=clients))
     uvicorn.run(app, host="127.0.0.1", port=port, access_log=False, log_level="warning")
 
 
-def ceiling(ckpt: str, plan: list[list[tuple[int, int, dict]]], threads: int) -> dict:
+def ceiling(ckpt: str, plan: list[list[tuple[int, int, dict]]], threads: int, trained: bool = False) -> dict:
     """The same requests on the bare sampler in this process, on as many threads as the server:
     one at a time, then as many rows as clients, each client's next request added the step its
     last one finished (no HTTP, no client think time). Its ratio is what the serving layer can
@@ -147,7 +221,7 @@ def ceiling(ckpt: str, plan: list[list[tuple[int, int, dict]]], threads: int) ->
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    model = load_biased(ckpt)
+    model = load(ckpt, trained)
 
     def job(body):
         req = parse_request(body, Limits())
@@ -252,9 +326,10 @@ def summary(results: list[dict]) -> dict:
             "latency_p95_s": pct(lat, 95)}
 
 
-def run(preset: str = "tiny", clients: int = 8, long: int = 500, small: bool = False, threads: int = 1) -> dict:
+def run(preset: str = "tiny", clients: int = 8, long: int = 500, small: bool = False, threads: int = 1,
+        trained: str | None = None) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
-    ckpt = make_checkpoint(preset, tmp, small)
+    ckpt = Path(trained).resolve() if trained else make_checkpoint(preset, tmp, small)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -262,7 +337,7 @@ def run(preset: str = "tiny", clients: int = 8, long: int = 500, small: bool = F
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     log = open(tmp / "server.log", "w")  # noqa: SIM115  (open for the server's whole life)
     server = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_serve", "--serve", str(ckpt), "--port", str(port),
-                               "--clients", str(clients)], stdout=log, stderr=subprocess.STDOUT, env=env)
+                               "--clients", str(clients)] + (["--trained"] if trained else []), stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -273,9 +348,13 @@ def run(preset: str = "tiny", clients: int = 8, long: int = 500, small: bool = F
                 if server.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("the server did not start: " + (tmp / "server.log").read_text()[-2000:]) from None
                 time.sleep(0.2)
-        kinds = mix(ckpt.name)
-        # client c sends the four kinds, rotated; request (c, k) always has the same seed
-        plan = [[(c, k, {**kinds[(c + k) % 4]["body"], "seed": 1000 + 4 * c + k}) for k in range(4)]
+        if trained:  # client c: its own held-out samples of the four kinds, each judged
+            kinds_of = trained_mix(ckpt.name, clients)
+        else:  # client c sends the same four kinds, rotated
+            kinds = mix(ckpt.name)
+            kinds_of = [[kinds[(c + k) % 4] for k in range(4)] for c in range(clients)]
+        # request (c, k) always has the same seed
+        plan = [[(c, k, {**kinds_of[c][k]["body"], "seed": 1000 + 4 * c + k}) for k in range(4)]
                 for c in range(clients)]
         http = httpx.Client()
         for c, k, body in plan[0]:
@@ -298,12 +377,16 @@ def run(preset: str = "tiny", clients: int = 8, long: int = 500, small: bool = F
         t_crowd = time.perf_counter() - t
         steps2 = httpx.get(f"{url}/health").json()["steps"]
 
-        wrong, differ = [], []
+        wrong, differ, judged = [], [], {}
         for (c, k), r in crowd.items():
-            kind = kinds[(c + k) % 4]
+            kind = kinds_of[c][k]
             for which, res in (("concurrent", r), ("alone", alone[(c, k)])):
                 if {p for p, _ in res["parts"]} != kind["want"]:
                     wrong.append(f"{which} {kind['kind']} c{c}k{k}: {[p for p, _ in res['parts']]}")
+                if "check" in kind:  # a trained model's answer, judged
+                    n_ok = judged.setdefault(which, {}).setdefault(kind["kind"], [0, 0])
+                    n_ok[0] += bool(kind["check"](res["parts"]))
+                    n_ok[1] += 1
             if not same(r["parts"], alone[(c, k)]["parts"]):
                 differ.append(f"{kind['kind']} c{c}k{k}")
         n = len(crowd)
@@ -314,16 +397,18 @@ def run(preset: str = "tiny", clients: int = 8, long: int = 500, small: bool = F
             "steps_alone": steps1 - steps0, "steps_concurrent": steps2 - steps1,
             "alone": summary(list(alone.values())), "concurrent": summary(list(crowd.values())),
             "wrong_kinds": wrong, "same_seed_differs": differ,
-            "kinds": {k["kind"]: sorted(k["want"]) for k in kinds},
+            "kinds": {k["kind"]: sorted(k["want"]) for k in kinds_of[0]},
         }
+        if judged:  # correct / asked, per kind
+            out["correct"] = {which: {kind: f"{a}/{b}" for kind, (a, b) in per.items()} for which, per in judged.items()}
 
-        out["bare_sampler"] = ceiling(str(ckpt), plan, threads)  # the server sits idle meanwhile
+        out["bare_sampler"] = ceiling(str(ckpt), plan, threads, bool(trained))  # the server sits idle meanwhile
 
         # many requests in a row: memory and latency must not creep
         rss, lat = [], []
-        small = {**kinds[0]["body"], "max_tokens": 16}
+        small = {**kinds_of[0][0]["body"], "max_tokens": 16}
         for i in range(long):
-            body = {**(kinds[1]["body"] if i % 5 == 4 else small), "seed": i}
+            body = {**(kinds_of[0][1]["body"] if i % 5 == 4 else small), "seed": i}
             lat.append(ask(http, url, body)["latency"])
             if (i + 1) % 50 == 0:
                 rss.append((i + 1, round(rss_mib(server.pid), 1)))
@@ -348,15 +433,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--long", type=int, default=500, help="requests in a row for the memory check")
     p.add_argument("--small", action="store_true", help="the tests' model size (64 wide, 2 layers), not the preset's")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the server (and of the bare sampler)")
+    p.add_argument("--ckpt", help="a trained checkpoint (e.g. a demo's DIR/model): the held-out benchmarks' requests, "
+                   "each answer judged, instead of a random model's")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--trained", action="store_true", help=argparse.SUPPRESS)  # the server process: no bias
     p.add_argument("--serve", metavar="CKPT", help=argparse.SUPPRESS)  # the server process
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve:
-        serve(args.serve, args.port, args.clients)
+        serve(args.serve, args.port, args.clients, args.trained)
         return 0
-    out = run(args.preset, args.clients, args.long, args.small, args.threads)
-    out["model"] = f"{args.preset}{' (small)' if args.small else ''}"
+    out = run(args.preset, args.clients, args.long, args.small, args.threads, args.ckpt)
+    out["model"] = args.ckpt or f"{args.preset}{' (small)' if args.small else ''}"
     out["threads"] = args.threads
     text = json.dumps(out, indent=2)
     print(text)
@@ -365,7 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     ok = out["throughput_ratio"] >= 4 and not out["wrong_kinds"] and not out["same_seed_differs"]
     print(f"\nthroughput x{out['throughput_ratio']:.2f} (target 4; the bare sampler on the same requests "
           f"x{out['bare_sampler']['throughput_ratio']:.2f}), wrong kinds {len(out['wrong_kinds'])}, "
-          f"same-seed differences {len(out['same_seed_differs'])}: {'ok' if ok else 'MISSED'}", file=sys.stderr)
+          f"same-seed differences {len(out['same_seed_differs'])}"
+          + (f", correct {out['correct']}" if "correct" in out else "") + f": {'ok' if ok else 'MISSED'}", file=sys.stderr)
     return 0 if ok else 1
 
 

@@ -175,3 +175,26 @@ def test_bench_parallel_counts_passes_and_reports_ratios():
     (row,) = r["rows"]
     assert row["batch"] == 1 and positive(row["s_per_image_off"]) and positive(row["s_per_image_4"])
     assert row["speedup_4"] == pytest.approx(row["s_per_image_off"] / row["s_per_image_4"], rel=0.02)
+
+
+def test_bench_serve_trained_mix_judges_answers():
+    """bench_serve --ckpt: each client's four requests are held-out benchmark samples whose judges
+    accept the benchmark's own reference answer and refuse a wrong one; the requests differ
+    between clients and carry the pictures as PNG data URLs."""
+    import numpy as np
+
+    from benchmarks import bench_serve
+
+    mix = bench_serve.trained_mix("m", 3)
+    assert [[r["kind"] for r in reqs] for reqs in mix] == [["text", "drawing", "caption", "story"]] * 3
+    blank = ("image", np.full((32, 32, 3), 255, np.uint8))
+    wrong = {"text": [("text", "zebra.")], "drawing": [blank], "caption": [("text", "nothing at all.")],
+             "story": [("text", "the end.")]}
+    for reqs in mix:
+        for r in reqs:
+            assert r["check"](r["answer"]), (r["kind"], r["answer"])
+            assert not r["check"](wrong[r["kind"]]), r["kind"]
+            assert {k for k, _ in r["answer"]} == r["want"]
+    content = mix[0][0]["body"]["messages"][0]["content"]  # a question about an attached picture
+    assert content[0]["type"] == "image_url" and content[0]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert len({json.dumps(reqs[1]["body"]) for reqs in mix}) == 3  # each client draws its own prompt
