@@ -443,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve:
         serve(args.serve, args.port, args.clients, args.trained)
         return 0
+    if args.ckpt and not (Path(args.ckpt) / "config.yaml").is_file():
+        p.error(f"--ckpt {args.ckpt}: not a checkpoint directory (no config.yaml); give a trained model, "
+                "e.g. OUT/model of `omni demo --out OUT`")
     out = run(args.preset, args.clients, args.long, args.small, args.threads, args.ckpt)
     out["model"] = args.ckpt or f"{args.preset}{' (small)' if args.small else ''}"
     out["threads"] = args.threads
