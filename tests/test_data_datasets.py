@@ -225,6 +225,23 @@ def test_t2i_position_task_draws_two_objects_in_every_named_relation(tmp_path):
     assert T.template("digit_t2i") == "digit_t2i"
 
 
+def test_t2i_counting_task_draws_every_count_of_one_kind(tmp_path):
+    out = tmp_path / "shapes"
+    assert main(["data", "shapes", "--out", str(out), "--train", "80", "--val", "0", "--mix", "t2i_counting=1"]) == 0
+    records = _read_plain(sorted(out.glob("train-*.tar")))
+    assert {r["meta"]["task"] for r, _ in records} == {"t2i_counting"}
+    assert {r["meta"]["subtask"] for r, _ in records} == {"counting"}
+    assert {len(r["meta"]["objects"]) for r, _ in records} == {1, 2, 3, 4}
+    for record, images in records:
+        objects = record["meta"]["objects"]
+        assert record["meta"]["count"] == len(objects)
+        assert len({(o["shape"], o["color"]) for o in objects}) == 1  # one kind of object
+        assert T.number_word(len(objects)) in record["texts"][0].lower()  # the prompt names the count
+        _check_semantics(record)
+        _check_pixels(images[0], _image_objects(record["meta"])[0])
+    assert T.template("t2i_counting") == "t2i" and T.template("t2i_counting") in T.CFG_TASKS
+
+
 def test_vqa_binding_task_asks_attributes_of_one_object_among_several(tmp_path):
     out = tmp_path / "shapes"
     assert main(["data", "shapes", "--out", str(out), "--train", "60", "--val", "0", "--mix", "vqa_binding=1"]) == 0

@@ -16,7 +16,7 @@ from omni.data import phrasing as P
 from omni.data import templates as T
 from omni.data.shards import read_documents
 
-ALL_TASKS = {"t2i": 4, "caption": 2, "vqa": 3, "vqa_position": 1, "vqa_binding": 1, "vqa_multi": 1, "t2i_position": 1, "story": 2,
+ALL_TASKS = {"t2i": 4, "caption": 2, "vqa": 3, "vqa_position": 1, "vqa_binding": 1, "vqa_multi": 1, "t2i_position": 1, "t2i_counting": 1, "story": 2,
              "text": 1, "chat": 1}
 SLOTS = {"x": "a red circle", "d": 8, "a": "an", "s": "circle", "p": "circles", "c": "red", "b": "square",
          "n": "three", "scene": "a red circle at the top left"}

@@ -209,7 +209,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="task shares (default t2i=0.45,caption=0.15,vqa=0.2,story=0.12,text=0.08; "
                         "vqa_position: VQA that asks only where objects are; vqa_binding: VQA that asks the colour, "
                         "shape or place of one object among two or three; vqa_multi: three questions about one picture; "
-                        "t2i_position: drawing two objects in a named relation; "
+                        "t2i_position: drawing two objects in a named relation; t2i_counting: drawing 1-4 objects of one kind; "
                         "edit: a scene, an instruction, the edited scene (sometimes a second round); chat: greetings and "
                         "\"what can you do?\" answered in a sentence)")
     p.add_argument("--val-mix", default=None,
