@@ -69,11 +69,11 @@ GEN = ["generation.image_steps=10", "generation.cfg_scale=2.0", "generation.max_
 
 
 def picture() -> str:
+    from omni.serve.schemas import image_url
+
     im = Image.new("RGB", (32, 32), (240, 240, 240))
     im.paste((220, 40, 40), (4, 4, 14, 14))
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return image_url(im)
 
 
 def mix(model: str) -> list[dict]:
@@ -90,18 +90,6 @@ def mix(model: str) -> list[dict]:
                                                               "messages": [{"role": "user", "content":
                                                                             "a story with pictures: the circle moves to the right."}]}},
     ]
-
-
-def data_url(image: Image.Image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def content(prompt: list) -> list[dict]:
-    """A benchmark prompt (text and PIL images in order) as a user message's content parts."""
-    return [{"type": "image_url", "image_url": {"url": data_url(x)}} if isinstance(x, Image.Image)
-            else {"type": "text", "text": x} for x in prompt]
 
 
 def texts(parts: list) -> str:
@@ -121,6 +109,7 @@ def trained_mix(model: str, clients: int) -> list[list[dict]]:
     text and image blocks in the story's order)."""
     from omni.eval.benchmarks_builtin import ShapesCaption, ShapesStory, ShapesT2I, ShapesVQA
     from omni.eval.judges import shapes as SJ
+    from omni.serve.schemas import parts as content  # a prompt's text and pictures as content parts, in order
 
     vqa, t2i, cap, story = (b().samples(None, clients) for b in (ShapesVQA, ShapesT2I, ShapesCaption, ShapesStory))
 
