@@ -31,6 +31,7 @@ import itertools
 import zlib
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 
 IGNORE = -100
@@ -184,18 +185,21 @@ def pick_schedule(tokens: torch.Tensor, choices: list[list[int]]) -> list[int]:
     return choices[zlib.crc32(first.tobytes()) % len(choices)]
 
 
+def reference_table(sizes: list[int], offset: int = 0) -> list[int]:
+    """The images of one document, (sum(sizes),) -> for each of its image tokens the index of the
+    token at the same cell of the previous image of the document (plus `offset`), or -1: the first
+    image has no previous one, and an image of another size no cell-to-cell match."""
+    table: list[int] = []
+    start = prev_start = prev_n = 0
+    for i, n in enumerate(sizes):
+        table += range(offset + prev_start, offset + prev_start + n) if i > 0 and n == prev_n else [-1] * n
+        prev_start, prev_n, start = start, n, start + n
+    return table
+
+
 def reference_index(local: torch.Tensor, sizes: list[int], offset: int = 0) -> torch.Tensor:
-    """(k,) image-token indices within one document -> (k,) the index of the token at the same cell
-    of the previous image of the document (plus `offset`), or -1: the first image has no previous
-    one, and an image of another size no cell-to-cell match."""
-    if len(sizes) < 2 or not len(local):  # most documents hold one picture: nothing to refer to
-        return local.new_full(local.shape, -1)
-    starts = torch.tensor(list(itertools.accumulate(sizes, initial=0)))  # (I + 1,) first token of each image
-    n = torch.tensor(sizes + [0])  # (I + 1,)
-    image = torch.searchsorted(starts, local, right=True) - 1  # (k,) which image each token is in
-    prev = (image - 1).clamp(min=0)
-    ok = (image > 0) & (n[prev] == n[image])
-    return torch.where(ok, offset + starts[prev] + local - starts[image], -1)
+    """(k,) image-token indices within one document -> (k,) their `reference_table` entries."""
+    return torch.tensor(reference_table(sizes, offset) or [-1], dtype=torch.long)[local]
 
 
 def doc_positions(doc: TokenizedDoc, ids: SpecialIds, add_bos: bool = True, add_eos: bool = True):
@@ -268,66 +272,62 @@ def layout(
     for r, n in enumerate(lengths):
         if n > L:
             raise ValueError(f"row {r} holds {n} positions but seq_len is {L}; pack fewer documents or cut")
-    B = len(rows)
-    input_ids = torch.full((B, L), ids.pad, dtype=torch.long)
-    position_ids = torch.zeros((B, L), dtype=torch.long)
-    doc_ids = torch.zeros((B, L), dtype=torch.long)
-    labels = torch.full((B, L), IGNORE, dtype=torch.long)
-    image_mask = torch.zeros((B, L), dtype=torch.bool)
-    query_cells = torch.full((B, L), -1, dtype=torch.long)
+    # Every row's documents joined and padded to L as Python lists, then one conversion per field
+    # for the whole batch (per-document tensor ops cost more than the arithmetic on 2-core CPUs).
+    fields_ = ("tok", "pred", "img", "off", "doc", "pos", "qcell")
+    pads = (ids.pad, False, -1, 0, 0, 0, -1)
+    cols: dict[str, list] = {f: [] for f in fields_}
     all_tokens: list[torch.Tensor] = []
+    refs: list[int] = []  # per image token of the batch: its reference token (reference_table) or -1
     n_img = 0  # image tokens laid out so far
-    targets: list[torch.Tensor] = []  # per document: indices into image_tokens
-    conds: list[torch.Tensor] = []  # per document: flat conditioning positions
-    refs: list[torch.Tensor] = []  # per document: each target's reference token (reference_index)
-    sizes: list[int] = []  # the targets' groups in order (a group's queries are one run of positions)
-    for b, row in enumerate(flat):
-        start = 0
+    for row, n in zip(flat, lengths):
         for d, (tok, pred, img, images, pos, qcell) in enumerate(row, start=1):
-            n = len(tok)
-            sl = slice(start, start + n)
-            tok_t, pred_t, img_t = torch.tensor(tok), torch.tensor(pred), torch.tensor(img)  # (n,) each
-            input_ids[b, sl] = tok_t
-            position_ids[b, sl] = torch.tensor(pos)
-            doc_ids[b, sl] = d
-            image_mask[b, sl] = img_t >= 0
-            query_cells[b, sl] = torch.tensor(qcell)
-            # Position p is predicted from position p - 1 of the same document (queries never
-            # sit between two text positions, so text labels are as without them).
-            is_img = img_t[1:] >= 0  # (n-1,)
-            text_target = pred_t[1:] & ~is_img
-            labels[b, start : start + n - 1][text_target] = tok_t[1:][text_target]
-            if groups is None:
-                img_target = pred_t[1:] & is_img
-                local = img_t[1:][img_target]  # (k,) the targets' indices among the document's image tokens
-                targets.append(n_img + local)
-                conds.append(b * L + start + img_target.nonzero().flatten())
-                refs.append(reference_index(local, [t.shape[0] for t in images], n_img))
-            else:  # a drawn token is conditioned on its query: the k-th query of an image, its k-th token
-                drawn = (pred_t & (img_t >= 0)).nonzero().flatten()  # (K,) committed positions
-                queries = (torch.tensor(qcell) >= 0).nonzero().flatten()  # (K,) same order
-                targets.append(n_img + img_t[drawn])
-                conds.append(b * L + start + queries)
-                if len(queries):
-                    cuts = ((queries[1:] - queries[:-1]) > 1).nonzero().flatten() + 1
-                    sizes += torch.diff(torch.cat([torch.tensor([0]), cuts, torch.tensor([len(queries)])])).tolist()
+            sizes = [t.shape[0] for t in images]
+            for f, v in zip(fields_, (tok, pred, img, [n_img] * len(tok), [d] * len(tok), pos, qcell)):
+                cols[f] += v
+            refs += reference_table(sizes, n_img)
             all_tokens.extend(images)
-            n_img += sum(t.shape[0] for t in images)
-            start += n
+            n_img += sum(sizes)
+        for f, v in zip(fields_, pads):
+            cols[f] += [v] * (L - n)
+    B = len(rows)
+    tok, pred, local, off, doc, pos, qcell = (np.array(cols[f], dtype=bool if f == "pred" else np.int64).reshape(B, L)
+                                              for f in fields_)
+    is_img = local >= 0
+    img = np.where(is_img, local + off, -1)  # (B, L) the batch's image-token index, -1: none
+    # Position p is predicted from position p - 1 of the same document (queries never sit between
+    # two text positions, so text labels are as without them).
+    follows = (doc[:, 1:] == doc[:, :-1]) & (doc[:, 1:] > 0) & pred[:, 1:]  # (B, L-1) p+1 is a target
+    labels = np.full((B, L), IGNORE, dtype=np.int64)
+    labels[:, :-1] = np.where(follows & ~is_img[:, 1:], tok[:, 1:], IGNORE)
+    if groups is None:
+        img_target = follows & is_img[:, 1:]
+        b, p = img_target.nonzero()  # row-major: each document's targets in order, documents in order
+        targets, conds = img[:, 1:][img_target], b * L + p
+        ref_index = torch.from_numpy(np.array(refs, dtype=np.int64)[targets])
+        group_fields = {}
+    else:  # a drawn token is conditioned on its query: the k-th query of an image, its k-th token
+        targets = img[pred & is_img]  # committed positions, row-major
+        conds = (qcell.reshape(-1) >= 0).nonzero()[0]  # the queries, same order
+        # A group's queries are one run of positions (a document starts with [bos], never a query).
+        cuts = (np.diff(conds) > 1).nonzero()[0] + 1
+        sizes = np.diff(np.concatenate([[0], cuts, [len(conds)]])).tolist() if len(conds) else []
+        ref_index = None
+        group_fields = dict(zip(("image_group_index", "image_group_pos"), group_index(sizes)))
     if all_tokens:
         image_tokens = torch.cat([t.float() for t in all_tokens])  # (M, d)
     else:
         image_tokens = torch.zeros((0, token_dim or 0))
     return Batch(
-        input_ids=input_ids,
-        position_ids=position_ids,
-        doc_ids=doc_ids,
-        labels=labels,
-        image_mask=image_mask,
+        input_ids=torch.from_numpy(tok),
+        position_ids=torch.from_numpy(pos),
+        doc_ids=torch.from_numpy(doc),
+        labels=torch.from_numpy(labels),
+        image_mask=torch.from_numpy(is_img),
         image_tokens=image_tokens,
-        image_target_index=torch.cat(targets).long() if targets else torch.zeros(0, dtype=torch.long),
-        image_cond_index=torch.cat(conds).long() if conds else torch.zeros(0, dtype=torch.long),
-        query_cells=query_cells,
-        image_ref_index=torch.cat(refs).long() if groups is None and refs else None,
-        **(dict(zip(("image_group_index", "image_group_pos"), group_index(sizes))) if groups is not None else {}),
+        image_target_index=torch.from_numpy(targets.astype(np.int64)),
+        image_cond_index=torch.from_numpy(conds.astype(np.int64)),
+        query_cells=torch.from_numpy(qcell),
+        image_ref_index=ref_index,
+        **group_fields,
     )

@@ -198,3 +198,24 @@ def test_bench_serve_trained_mix_judges_answers():
     content = mix[0][0]["body"]["messages"][0]["content"]  # a question about an attached picture
     assert content[0]["type"] == "image_url" and content[0]["image_url"]["url"].startswith("data:image/png;base64,")
     assert len({json.dumps(reqs[1]["body"]) for reqs in mix}) == 3  # each client draws its own prompt
+
+
+@pytest.mark.parametrize("name, fused, all_reduce", [("before", False, True), ("fused", True, True), ("now", True, False)])
+def test_bench_step_variants_build_the_engine_they_name(tokenizer_dir, tmp_path, name, fused, all_reduce):
+    """bench_step's variants: `before` is the engine as it was (foreach AdamW, the one-process
+    all-reduce kept), `now` the engine setup_engine builds today."""
+    from test_train_run import run_cfg, synthetic
+
+    from benchmarks.bench_step import variant
+    from omni.train import loop
+
+    with variant(name):
+        run = loop.prepare(run_cfg(tokenizer_dir, tmp_path / "run"), batches=synthetic(tokenizer_dir))
+    try:
+        opt = run.engine.optimizer
+        opt = getattr(opt, "optimizer", opt)  # DeepSpeed may wrap the torch optimizer
+        assert isinstance(opt, torch.optim.AdamW)
+        assert bool(opt.defaults["fused"]) is fused and bool(opt.defaults["foreach"]) is not fused
+        assert run.engine.enable_backward_allreduce is all_reduce
+    finally:
+        loop.finish(run, True)

@@ -258,3 +258,30 @@ def test_train_cli_takes_overrides_anywhere(tmp_path, capsys):
             entry(["--config", "tiny", "--resume", "auto", "train.lr=1e-3", "--bogus", "train.steps=2"])
         assert stop.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_one_process_skips_the_identity_all_reduce_with_the_same_weights(tokenizer_dir, tmp_path, monkeypatch):
+    """ZeRO-0 on one process trains without DeepSpeed's gradient all-reduce (flatten, reduce over one
+    rank, copy back): the weights after 4 steps are bit-identical to a run that keeps it."""
+    from omni.train import engine as engine_mod
+    from omni.train.export import export
+    from omni.train.loop import train
+
+    seen = []
+    setup = engine_mod.setup_engine
+
+    def spy(cfg, model, world_size, keep=False):
+        engine, ds_config = setup(cfg, model, world_size)
+        seen.append(engine.enable_backward_allreduce)
+        engine.enable_backward_allreduce |= keep
+        return engine, ds_config
+
+    weights = []
+    for keep in (False, True):
+        monkeypatch.setattr(engine_mod, "setup_engine", lambda c, m, w, keep=keep: spy(c, m, w, keep))
+        out = tmp_path / f"run-{keep}"
+        train(run_cfg(tokenizer_dir, out), batches=synthetic(tokenizer_dir))
+        weights.append(load_file(export(out, tmp_path / f"model-{keep}", ema=False) / "model.safetensors"))
+    assert seen == [False, False]  # one process, ZeRO-0: no reduction by default
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -7,7 +7,7 @@ import pytest
 from host_reads import count_host_reads
 from test_train_run import records, run_cfg, synthetic
 
-# torch's AdamW (foreach, not capturable) keeps its step counters as host tensors and reads them
+# torch's AdamW (fused, not capturable) keeps its step counters as host tensors and reads them
 # as Python numbers: host memory, no wait for a device, so they are not counted.
 # The synthetic batch source builds its host-side rows with reads of host tensors: not the step's.
 NOT_THE_STEP = ("torch/optim/", "omni/train/synthetic.py")

@@ -30,7 +30,7 @@ def to_uint8_tensor(images: torch.Tensor | Sequence[Image.Image] | Image.Image) 
         images = [images]
     if isinstance(images, torch.Tensor):
         return images if images.dim() == 4 else images[None]
-    arrays = [np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images]
+    arrays = [np.asarray(im if im.mode == "RGB" else im.convert("RGB"), dtype=np.uint8) for im in images]
     sizes = {a.shape for a in arrays}
     if len(sizes) > 1:
         raise ValueError(f"images in one batch must share a size, got {sorted(sizes)}")

@@ -315,7 +315,7 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 def setup_engine(cfg: Config, model: nn.Module, world_size: int):
     """Wrap `model` in a DeepSpeed engine built from `cfg` -> (engine, ds_config).
 
-    The optimizer is torch AdamW (bit-exact resume; DeepSpeed's CPU Adam when the optimizer
+    The optimizer is torch's fused AdamW (bit-exact resume; DeepSpeed's CPU Adam when the optimizer
     state is offloaded) with weight-decay groups; the schedule is warmup + cosine, stepped by
     DeepSpeed after every optimizer step. `model` must already hold its initial weights and
     have `requires_grad` set for what trains (omni.train.build).
@@ -338,11 +338,17 @@ def setup_engine(cfg: Config, model: nn.Module, world_size: int):
 
         optimizer = DeepSpeedCPUAdam(groups, lr=t.lr, betas=t.betas, adamw_mode=True)
     else:
-        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, foreach=True)
+        # fused: one kernel over every tensor (CPU and GPU); the tiny preset's update 8.1 -> 1.8 ms
+        # on 2 cores against foreach (benchmarks/bench_step.py)
+        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, fused=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, t.warmup_steps, t.steps, t.min_lr_ratio)
     )
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=schedule, config=copy.deepcopy(ds_config)
     )
+    if world_size == 1 and t.zero_stage == 0:
+        # One process: ZeRO-0's gradient all-reduce is an identity that still flattens every
+        # gradient into a buffer and copies it back, each step (the same gradients without it).
+        engine.enable_backward_allreduce = False
     return engine, ds_config
