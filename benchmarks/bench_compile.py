@@ -22,13 +22,13 @@ import copy
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
+
+from benchmarks.common import write_result
 
 
 def run(threads: int = 2, repeats: int = 8) -> dict[str, Any]:
@@ -93,12 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=8)
     p.add_argument("--out", default=os.environ.get("OUT"), help="directory for compile-cpu-tiny.json")
     a = p.parse_args(argv)
-    result = run(a.threads, a.repeats)
-    if a.out:
-        path = Path(a.out) / "compile-cpu-tiny.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {path}", file=sys.stderr)
+    write_result(a.out, "compile-cpu-tiny.json", run(a.threads, a.repeats))
 
 
 if __name__ == "__main__":

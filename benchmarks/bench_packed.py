@@ -33,13 +33,13 @@ import copy
 import importlib.util
 import json
 import os
-import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
+
+from benchmarks.common import write_result
 
 
 def realistic_rows(model, rows: int, seq_len: int, seed: int = 0):
@@ -266,11 +266,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True  # any fp32 matmul left may use TF32 in this benchmark
     result = run(device, preset, a.quick, a.seq_len, a.rows, a.repeats, a.peak_tflops,
                  a.only.split(",") if a.only else None)
-    if a.out:
-        path = Path(a.out) / f"packed-{device.split(':')[0]}-{preset}{'-quick' if a.quick else ''}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2))
-        print(f"wrote {path}", file=sys.stderr)
+    write_result(a.out, f"packed-{device.split(':')[0]}-{preset}{'-quick' if a.quick else ''}.json", result)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import contextlib
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +29,8 @@ from typing import Any
 from unittest import mock
 
 import torch
+
+from benchmarks.common import write_result
 
 VARIANTS = ("before", "fused", "now")
 
@@ -146,12 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.data is not None and not (a.data / "data" / "tokenizer" / "tokenizer.json").exists():
         p.error(f"--data {a.data}: not an `omni demo` output directory (no data/tokenizer inside); "
                 "run `omni demo --out DIR` first, or leave --data out")
-    result = run(a.data, a.steps)
-    if a.out:
-        path = Path(a.out) / "step-cpu-tiny.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {path}", file=sys.stderr)
+    write_result(a.out, "step-cpu-tiny.json", run(a.data, a.steps))
 
 
 if __name__ == "__main__":

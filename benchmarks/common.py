@@ -12,9 +12,11 @@ measured here: a large fp32 matmul on the benchmark's thread count, and a large 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -308,3 +310,14 @@ def head_options(model, schedule: str = "constant", dtype: torch.dtype | None = 
             head.sample = sample
         else:
             del head.sample
+
+
+def write_result(out_dir: str | Path | None, name: str, result: dict[str, Any]) -> Path | None:
+    """`result` as OUT_DIR/NAME (indented JSON), noted on stderr; nothing when `out_dir` is None."""
+    if not out_dir:
+        return None
+    path = Path(out_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+    return path
