@@ -197,11 +197,6 @@ def reference_table(sizes: list[int], offset: int = 0) -> list[int]:
     return table
 
 
-def reference_index(local: torch.Tensor, sizes: list[int], offset: int = 0) -> torch.Tensor:
-    """(k,) image-token indices within one document -> (k,) their `reference_table` entries."""
-    return torch.tensor(reference_table(sizes, offset) or [-1], dtype=torch.long)[local]
-
-
 def doc_positions(doc: TokenizedDoc, ids: SpecialIds, add_bos: bool = True, add_eos: bool = True):
     """Flatten one document: (token ids, predicted?, image-token index or -1, image tensors).
 

@@ -12,7 +12,7 @@ from PIL import Image
 from omni.config import ConfigError, GenerationConfig, load_config
 from omni.inference.prompts import encode_prompts
 from omni.inference.sampler import Sampler
-from omni.layout import ImageSegment, SpecialIds, TextSegment, layout, reference_index
+from omni.layout import ImageSegment, SpecialIds, TextSegment, layout, reference_table
 from omni.models.model import OmniModel
 
 N = 16  # image tokens of the tiny preset
@@ -60,7 +60,9 @@ def test_reference_index_points_at_the_same_cell_of_the_previous_picture():
     drawn, seen = tokens[targets[ok]], tokens[refs[ok]]
     torch.testing.assert_close(drawn[:, 1], seen[:, 1])  # the same cell
     assert (drawn[:, 0] - seen[:, 0] == 100.0).all()  # of the picture before
-    assert reference_index(torch.tensor([], dtype=torch.long), [4]).numel() == 0
+    # the table itself: a first picture and one of another size refer to nothing; offsets shift
+    assert reference_table([4, 4, 9, 9], 10) == [-1] * 4 + [*range(10, 14)] + [-1] * 9 + [*range(18, 27)]
+    assert reference_table([]) == []
 
 
 def test_parallel_decoding_is_refused(tokenizer_dir):

@@ -31,7 +31,7 @@ pictures has i = u, so such rows keep two streams and plain CFG whatever image_c
 
 The previous picture as a reference (model.image_reference). A row that starts an image takes
 the tokens of the last picture in its context (an edit's source, a story's last frame; what
-`layout.reference_index` points at in training) and adds the projection of the one at the cell it
+`layout.reference_table` points at in training) and adds the projection of the one at the cell it
 draws next to the conditional and image-only streams' conditioning vectors; the unconditional
 stream, which sees no picture, gets none. The fused image step takes them as a third static input.
 
@@ -214,7 +214,7 @@ class Sampler:
 
     def _reference(self, cond: _Stream) -> torch.Tensor | None:
         """model.image_reference: the tokens (N, d) of the picture before the one a row starts (the
-        previous image of its document, as `layout.reference_index` takes it in training); None
+        previous image of its document, as `layout.reference_table` takes it in training); None
         when there is none or it has another size."""
         picture = self._last_picture(cond)
         if picture is None or len(picture) - 2 != self.n_tokens:
