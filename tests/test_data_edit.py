@@ -157,6 +157,20 @@ def test_benchmark_documents_pair_the_two_phrasings_and_cycle_the_kinds():
         next(iter(shapes.edit_documents(1, phrasing="casual")))
 
 
+def test_benchmark_documents_do_not_follow_the_training_kind_weights(monkeypatch):
+    # shapes-edit fixes each document's first kind and draws the second round uniformly, so
+    # reweighting the training kinds leaves the benchmark's scenes and edits as they were.
+    def docs():
+        return [(d.meta, [s if isinstance(s, str) else s.tobytes() for s in d.segments])
+                for d in shapes.edit_documents(10, split="val", phrasing="template", rounds=2)]
+    before = docs()
+    monkeypatch.setattr(shapes, "EDIT_KIND_WEIGHTS", {**dict.fromkeys(T.EDIT_KINDS, 0.01), "add": 5.0})
+    assert docs() == before
+    world, rng = shapes.ShapesWorld(32), random.Random(0)
+    drawn = Counter(shapes.edit_scene(world, rng)[1]["kinds"][0] for _ in range(100))
+    assert drawn["add"] > 80  # the weights do steer training documents
+
+
 def test_edit_is_a_training_mix_task():
     assert shapes.parse_mix("t2i=0.5,edit=0.5") == {"t2i": 0.5, "edit": 0.5}
     assert "edit" not in shapes.DEFAULT_MIX
