@@ -191,6 +191,43 @@ def _equal(a, b) -> bool:
     return all(torch.equal(getattr(a, f), getattr(b, f)) for f in a.__dataclass_fields__)
 
 
+def test_workers_start_clean_while_another_thread_holds_a_lock(data, tok, itok, monkeypatch):
+    """Loader workers are not forks of the training process: a fork copies the locks other threads
+    hold at that instant, and a worker that needs one waits forever (a two-worker stream once
+    hung for 900 s in CI). Here a thread of this process holds a lock the whole time and the
+    pipeline's document step takes it, in this process only: a forked worker would inherit both
+    the patch and the held lock and never deliver a batch; a clean worker delivers the batches
+    the stream gives with no thread holding anything."""
+    import threading
+
+    from omni.data import loader
+
+    cfg = _cfg(train=[str(data / "shapes")], num_workers=2, batch_size=3, seq_len=100, shuffle_buffer=8)
+    reference = _take(BatchStream(cfg, tok, itok, seed=2), 3)
+    held, release = threading.Lock(), threading.Event()
+
+    def holder():
+        with held:
+            release.wait()
+
+    prepare = loader.prepare_document
+
+    def prepare_under_the_lock(*args, **kwargs):
+        with held:
+            return prepare(*args, **kwargs)
+
+    threading.Thread(target=holder, daemon=True).start()
+    monkeypatch.setattr(loader, "prepare_document", prepare_under_the_lock)
+    got: list = []
+    reader = threading.Thread(target=lambda: got.extend(_take(BatchStream(cfg, tok, itok, seed=2), 3)), daemon=True)
+    reader.start()
+    reader.join(timeout=120)
+    release.set()
+    assert not reader.is_alive(), "the two-worker stream delivered nothing in 120 s: its workers inherited a held lock"
+    assert loader.worker_context().get_start_method() == "forkserver"
+    assert len(got) == 3 and all(_equal(a, b) for a, b in zip(got, reference))
+
+
 def test_pack_lookahead_fills_the_gaps_with_the_same_documents(data, tok, itok):
     """data.pack_lookahead: a document that fits no row waits for the next batch while later ones
     fill the gaps; read once, the stream holds exactly the same documents in fewer padded positions."""

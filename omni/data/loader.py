@@ -40,6 +40,7 @@ import dataclasses
 import functools
 import hashlib
 import logging
+import multiprocessing
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -55,7 +56,7 @@ from omni.data.document import BadSample, Document, Stats, decode_document
 from omni.data.shards import SampleStream, SharedShards, expand_shards, select_task
 from omni.layout import Batch, ImageSegment, SpecialIds, TextSegment, TokenizedDoc, doc_length, layout
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers fork after the tokenizer exists
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # a tokenizer thread pool must not meet a fork
 log = logging.getLogger("omni.data")
 ALL = "*"  # the stream name when no task weights are given
 STATE_VERSION = 1
@@ -400,6 +401,21 @@ def _keep(item: _Item) -> _Item:
     return item
 
 
+def worker_context() -> Any:
+    """How loader workers start: from a forkserver where the platform has one, never as a fork
+    of the training process. A fork copies the locks that the process's other threads (tqdm's
+    monitor, queue feeders, a tokenizer's or the runtime's thread pools) hold at that instant, and
+    a worker that then needs one waits forever: a two-worker stream once hung for 900 s in CI that
+    way. The forkserver is a clean process with this module imported, started once per process;
+    workers fork from it and receive the pipeline pickled. None (the platform default, spawn)
+    elsewhere."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return None
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["omni.data.loader"])  # takes effect when the server starts
+    return ctx
+
+
 # --------------------------------------------------------------------------------------------
 # The stream training reads
 # --------------------------------------------------------------------------------------------
@@ -472,7 +488,7 @@ class BatchStream:
             items: Any = iter(pipeline)
         else:
             items = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=W, collate_fn=_keep,
-                                                persistent_workers=False)
+                                                persistent_workers=False, multiprocessing_context=worker_context())
         for item in items:
             self._workers[item.worker] = item.state
             self._next_worker = (item.worker + 1) % max(W, 1)
