@@ -4,6 +4,9 @@ backbone, and the checks that must fail before any work starts."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -285,3 +288,25 @@ def test_one_process_skips_the_identity_all_reduce_with_the_same_weights(tokeniz
     assert seen == [False, False]  # one process, ZeRO-0: no reduction by default
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_one_cpu_process_builds_no_deepspeed_comm_op(tmp_path):
+    """One CPU process reduces nothing: `init_distributed` leaves DeepSpeed's shared-memory
+    all-reduce op unbuilt (a C++ compile of ~18 s in every fresh environment) and gloo reduces."""
+    script = (
+        "import torch, deepspeed.comm as dscomm\n"
+        "from omni.train.engine import close_distributed, init_distributed\n"
+        "d = init_distributed()\n"
+        "t = torch.arange(3.0)\n"
+        "dscomm.all_reduce(t)\n"
+        "print('reduced', t.tolist(), d.world_size)\n"
+        "close_distributed(d)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"), DS_ACCELERATOR="cpu")
+    run = subprocess.run([sys.executable, "-c", script], check=False, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "reduced [0.0, 1.0, 2.0] 1" in run.stdout
+    assert "built successfully" not in run.stdout + run.stderr
+    assert not list((tmp_path / "ext").rglob("*.so"))
