@@ -82,11 +82,10 @@ def init_distributed() -> Dist:
         # A single process needs no rendezvous: an in-memory store instead of torch's TCP store
         # (which listens on every interface), and gloo's own sockets on the loopback only.
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    if created and added and backend == "gloo":
         # One CPU process reduces nothing, so DeepSpeed's shared-memory all-reduce op is never
         # used; it would still be built (a C++ compile of ~18 s on this project's 2-core machine)
         # in every fresh environment. Marking it unavailable leaves DeepSpeed on torch's gloo.
-        ops = getattr(deepspeed.ops, "__compatible_ops__", None)
+        ops = getattr(deepspeed.ops, "__compatible_ops__", None) if backend == "gloo" else None
         if isinstance(ops, dict):
             ops["deepspeed_shm_comm"] = False
     if created:
