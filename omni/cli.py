@@ -8,6 +8,7 @@ inside `func`, so `omni --help` stays fast.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import sys
 
@@ -44,6 +45,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the (sub)command `args` were parsed for: `omni data shapes ...` -> its own."""
+    while True:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        name = getattr(args, subs[0].dest, None) if subs else None
+        if name not in (subs[0].choices if subs else {}):
+            return parser
+        parser = subs[0].choices[name]
+
+
+def unrecognized(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> None:
+    """Stop on arguments no parser took, with the command's own usage and the closest flag it has
+    (`omni generate --promt x` -> did you mean --prompt?)."""
+    command = command_parser(parser, args)
+    flags = [f for action in command._actions for f in action.option_strings]
+    hints = []
+    for arg in extra:
+        if arg.startswith("-"):
+            name = arg.split("=", 1)[0]
+            close = difflib.get_close_matches(name, flags, n=1, cutoff=0.75)
+            if close:
+                hints.append((name, close[0]))
+    hint = ""
+    if len(hints) == 1:
+        hint = f" (did you mean {hints[0][1]}?)"
+    elif hints:
+        hint = " (did you mean " + ", ".join(f"{good} for {bad}" for bad, good in hints) + "?)"
+    command.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Dotted overrides may come anywhere (`omni train --config C a=1 --resume auto b=2`): argparse
@@ -52,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra:
         if not isinstance(getattr(args, "overrides", None), list) or any(a.startswith("-") for a in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            unrecognized(parser, args, extra)
         args.overrides = [*args.overrides, *extra]
     if not getattr(args, "func", None):
         parser.print_help()

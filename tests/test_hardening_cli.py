@@ -186,3 +186,28 @@ def test_every_command_prints_its_help():
 
     walk(build_parser(), "omni")
     assert {"omni demo", "omni data shapes", "omni serve", "omni eval", "omni train"} <= set(seen)
+
+
+@pytest.mark.parametrize("argv, usage, hint", [
+    (["generate", "--ckpt", "c", "--promt", "a circle"], "usage: omni generate", "(did you mean --prompt?)"),
+    (["generate", "--ckpt", "c", "--promt", "x", "--sed", "1"], "usage: omni generate",
+     "(did you mean --prompt for --promt, --seed for --sed?)"),
+    (["data", "shapes", "--out", "d", "--sede", "3"], "usage: omni data shapes", "(did you mean --seed?)"),
+    (["convert", "chameleon", "--src", "a", "--out", "b", "--vqgn", "v"], "usage: omni convert chameleon",
+     "(did you mean --vqgan?)"),
+    (["eval", "--ckpt", "c", "--benchmark", "b", "--bogus"], "usage: omni eval", None),
+])
+def test_an_unknown_flag_shows_the_commands_usage_and_the_closest_flag(argv, usage, hint, capsys):
+    """A mistyped flag stops before any work with the command's own usage (not the top-level one)
+    and, when one of its flags is close, that flag; a flag like nothing it has gets no guess."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
+    assert err.startswith(usage), err
+    last = err.strip().splitlines()[-1]
+    assert "unrecognized arguments: " in last
+    if hint:
+        assert last.endswith(hint), last
+    else:
+        assert "did you mean" not in last, last
