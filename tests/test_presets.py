@@ -107,3 +107,20 @@ def test_preset_trains_one_step_saves_and_exports(name, tmp_path, tokenizer_dir,
     layers = model.backbone.config.get_text_config().num_hidden_layers
     assert layers == (2 if root is not None else cfg.model.backbone.num_layers)  # the tiny Chameleon has 2
     assert model.run_config.name == preset.name
+
+
+def test_tiny_answers_have_room_for_a_whole_story(tokenizer_dir):
+    """`omni chat` and `omni serve` answer within `generation.max_new_tokens`: the tiny preset's must
+    hold the longest answer of a shapes story (every picture with <boi>/<eoi>, every sentence, the
+    end), or a story asked for in chat is cut after two pictures (the default 64 did)."""
+    from omni.data.shapes import documents
+
+    cfg = load_config("tiny", [f"model.tokenizer={tokenizer_dir}"])
+    text = TextTokenizer.from_pretrained(tokenizer_dir)
+    per_image = build_image_tokenizer(cfg.model.image).num_tokens + 2  # x1..xN between <boi> and <eoi>
+    longest = 0
+    for doc in documents(["story"] * 200, 0, split="val"):
+        answer = [t for t in doc.texts[1:] if t is not None]  # texts[0] is the request
+        pictures = sum(im is not None for im in doc.images)
+        longest = max(longest, pictures * per_image + sum(len(text.encode(t)) for t in answer) + 1)
+    assert 64 < longest <= cfg.generation.max_new_tokens, (longest, cfg.generation.max_new_tokens)
