@@ -219,3 +219,25 @@ def test_bench_step_variants_build_the_engine_they_name(tokenizer_dir, tmp_path,
         assert run.engine.enable_backward_allreduce is all_reduce
     finally:
         loop.finish(run, True)
+
+
+def test_bench_step_split_times_each_part_of_the_step_and_names_the_kernels(tokenizer_dir, tmp_path):
+    """`bench_step --split`: the loop's parts are timed in place over the steps asked for and add up
+    to the step's wall time; the profiled steps name the kernels, the largest first."""
+    from test_train_run import run_cfg, synthetic
+
+    from benchmarks.bench_step import PARTS, timed_parts
+    from omni.train.loop import train
+
+    cfg = run_cfg(tokenizer_dir, tmp_path / "run", "train.steps=8")
+    with timed_parts(2, 8, profile_steps=2) as result:
+        train(cfg, batches=synthetic(tokenizer_dir))
+    assert result["steps_timed"] == 4
+    parts = result["parts_ms"]
+    assert set(parts) == {*PARTS, "rest"}
+    assert all(parts[p] > 0 for p in ("loader", "forward", "backward", "optimizer", "ema"))
+    assert parts["rest"] > -0.5  # the parts are disjoint calls within the timed steps
+    assert abs(sum(parts.values()) - result["ms_per_step"]) < 0.1
+    shares = [k["self_share"] for k in result["kernels"]]
+    assert 0 < len(shares) <= 8 and shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1.0
+    assert any(k["name"] in ("aten::mm", "aten::addmm", "aten::bmm") for k in result["kernels"])
