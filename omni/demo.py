@@ -240,14 +240,40 @@ def train_and_export(out: Path, cfg, force: bool, model_dir: Path | None = None)
     if force:
         shutil.rmtree(run_dir, ignore_errors=True)
         shutil.rmtree(model_dir, ignore_errors=True)
+    steps = cfg.train.steps
     if (model_dir / "model.safetensors").exists():
-        print(f"trained model exists in {model_dir}: skipped (use --force to retrain)")
-        return model_dir
+        exported = exported_step(model_dir)
+        if exported is None or exported >= steps:
+            print(f"trained model exists in {model_dir}: skipped (use --force to retrain)")
+            return model_dir
+        print(f"{model_dir} holds step {exported} of {steps} (an interrupted run's export): training on", flush=True)
     t0 = time.time()
     run_dir = train(cfg)  # resumes from the run's latest checkpoint when there is one
+    done = saved_step(run_dir)
+    if done < steps:  # stopped by a signal: its checkpoint is saved, the stage is not done
+        from omni.train.loop import TrainingError
+
+        raise TrainingError(f"training in {run_dir} stopped at step {done} of {steps} (its checkpoint is saved); "
+                            "run the same command again to continue from there")
     print(f"trained in {time.time() - t0:.0f} s; exporting the EMA weights")
     export(run_dir, model_dir, ema=cfg.train.ema_decay > 0)
     return model_dir
+
+
+def saved_step(run_dir: Path) -> int:
+    """The step of the run's newest complete checkpoint (0: none)."""
+    from omni.train.checkpointing import CKPT_DIR, COMPLETE, latest_tag
+
+    tag = latest_tag(Path(run_dir) / CKPT_DIR)
+    return int(json.loads((tag / COMPLETE).read_text())["step"]) if tag else 0
+
+
+def exported_step(model_dir: Path) -> int | None:
+    """The training step an export holds (its export.json), or None when it does not say."""
+    try:
+        return int(json.loads((Path(model_dir) / "export.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def evaluate_all(out: Path, model, paths: dict[str, str], limit: int | None,
@@ -421,8 +447,22 @@ def _show(seg, png: Path, color: bool) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from omni.train.runlock import DEMO_LOCK, RunLock
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # One demo per output directory: a second one (`make demo` in another terminal) would rewrite the
+    # shards, tokenizer and autoencoder under the first one's training.
+    lock = RunLock(out, name=DEMO_LOCK, command="omni demo", option="--out").acquire()
+    if lock.took_over:
+        print(f"took over a stale lock of process {lock.took_over.get('pid')} on {out}", flush=True)
+    try:
+        return _run(args, out)
+    finally:
+        lock.release()
+
+
+def _run(args: argparse.Namespace, out: Path) -> int:
     t0 = time.time()
     quick = args.quick
     overrides = list(args.overrides)

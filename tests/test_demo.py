@@ -23,6 +23,9 @@ def test_quick_demo_learns(tmp_path):
     cmd = [sys.executable, "-m", "omni.cli", "demo", "--out", str(out), "--quick", "--no-preview"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    from omni.train.runlock import DEMO_LOCK
+
+    assert not (out / DEMO_LOCK).exists()  # released at the end
 
     records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in records if r["kind"] == "val"]

@@ -103,3 +103,75 @@ def test_lock_from_another_host_is_not_taken(tmp_path):
         RunLock(tmp_path / "fresh").acquire()  # this process holds it: a second taker is refused
     lock.release()
     RunLock(tmp_path / "fresh").acquire().release()
+
+
+def test_a_second_demo_on_the_same_out_is_refused_before_any_work(tmp_path, capsys):
+    """`omni demo` holds its output directory: a second one (another terminal's `make demo`) stops
+    at once, naming the holder, and writes nothing (it would rewrite the first one's shards, tokenizer
+    and autoencoder under its training)."""
+    from omni.cli import main
+    from omni.train.runlock import DEMO_LOCK
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / DEMO_LOCK).write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(), "time": "t"}))
+        assert main(["demo", "--out", str(out), "--quick", "--no-preview"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"in use by another omni demo: process {holder.pid} on " in err[0], err
+        assert "choose another --out" in err[0]
+        assert sorted(p.name for p in out.iterdir()) == [DEMO_LOCK]  # nothing else written
+        assert json.loads((out / DEMO_LOCK).read_text())["pid"] == holder.pid  # left alone
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is dead now: the lock is stale and a demo would take it over
+    lock = RunLock(out, name=DEMO_LOCK, command="omni demo", option="--out").acquire()
+    assert lock.took_over["pid"] == holder.pid
+    lock.release()
+    assert not (out / DEMO_LOCK).exists()
+
+
+def test_a_demo_stage_stopped_by_a_signal_is_not_exported_and_resumes(tokenizer_dir, tmp_path, monkeypatch):
+    """A SIGTERM in one of the demo's training stages saves a checkpoint and stops the demo with a
+    message; the stage is not exported as if done (it was, and the next stage trained on a model of
+    a few steps, and a re-run skipped the stage for good). The same command continues it, and an
+    earlier export of an unfinished stage is trained on, not skipped."""
+    from test_train_run import records
+
+    from omni import demo
+    from omni.train import loop
+
+    cfg = run_cfg(tokenizer_dir, tmp_path / "run", "train.resume=auto", "train.steps=4")
+    train, prepare = loop.train, loop.prepare
+    monkeypatch.setattr(loop, "train", lambda c: train(c, batches=synthetic(tokenizer_dir)))
+
+    def signalled_at_step_2(*args, **kwargs):
+        run = prepare(*args, **kwargs)
+        advance = run.monitor.advance
+
+        def signal_after(step: int) -> None:
+            advance(step)
+            if step == 2:
+                run.stop.received = "SIGTERM"  # what the handler sets; the loop stops after its next step
+        run.monitor.advance = signal_after
+        return run
+
+    model = tmp_path / "model"
+    with monkeypatch.context() as m:
+        m.setattr(loop, "prepare", signalled_at_step_2)
+        with pytest.raises(loop.TrainingError, match=r"stopped at step 3 of 4 \(its checkpoint is saved\); run the same"):
+            demo.train_and_export(tmp_path, cfg, force=False, model_dir=model)
+    assert not model.exists() and demo.saved_step(tmp_path / "run") == 3
+    demo.train_and_export(tmp_path, cfg, force=False, model_dir=model)  # the same call again: steps 4..4
+    assert json.loads((model / "export.json").read_text())["step"] == 4
+    assert [r["step"] for r in records(tmp_path / "run")][-1] == 4
+
+    # an export of an unfinished stage (left by a demo before this check) is trained on, not skipped
+    meta = json.loads((model / "export.json").read_text())
+    (model / "export.json").write_text(json.dumps({**meta, "step": 3}))
+    assert demo.exported_step(model) == 3
+    more = run_cfg(tokenizer_dir, tmp_path / "run", "train.resume=auto", "train.steps=5")
+    demo.train_and_export(tmp_path, more, force=False, model_dir=model)
+    assert json.loads((model / "export.json").read_text())["step"] == 5

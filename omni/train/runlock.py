@@ -1,6 +1,7 @@
 """One `omni train` per output directory: a lock file naming the process that holds it.
 
     RUN/.omni-train.lock    {"pid": 1234, "host": "node-3", "time": "..."}
+    OUT/.omni-demo.lock     the same for `omni demo` (its training runs lock OUT/run* as above)
 
 Global rank 0 creates it (O_EXCL) before any work and removes it when the run ends. A second run
 on the same directory is refused, naming the holder. A lock whose process is gone (same host,
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 LOCK = ".omni-train.lock"
+DEMO_LOCK = ".omni-demo.lock"
 
 
 class RunLocked(RuntimeError):
@@ -34,8 +36,10 @@ def _alive(pid: int) -> bool:
 
 
 class RunLock:
-    def __init__(self, run_dir: str | Path):
-        self.path = Path(run_dir) / LOCK
+    def __init__(self, run_dir: str | Path, name: str = LOCK, command: str = "omni train",
+                 option: str = "train.out_dir"):
+        self.path = Path(run_dir) / name
+        self.command, self.option = command, option  # named in the message to a second taker
         self.held = False
         self.took_over: dict | None = None  # the stale holder, when there was one
 
@@ -85,8 +89,8 @@ class RunLock:
     def _message(self, holder: dict) -> str:
         where = f"process {holder.get('pid')} on {holder.get('host')} (since {holder.get('time', '?')})"
         return (
-            f"{self.path.parent} is in use by another omni train: {where} holds {self.path}. Wait for it to "
-            f"finish or stop it, or choose another train.out_dir; if that run is dead, delete {self.path}"
+            f"{self.path.parent} is in use by another {self.command}: {where} holds {self.path}. Wait for it to "
+            f"finish or stop it, or choose another {self.option}; if that run is dead, delete {self.path}"
         )
 
     def release(self) -> None:
