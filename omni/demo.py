@@ -232,7 +232,8 @@ def stage_configs(out: Path, paths: dict[str, str], overrides: list[str], edit_s
 
 
 def train_and_export(out: Path, cfg, force: bool, model_dir: Path | None = None) -> Path:
-    from omni.train.export import export
+    from omni.train.checkpointing import saved_step
+    from omni.train.export import export, exported_step
     from omni.train.loop import train
 
     model_dir = model_dir or out / "model"
@@ -258,22 +259,6 @@ def train_and_export(out: Path, cfg, force: bool, model_dir: Path | None = None)
     print(f"trained in {time.time() - t0:.0f} s; exporting the EMA weights")
     export(run_dir, model_dir, ema=cfg.train.ema_decay > 0)
     return model_dir
-
-
-def saved_step(run_dir: Path) -> int:
-    """The step of the run's newest complete checkpoint (0: none)."""
-    from omni.train.checkpointing import CKPT_DIR, COMPLETE, latest_tag
-
-    tag = latest_tag(Path(run_dir) / CKPT_DIR)
-    return int(json.loads((tag / COMPLETE).read_text())["step"]) if tag else 0
-
-
-def exported_step(model_dir: Path) -> int | None:
-    """The training step an export holds (its export.json), or None when it does not say."""
-    try:
-        return int(json.loads((Path(model_dir) / "export.json").read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def evaluate_all(out: Path, model, paths: dict[str, str], limit: int | None,

@@ -142,6 +142,8 @@ def test_a_demo_stage_stopped_by_a_signal_is_not_exported_and_resumes(tokenizer_
 
     from omni import demo
     from omni.train import loop
+    from omni.train.checkpointing import saved_step
+    from omni.train.export import exported_step
 
     cfg = run_cfg(tokenizer_dir, tmp_path / "run", "train.resume=auto", "train.steps=4")
     train, prepare = loop.train, loop.prepare
@@ -163,7 +165,7 @@ def test_a_demo_stage_stopped_by_a_signal_is_not_exported_and_resumes(tokenizer_
         m.setattr(loop, "prepare", signalled_at_step_2)
         with pytest.raises(loop.TrainingError, match=r"stopped at step 3 of 4 \(its checkpoint is saved\); run the same"):
             demo.train_and_export(tmp_path, cfg, force=False, model_dir=model)
-    assert not model.exists() and demo.saved_step(tmp_path / "run") == 3
+    assert not model.exists() and saved_step(tmp_path / "run") == 3
     demo.train_and_export(tmp_path, cfg, force=False, model_dir=model)  # the same call again: steps 4..4
     assert json.loads((model / "export.json").read_text())["step"] == 4
     assert [r["step"] for r in records(tmp_path / "run")][-1] == 4
@@ -171,7 +173,7 @@ def test_a_demo_stage_stopped_by_a_signal_is_not_exported_and_resumes(tokenizer_
     # an export of an unfinished stage (left by a demo before this check) is trained on, not skipped
     meta = json.loads((model / "export.json").read_text())
     (model / "export.json").write_text(json.dumps({**meta, "step": 3}))
-    assert demo.exported_step(model) == 3
+    assert exported_step(model) == 3
     more = run_cfg(tokenizer_dir, tmp_path / "run", "train.resume=auto", "train.steps=5")
     demo.train_and_export(tmp_path, more, force=False, model_dir=model)
     assert json.loads((model / "export.json").read_text())["step"] == 5

@@ -54,6 +54,12 @@ def latest_tag(ckpt_dir: Path) -> Path | None:
     return tags[-1] if tags else None
 
 
+def saved_step(run_dir: Path) -> int:
+    """The step of the run's newest complete checkpoint (0: none)."""
+    tag = latest_tag(Path(run_dir) / CKPT_DIR)
+    return int(json.loads((tag / COMPLETE).read_text())["step"]) if tag else 0
+
+
 def find_resume(run_dir: Path, resume: str | None) -> Path | None:
     """The checkpoint to start from: None (fresh), `auto` (the run's latest, if any) or a tag dir."""
     ckpt_dir = run_dir / CKPT_DIR

@@ -69,6 +69,14 @@ def skeleton(cfg: Config, run_dir: Path):
     return model
 
 
+def exported_step(out: str | Path) -> int | None:
+    """The training step an export holds (its export.json), or None when it does not say."""
+    try:
+        return int(json.loads((Path(out) / "export.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def export(run_dir: str | Path, out: str | Path, ema: bool | None = None, tag: str | None = None,
            force: bool = False) -> Path:
     """Write checkpoint `tag` (default: latest) of `run_dir` to `out`; `ema=None` uses EMA when present.
