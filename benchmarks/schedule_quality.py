@@ -9,8 +9,9 @@ every variant runs with every base seed, and the table gives the mean and spread
 the benchmark's overall score, the mean head steps per token and the seconds per run. A variant
 holds quality when its mean lies within the seed spread of `constant`.
 
-Until the sampler passes `steps_for_token(cfg, i, N)` and the head dtype itself, this script
-wraps `model.head.sample` (benchmarks.common.head_options).
+The sampler applies both settings itself; this script wraps `model.head.sample`
+(benchmarks.common.head_options) so that it can count the head steps run. `--limit 0` takes the
+whole benchmark; `--batch-size 64 --samples-per-prompt 4` are the demo's evaluation settings.
 """
 
 from __future__ import annotations
@@ -37,11 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ckpt", required=True)
     p.add_argument("--benchmark", default="shapes-t2i")
     p.add_argument("--data", default=None)
-    p.add_argument("--limit", type=int, default=40)
+    p.add_argument("--limit", type=int, default=40, help="prompts (0: all)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1000, 2000])
     p.add_argument("--variants", nargs="+", default=["constant", "anneal:20:5", "anneal:30:10"])
     p.add_argument("--gen", nargs="*", default=[], help="KEY=VALUE generation overrides for every variant")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=16, help="rows sampled together (the demo evaluates 64)")
+    p.add_argument("--samples-per-prompt", type=int, default=None,
+                   help="images per prompt (the benchmark's default; the demo draws 4 for shapes-t2i)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -55,8 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         for seed in a.seeds:
             with tempfile.TemporaryDirectory() as out, head_options(model, schedule, DTYPES[dtype or "float32"], stats):
                 t = time.perf_counter()
-                res = evaluate(model, a.benchmark, out, data=a.data, limit=a.limit, seed=seed, gen_overrides=gen,
-                               progress=False, report=False)
+                res = evaluate(model, a.benchmark, out, data=a.data, limit=a.limit or None, seed=seed, gen_overrides=gen,
+                               batch_size=a.batch_size, samples_per_prompt=a.samples_per_prompt, progress=False,
+                               report=False)
                 seconds.append(time.perf_counter() - t)
             scores.append(res["overall"])
             for k, v in res.get("metrics", {}).items():  # continuous metrics (e.g. Frechet distance) if any
