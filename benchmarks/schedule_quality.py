@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             for k, v in res.get("metrics", {}).items():  # continuous metrics (e.g. Frechet distance) if any
                 metrics.setdefault(k, []).append(v)
             extra = "".join(f", {k} {v:.3f}" for k, v in res.get("metrics", {}).items())
-            print(f"  {variant:<24} seed {seed:>5}: overall {res['overall']:.3f}{extra} ({seconds[-1]:.1f} s)",
-                  flush=True)
+            print(f"  {variant:<24} seed {seed:>5}: overall {res['overall']:.3f}{extra} ({res['n_samples']} samples, "
+                  f"{seconds[-1]:.1f} s)", flush=True)
         rows.append({"variant": variant, "mean": statistics.mean(scores), "min": min(scores), "max": max(scores),
                      "metrics": {k: (statistics.mean(v), min(v), max(v)) for k, v in metrics.items()},
                      "steps_per_token": stats["steps"] / stats["calls"], "seconds": statistics.mean(seconds)})

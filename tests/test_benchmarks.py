@@ -241,3 +241,24 @@ def test_bench_step_split_times_each_part_of_the_step_and_names_the_kernels(toke
     shares = [k["self_share"] for k in result["kernels"]]
     assert 0 < len(shares) <= 8 and shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1.0
     assert any(k["name"] in ("aten::mm", "aten::addmm", "aten::bmm") for k in result["kernels"])
+
+
+def test_schedule_quality_counts_the_head_steps_each_variant_runs(tokenizer_dir, tmp_path, capsys):
+    """Each variant's row reports the head steps per token it actually ran (the schedule's mean over
+    the image's tokens) and one score per base seed; --samples-per-prompt reaches the harness."""
+    from benchmarks import schedule_quality
+    from omni.config import GenerationConfig, steps_for_token
+    from tests.conftest import save_tiny_checkpoint
+
+    ckpt = save_tiny_checkpoint(tokenizer_dir, tmp_path / "ckpt", "generation.image_steps=4")
+    assert schedule_quality.main(["--ckpt", str(ckpt), "--benchmark", "shapes-t2i", "--limit", "2", "--seeds", "0", "7",
+                                  "--samples-per-prompt", "2", "--batch-size", "4",
+                                  "--variants", "constant", "anneal:8:2"]) == 0
+    out = capsys.readouterr().out
+    per_seed = [line for line in out.splitlines() if line.lstrip().startswith(("constant", "anneal:8:2"))]
+    assert len(per_seed) == 4 and all("4 samples" in line for line in per_seed), out  # 2 prompts x 2 images
+    rows = {line.split("|")[1].strip(): line.split("|") for line in out.splitlines() if line.startswith("| ")}
+    n = 16  # the tiny preset's image tokens
+    anneal = sum(steps_for_token(GenerationConfig(image_steps_schedule="anneal:8:2"), i, n) for i in range(n)) / n
+    assert float(rows["constant"][-3]) == 4.0  # generation.image_steps of the checkpoint
+    assert float(rows["anneal:8:2"][-3]) == pytest.approx(anneal, abs=0.05) and anneal != 4.0
