@@ -298,6 +298,12 @@ class DiffusionHead(nn.Module):
             t = torch.randint(0, self.cfg.train_steps, (draws,), device=target.device)
         if groups is not None:
             t = t[groups[1] // groups[0].shape[1]]  # (C*K,): each row's group
+        if self.cfg.compile:
+            # The token count changes every batch: compile for any count at once, rather than for
+            # the first batch's count and again (dynamic) at the second (~10 s of a cold compile).
+            for x in (target, cond, noise, t, weight):
+                if x is not None:
+                    torch._dynamo.maybe_mark_dynamic(x, 0)
         return self._loss_fn()(target, cond, noise, t, bf16, groups, weight)
 
     def _loss_fn(self) -> Callable:
