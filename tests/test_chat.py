@@ -105,16 +105,32 @@ def test_ctrl_c_cancels_the_answer_not_the_session(model, tmp_path, monkeypatch)
     assert len(s.history) == 2 and "image saved" in out.getvalue()
 
 
-def test_long_history_drops_oldest_turns(model, tmp_path):
-    s, out = session(model, tmp_path, max_new_tokens=4)
-    long = "circle " * 150  # ~150 positions a turn; the tiny context holds 512
-    for _ in range(4):
-        assert s.handle(long)
-    assert "dropped the 2 oldest turns" in out.getvalue()
-    assert 2 <= len(s.history) <= 6 and s.history[0].role == "user"
-    kept = list(s.history)
-    s.handle("circle " * 600)  # cannot fit even alone: refused, and the conversation is kept
-    assert "shorten it by at least" in out.getvalue() and s.history == kept
+TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+@pytest.mark.parametrize("template", [True, False], ids=["chat-template", "plain-documents"])
+def test_long_history_drops_oldest_turns(model, tmp_path, template):
+    """A chat-template model reads the conversation and drops its oldest turns to fit; a
+    plain-document model reads the last message alone, so the history never crowds it out."""
+    tok = model.tokenizer.hf
+    old = getattr(tok, "chat_template", None)
+    tok.chat_template = TEMPLATE if template else None
+    try:
+        s, out = session(model, tmp_path, max_new_tokens=4)
+        long = "circle " * 150  # ~150 positions a turn; the tiny context holds 512
+        for _ in range(4):
+            assert s.handle(long)
+        if template:
+            assert "dropped the 2 oldest turns" in out.getvalue()
+            assert 2 <= len(s.history) <= 6 and s.history[0].role == "user"
+        else:
+            assert "dropped" not in out.getvalue() and len(s.history) == 8
+        kept = list(s.history)
+        s.handle("circle " * 600)  # cannot fit even alone: refused, and the conversation is kept
+        assert "shorten it by at least" in out.getvalue() and s.history == kept
+    finally:
+        tok.chat_template = old
 
 
 def test_bad_commands_keep_going(model, tmp_path):
@@ -133,12 +149,14 @@ def test_chat_prompt_plain_and_template(model):
     tok = model.tokenizer
     a = Image.new("RGB", (8, 8))
     turns = [Turn("user", [a, "hi there"]), Turn("assistant", ["hello"]), Turn("user", ["more"])]
-    assert chat_prompt(tok, turns) == [a, "hi there", "hello", "more"]
+    # Plain documents: the last user message alone (earlier turns are a document the model never
+    # saw), with a trailing assistant turn that the answer continues; no user turn: everything.
+    assert chat_prompt(tok, turns) == ["more"]
+    assert chat_prompt(tok, turns[:2]) == [a, "hi there", "hello"]
+    assert chat_prompt(tok, [Turn("system", ["be brief"]), *turns[:1]]) == [a, "hi there"]
+    assert chat_prompt(tok, [Turn("assistant", ["a red"])]) == ["a red"]
     old = getattr(tok.hf, "chat_template", None)
-    tok.hf.chat_template = (
-        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-        "{% if add_generation_prompt %}<assistant>{% endif %}"
-    )
+    tok.hf.chat_template = TEMPLATE
     try:
         got = chat_prompt(tok, turns)
     finally:

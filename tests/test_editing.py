@@ -186,9 +186,9 @@ def test_chat_edits_an_attached_picture(ckpt, pics, tmp_path, monkeypatch):
     assert isinstance(s.history[-1].segments[0], Image.Image)
     s.handle(f"/edit <image:{pics / 'wide.png'}> make it blue")  # a crop would cut the scene: refused
     assert "is 48x40; an edit keeps the whole picture" in out.getvalue() and len(spy.calls) == 1
-    s.handle("make a red square")  # a new picture, not an edit: the whole conversation is the prompt
+    s.handle("make a red square")  # a new picture, not an edit: the message alone is the prompt
     prompt, mode, _ = spy.calls[-1]
-    assert mode == "auto" and prompt[-1] == "make a red square" and len(prompt) > 2
+    assert mode == "auto" and prompt == ["make a red square"]
 
 
 @pytest.mark.parametrize("text, edit", [

@@ -296,12 +296,13 @@ def test_bad_requests_get_4xx_while_good_ones_succeed(model):
 
 def test_busy_server_answers_429_with_retry_after(model):
     with serving(model, limits={"max_running": 1, "max_waiting": 0}) as url:
-        slow = {"model": NAME, "messages": [{"role": "user", "content": "a story"}], "mode": "text",
-                "max_tokens": 400, "seed": 1}
+        # Seconds of work (SLOW): 400 text tokens took ~0.30 s on a warm process, as long as the
+        # wait below, and the second request sometimes found the server free.
+        slow = {"model": NAME, "messages": [{"role": "user", "content": "a picture"}], **SLOW}
         with ThreadPoolExecutor(1) as pool:
             first = pool.submit(httpx.post, f"{url}/v1/chat/completions", json=slow, timeout=120)
             time.sleep(0.3)
-            r = httpx.post(f"{url}/v1/chat/completions", json=slow, timeout=60)
+            r = httpx.post(f"{url}/v1/chat/completions", json={**slow, "seed": 1}, timeout=60)
             assert first.result().status_code == 200
     assert r.status_code == 429 and r.json()["error"]["code"] == "server_busy"
     assert int(r.headers["Retry-After"]) >= 1
