@@ -191,6 +191,36 @@ MIX = [
 ]
 
 
+def test_an_edit_in_a_conversation_redraws_its_last_picture(url, model):
+    """A from-scratch model reads the last message; one that reads as an edit gets the picture it
+    attaches, or else the conversation's latest, in front of it and is drawn as one picture."""
+    from omni.serve.engine import Turn, request_prompt
+
+    red, wide = Image.new("RGB", (32, 32), (200, 30, 30)), Image.new("RGB", (48, 40))
+    talk = [Turn("user", ["draw a red square"]), Turn("assistant", [red]), Turn("user", ["now make it blue"])]
+    assert request_prompt(model, talk, "auto") == ([red, "now make it blue"], "image")
+    assert request_prompt(model, talk, "text") == (["now make it blue"], "text")  # asked for words: no edit
+    assert request_prompt(model, [*talk[:2], Turn("user", [BLUE, "remove the square"])], "auto") == \
+        ([BLUE, "remove the square"], "image")  # the attached picture, not the earlier one
+    assert request_prompt(model, [*talk[:2], Turn("user", ["draw a blue circle"])], "auto") == \
+        (["draw a blue circle"], "auto")  # a new request: the message alone
+    assert request_prompt(model, [talk[2]], "auto") == (["now make it blue"], "auto")  # nothing to edit
+    with pytest.raises(ValueError, match="48x40"):
+        request_prompt(model, [Turn("user", [wide, "make it blue"])], "auto")
+
+    messages = [{"role": "user", "content": "draw a red square"},
+                {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": data_url(red)}}]},
+                {"role": "user", "content": "now make it blue"}]
+    r = ask_raw(url, {"model": NAME, "messages": messages, "seed": 3, "image_steps": 2})
+    content = r["choices"][0]["message"]["content"]
+    assert [p["type"] for p in content] == ["image_url"] and r["omni"]["settings"]["mode"] == "image"
+    messages[1]["content"][0]["image_url"]["url"] = data_url(wide)
+    bad = httpx.post(f"{url}/v1/chat/completions", json={"model": NAME, "messages": messages},
+                     headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_image"
+    assert "48x40" in bad.json()["error"]["message"]
+
+
 def test_same_seed_same_answer_alone_and_under_concurrency(url):
     def run(i: int) -> dict:
         return ask_raw(url, {"model": NAME, "seed": 100 + i, **MIX[i % len(MIX)]})

@@ -96,6 +96,21 @@ def chat_prompt(tokenizer, turns: list[Turn]) -> list:
     return out
 
 
+def conversation_edit(turns: list[Turn]) -> tuple[Image.Image, str] | None:
+    """(picture, instruction) when a conversation ends with a user message that reads as an edit
+    (`looks_like_edit`) of one picture: the one it attaches, or else the conversation's latest;
+    None when it does not (no picture anywhere, several attached, or not an instruction)."""
+    if not turns or turns[-1].role != "user":
+        return None
+    words = " ".join(s for s in turns[-1].segments if isinstance(s, str))
+    attached = [s for s in turns[-1].segments if not isinstance(s, str)]
+    if len(attached) > 1 or not looks_like_edit(words):
+        return None
+    earlier = [s for turn in turns[:-1] for s in turn.segments if not isinstance(s, str)]
+    source = attached or earlier[-1:]
+    return (source[0], words) if source else None
+
+
 def looks_like_edit(text: str) -> bool:
     """Whether a message reads as an instruction to change a picture. "make a ..." / "make me ..."
     asks for a new picture, not a change."""

@@ -32,11 +32,11 @@ from omni.serve.engine import (
     Job,
     Turn,
     Worker,
-    chat_prompt,
     check_config,
     context_length,
     default_config,
     prompt_length,
+    request_prompt,
 )
 from omni.serve.schemas import FINISH, Limits, RequestError, chunk, completion, image_url, parse_request
 
@@ -180,16 +180,19 @@ def create_app(model, *, model_name: str = "omni", limits: Limits | None = None,
             check_config(cfg, cfg.mode)
         except ValueError as e:
             raise RequestError(400, str(e), code="invalid_settings") from None
-        prompt = chat_prompt(model.tokenizer, [Turn(role, segs) for role, segs in req.messages])
+        try:
+            prompt, mode = request_prompt(model, [Turn(role, segs) for role, segs in req.messages], cfg.mode)
+        except ValueError as e:
+            raise RequestError(400, str(e), param="messages", code="invalid_image") from None
         n = prompt_length(model, prompt)
-        need = n_image + 2 if cfg.mode == "image" else 1
+        need = n_image + 2 if mode == "image" else 1
         cap = min(limits.max_prompt_tokens or ctx, ctx - need)
         if n > cap:
             raise RequestError(400, f"the prompt takes {n} positions (an image counts {n_image + 2}); this server "
                                f"takes at most {cap}: shorten the conversation or send fewer images",
                                param="messages", code="prompt_too_long")
         seed = req.seed if req.seed is not None else secrets.randbits(31)
-        job = Job(id=request.state.rid, prompt=prompt, cfg=cfg, mode=cfg.mode, seed=seed,
+        job = Job(id=request.state.rid, prompt=prompt, cfg=cfg, mode=mode, seed=seed,
                   deadline=time.monotonic() + limits.request_timeout, loop=asyncio.get_running_loop())
         return job, n
 
