@@ -155,6 +155,15 @@ def test_chat_prompt_plain_and_template(model):
     assert chat_prompt(tok, turns[:2]) == [a, "hi there", "hello"]
     assert chat_prompt(tok, [Turn("system", ["be brief"]), *turns[:1]]) == [a, "hi there"]
     assert chat_prompt(tok, [Turn("assistant", ["a red"])]) == ["a red"]
+    # A question about what was shown gets the latest picture in front of it (the question format);
+    # a new request or a question about nothing in particular does not.
+    b = Image.new("RGB", (8, 8), (0, 0, 255))
+    talk = [*turns[:2], Turn("user", ["draw a blue square"]), Turn("assistant", [b])]
+    assert chat_prompt(tok, [*talk, Turn("user", ["what color is the square?"])]) == [b, "what color is the square?"]
+    assert chat_prompt(tok, [*talk, Turn("user", ["how many shapes are there?"])])[0] is b
+    assert chat_prompt(tok, [*talk, Turn("user", ["what can you do?"])]) == ["what can you do?"]
+    assert chat_prompt(tok, [*talk, Turn("user", ["draw the square bigger"])]) == ["draw the square bigger"]
+    assert chat_prompt(tok, [*talk, Turn("user", [a, "what is it?"])]) == [a, "what is it?"]  # its own picture
     old = getattr(tok.hf, "chat_template", None)
     tok.hf.chat_template = TEMPLATE
     try:

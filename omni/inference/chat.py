@@ -52,6 +52,12 @@ EDIT_START = re.compile(
     r"(?P<verb>make|move|change|turn|recolou?r|colou?r|paint|remove|delete|erase|add|put|place|swap|switch|"
     r"shift|replace|flip)\b(?P<rest>.*)", re.IGNORECASE | re.DOTALL)
 NEW_PICTURE = re.compile(r"\s+(?:a|an|me|us|one|two|three|four|some|another)\b", re.IGNORECASE)
+# A question or a request to describe (not to draw or tell) that points at something already seen.
+ASKS = re.compile(r"^(?:(?:ok|okay|so|and|now|then)[,\s]+)*(?:(?:what|which|how|where|who|is|are|does|do|describe|"
+                  r"caption)\b|.*\?\s*$)", re.IGNORECASE | re.DOTALL)
+REQUESTS = re.compile(r"^(?:(?:ok|okay|so|and|now|then|please)[,\s]+)*(?:(?:can|could|would|will) you\s+)?"
+                      r"(?:please\s+)?(?:draw|show|paint|sketch|create|generate|tell|write|give)\b", re.IGNORECASE)
+POINTS = re.compile(r"\b(?:the|it|its|this|that|these|those|there|picture|image)\b", re.IGNORECASE)
 IMAGE_MARK = "\x00image\x00"  # stands for an image inside a chat-template string
 
 
@@ -71,13 +77,19 @@ def chat_prompt(tokenizer, turns: list[Turn]) -> list:
     never saw: measured on a demo model, a drawing request after one greeting drew nothing in 8 of
     8 seeds, and 8 of 8 alone. Such a model reads the last user message with its attachments (and
     a trailing assistant turn, which the answer continues): each message is answered on its own,
-    and an edit reaches back to the last picture through `edit_prompt` instead (`ChatSession.ask`).
+    except that a question about what was shown ("what color is the circle?", `asks_about_picture`)
+    gets the conversation's latest picture in front of it, and an edit reaches back to it through
+    `edit_prompt` (`ChatSession.ask`, `omni.serve.engine.request_prompt`).
     """
     template = getattr(tokenizer.hf, "chat_template", None)
     if not template:
         users = [i for i, turn in enumerate(turns) if turn.role == "user"]
         last = turns[users[-1]:] if users else turns
-        return [seg for turn in last for seg in turn.segments]
+        segments = [seg for turn in last for seg in turn.segments]
+        earlier = [s for turn in turns[:users[-1] if users else 0] for s in turn.segments if not isinstance(s, str)]
+        if earlier and all(isinstance(s, str) for s in segments) and asks_about_picture(" ".join(segments)):
+            return [earlier[-1], *segments]  # "what color is the circle?": the question format, [picture, question]
+        return segments
     messages = [
         {"role": t.role, "content": "".join(s if isinstance(s, str) else IMAGE_MARK for s in t.segments)}
         for t in turns
@@ -109,6 +121,14 @@ def conversation_edit(turns: list[Turn]) -> tuple[Image.Image, str] | None:
     earlier = [s for turn in turns[:-1] for s in turn.segments if not isinstance(s, str)]
     source = attached or earlier[-1:]
     return (source[0], words) if source else None
+
+
+def asks_about_picture(text: str) -> bool:
+    """Whether a message without a picture asks about one already in the conversation: a question
+    (or "describe ...") that points at something ("the circle", "it", "there"), not a request to
+    draw or tell. "what can you do?" points at nothing; "draw the circle bigger" is a request."""
+    text = text.strip()
+    return bool(ASKS.match(text)) and not REQUESTS.match(text) and bool(POINTS.search(text))
 
 
 def looks_like_edit(text: str) -> bool:
