@@ -375,9 +375,11 @@ def scorecard(results: dict[str, dict]) -> str:
 
 def sample_chat(out: Path, model, paths: dict[str, str], preview: bool) -> Path:
     """A short scripted conversation: read an image, draw one, continue an illustrated story,
-    answer a greeting and a typed request."""
+    answer a greeting and a typed request, then ask about that picture and edit it. Each message
+    goes to the model as `omni chat` and `omni serve` send it (`conversation_prompt`)."""
     from omni.data.shards import read_documents
     from omni.data.templates import split_prompt
+    from omni.inference.chat import Turn, conversation_prompt
     from omni.inference.generate import generate, generation_config
     from omni.inference.preview import supports_color
 
@@ -386,24 +388,29 @@ def sample_chat(out: Path, model, paths: dict[str, str], preview: bool) -> Path:
         picks.setdefault(doc.task, doc)
         if {"caption", "t2i", "story"} <= picks.keys():
             break
-    # Then two requests typed as a new user types them (the model picks words or a picture).
+    # Then requests typed as a new user types them (the model picks words or a picture), a question
+    # about the picture just drawn and an edit of it, as `omni chat` and `omni serve` send them.
     turns = [("caption", "text", "What does this picture show?"), ("t2i", "image", "Draw it."),
              ("story", "auto", "Continue the story with pictures."), ("typed", "auto", "hello, what can you do?"),
-             ("typed", "auto", "draw a purple triangle")]
+             ("typed", "auto", "draw a purple triangle"), ("typed", "auto", "what color is the triangle?"),
+             ("typed", "auto", "now make the triangle green")]
     chat_dir = out / "chat"
     chat_dir.mkdir(parents=True, exist_ok=True)
     md = ["# omni demo: sample chat", ""]
+    history: list = []
     color = preview and supports_color(sys.stdout)
     for i, (task, mode, note) in enumerate(turns):
         if task != "typed" and task not in picks:
             continue
-        prompt = [note] if task == "typed" else split_prompt(picks[task])[0]
+        message = [note] if task == "typed" else split_prompt(picks[task])[0]
         cfg = generation_config(model, max_new_tokens=96 if mode == "auto" else 64)
+        prompt, mode = conversation_prompt(model.tokenizer, [*history, Turn("user", message)], mode)
         result = generate(model, [prompt], cfg, seeds=[i], mode=mode)[0]
+        history += [Turn("user", message), Turn("assistant", result.segments)]
         label = "typed as a new user types it" if task == "typed" else note
         print(f"\nuser ({label})")
         md.append(f"**user** ({label})\n")
-        for j, seg in enumerate(prompt):
+        for j, seg in enumerate(message):
             md.append(_show(seg, chat_dir / f"turn{i}-prompt{j}.png", color))
         print("omni:")
         md.append("\n**omni**\n")

@@ -194,7 +194,10 @@ MIX = [
 def test_an_edit_in_a_conversation_redraws_its_last_picture(url, model):
     """A from-scratch model reads the last message; one that reads as an edit gets the picture it
     attaches, or else the conversation's latest, in front of it and is drawn as one picture."""
-    from omni.serve.engine import Turn, request_prompt
+    from omni.serve.engine import Turn, conversation_prompt
+
+    def request_prompt(model, turns, mode):
+        return conversation_prompt(model.tokenizer, turns, mode)
 
     red, wide = Image.new("RGB", (32, 32), (200, 30, 30)), Image.new("RGB", (48, 40))
     talk = [Turn("user", ["draw a red square"]), Turn("assistant", [red]), Turn("user", ["now make it blue"])]

@@ -108,6 +108,23 @@ def chat_prompt(tokenizer, turns: list[Turn]) -> list:
     return out
 
 
+def conversation_prompt(tokenizer, turns: list[Turn], mode: str) -> tuple[list, str]:
+    """A conversation's (prompt, mode), as `omni serve` and the demo's sample chat send it (and
+    `omni chat`, through `ChatSession.ask`): `chat_prompt`, except that for a model without a chat
+    template a last message that reads as an edit ("now make it blue", "remove the square") of the
+    picture it attaches or, with none, of the conversation's latest becomes [picture, instruction],
+    drawn as one picture (the layout editing is trained on), unless `mode` asks for text.
+    ValueError: a picture no edit can keep whole (not square)."""
+    from omni.inference.prompts import check_edit_image, edit_prompt
+
+    if not getattr(tokenizer.hf, "chat_template", None) and mode != "text":
+        edit = conversation_edit(turns)
+        if edit is not None:
+            check_edit_image(edit[0], "the picture to edit")
+            return edit_prompt(*edit), "image"
+    return chat_prompt(tokenizer, turns), mode
+
+
 def conversation_edit(turns: list[Turn]) -> tuple[Image.Image, str] | None:
     """(picture, instruction) when a conversation ends with a user message that reads as an edit
     (`looks_like_edit`) of one picture: the one it attaches, or else the conversation's latest;

@@ -34,9 +34,9 @@ from omni.serve.engine import (
     Worker,
     check_config,
     context_length,
+    conversation_prompt,
     default_config,
     prompt_length,
-    request_prompt,
 )
 from omni.serve.schemas import FINISH, Limits, RequestError, chunk, completion, image_url, parse_request
 
@@ -181,7 +181,8 @@ def create_app(model, *, model_name: str = "omni", limits: Limits | None = None,
         except ValueError as e:
             raise RequestError(400, str(e), code="invalid_settings") from None
         try:
-            prompt, mode = request_prompt(model, [Turn(role, segs) for role, segs in req.messages], cfg.mode)
+            prompt, mode = conversation_prompt(model.tokenizer, [Turn(role, segs) for role, segs in req.messages],
+                                               cfg.mode)
         except ValueError as e:
             raise RequestError(400, str(e), param="messages", code="invalid_image") from None
         n = prompt_length(model, prompt)

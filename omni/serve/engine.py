@@ -27,15 +27,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from omni.config import MODES, GenerationConfig
-from omni.inference.chat import Turn, chat_prompt, conversation_edit
+from omni.inference.chat import Turn, chat_prompt, conversation_prompt
 from omni.inference.generate import check_config, generation_config
 from omni.inference.generate import load as load_model
-from omni.inference.prompts import check_edit_image, context_length, edit_prompt, prompt_length
+from omni.inference.prompts import context_length, prompt_length
 from omni.inference.rows import GenerationEvents, GenerationResult
 from omni.inference.sampler import Sampler
 
 __all__ = ["MODES", "Busy", "GenerationConfig", "GenerationResult", "Job", "Turn", "Worker", "chat_prompt",
-           "check_config", "context_length", "generation_config", "load_model", "prompt_length", "request_prompt"]
+           "check_config", "context_length", "conversation_prompt", "generation_config", "load_model",
+           "prompt_length"]
 
 log = logging.getLogger("omni.serve")
 
@@ -254,21 +255,6 @@ def _put_all(batch: list[tuple[asyncio.Queue, list]]) -> None:
     """On the event loop: each job's events of one step, as one queue item."""
     for queue, events in batch:
         queue.put_nowait(events)
-
-
-def request_prompt(model, turns: list[Turn], mode: str) -> tuple[list, str]:
-    """A request's (prompt, mode). As in `omni chat`: a model with a chat template reads the
-    conversation; one without reads the last user message, and when that message reads as an edit
-    ("now make it blue", "remove the square") of its one picture or, with none attached, of the
-    conversation's latest, the prompt is [picture, instruction], drawn as one picture (the layout
-    editing is trained on), unless the request asked for text. ValueError: a picture no edit can
-    keep whole (not square)."""
-    if not getattr(model.tokenizer.hf, "chat_template", None) and mode != "text":
-        edit = conversation_edit(turns)
-        if edit is not None:
-            check_edit_image(edit[0], "the picture to edit")
-            return edit_prompt(*edit), "image"
-    return chat_prompt(model.tokenizer, turns), mode
 
 
 def default_config(model, **overrides: Any) -> GenerationConfig:
