@@ -20,7 +20,8 @@ then the instruction, the layout editing is trained on, and the answer is one pi
 image guidance of edits with /set image_cfg=1.5 (docs/editing.md).
 
 A model with a chat template reads the conversation; one without (omni's from-scratch models,
-trained on single documents) reads each message on its own, and an edit its last picture.
+trained on single documents) reads each message on its own, except that a question about the last
+picture ("what color is the circle?") and an edit of it are sent with that picture.
 
 Ctrl-C cancels the answer being written, not the session. Every answer uses the same sampler as
 `omni generate` (omni.inference.generate) with seed = --seed + answer number, so a transcript can be
@@ -79,7 +80,7 @@ def chat_prompt(tokenizer, turns: list[Turn]) -> list:
     a trailing assistant turn, which the answer continues): each message is answered on its own,
     except that a question about what was shown ("what color is the circle?", `asks_about_picture`)
     gets the conversation's latest picture in front of it, and an edit reaches back to it through
-    `edit_prompt` (`ChatSession.ask`, `omni.serve.engine.request_prompt`).
+    `edit_prompt` (`ChatSession.ask`, `conversation_prompt`).
     """
     template = getattr(tokenizer.hf, "chat_template", None)
     if not template:
