@@ -196,20 +196,20 @@ def test_an_edit_in_a_conversation_redraws_its_last_picture(url, model):
     attaches, or else the conversation's latest, in front of it and is drawn as one picture."""
     from omni.serve.engine import Turn, conversation_prompt
 
-    def request_prompt(model, turns, mode):
+    def prompt_of(turns, mode):
         return conversation_prompt(model.tokenizer, turns, mode)
 
     red, wide = Image.new("RGB", (32, 32), (200, 30, 30)), Image.new("RGB", (48, 40))
     talk = [Turn("user", ["draw a red square"]), Turn("assistant", [red]), Turn("user", ["now make it blue"])]
-    assert request_prompt(model, talk, "auto") == ([red, "now make it blue"], "image")
-    assert request_prompt(model, talk, "text") == (["now make it blue"], "text")  # asked for words: no edit
-    assert request_prompt(model, [*talk[:2], Turn("user", [BLUE, "remove the square"])], "auto") == \
+    assert prompt_of(talk, "auto") == ([red, "now make it blue"], "image")
+    assert prompt_of(talk, "text") == (["now make it blue"], "text")  # asked for words: no edit
+    assert prompt_of([*talk[:2], Turn("user", [BLUE, "remove the square"])], "auto") == \
         ([BLUE, "remove the square"], "image")  # the attached picture, not the earlier one
-    assert request_prompt(model, [*talk[:2], Turn("user", ["draw a blue circle"])], "auto") == \
+    assert prompt_of([*talk[:2], Turn("user", ["draw a blue circle"])], "auto") == \
         (["draw a blue circle"], "auto")  # a new request: the message alone
-    assert request_prompt(model, [talk[2]], "auto") == (["now make it blue"], "auto")  # nothing to edit
+    assert prompt_of([talk[2]], "auto") == (["now make it blue"], "auto")  # nothing to edit
     with pytest.raises(ValueError, match="48x40"):
-        request_prompt(model, [Turn("user", [wide, "make it blue"])], "auto")
+        prompt_of([Turn("user", [wide, "make it blue"])], "auto")
 
     messages = [{"role": "user", "content": "draw a red square"},
                 {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": data_url(red)}}]},
