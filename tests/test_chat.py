@@ -60,6 +60,7 @@ def test_chat_session_through_a_terminal(ckpt, picture, tmp_path):
         child.expect(expect)
         child.expect("you> ")
 
+    child.expect("reads each message on its own")  # a plain-document model says how it reads a chat
     child.expect("you> ")
     say(f"/image {picture}", "attached")
     say("what color is the square?", "omni> ")

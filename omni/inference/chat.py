@@ -492,6 +492,9 @@ def repl(session: ChatSession) -> int:
     except ImportError:
         pass
     session.say("omni chat: type a message, or /help for commands")
+    if not getattr(session.model.tokenizer.hf, "chat_template", None):
+        session.say("(this model reads each message on its own; a question about the last picture or an edit of it "
+                    "is sent with that picture)")
     while True:
         try:
             line = input("you> ")
