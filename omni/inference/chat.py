@@ -69,6 +69,11 @@ class Turn:
     paths: list[str] = field(default_factory=list)  # saved PNG of each image segment, in order
 
 
+def has_chat_template(tokenizer) -> bool:
+    """Whether the model reads conversations (its tokenizer has a chat template) or plain documents."""
+    return bool(getattr(tokenizer.hf, "chat_template", None))
+
+
 def chat_prompt(tokenizer, turns: list[Turn]) -> list:
     """The model's prompt for a conversation: the one place that picks the chat format.
 
@@ -82,8 +87,7 @@ def chat_prompt(tokenizer, turns: list[Turn]) -> list:
     gets the conversation's latest picture in front of it, and an edit reaches back to it through
     `edit_prompt` (`ChatSession.ask`, `conversation_prompt`).
     """
-    template = getattr(tokenizer.hf, "chat_template", None)
-    if not template:
+    if not has_chat_template(tokenizer):
         users = [i for i, turn in enumerate(turns) if turn.role == "user"]
         last = turns[users[-1]:] if users else turns
         segments = [seg for turn in last for seg in turn.segments]
@@ -118,7 +122,7 @@ def conversation_prompt(tokenizer, turns: list[Turn], mode: str) -> tuple[list, 
     ValueError: a picture no edit can keep whole (not square)."""
     from omni.inference.prompts import check_edit_image, edit_prompt
 
-    if not getattr(tokenizer.hf, "chat_template", None) and mode != "text":
+    if not has_chat_template(tokenizer) and mode != "text":
         edit = conversation_edit(turns)
         if edit is not None:
             check_edit_image(edit[0], "the picture to edit")
@@ -450,9 +454,7 @@ class ChatSession:
         turn = self.user_turn(text)
         if turn is None:
             return
-        words = " ".join(s for s in turn.segments if isinstance(s, str))
-        pictures = sum(not isinstance(s, str) for s in turn.segments)
-        if mode is None and looks_like_edit(words) and (pictures == 1 or (pictures == 0 and self.last_image())):
+        if mode is None and conversation_edit([*self.history, turn]) is not None:
             return self.edit(text, turn)
         mode = mode or self.cfg.mode
         prompt = self.fit_history(turn, mode)
@@ -492,7 +494,7 @@ def repl(session: ChatSession) -> int:
     except ImportError:
         pass
     session.say("omni chat: type a message, or /help for commands")
-    if not getattr(session.model.tokenizer.hf, "chat_template", None):
+    if not has_chat_template(session.model.tokenizer):
         session.say("(this model reads each message on its own; a question about the last picture or an edit of it "
                     "is sent with that picture)")
     while True:
