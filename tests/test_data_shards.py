@@ -238,6 +238,62 @@ def test_comm_adapter_reads_typed_items(tmp_path):
         from_comm([{"type": "video"}])
 
 
+MALFORMED = [  # records of the wrong shape; each must be skipped and counted, never raise
+    5, "a string", None, [5], [None], {"items": "x"}, {"items": [{"type": "text", "text": 3}]},
+    [{"type": "image", "path": 5}], [{"type": "image", "path": ""}], [{"type": "image", "path": "/etc/hostname"}],
+    [{"type": "image", "path": "../g.png"}], [{"type": "image", "path": "sub/../../g.png"}],
+    [{"type": "image", "path": "sub"}], [{"type": "image", "image": "!!notbase64"}],
+    {"text_list": "x"}, {"text_list": ["a"], "image_info": "oops"}, {"text_list": ["a"], "image_info": [5]},
+    {"text_list": ["a"], "image_info": [{"matched_text_index": 0, "image_base64": 7}]},
+]
+
+
+@pytest.mark.parametrize("fmt", ["comm", "mmc4"])
+def test_adapters_skip_and_count_every_malformed_record(tmp_path, fmt):
+    (tmp_path / "sub").mkdir()
+    _img((0, 255, 0)).save(tmp_path / "g.png")
+    good = ([{"type": "text", "text": "ok."}, {"type": "image", "path": "sub/../g.png"}] if fmt == "comm"
+            else {"text_list": ["ok."], "image_info": [{"matched_text_index": 0, "image_base64": to_base64_png(_img())}]})
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [good, *MALFORMED, good]) + "\n")
+    stats = Stats()
+    docs = list(iter_adapted(fmt, [path], image_size=32, stats=stats, root=tmp_path))
+    # every malformed record is counted; the mmc4 image entry whose base64 is not a string is dropped
+    # like a URL-only one, so that record converts (its text only)
+    assert sum(stats.counts.values()) == len(MALFORMED) - (fmt == "mmc4")
+    assert len(docs) == 2 + (fmt == "mmc4")
+    assert all("ok." in d.texts and d.images.count(None) == 1 for d in (docs[0], docs[-1]))
+    if fmt == "mmc4":
+        assert docs[1].texts == ["a"]
+    if fmt == "comm":
+        assert stats.counts["bad_path"] == 3  # /etc/hostname, ../g.png, sub/../../g.png: never read
+        assert stats.counts["missing_image"] == 1  # a directory named as an image
+
+
+def test_comm_image_paths_stay_inside_root(tmp_path):
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    _img((0, 0, 255)).save(root / "sub" / "b.png")
+    _img((0, 255, 0)).save(tmp_path / "outside.png")
+    doc = from_comm([{"type": "image", "path": "sub/./b.png"}], key="k", root=root)
+    assert doc.images[0].getpixel((10, 10)) == (0, 0, 255)
+    for name in (str(tmp_path / "outside.png"), "../outside.png", "sub/../../outside.png"):
+        with pytest.raises(BadSample, match="bad_path.*outside --root"):
+            from_comm([{"type": "image", "path": name}], key="k", root=root)
+
+
+def test_convert_with_no_usable_record_fails_naming_the_format(tmp_path, capsys):
+    from omni.cli import main
+
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps([{"type": "text", "text": "comm, not mmc4."}]) + "\n")
+    assert main(["data", "convert", "--format", "mmc4", "--input", str(path), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "no mmc4 document could be converted" in err and "is --format right?" in err
+    assert main(["data", "convert", "--format", "comm", "--input", str(path), "--out", str(tmp_path / "o")]) == 0
+    assert "1 documents in 1 shard(s)" in capsys.readouterr().out
+
+
 def _task_streams(urls, shared, report=None):
     from omni.data.shards import select_task
 

@@ -8,9 +8,12 @@
   `{"type": "image", "image_base64" | "image": "<base64 or data: URI>" | "path": "file"}`, either
   bare or under an `items` / `content` key.
 
-Images without bytes (a URL only) are dropped, never downloaded. Records come from `.jsonl`
-files or webdataset shards whose `.json` members hold one record each; `convert` writes them as
-omni shards (fitting images to a square canvas when asked, which the loader needs).
+Images without bytes (a URL only) are dropped, never downloaded. A CoMM image path is read
+relative to `root` and must stay inside it (no absolute paths, no `..` out of it): a dataset
+from elsewhere cannot pack the converting user's other files into its shards. Records come from
+`.jsonl` files or webdataset shards whose `.json` members hold one record each; a record of the
+wrong shape is skipped and counted, never a crash. `convert` writes them as omni shards (fitting
+images to a square canvas when asked, which the loader needs).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import base64
 import binascii
 import io
 import json
+import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +45,17 @@ def _image_from_b64(text: str, where: str) -> Image.Image:
         raise BadSample("bad_image", f"{where}: {type(e).__name__}: {e}") from None
 
 
+def _image_path(root: str | Path | None, name: Any, where: str) -> Path:
+    """`name` from a record, resolved inside `root`: relative, and no `..` that leaves it."""
+    if not isinstance(name, str) or not name:
+        raise BadSample("bad_item", f"{where}: 'path' must be a non-empty string, got {name!r}")
+    normal = os.path.normpath(name)
+    if os.path.isabs(normal) or normal == ".." or normal.startswith(".." + os.sep):
+        raise BadSample("bad_path", f"{where}: image path {name!r} is outside --root "
+                                    f"{str(root or '.')!r}; record paths must be relative to it")
+    return Path(root or ".") / normal
+
+
 def _fit(image: Image.Image, size: int | None) -> Image.Image:
     if size is None:
         return image
@@ -54,11 +69,16 @@ def from_mmc4(record: dict[str, Any], image_size: int | None = None, key: str = 
     sentences = record.get("text_list")
     if not isinstance(sentences, list):
         raise BadSample("missing_keys", f"{key!r}: MMC4 record without a 'text_list' list")
+    infos = record.get("image_info") or []
+    if not isinstance(infos, list):
+        raise BadSample("bad_item", f"{key!r}: 'image_info' must be a list, got {type(infos).__name__}")
     before: dict[int, list[Image.Image]] = {}
-    for j, info in enumerate(record.get("image_info") or []):
+    for j, info in enumerate(infos):
+        if not isinstance(info, dict):
+            raise BadSample("bad_item", f"{key!r} image {j}: each 'image_info' entry must be an object")
         data = info.get("image_base64")
         idx = info.get("matched_text_index")
-        if not data or not isinstance(idx, int):
+        if not isinstance(data, str) or not data or not isinstance(idx, int):
             continue  # an image known only by URL: nothing to decode, nothing downloaded
         image = _fit(_image_from_b64(data, f"{key!r} image {j}"), image_size)
         before.setdefault(min(max(idx, 0), max(len(sentences) - 1, 0)), []).append(image)
@@ -82,7 +102,8 @@ def from_mmc4(record: dict[str, Any], image_size: int | None = None, key: str = 
 def from_comm(record: dict[str, Any] | list[Any], image_size: int | None = None, key: str = "",
               root: str | Path | None = None) -> Document:
     """A CoMM-style item list -> Document (task "interleaved"); `root` resolves image paths."""
-    items = record if isinstance(record, list) else record.get("items", record.get("content"))
+    items = record if isinstance(record, list) else (record.get("items", record.get("content"))
+                                                     if isinstance(record, dict) else None)
     if not isinstance(items, list):
         raise BadSample("missing_keys", f"{key!r}: CoMM-style record needs a list of items (or 'items'/'content')")
     segments: list[Any] = []
@@ -98,14 +119,14 @@ def from_comm(record: dict[str, Any] | list[Any], image_size: int | None = None,
             data = item.get("image_base64") or item.get("image")
             if isinstance(data, str) and not data.startswith(("http://", "https://")):
                 segments.append(_fit(_image_from_b64(data, f"{key!r} item {j}"), image_size))
-            elif item.get("path"):
-                path = Path(root or ".") / item["path"]
+            elif item.get("path") is not None:
+                path = _image_path(root, item["path"], f"{key!r} item {j}")
                 try:
                     segments.append(_fit(decode_image(path.read_bytes()), image_size))
-                except FileNotFoundError:
-                    raise BadSample("missing_image", f"{key!r} item {j}: no file {path}") from None
+                except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                    raise BadSample("missing_image", f"{key!r} item {j}: no image file {str(path)!r}") from None
                 except Exception as e:  # noqa: BLE001 - any decoder error is a bad image
-                    raise BadSample("bad_image", f"{key!r} item {j}: {type(e).__name__}: {e}") from None
+                    raise BadSample("bad_image", f"{key!r} item {j}: {str(path)!r}: {type(e).__name__}: {e}") from None
         else:
             raise BadSample("bad_item", f"{key!r} item {j}: type must be 'text' or 'image', got {kind!r}")
     if not segments:

@@ -17,6 +17,7 @@ import argparse
 import functools
 import itertools
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -78,6 +79,11 @@ def run_convert(args: argparse.Namespace) -> int:
     docs = iter_adapted(args.format, args.input, image_size=args.size, stats=stats, root=args.root)
     info = _write_split(docs, out, args.prefix, args.shard_size, None)
     print(f"{args.prefix}: {info['documents']} documents in {len(info['shards'])} shard(s); skipped {stats.as_dict()}")
+    if not info["documents"]:
+        print(f"omni: error: no {args.format} document could be converted from {' '.join(args.input)} (skipped: "
+              f"{stats.as_dict() or 'nothing; the input holds no records'}); is --format right? (mmc4: objects with "
+              "'text_list' and 'image_info'; comm: lists of text/image items)", file=sys.stderr)
+        return 1
     print(f"use: data.train={info['pattern']}")
     return 0
 
