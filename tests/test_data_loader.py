@@ -159,6 +159,17 @@ def test_task_weights_set_the_mix_across_sources(data, tok, itok):
     assert 0.68 < reads / len(docs) < 0.82, (reads, len(docs))
 
 
+def test_task_weights_naming_no_task_of_the_data_say_which_tasks_it_has(data, tok, itok):
+    # a preset's weights (the shapes tasks) over a user's own shards (digits here): one clear error
+    cfg = _cfg(train=[str(data / "digits")], task_weights={"t2i": 1.0, "vqa": 1.0}, resampled=True)
+    with pytest.raises(ValueError, match=r"names the tasks \['t2i', 'vqa'\].*its documents' tasks: \{.*data.task_weights=\{\}") as e:
+        next(iter(BatchStream(cfg, tok, itok)))
+    assert "'digit_t2i': " in str(e.value) and "'digit_read': " in str(e.value)
+    # weights that name one task of the data still train on it
+    cfg = _cfg(train=[str(data / "digits")], task_weights={"t2i": 1.0, "digit_read": 1.0}, resampled=True)
+    assert all(d["ids"][1] == tok.boi_id for d in _docs(next(iter(BatchStream(cfg, tok, itok)))))
+
+
 def test_packing_fills_rows_and_cuts_or_drops_long_documents(data, tok, itok):
     text_only = BatchStream(_cfg(val=[str(data / "text")], batch_size=2), tok, itok, split="val")
     first = next(iter(text_only))

@@ -36,6 +36,7 @@ of how many documents of each task the shards hold (tasks not named are not used
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import hashlib
@@ -53,7 +54,7 @@ from PIL import Image
 from omni.config import DataConfig
 from omni.data import templates as T
 from omni.data.document import BadSample, Document, Stats, decode_document
-from omni.data.shards import SampleStream, SharedShards, expand_shards, select_task
+from omni.data.shards import SampleStream, SharedShards, expand_shards, read_documents, select_task
 from omni.layout import Batch, ImageSegment, SpecialIds, TextSegment, TokenizedDoc, doc_length, layout
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # a tokenizer thread pool must not meet a fork
@@ -421,6 +422,16 @@ def worker_context() -> Any:
 # --------------------------------------------------------------------------------------------
 
 
+def tasks_in(urls: list[str], limit: int = 2000) -> dict[str, int]:
+    """Documents per meta["task"] among the first `limit` of these shards (json members only)."""
+    found: collections.Counter = collections.Counter()
+    for doc in read_documents(urls, decode_images=False, stats=Stats(max_warnings=0)):
+        found[doc.task] += 1
+        if sum(found.values()) >= limit:
+            break
+    return dict(found.most_common())
+
+
 class BatchStream:
     """Iterable of `omni.layout.Batch` for one rank; `state_dict` / `load_state_dict` resume exactly.
 
@@ -495,6 +506,15 @@ class BatchStream:
             self.batches += 1
             yield item.batch
         if self.split == "train":
+            weights = self.settings.weights
+            if weights and not self.batches:
+                found = tasks_in(self.urls)
+                if found and not set(found) & set(weights):
+                    raise ValueError(
+                        f"data.task_weights names the tasks {sorted(weights)}, and none of data.train's documents has "
+                        f"one of them (its documents' tasks: {found}, read from the first shards); to train on every "
+                        "document in its natural mix set data.task_weights={} (or weigh its tasks, e.g. "
+                        f"data.task_weights={{{next(iter(found))}: 1.0}})")
             raise RuntimeError(
                 f"the training stream ended after {self.batches} batches: no readable documents left in "
                 f"data.train ({len(self.urls)} shards); skipped so far: {self.stats}"
