@@ -205,6 +205,23 @@ class DataConfig:
     max_warnings: int = 20  # bad-sample warnings printed per reason before going quiet
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (LoRA, through peft) on the backbone's linear layers: `rank` 0 = off. With
+    adapters the backbone's own weights stay frozen; `train.trainable` then says which other weights
+    train beside them (`all`: every weight outside the backbone, i.e. the image in-projection, the
+    diffusion head and the image embeddings; `new`: those and the new token rows; or name globs).
+    `omni export` merges the adapters into the weights, so the exported model is a plain one."""
+
+    rank: int = 0  # adapter rank r; 0 = no adapters
+    alpha: float = 16.0  # scale alpha / r on the adapter's update
+    dropout: float = 0.0  # dropout on the adapter's input
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # module names (Llama/Qwen2/Chameleon)
+
+
 @dataclass
 class TrainConfig:
     out_dir: str = "runs/tiny"  # run directory: checkpoints, logs, exports
@@ -237,6 +254,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute backbone activations in backward
     ema_decay: float = 0.0  # EMA of weights; 0 disables
     trainable: Literal["all", "new"] | list[str] = "all"  # new: in_proj/head/new rows; or name globs
+    lora: LoraConfig = field(default_factory=LoraConfig)  # adapters on the backbone (rank 0 = off)
     deepspeed_config: str | None = None  # user DeepSpeed JSON merged over the generated one
     seed: int = 0  # base seed; rank r uses seed + r
     save_every: int = 500  # checkpoint interval in steps

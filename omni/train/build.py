@@ -140,6 +140,11 @@ def build_model(cfg: Config, ds_config: dict) -> OmniModel:
     model = OmniModel(mcfg, tokenizer, build_image_tokenizer(mcfg.image, root=root), backbone=backbone)
     if root is not None:
         load_weights(model, root, allow_new_rows=False)
+    if cfg.train.lora.rank:
+        from omni.train.lora import add_adapters
+
+        torch.manual_seed(cfg.train.seed + 2)
+        add_adapters(model.backbone, cfg.train.lora)
     select_trainable(model, cfg)
     if cfg.train.liger:
         fuse_with_liger(model.backbone)
@@ -277,9 +282,25 @@ def select_trainable(model: OmniModel, cfg: Config) -> None:
 
     With `new`, the embedding matrices stay trainable but a gradient mask zeroes every
     pretrained row, so AdamW (no weight decay on these matrices) never moves them.
+
+    With LoRA adapters (`train.lora.rank`) the adapters always train and the backbone's own weights
+    are frozen under `all` (everything outside the backbone trains); `new` and globs work as
+    without adapters, beside them.
     """
+    _select_trainable(model, cfg)
+    if cfg.train.lora.rank:
+        from omni.train.lora import is_adapter
+
+        for name, p in model.named_parameters():
+            if is_adapter(name):
+                p.requires_grad_(True)
+
+
+def _select_trainable(model: OmniModel, cfg: Config) -> None:
     trainable = cfg.train.trainable
     if trainable == "all":
+        if cfg.train.lora.rank:
+            model.backbone.requires_grad_(False)
         return
     if isinstance(trainable, list):
         from fnmatch import fnmatchcase

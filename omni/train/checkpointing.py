@@ -214,6 +214,8 @@ _OPTIMIZER = ("train.lr", "train.betas", "train.weight_decay")
 _FIXED = {
     "train.zero_stage": "the checkpoint's files are ZeRO-{old} partitions",
     "train.trainable": "the optimizer state holds the parameters that train.trainable={old} trained",
+    "train.lora.rank": "the checkpoint holds adapters of rank {old} (0: none)",
+    "train.lora.targets": "the checkpoint holds adapters on {old}",
 }
 
 

@@ -6,7 +6,8 @@ Runs on the CPU of any machine that sees the checkpoint directory, with no proce
 no GPU: ZeRO 1-3 shards are consolidated by DeepSpeed's `zero_to_fp32` readers, which
 concatenate each rank's fp32 partition file by file, so a ZeRO-3 model is never gathered on a
 GPU (the full-state gather that makes ZeRO-3 saves run out of memory). EMA weights, when the
-run kept them, replace the trained parameters (`--ema`, the default when present).
+run kept them, replace the trained parameters (`--ema`, the default when present). LoRA
+adapters (`train.lora`) are merged into the weights they adapt (omni/train/lora.py).
 The model skeleton is built on the meta device: only the exported tensors take host memory.
 """
 
@@ -99,6 +100,10 @@ def export(run_dir: str | Path, out: str | Path, ema: bool | None = None, tag: s
         if unknown:
             raise ValueError(f"EMA weights {unknown[:3]} are not parameters of the checkpoint in {tag_dir}")
         state.update(averaged)
+    if cfg.train.lora.rank:  # adapters folded into the weights: the export is a plain model
+        from omni.train.lora import merge_adapters
+
+        state = merge_adapters(state, cfg.train.lora)
     model = skeleton(cfg, run_dir)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state and not tied_elsewhere(model, k, state)]

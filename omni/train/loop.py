@@ -355,6 +355,9 @@ def preflight(cfg: Config, batches: BatchSource | None) -> tuple[str, dict]:
     if cfg.train.trainable == "new" and cfg.model.backbone.pretrained is None and cfg.train.init_from is None:
         raise ValueError("train.trainable=new freezes the backbone, so it needs model.backbone.pretrained "
                          "or train.init_from")
+    if cfg.train.lora.rank and cfg.model.backbone.pretrained is None and cfg.train.init_from is None:
+        raise ValueError(f"train.lora.rank={cfg.train.lora.rank} freezes the backbone's weights and trains adapters on "
+                         "them, so it needs weights worth keeping: model.backbone.pretrained or train.init_from")
     if cfg.train.init_from is not None:
         from omni.models.checkpoint import check_checkpoint_dir
 
