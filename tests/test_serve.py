@@ -407,3 +407,16 @@ def test_worker_delivers_each_steps_events_together(model):
     assert [e[1] for item in image for e in item if e[0] == "image_token"] == list(range(1, 17))
     assert all(len(item) == 1 or item[-1][0] == "done" for item in text)  # one text delta a step
     assert text[-1][-1][0] == "done" and any(e[0] == "text" for item in text for e in item)
+
+
+def test_a_taken_port_is_named_before_the_model_loads(tmp_path, capsys):
+    from omni.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # the checkpoint does not exist: the port is checked first, so the answer is about the port
+        assert main(["serve", "--ckpt", str(tmp_path / "none"), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in err and "--port" in err

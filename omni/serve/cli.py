@@ -32,12 +32,31 @@ def run(args: argparse.Namespace) -> int:
     limits = Limits(max_running=args.max_batch, max_waiting=args.max_waiting, max_prompt_tokens=args.max_prompt_tokens,
                     max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
                     request_timeout=args.timeout, allow_remote_images=args.allow_remote_images)
+    check_port(args.host, args.port)  # before the model loads: a taken port is known at once
     torch.set_grad_enabled(False)
     model = load_model(args.ckpt, args.device)
     app = create_app(model, model_name=args.model_name or model_name_of(args.ckpt), limits=limits,
                      api_key=args.api_key or os.environ.get("OMNI_API_KEY") or None)
     uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="warning")
     return 0
+
+
+def check_port(host: str, port: int) -> None:
+    """Bind (host, port) once, as uvicorn will (SO_REUSEADDR), and let go; a ValueError names the fix."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host!r} is not an address of this machine ({e.strerror}); use 127.0.0.1") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(addr)
+        except OSError as e:
+            raise ValueError(f"cannot listen on {host}:{port}: {e.strerror} (another `omni serve` or program has "
+                             "it?); pass another --port, e.g. --port 8001") from None
 
 
 def register(sub) -> None:
