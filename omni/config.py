@@ -156,7 +156,8 @@ class ModelConfig:
     # together, so no two tokens of a group touch) or "blocks" (each group a sqrt(k) x sqrt(k)
     # block of neighbouring cells, blocks in raster order: what one object covers is drawn in one
     # pass, best with model.head.group_attention). The last two need one group size k, a square
-    # whose root divides the grid side. Committed tokens then sit in the sequence in drawing order,
+    # whose root divides the grid side (or alternatives of such sizes, "4|1|16": each drawn image's
+    # order follows its own k; k = 1 and k = the whole grid are the raster order). Committed tokens then sit in the sequence in drawing order,
     # each with its raster position id.
     parallel_order: Literal["raster", "strided", "blocks"] = "raster"
 
@@ -176,10 +177,11 @@ class ModelConfig:
         if self.head.group_attention and choices is None:
             raise ConfigError("model.head.group_attention=true denoises a group of image tokens together, so it "
                               "needs model.parallel_image (e.g. 4); set one or leave group_attention off")
-        if self.parallel_order != "raster" and (choices is None or len(choices) != 1 or len(choices[0]) != 1
-                                                 or isqrt(choices[0][0]) ** 2 != choices[0][0]):
+        if self.parallel_order != "raster" and (choices is None or any(
+                len(c) != 1 or isqrt(c[0]) ** 2 != c[0] for c in choices)):
             raise ConfigError(f"model.parallel_order={self.parallel_order} needs model.parallel_image to be one square "
-                              f"group size (4, 9, 16, ...), got {self.parallel_image!r}")
+                              f"group size (4, 9, 16, ...) or alternatives of such sizes (\"4|1|16\"), got "
+                              f"{self.parallel_image!r}")
         if self.parallel_order != "raster" and self.image.order != "raster":
             raise ConfigError(f"model.parallel_order={self.parallel_order} reorders an image's cells itself; it needs "
                               f"model.image.order=raster, got {self.image.order!r}")

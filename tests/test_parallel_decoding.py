@@ -45,6 +45,8 @@ def make_model(tokenizer_dir, groups: str = "4", *extra: str) -> OmniModel:
         extra = ("model.head.group_attention=true", f"model.head.group_attention_dim={dim or 0}", *extra)
     if groups in ("strided", "blocks"):
         groups, extra = "4", (f"model.parallel_order={groups}", *extra)
+    elif groups.startswith("blocks:"):  # alternatives in the blocks order, e.g. "blocks:4|1|16"
+        groups, extra = groups.removeprefix("blocks:"), ("model.parallel_order=blocks", *extra)
     cfg = load_config("tiny", [f"model.tokenizer={tokenizer_dir}", *TINY, "model.image_pos_embed=true",
                                f"model.parallel_image={groups}", *extra])
     torch.manual_seed(0)
@@ -83,9 +85,11 @@ def test_alternative_schedules_parse(tokenizer_dir):
             parse_group_choices(bad)
     with pytest.raises(ConfigError, match="generation.parallel_image"):  # a generation draws with one
         GenerationConfig(parallel_image="4|2")
-    with pytest.raises(ConfigError, match="strided"):
-        load_config("tiny", [f"model.tokenizer={tokenizer_dir}", "model.parallel_image=4|16",
+    with pytest.raises(ConfigError, match="strided needs .* alternatives of such sizes"):
+        load_config("tiny", [f"model.tokenizer={tokenizer_dir}", "model.parallel_image=4|2",
                              "model.parallel_order=strided"])
+    m = make_model(tokenizer_dir, "blocks:4|1|16")  # square alternatives in the blocks order
+    assert m.group_choices == [[4], [1], [16]] and m.order == "blocks"
     m = make_model(tokenizer_dir, "4|1|8")
     assert m.groups == [4] and m.group_choices == [[4], [1], [8]]  # draws with the first by default
 
@@ -113,6 +117,28 @@ def test_alternatives_spread_over_images_and_match_each_alone(model):
         assert runs == group_sizes(k, N)
     assert set(picked) == {1, 2, 4, 8}
     assert max(picked.count(k) for k in (1, 2, 4, 8)) <= 12  # spread, not one favourite
+
+
+def test_blocks_alternatives_lay_out_each_image_as_its_own_schedule_alone(model):
+    """In the blocks order with alternatives ("4|1|16"), each drawn image is laid out (queries,
+    targets in drawing order, groups) exactly as under its picked schedule alone."""
+    sp, choices = model.special, [[4], [1], [16]]
+    gen = torch.Generator().manual_seed(1)
+    picked, compared = set(), 0
+    for i in range(12):
+        drawn = [torch.randn(N, 192, generator=gen) for _ in range(2)]
+        doc = [TextSegment([10 + i % 5, 11]), ImageSegment(drawn[0]), TextSegment([12]), ImageSegment(drawn[1])]
+        mixed = layout([[doc]], sp, groups=[4], choices=choices, order="blocks")
+        ks = [pick_schedule(x, choices) for x in drawn]
+        picked.update(k[0] for k in ks)
+        if ks[0] == ks[1]:
+            compared += 1
+            alone = layout([[doc]], sp, groups=ks[0], order="blocks")
+            for f in dataclasses.fields(mixed):
+                torch.testing.assert_close(getattr(mixed, f.name), getattr(alone, f.name), msg=f.name)
+        sizes = [s for k in ks for s in group_sizes(k, N)]
+        assert (mixed.image_group_index >= 0).sum(1).tolist() == sizes
+    assert picked == {1, 4, 16} and compared >= 2
 
 
 def test_layout_records_the_groups_drawn_together(model):
@@ -283,18 +309,23 @@ def per_row(calls, gen, which: int) -> torch.Tensor:
     return torch.stack([c[which][i] for c in calls for i, g in enumerate(c[2]) if g is gen])
 
 
-@pytest.mark.parametrize("groups", ["4", "1,2,4,8", "strided", "1,2,4,8+ga", "blocks+ga", "blocks+ga64"])
+@pytest.mark.parametrize("groups", ["4", "1,2,4,8", "strided", "1,2,4,8+ga", "blocks+ga", "blocks+ga64",
+                                    "blocks:4|1|16+ga@16", "blocks:4|1|16+ga@1"])
 def test_cached_conditioning_equals_training_layout(tokenizer_dir, groups):
     """The vectors the cached sampler hands the head, for the conditional and the unconditional
     streams, equal what training computes over the same committed tokens (the layout's queries),
-    for rows of different lengths that start and finish images at different steps."""
+    for rows of different lengths that start and finish images at different steps. "@k": a model
+    trained on alternatives drawn with another of them (generation.parallel_image)."""
+    groups, _, draw = groups.partition("@")
     model = make_model(tokenizer_dir, groups)
+    schedule = parse_groups(draw) if draw else model.groups
     with torch.no_grad():  # favour <boi> so interleaved rows draw mid-answer
         model.lm_head.weight[model.special.boi] += 0.5
     sp = model.special
     prompts = [["a red circle left of a blue square."], ["two"], ["draw three small green triangles please"]]
     calls = spy_head(model)
-    sampler = Sampler(model, gcfg(mode="auto", max_new_tokens=40, temperature=1.0), seeds=[3, 4, 5])
+    sampler = Sampler(model, gcfg(mode="auto", max_new_tokens=40, temperature=1.0, parallel_image=draw or None),
+                      seeds=[3, 4, 5])
     rows = sampler.run(prompts)
     del model.head.sample
     drew = 0
@@ -304,7 +335,7 @@ def test_cached_conditioning_equals_training_layout(tokenizer_dir, groups):
         drew += 1
         # the row's document: its prompt, then what it generated (text runs and images, in order)
         doc = generated_doc(r, [TextSegment(model.tokenizer.encode(prompt[0]))], sp.boi, N)
-        b = layout([[doc]], sp, add_eos=False, groups=model.groups, order=model.order)
+        b = layout([[doc]], sp, add_eos=False, groups=schedule, order=model.order)
         with torch.no_grad():
             ref = model.hidden_states(b).flatten(0, 1)[b.image_cond_index]  # (n_images * N, D)
         got = per_row(calls, r.gen, 0)
@@ -312,13 +343,13 @@ def test_cached_conditioning_equals_training_layout(tokenizer_dir, groups):
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
         # the unconditional stream of each image: [bos] <boi> queries/tokens, nothing of the prompt
         unc = torch.cat([model.hidden_states(u).flatten(0, 1)[u.image_cond_index] for u in
-                         [layout([[[ImageSegment(x)]]], sp, add_eos=False, groups=model.groups, order=model.order)
+                         [layout([[[ImageSegment(x)]]], sp, add_eos=False, groups=schedule, order=model.order)
                           for x in r.image_tokens]])
         torch.testing.assert_close(per_row(calls, r.gen, 1), unc.detach(), atol=1e-4, rtol=1e-4)
         if model.head.cfg.group_attention:  # the head drew the row's tokens in the groups training used
             drawn = [int((ix >= 0).sum()) for c in calls for ix in c[3][0] if c[2][int(ix[0])] is r.gen]
             assert drawn == (b.image_group_index >= 0).sum(1).tolist()
-            sizes = group_sizes(model.groups, N)
+            sizes = group_sizes(schedule, N)
             assert drawn[:len(sizes)] == sizes  # the schedule, over the row's first image
     assert drew >= 2
 
