@@ -11,6 +11,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+TRAIN_EXAMPLES = """examples:
+  omni train --config tiny model.tokenizer=TOK_DIR data.train='SHARDS/train-{000000..000003}.tar' \\
+      data.val=SHARDS/val-000000.tar train.out_dir=runs/mine
+  omni train --config RUN/config.yaml --resume auto          # continue a stopped run
+  omni train --config tiny train.init_from=CKPT train.lora.rank=16 'data.task_weights={}' \\
+      data.train=... train.out_dir=runs/ft                   # LoRA fine-tune on your own documents
+Every key and its default: omni/config.py; guide: docs/training.md."""
+
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="tiny", help="preset name (omni/configs/*.yaml, shipped in the package) or YAML file")
@@ -52,7 +60,8 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train", help="train a model (one process; torchrun/deepspeed use -m omni.train)")
+    p = sub.add_parser("train", help="train a model (one process; torchrun/deepspeed use -m omni.train)",
+                       epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_args(p)
     p.set_defaults(func=run_train)
     e = sub.add_parser("export", help="training checkpoint -> inference checkpoint (safetensors)")
