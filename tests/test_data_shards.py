@@ -218,7 +218,8 @@ def test_mmc4_adapter_puts_images_before_their_sentence(tmp_path):
     stats = Stats()
     docs = list(iter_adapted("mmc4", [path], image_size=32, stats=stats))
     assert len(docs) == 2
-    assert stats.counts == {"missing_keys": 1, "bad_image": 1, "bad_json": 1}
+    # the URL-only image of each converted record is dropped and counted, never downloaded
+    assert stats.counts == {"missing_keys": 1, "bad_image": 1, "bad_json": 1, "image_not_embedded": 2}
 
 
 def test_comm_adapter_reads_typed_items(tmp_path):
@@ -236,6 +237,9 @@ def test_comm_adapter_reads_typed_items(tmp_path):
     assert from_comm(items[:1]).texts == ["step one."]
     with pytest.raises(BadSample, match="bad_item"):
         from_comm([{"type": "video"}])
+    stats = Stats()  # an image known by URL only: dropped from the document, counted, not downloaded
+    doc = from_comm([{"type": "text", "text": "x"}, {"type": "image", "image": "https://example.com/a.png"}], stats=stats)
+    assert doc.texts == ["x"] and stats.counts == {"image_not_embedded": 1}
 
 
 MALFORMED = [  # records of the wrong shape; each must be skipped and counted, never raise
@@ -259,8 +263,9 @@ def test_adapters_skip_and_count_every_malformed_record(tmp_path, fmt):
     stats = Stats()
     docs = list(iter_adapted(fmt, [path], image_size=32, stats=stats, root=tmp_path))
     # every malformed record is counted; the mmc4 image entry whose base64 is not a string is dropped
-    # like a URL-only one, so that record converts (its text only)
-    assert sum(stats.counts.values()) == len(MALFORMED) - (fmt == "mmc4")
+    # (and counted) like a URL-only one, so that record converts (its text only)
+    assert sum(stats.counts.values()) == len(MALFORMED)
+    assert stats.counts.get("image_not_embedded", 0) == (fmt == "mmc4")
     assert len(docs) == 2 + (fmt == "mmc4")
     assert all("ok." in d.texts and d.images.count(None) == 1 for d in (docs[0], docs[-1]))
     if fmt == "mmc4":

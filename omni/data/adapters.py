@@ -8,7 +8,8 @@
   `{"type": "image", "image_base64" | "image": "<base64 or data: URI>" | "path": "file"}`, either
   bare or under an `items` / `content` key.
 
-Images without bytes (a URL only) are dropped, never downloaded. A CoMM image path is read
+Images without bytes (a URL only) are dropped, never downloaded, and counted
+(`image_not_embedded`). A CoMM image path is read
 relative to `root` and must stay inside it (no absolute paths, no `..` out of it): a dataset
 from elsewhere cannot pack the converting user's other files into its shards. Records come from
 `.jsonl` files or webdataset shards whose `.json` members hold one record each; a record of the
@@ -64,7 +65,8 @@ def _fit(image: Image.Image, size: int | None) -> Image.Image:
     return fit_image(image, size)
 
 
-def from_mmc4(record: dict[str, Any], image_size: int | None = None, key: str = "") -> Document:
+def from_mmc4(record: dict[str, Any], image_size: int | None = None, key: str = "",
+              stats: Stats | None = None) -> Document:
     """One MMC4 record -> Document (task "interleaved"): images before their matched sentence."""
     sentences = record.get("text_list")
     if not isinstance(sentences, list):
@@ -79,7 +81,9 @@ def from_mmc4(record: dict[str, Any], image_size: int | None = None, key: str = 
         data = info.get("image_base64")
         idx = info.get("matched_text_index")
         if not isinstance(data, str) or not data or not isinstance(idx, int):
-            continue  # an image known only by URL: nothing to decode, nothing downloaded
+            if stats is not None:  # an image known only by URL: nothing to decode, nothing downloaded
+                stats.add("image_not_embedded", f"{key!r} image {j}: no image_base64 (and a matched_text_index)")
+            continue
         image = _fit(_image_from_b64(data, f"{key!r} image {j}"), image_size)
         before.setdefault(min(max(idx, 0), max(len(sentences) - 1, 0)), []).append(image)
     segments: list[Any] = []
@@ -100,7 +104,7 @@ def from_mmc4(record: dict[str, Any], image_size: int | None = None, key: str = 
 
 
 def from_comm(record: dict[str, Any] | list[Any], image_size: int | None = None, key: str = "",
-              root: str | Path | None = None) -> Document:
+              root: str | Path | None = None, stats: Stats | None = None) -> Document:
     """A CoMM-style item list -> Document (task "interleaved"); `root` resolves image paths."""
     items = record if isinstance(record, list) else (record.get("items", record.get("content"))
                                                      if isinstance(record, dict) else None)
@@ -127,6 +131,8 @@ def from_comm(record: dict[str, Any] | list[Any], image_size: int | None = None,
                     raise BadSample("missing_image", f"{key!r} item {j}: no image file {str(path)!r}") from None
                 except Exception as e:  # noqa: BLE001 - any decoder error is a bad image
                     raise BadSample("bad_image", f"{key!r} item {j}: {str(path)!r}: {type(e).__name__}: {e}") from None
+            elif stats is not None:  # a URL only (or nothing): not downloaded
+                stats.add("image_not_embedded", f"{key!r} item {j}: no image bytes or path")
         else:
             raise BadSample("bad_item", f"{key!r} item {j}: type must be 'text' or 'image', got {kind!r}")
     if not segments:
@@ -176,11 +182,11 @@ def iter_adapted(fmt: str, sources: Iterable[str | Path], image_size: int | None
     for key, record in iter_records(sources, stats):
         try:
             if fmt == "comm":
-                yield from_comm(record, image_size, key=key, root=root)
+                yield from_comm(record, image_size, key=key, root=root, stats=stats)
             else:
                 if not isinstance(record, dict):
                     raise BadSample("bad_json", f"{key!r}: MMC4 record is not an object")
-                yield from_mmc4(record, image_size, key=key)
+                yield from_mmc4(record, image_size, key=key, stats=stats)
         except BadSample as e:
             stats.add(e.reason, e.detail)
 

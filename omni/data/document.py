@@ -36,6 +36,8 @@ REASONS = {
     "missing_image": "an image member named in the json is not in the sample",
     "bad_image": "an image member that does not decode",
     "bad_path": "an image path in a converted record that leaves the --root directory",
+    "image_not_embedded": "an image of a converted record known only by URL (or by nothing): dropped from its "
+                          "document, never downloaded",
     "bad_image_size": "an image whose size is not the tokenizer's image size",
     "too_long_cut": "a document longer than seq_len, cut at a segment boundary (repaired)",
     "too_long_dropped": "a document longer than seq_len that could not be cut usefully",
