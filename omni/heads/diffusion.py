@@ -118,9 +118,9 @@ class GroupAttention(nn.Module):
         index, pos = groups
         G, k = index.shape
         full = G * k == x.shape[0]  # no padding: the groups are the rows in order (a view, no mask)
-        qkv = self.qkv(self.norm(x))  # (R, 3 dim): projected before the padding, on the real rows only
-        qkv = qkv.view(G, k, -1) if full else qkv[index.clamp(min=0)]  # (G, k, 3 dim); padding reads row 0, masked
-        q, key, v = qkv.view(G, k, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (G, H, k, dim/H)
+        h = self.norm(x)
+        h = h.view(G, k, -1) if full else h[index.clamp(min=0)]  # (G, k, W); padding reads row 0, masked
+        q, key, v = self.qkv(h).view(G, k, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (G, H, k, W/H)
         seen = None if full else (index >= 0)[:, None, None, :]  # (G, 1, 1, k)
         out = F.scaled_dot_product_attention(q, key, v, attn_mask=seen).transpose(1, 2).reshape(G * k, -1)
         return self.proj(out if full else out[pos])  # (R, W)
