@@ -115,15 +115,26 @@ class GroupAttention(nn.Module):
         self.proj = nn.Linear(dim, width)
 
     def forward(self, x: torch.Tensor, groups: Groups) -> torch.Tensor:
-        index, pos = groups
+        index, _ = groups
         G, k = index.shape
-        full = G * k == x.shape[0]  # no padding: the groups are the rows in order (a view, no mask)
         h = self.norm(x)
-        h = h.view(G, k, -1) if full else h[index.clamp(min=0)]  # (G, k, W); padding reads row 0, masked
-        q, key, v = self.qkv(h).view(G, k, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (G, H, k, W/H)
-        seen = None if full else (index >= 0)[:, None, None, :]  # (G, 1, 1, k)
-        out = F.scaled_dot_product_attention(q, key, v, attn_mask=seen).transpose(1, 2).reshape(G * k, -1)
-        return self.proj(out if full else out[pos])  # (R, W)
+        if G * k == x.shape[0]:  # groups of one size, the rows in order: one dense batch (a view)
+            return self.proj(self._attend(h.view(G, k, -1)).reshape(G * k, -1))  # (R, W)
+        # Groups of several sizes (index rows hold a group's rows first, then -1): each size is its
+        # own dense batch, so no group is padded to the largest and no mask is needed.
+        sizes = (index >= 0).sum(1)  # (G,)
+        parts = [(rows, self._attend(h[rows].view(-1, s, h.shape[-1])).flatten(0, 1))
+                 for s in sizes.unique().tolist() for rows in [index[sizes == s, :s].flatten()]]
+        out = parts[0][1].new_zeros(x.shape[0], parts[0][1].shape[-1])
+        for rows, attended in parts:
+            out = out.index_copy(0, rows, attended)
+        return self.proj(out)  # (R, W)
+
+    def _attend(self, h: torch.Tensor) -> torch.Tensor:
+        """Attention within each group of h (G, k, W) -> (G, k, dim)."""
+        G, k, _ = h.shape
+        q, key, v = self.qkv(h).view(G, k, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (G, H, k, dim/H)
+        return F.scaled_dot_product_attention(q, key, v).transpose(1, 2).reshape(G, k, -1)
 
 
 class ResBlock(nn.Module):
