@@ -157,8 +157,8 @@ class ModelConfig:
     # block of neighbouring cells, blocks in raster order: what one object covers is drawn in one
     # pass, best with model.head.group_attention). The last two need one group size k, a square
     # whose root divides the grid side (or alternatives of such sizes, "4|1|16": each drawn image's
-    # order follows its own k; k = 1 and k = the whole grid are the raster order). Committed tokens then sit in the sequence in drawing order,
-    # each with its raster position id.
+    # order follows its own k; k = 1 and k = the whole grid are the raster order). Committed tokens
+    # then sit in the sequence in drawing order, each with its raster position id.
     parallel_order: Literal["raster", "strided", "blocks"] = "raster"
 
     def __post_init__(self) -> None:

@@ -82,7 +82,7 @@ def from_mmc4(record: dict[str, Any], image_size: int | None = None, key: str = 
         idx = info.get("matched_text_index")
         if not isinstance(data, str) or not data or not isinstance(idx, int):
             if stats is not None:  # an image known only by URL: nothing to decode, nothing downloaded
-                stats.add("image_not_embedded", f"{key!r} image {j}: no image_base64 (and a matched_text_index)")
+                stats.add("image_not_embedded", f"{key!r} image {j}: no image_base64 string or no matched_text_index")
             continue
         image = _fit(_image_from_b64(data, f"{key!r} image {j}"), image_size)
         before.setdefault(min(max(idx, 0), max(len(sentences) - 1, 0)), []).append(image)

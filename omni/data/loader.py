@@ -425,9 +425,9 @@ def worker_context() -> Any:
 def tasks_in(urls: list[str], limit: int = 2000) -> dict[str, int]:
     """Documents per meta["task"] among the first `limit` of these shards (json members only)."""
     found: collections.Counter = collections.Counter()
-    for doc in read_documents(urls, decode_images=False, stats=Stats(max_warnings=0)):
+    for n, doc in enumerate(read_documents(urls, decode_images=False, stats=Stats(max_warnings=0)), 1):
         found[doc.task] += 1
-        if sum(found.values()) >= limit:
+        if n >= limit:
             break
     return dict(found.most_common())
 

@@ -123,12 +123,12 @@ class GroupAttention(nn.Module):
         # Groups of several sizes (index rows hold a group's rows first, then -1): each size is its
         # own dense batch, so no group is padded to the largest and no mask is needed.
         sizes = (index >= 0).sum(1)  # (G,)
-        parts = [(rows, self._attend(h[rows].view(-1, s, h.shape[-1])).flatten(0, 1))
-                 for s in sizes.unique().tolist() for rows in [index[sizes == s, :s].flatten()]]
-        out = parts[0][1].new_zeros(x.shape[0], parts[0][1].shape[-1])
-        for rows, attended in parts:
-            out = out.index_copy(0, rows, attended)
-        return self.proj(out)  # (R, W)
+        rows, attended = [], []
+        for s in sizes.unique().tolist():
+            rows.append(index[sizes == s, :s].flatten())  # the rows of every group of size s, group by group
+            attended.append(self._attend(h[rows[-1]].view(-1, s, h.shape[-1])).flatten(0, 1))
+        out = torch.cat(attended)
+        return self.proj(out.new_zeros(x.shape[0], out.shape[-1]).index_copy(0, torch.cat(rows), out))  # (R, W)
 
     def _attend(self, h: torch.Tensor) -> torch.Tensor:
         """Attention within each group of h (G, k, W) -> (G, k, dim)."""
