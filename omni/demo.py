@@ -74,6 +74,24 @@ EDIT_FIRST_MIX = {"edit": 1.0}
 QUICK_EDIT_FIRST = 50  # --quick: a smoke test of both stages
 
 
+def check_edit_shards(edit: Path, n_edit: int, edit_kinds: str | None) -> None:
+    """Existing editing shards must have the kind weights this run asks for (a ValueError naming
+    both, and the fix, if not); another document count is used as it is, and said."""
+    from omni.data.shapes import edit_kind_weights, parse_edit_kinds
+
+    manifest = json.loads((edit / "manifest.json").read_text())
+    want = edit_kind_weights(parse_edit_kinds(edit_kinds))
+    have = manifest["generator"].get("edit_kinds") or edit_kind_weights()
+    if have != want:
+        raise ValueError(f"the editing shards in {edit} were written with edit kinds {have}, and this run asks "
+                         f"for {want} (--edit-kinds {edit_kinds or 'not given'}); delete {edit} to write them anew, "
+                         f"or use another --out")
+    docs = manifest.get("train", {}).get("documents")
+    if docs != n_edit:
+        print(f"editing shards in {edit} hold {docs} training documents (this run would write {n_edit}): "
+              f"used as they are (--edit-docs {docs} says so)", flush=True)
+
+
 def _stage(title: str) -> None:
     print(f"\n== {title} ==", flush=True)
 
@@ -99,9 +117,10 @@ def shapes_train_mix(cfg) -> str | None:
 
 def build_data(out: Path, n_train: int, n_val: int, force: bool, ae_steps: int = 3000,
                train_mix: str | None = None, n_vqa: int = VQA_QUESTIONS, heldout_scale: float = 1.0,
-               n_edit: int = 0) -> dict[str, str]:
+               n_edit: int = 0, edit_kinds: str | None = None) -> dict[str, str]:
     """Every shard set, the tokenizer and the autoencoder (each skipped when it exists); `n_edit`
-    editing documents for the editing-first stage (0: none)."""
+    editing documents for the editing-first stage (0: none), their first edits' kinds weighted by
+    `edit_kinds` (`--edit-kinds` text, e.g. swap=3; None: the defaults)."""
     from omni.data import writers
     from omni.data.cli import default_workers
 
@@ -128,8 +147,9 @@ def build_data(out: Path, n_train: int, n_val: int, force: bool, ae_steps: int =
     if n_edit and not (edit / "manifest.json").exists():
         # Seeded apart from the shards above; 100 validation documents for the stage's held-out loss
         # (the benchmark draws its own edits from the validation scenes of `shapes`).
-        writers.write_shapes(edit, n_edit, 100, mix="edit=1", seed=2, workers=workers)
+        writers.write_shapes(edit, n_edit, 100, mix="edit=1", seed=2, workers=workers, edit_kinds=edit_kinds)
     elif n_edit:
+        check_edit_shards(edit, n_edit, edit_kinds)
         print(f"editing shards exist in {edit}: skipped")
     if not (digits / "manifest.json").exists():
         writers.write_digits(digits)
@@ -479,11 +499,19 @@ def _run(args: argparse.Namespace, out: Path) -> int:
 
         first_mix = parse_mix(args.edit_first_mix, flag="--edit-first-mix")
     first, cfg = stage_configs(out, paths, overrides, edit_steps, first_mix)
+    if args.edit_kinds:
+        from omni.data.shapes import parse_edit_kinds
+
+        parse_edit_kinds(args.edit_kinds)  # a bad entry fails here, before any data is written
+    if args.edit_docs is not None and args.edit_docs < 1:
+        raise ValueError(f"--edit-docs {args.edit_docs}: give 1 or more editing documents (default: "
+                         f"{EDIT_DOCS_PER_STEP} per editing-first step)")
     _stage("1/5 data: shapes + handwritten digits shards, text tokenizer, image autoencoder")
     build_data(out, n_train=4000 if quick else args.train_docs, n_val=300, force=args.force,
                ae_steps=1000 if quick else 3000, train_mix=shapes_train_mix(cfg),
                n_vqa=200 if quick else VQA_QUESTIONS, heldout_scale=0.2 if quick else 1.0,
-               n_edit=EDIT_DOCS_PER_STEP * edit_steps if first else 0)
+               n_edit=(args.edit_docs or EDIT_DOCS_PER_STEP * edit_steps) if first else 0,
+               edit_kinds=args.edit_kinds)
     if first is None:
         _stage(f"2/5 train the {PRESET} preset ({cfg.train.steps} steps)")
     else:
@@ -534,6 +562,13 @@ def register(sub) -> None:
     p.add_argument("--edit-first-mix", metavar="MIX",
                    help="the editing-first stage's documents by task, e.g. edit=0.7,t2i=0.3: tasks other than "
                         "edit come from the main shapes shards (default: edit=1, editing alone)")
+    p.add_argument("--edit-kinds", metavar="KIND=W,...",
+                   help="how often the editing-first stage's documents start with each edit kind, over the "
+                        "default weights recolor=1,move=1,remove=0.75,add=0.75,swap=1.5 (e.g. swap=3, tried for "
+                        "parallel decoding: docs/parallel.md)")
+    p.add_argument("--edit-docs", type=int, metavar="N",
+                   help=f"editing documents written for the editing-first stage (default: {EDIT_DOCS_PER_STEP} "
+                        f"per step of it, about one pass)")
     p.add_argument("--limit", type=int, help="evaluate only the first N prompts per benchmark")
     p.add_argument("--no-preview", action="store_true", help="no inline image previews")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.lr=5e-4")

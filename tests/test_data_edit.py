@@ -171,6 +171,50 @@ def test_benchmark_documents_do_not_follow_the_training_kind_weights(monkeypatch
     assert drawn["add"] > 80  # the weights do steer training documents
 
 
+def test_edit_kinds_reweight_the_first_edit_and_the_shards_record_them(tmp_path):
+    # `--edit-kinds swap=3` (the parallel-decoding recipe): swaps start 3 / 6.5 of the documents
+    # instead of 1.5 / 5; a kind weighed 0 never starts one; every other draw is unchanged.
+    assert shapes.parse_edit_kinds("swap=3, add=0") == {"swap": 3.0, "add": 0.0}
+    assert shapes.parse_edit_kinds(None) == {} and shapes.edit_kind_weights() == shapes.EDIT_KIND_WEIGHTS
+    for bad, message in (("swap", "bad --edit-kinds entry 'swap'"), ("spin=2", "unknown edit kind 'spin'"),
+                         ("swap=-1", "swap=-1.0: use a weight >= 0"), ("swap=nan", "use a weight >= 0"),
+                         ("recolor=0,move=0,remove=0,add=0,swap=0", "at least one must be positive")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            shapes.parse_edit_kinds(bad)
+
+    def firsts(n, kinds=None):
+        return Counter(d.meta["kinds"][0] for d in shapes.generate(n, seed=5, mix={"edit": 1.0}, edit_kinds=kinds))
+
+    default, swaps = firsts(2000), firsts(2000, {"swap": 3.0, "add": 0.0})
+    assert abs(default["swap"] / 2000 - 1.5 / 5) < 0.04 and default["add"] > 0
+    assert abs(swaps["swap"] / 2000 - 3 / 5.75) < 0.04 and swaps["add"] == 0
+    explicit = list(shapes.generate(30, seed=5, mix={"edit": 1.0}, edit_kinds=dict(shapes.EDIT_KIND_WEIGHTS)))
+    for a, b in zip(shapes.generate(30, seed=5, mix={"edit": 1.0}), explicit):  # the defaults, given, change nothing
+        assert a.meta == b.meta and a.texts == b.texts
+    from omni.data.writers import write_shapes
+
+    one = write_shapes(tmp_path / "one", 60, 0, seed=2, mix="edit=1", shard_size=20, edit_kinds="swap=3")
+    two = write_shapes(tmp_path / "two", 60, 0, seed=2, mix="edit=1", shard_size=20, edit_kinds="swap=3", workers=2)
+    assert one["generator"]["edit_kinds"] == {**shapes.EDIT_KIND_WEIGHTS, "swap": 3.0}
+    assert [(tmp_path / "one" / s).read_bytes() for s in one["train"]["shards"]] == \
+        [(tmp_path / "two" / s).read_bytes() for s in two["train"]["shards"]]  # worker processes get the weights
+    assert "edit_kinds" not in write_shapes(tmp_path / "dflt", 20, 0, mix="edit=1")["generator"]
+
+
+def test_demo_refuses_editing_shards_of_other_kind_weights(tmp_path, capsys):
+    from omni.data.writers import write_shapes
+    from omni.demo import check_edit_shards
+
+    write_shapes(tmp_path / "edit", 20, 0, seed=2, mix="edit=1", edit_kinds="swap=3")
+    capsys.readouterr()
+    check_edit_shards(tmp_path / "edit", 20, "swap=3.0")
+    assert capsys.readouterr().out == ""
+    with pytest.raises(ValueError, match=r"written with edit kinds .*'swap': 3.0.*asks for .*'swap': 1.5.*delete"):
+        check_edit_shards(tmp_path / "edit", 20, None)
+    check_edit_shards(tmp_path / "edit", 30, "swap=3")  # another count: used as it is, and said
+    assert "hold 20 training documents (this run would write 30): used as they are" in capsys.readouterr().out
+
+
 def test_edit_is_a_training_mix_task():
     assert shapes.parse_mix("t2i=0.5,edit=0.5") == {"t2i": 0.5, "edit": 0.5}
     assert "edit" not in shapes.DEFAULT_MIX

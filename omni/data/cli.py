@@ -1,7 +1,8 @@
 """`omni data ...`: write the built-in datasets, convert foreign ones, train a text tokenizer.
 
     omni data shapes    --out DIR [--train N --val N --shard-size N --seed S --size 32 --mix t2i=0.5,...
-                                   --val-mix t2i=0.5,... --phrasing train|heldout|template --workers N]
+                                   --val-mix t2i=0.5,... --phrasing train|heldout|template --edit-kinds swap=3
+                                   --workers N]
     omni data digits    --out DIR [--size 32 --shard-size N --phrasing train|heldout|template]
     omni data tokenizer --shards SPEC [SPEC ...] --out DIR [--vocab-size N]
     omni data convert   --format mmc4|comm --input FILE [FILE ...] --out DIR [--size 32]
@@ -41,7 +42,7 @@ def run_shapes(args: argparse.Namespace) -> int:
 
     write_shapes(args.out, args.train, args.val, seed=args.seed, canvas=args.size, mix=args.mix,
                  val_mix=args.val_mix, shard_size=args.shard_size, force=args.force, phrasing=args.phrasing,
-                 workers=args.workers)
+                 workers=args.workers, edit_kinds=args.edit_kinds)
     return 0
 
 
@@ -223,6 +224,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--phrasing", default="train", choices=["train", "heldout", "template"],
                    help="how the requests are worded (omni.data.phrasing): train (varied, the default), heldout "
                         "(phrasings that never occur in training; validation documents only), template (the one fixed form)")
+    p.add_argument("--edit-kinds", default=None, metavar="KIND=W,...",
+                   help="how often edit documents start with each kind, over the default weights recolor=1,move=1,"
+                        "remove=0.75,add=0.75,swap=1.5 (e.g. swap=3)")
     p.add_argument("--force", action="store_true", help="replace train-*.tar / val-*.tar in --out that omni did not write")
     workers = default_workers()
     p.add_argument("--workers", type=_positive, default=workers,

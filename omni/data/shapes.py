@@ -118,11 +118,12 @@ def render(objects: list[dict[str, Any]], canvas: int = 32) -> Image.Image:
 class ShapesWorld:
     """Generates documents of every task; all geometry derives from the canvas size."""
 
-    def __init__(self, canvas: int = 32, phrasing: str = "train"):
+    def __init__(self, canvas: int = 32, phrasing: str = "train", edit_kinds: dict[str, float] | None = None):
         if canvas % 4 or canvas < 16:
             raise ValueError(f"canvas size {canvas} must be a multiple of 4 and >= 16 (default 32)")
         self.canvas = canvas
         self.phrasing = P.check_mode(phrasing)
+        self.edit_kinds = edit_kind_weights(edit_kinds)  # how often each kind is an edit's first
         self.say = P.Phrasing(phrasing)  # replaced per document by `document`
         self.last_template = ""  # the fixed form of the last VQA question asked
         k = canvas / 32
@@ -426,7 +427,8 @@ class ShapesWorld:
     def edit(self, rng: random.Random, phrasing: str | None = None) -> tuple[list, dict[str, Any]]:
         """A scene, an instruction, the edited scene (and sometimes a second round): `edit_scene`;
         worded as `phrasing` says (train, template or heldout), by default as the world's own."""
-        return edit_scene(self, rng, phrasing=phrasing or getattr(self, "phrasing", "train"))
+        return edit_scene(self, rng, phrasing=phrasing or getattr(self, "phrasing", "train"),
+                          kind_weights=getattr(self, "edit_kinds", None))
 
     def text(self, rng: random.Random) -> tuple[list, dict[str, Any]]:
         """A scene described in words only (no image)."""
@@ -483,17 +485,19 @@ def task_plan(n: int, mix: dict[str, float], seed: int, split: str) -> list[str]
 
 
 def generate(n: int, split: str = "train", seed: int = 0, canvas: int = 32,
-             mix: dict[str, float] | None = None, phrasing: str = "train") -> Iterator[Document]:
+             mix: dict[str, float] | None = None, phrasing: str = "train",
+             edit_kinds: dict[str, float] | None = None) -> Iterator[Document]:
     """`n` documents of `split`; document i depends only on (seed, split, i, its task), and its
-    texts' wording on `phrasing` (omni.data.phrasing: train, heldout or template)."""
-    yield from documents(task_plan(n, mix or DEFAULT_MIX, seed, split), 0, split, seed, canvas, phrasing)
+    texts' wording on `phrasing` (omni.data.phrasing: train, heldout or template). `edit_kinds`
+    reweights the first edit's kind of edit documents (`edit_kind_weights`)."""
+    yield from documents(task_plan(n, mix or DEFAULT_MIX, seed, split), 0, split, seed, canvas, phrasing, edit_kinds)
 
 
 def documents(tasks: list[str], first: int, split: str = "train", seed: int = 0, canvas: int = 32,
-              phrasing: str = "train") -> Iterator[Document]:
+              phrasing: str = "train", edit_kinds: dict[str, float] | None = None) -> Iterator[Document]:
     """Documents first, first + 1, ... of `split` with the given tasks (a slice of `task_plan`):
     what `generate` yields at those positions, so a slice can be made in another process."""
-    world = ShapesWorld(canvas, phrasing)
+    world = ShapesWorld(canvas, phrasing, edit_kinds)
     for i, task in enumerate(tasks, first):
         rng = random.Random(f"omni-shapes/{seed}/{split}/{i}")
         yield world.document(task, rng, key=f"shapes-{split}-{i:07d}")
@@ -537,6 +541,36 @@ EDIT_SCENE_SIZES = {"recolor": (1, 3), "move": (1, 3), "remove": (2, 3), "add": 
 # taken from removing and adding, which every demo run scores at 0.95-1.00 (docs/demo.md, session
 # 15). The second round's kind stays uniform over the kinds that apply to the edited scene.
 EDIT_KIND_WEIGHTS = {"recolor": 1.0, "move": 1.0, "remove": 0.75, "add": 0.75, "swap": 1.5}
+
+
+def edit_kind_weights(given: dict[str, float] | None = None) -> dict[str, float]:
+    """EDIT_KIND_WEIGHTS with the kinds `given` names reweighted (`{"swap": 3.0}`: swaps first
+    twice as often as by default); checked: known kinds, weights >= 0, one of them positive."""
+    weights = dict(EDIT_KIND_WEIGHTS)
+    for kind, w in (given or {}).items():
+        if kind not in weights:
+            raise ValueError(f"unknown edit kind {kind!r}; choose from {list(EDIT_KINDS)} (e.g. swap=3)")
+        if not w >= 0:  # also refuses NaN
+            raise ValueError(f"edit kind weight {kind}={w}: use a weight >= 0 (e.g. swap=3)")
+        weights[kind] = float(w)
+    if not any(weights.values()):
+        raise ValueError(f"edit kind weights {weights}: at least one must be positive")
+    return weights
+
+
+def parse_edit_kinds(text: str | None, flag: str = "--edit-kinds") -> dict[str, float]:
+    """`swap=3,add=0.5` -> {"swap": 3.0, "add": 0.5}, checked by `edit_kind_weights`; None or "" -> {}."""
+    if not text:
+        return {}
+    out = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"bad {flag} entry {part!r}; write kind=weight,kind=weight (e.g. swap=3)") from None
+    edit_kind_weights(out)
+    return out
 
 
 def edit_kinds_for(objects: list[dict[str, Any]]) -> list[str]:
@@ -613,19 +647,21 @@ def apply_edit(world: ShapesWorld, rng: random.Random, objects: list[dict[str, A
 
 
 def edit_scene(world: ShapesWorld, rng: random.Random, kinds: list[str | None] | None = None,
-               phrasing: str = "train") -> tuple[list, dict[str, Any]]:
+               phrasing: str = "train", kind_weights: dict[str, float] | None = None) -> tuple[list, dict[str, Any]]:
     """An edit document: `[scene, instruction, edited scene]`, or with a second round on the edited
     scene `[scene, instruction 1, edited 1, instruction 2, edited 2]`.
 
     `kinds` fixes the rounds (one kind or None = drawn, per round); by default a document has two
-    rounds with probability MULTI_ROUND_SHARE and the first kind is drawn by EDIT_KIND_WEIGHTS (the
-    scene is then sized for it), the second uniformly from the kinds that apply to the edited scene.
+    rounds with probability MULTI_ROUND_SHARE and the first kind is drawn by `kind_weights` (default
+    EDIT_KIND_WEIGHTS; the scene is then sized for it), the second uniformly from the kinds that
+    apply to the edited scene.
     meta: source (objects), targets (objects after each round), edits (per round: kind, the object's
     index in that round's input, colour / cell / direction, instruction), kinds, instructions,
     phrasing, objects (the final scene)."""
     if kinds is None:
         kinds = [None, None] if rng.random() < MULTI_ROUND_SHARE else [None]
-    first = kinds[0] or rng.choices(EDIT_KINDS, weights=[EDIT_KIND_WEIGHTS[k] for k in EDIT_KINDS])[0]
+    weights = kind_weights or EDIT_KIND_WEIGHTS
+    first = kinds[0] or rng.choices(EDIT_KINDS, weights=[weights[k] for k in EDIT_KINDS])[0]
     lo, hi = EDIT_SCENE_SIZES[first]
     k = rng.randint(lo, hi)
     objects = [world.in_cell(rng, s, rng.choice(list(COLORS)), c)

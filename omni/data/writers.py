@@ -50,21 +50,22 @@ def _split_entry(out: Path, prefix: str, paths: list[Path], tasks: Counter) -> d
 
 
 def _shapes_shard(out: Path, prefix: str, shard_size: int, k: int, tasks: list[str], seed: int, canvas: int,
-                  phrasing: str) -> tuple[int, list[Path], Counter]:
+                  phrasing: str, edit_kinds: dict[str, float] | None = None) -> tuple[int, list[Path], Counter]:
     """Shard k of a shapes split, written in a worker process: exactly the serial writer's shard k."""
     from omni.data import shapes
     from omni.data.shards import ShardWriter
 
     tasks_done: Counter = Counter()
     with ShardWriter(out, prefix, shard_size, first=k) as writer:
-        for doc in shapes.documents(tasks, k * shard_size, prefix, seed, canvas, phrasing):
+        for doc in shapes.documents(tasks, k * shard_size, prefix, seed, canvas, phrasing, edit_kinds):
             tasks_done[doc.task] += 1
             writer.write(doc)
     return k, writer.paths, tasks_done
 
 
 def _write_shapes_split(out: Path, split: str, n: int, mix: dict[str, float], seed: int, canvas: int,
-                        phrasing: str, shard_size: int, workers: int) -> dict[str, Any]:
+                        phrasing: str, shard_size: int, workers: int,
+                        edit_kinds: dict[str, float] | None = None) -> dict[str, Any]:
     """A shapes split, its shards made by `workers` processes (byte-identical to one process's:
     document i depends only on (seed, split, i, its task) and shard k holds documents k*size ...)."""
     from omni.data import shapes
@@ -73,7 +74,8 @@ def _write_shapes_split(out: Path, split: str, n: int, mix: dict[str, float], se
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     plan = shapes.task_plan(n, mix, seed, split)
     if workers <= 1 or n <= shard_size:
-        return _write_split(shapes.documents(plan, 0, split, seed, canvas, phrasing), out, split, shard_size, n)
+        return _write_split(shapes.documents(plan, 0, split, seed, canvas, phrasing, edit_kinds), out, split,
+                            shard_size, n)
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -86,7 +88,7 @@ def _write_shapes_split(out: Path, split: str, n: int, mix: dict[str, float], se
     with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool, \
             tqdm(total=n, desc=f"{split} shards", unit="doc") as bar:
         futures = [pool.submit(_shapes_shard, out, split, shard_size, k, plan[k * shard_size:(k + 1) * shard_size],
-                               seed, canvas, phrasing) for k in jobs]
+                               seed, canvas, phrasing, edit_kinds) for k in jobs]
         for future in as_completed(futures):
             k, paths, counts = future.result()
             done[k] = paths
@@ -147,11 +149,13 @@ def _check_phrasing(phrasing: str, n_train: int) -> None:
 
 def write_shapes(out: str | Path, n_train: int, n_val: int, *, seed: int = 0, canvas: int = 32,
                  mix: str | None = None, val_mix: str | None = None, shard_size: int = 500,
-                 force: bool = False, phrasing: str = "train", workers: int = 1) -> dict[str, Any]:
+                 force: bool = False, phrasing: str = "train", workers: int = 1,
+                 edit_kinds: str | None = None) -> dict[str, Any]:
     """Shapes documents; `mix` / `val_mix` as `omni data shapes --mix` text (None: the default mix;
     val_mix None: the training mix); `phrasing` the texts' wording (omni.data.phrasing: train,
-    heldout -- validation documents only -- or template); `workers` processes write the shards
-    (the same bytes as one). Returns the manifest."""
+    heldout -- validation documents only -- or template); `edit_kinds` as `--edit-kinds` text
+    (`swap=3`: how often edit documents start with each kind, over the defaults); `workers`
+    processes write the shards (the same bytes as one). Returns the manifest."""
     from omni.data import shapes
 
     out = Path(out)
@@ -159,11 +163,15 @@ def write_shapes(out: str | Path, n_train: int, n_val: int, *, seed: int = 0, ca
     _check_dir(out, "shapes", force)
     train_mix = shapes.parse_mix(mix)
     held_mix = shapes.parse_mix(val_mix) if val_mix else train_mix
+    kinds = shapes.parse_edit_kinds(edit_kinds)
     manifest: dict[str, Any] = {"generator": {"name": "shapes", "seed": seed, "canvas": canvas, "mix": train_mix,
                                               "val_mix": held_mix, "phrasing": phrasing}}
+    if kinds:  # recorded only when given, so the default's manifests stay as they were
+        manifest["generator"]["edit_kinds"] = shapes.edit_kind_weights(kinds)
     for split, n, split_mix in (("train", n_train, train_mix), ("val", n_val, held_mix)):
         if n > 0:
-            manifest[split] = _write_shapes_split(out, split, n, split_mix, seed, canvas, phrasing, shard_size, workers)
+            manifest[split] = _write_shapes_split(out, split, n, split_mix, seed, canvas, phrasing, shard_size, workers,
+                                                  kinds or None)
     return _finish(out, manifest)
 
 
