@@ -508,14 +508,21 @@ def parse_mix(text: str | None, flag: str = "--mix") -> dict[str, float]:
     in error messages."""
     if not text:
         return dict(DEFAULT_MIX)
+    out = parse_weights(text, flag, "task=weight,task=weight (e.g. t2i=0.5,vqa=0.5)")
+    check_tasks(out, where=f" in {flag}")
+    return out
+
+
+def parse_weights(text: str, flag: str, form: str) -> dict[str, float]:
+    """`a=0.5,b=2` -> {"a": 0.5, "b": 2.0}; an entry that is not name=number is a ValueError naming
+    `flag`, the entry and `form` (how to write it)."""
     out = {}
     for part in text.split(","):
         name, _, value = part.partition("=")
         try:
             out[name.strip()] = float(value)
         except ValueError:
-            raise ValueError(f"bad {flag} entry {part!r}; write task=weight,task=weight (e.g. t2i=0.5,vqa=0.5)") from None
-    check_tasks(out, where=f" in {flag}")
+            raise ValueError(f"bad {flag} entry {part!r}; write {form}") from None
     return out
 
 
@@ -562,13 +569,7 @@ def parse_edit_kinds(text: str | None, flag: str = "--edit-kinds") -> dict[str, 
     """`swap=3,add=0.5` -> {"swap": 3.0, "add": 0.5}, checked by `edit_kind_weights`; None or "" -> {}."""
     if not text:
         return {}
-    out = {}
-    for part in text.split(","):
-        name, _, value = part.partition("=")
-        try:
-            out[name.strip()] = float(value)
-        except ValueError:
-            raise ValueError(f"bad {flag} entry {part!r}; write kind=weight,kind=weight (e.g. swap=3)") from None
+    out = parse_weights(text, flag, "kind=weight,kind=weight (e.g. swap=3)")
     edit_kind_weights(out)
     return out
 
