@@ -427,8 +427,7 @@ class ShapesWorld:
     def edit(self, rng: random.Random, phrasing: str | None = None) -> tuple[list, dict[str, Any]]:
         """A scene, an instruction, the edited scene (and sometimes a second round): `edit_scene`;
         worded as `phrasing` says (train, template or heldout), by default as the world's own."""
-        return edit_scene(self, rng, phrasing=phrasing or getattr(self, "phrasing", "train"),
-                          kind_weights=getattr(self, "edit_kinds", None))
+        return edit_scene(self, rng, phrasing=phrasing or self.phrasing, kind_weights=self.edit_kinds)
 
     def text(self, rng: random.Random) -> tuple[list, dict[str, Any]]:
         """A scene described in words only (no image)."""
