@@ -218,11 +218,16 @@ def edit_first_steps(total: int, share: float = EDIT_FIRST) -> int:
 
 
 def stage_configs(out: Path, paths: dict[str, str], overrides: list[str], edit_steps: int,
-                  first_mix: dict[str, float] | None = None):
+                  first_mix: dict[str, float] | None = None, first_parallel: bool = False):
     """(editing-first config or None, main config). The first trains `edit_steps` steps on the
     editing shards (with `first_mix`'s other tasks from the main shapes shards, when it names
     any) into OUT/run-edit; the main one starts from its export (OUT/model-edit) and trains the
-    rest of the steps on the full mix, so both take `train.steps` together."""
+    rest of the steps on the full mix, so both take `train.steps` together.
+
+    With parallel image decoding (model.parallel_image) the editing-first stage draws one token a
+    pass, on the preset's rows, unless `first_parallel`: the main stage then turns the mode on
+    from its export (position queries and group attention start there). The query layouts learn
+    editing from scratch too slowly and too unevenly across seeds (docs/parallel.md, session 21)."""
     from omni.data.shapes import format_mix
 
     first_mix = dict(first_mix or EDIT_FIRST_MIX)
@@ -243,7 +248,12 @@ def stage_configs(out: Path, paths: dict[str, str], overrides: list[str], edit_s
     if set(first_mix) != {"edit"}:
         train += f"::{paths['shapes']}/train-*.tar"
     weights = "{" + ", ".join(f"{t}: {w:g}" for t, w in first_mix.items()) + "}"
-    first = train_config(out, paths, [*overrides, f"data.train={train}", f"data.val={edit}/val-*.tar",
+    one_token = []
+    if cfg.model.parallel_image != "off" and not first_parallel:
+        preset = train_config(out, paths, []).data
+        one_token = ["model.parallel_image=off", "model.parallel_order=raster", "model.head.group_attention=false",
+                     f"data.seq_len={preset.seq_len}", f"data.batch_size={preset.batch_size}"]
+    first = train_config(out, paths, [*overrides, *one_token, f"data.train={train}", f"data.val={edit}/val-*.tar",
                                       f"data.task_weights={weights}", f"train.steps={edit_steps}",
                                       f"train.out_dir={out / 'run-edit'}"])
     main = train_config(out, paths, [*overrides, f"train.init_from={out / 'model-edit'}",
@@ -498,7 +508,7 @@ def _run(args: argparse.Namespace, out: Path) -> int:
         from omni.data.shapes import parse_mix
 
         first_mix = parse_mix(args.edit_first_mix, flag="--edit-first-mix")
-    first, cfg = stage_configs(out, paths, overrides, edit_steps, first_mix)
+    first, cfg = stage_configs(out, paths, overrides, edit_steps, first_mix, first_parallel=args.edit_first_parallel)
     if args.edit_kinds:
         from omni.data.shapes import parse_edit_kinds
 
@@ -562,6 +572,9 @@ def register(sub) -> None:
     p.add_argument("--edit-first-mix", metavar="MIX",
                    help="the editing-first stage's documents by task, e.g. edit=0.7,t2i=0.3: tasks other than "
                         "edit come from the main shapes shards (default: edit=1, editing alone)")
+    p.add_argument("--edit-first-parallel", action="store_true",
+                   help="with model.parallel_image, train the editing-first stage in the query layouts too "
+                        "(default: one token a pass, parallel decoding from the full mix on: docs/parallel.md)")
     p.add_argument("--edit-kinds", metavar="KIND=W,...",
                    help="how often the editing-first stage's documents start with each edit kind, over the "
                         "default weights recolor=1,move=1,remove=0.75,add=0.75,swap=1.5 (e.g. swap=3, tried for "

@@ -69,3 +69,26 @@ def test_demo_editing_first_stage_can_read_other_shapes_tasks_beside_the_edits(t
     for bad in ({"t2i": 1.0}, {"edit": 0.0, "t2i": 1.0}, {"edit": 1.0, "t2i": -0.5}):
         with pytest.raises(ValueError, match="positive edit weight"):
             demo.stage_configs(tmp_path, paths, ["train.steps=3000"], 1000, bad)
+
+
+def test_a_parallel_demo_learns_editing_one_token_a_pass_first(tmp_path):
+    """With model.parallel_image the editing-first stage draws one token a pass on the preset's rows;
+    the mix turns parallel decoding on from its export. --edit-first-parallel keeps the queries in
+    both stages."""
+    paths = demo.data_paths(tmp_path)
+    par = ["model.parallel_image=4|1|16", "model.parallel_order=blocks", "model.head.group_attention=true",
+           "data.seq_len=224", "data.batch_size=14", "train.steps=3000"]
+    preset = demo.train_config(tmp_path, paths, []).data
+    first, main = demo.stage_configs(tmp_path, paths, par, 1000)
+    assert (first.model.parallel_image, first.model.parallel_order, first.model.head.group_attention) == (
+        "off", "raster", False)
+    assert (first.data.seq_len, first.data.batch_size) == (preset.seq_len, preset.batch_size) == (160, 16)
+    assert (main.model.parallel_image, main.model.parallel_order, main.model.head.group_attention) == (
+        "4|1|16", "blocks", True)
+    assert (main.data.seq_len, main.data.batch_size) == (224, 14)
+    assert main.train.init_from == str(tmp_path / "model-edit") and first.train.steps == 1000
+    assert first == demo.stage_configs(tmp_path, paths, ["train.steps=3000"], 1000)[0]  # the one-token demo's stage
+    both, _ = demo.stage_configs(tmp_path, paths, par, 1000, first_parallel=True)
+    assert both.model == main.model and (both.data.seq_len, both.data.batch_size) == (224, 14)
+    plain, _ = demo.stage_configs(tmp_path, paths, ["data.seq_len=192", "train.steps=3000"], 1000)
+    assert plain.data.seq_len == 192  # a one-token demo's rows are the user's

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, save_tiny_checkpoint
 from safetensors.torch import load_file
 
 
@@ -178,3 +178,59 @@ def test_two_torchrun_nodes_train_with_python_m_omni_train(shapes, tmp_path):
     assert sorted(p.name for p in (out / "checkpoints" / "step00000003").glob("omni_rank*.json")) == [
         "omni_rank0.json", "omni_rank1.json"]
     assert "run dir:" in outputs[0]
+
+
+def test_one_token_checkpoint_fine_tuned_into_parallel_decoding(shapes, tmp_path):
+    """A run with model.parallel_image from a checkpoint drawn one token a pass: every shared weight
+    is the checkpoint's, the position queries and the head's group attention start new (the head
+    denoises as before: the attention's output projection is zero), the run trains them and its
+    export draws an image in 4 passes. A combination the mode refuses is refused as in a config."""
+    from omni.config import GenerationConfig, load_config
+    from omni.inference.generate import generate
+    from omni.models.model import OmniModel
+    from omni.train.build import parallel_only_parameters
+    from omni.train.export import export
+    from omni.train.loop import train
+
+    def cfg(out, *extra):
+        return load_config("tiny", [
+            f"model.tokenizer={shapes['tok']}", *TINY, f"data.train=[{','.join(shapes['train'])}]",
+            "data.batch_size=2", "data.seq_len=160", f"train.out_dir={out}", "train.steps=3", "train.warmup_steps=1",
+            "train.val_every=0", "train.save_every=100", "train.log_every=1", "train.precision=fp32",
+            "train.ema_decay=0", *extra])
+
+    train(cfg(tmp_path / "one"))
+    one = export(tmp_path / "one", tmp_path / "one-model")
+    par = ["model.parallel_image=4", "model.parallel_order=blocks", "model.head.group_attention=true"]
+    run = tmp_path / "par"
+    train(cfg(run, f"train.init_from={one}", "train.steps=3", "train.lr=1e-2", *par))
+    saved = load_config(run / "config.yaml")
+    assert (saved.model.parallel_image, saved.model.parallel_order, saved.model.head.group_attention) == (
+        "4", "blocks", True)
+
+    before = load_file(one / "model.safetensors")
+    start = tmp_path / "par-start"  # the run's first state: its step-0 weights, trained by nothing
+    train(cfg(start, f"train.init_from={one}", "train.steps=1", "train.lr=0", *par))
+    first = load_file(export(start, tmp_path / "par-start-model") / "model.safetensors")
+    model = OmniModel.from_pretrained(tmp_path / "par-start-model", device="cpu")
+    new = parallel_only_parameters(model)
+    assert new and any(n.startswith("query_embed.") for n in new) and any(".mix." in n for n in new)
+    assert set(first) - set(before) == new  # nothing else is new, nothing of the checkpoint is lost
+    assert all(torch.equal(before[k], first[k]) for k in before)  # lr 0: the checkpoint's weights as loaded
+    assert all(first[k].abs().sum() == 0 for k in new if k.endswith("mix.proj.weight"))  # the head unchanged
+
+    after = load_file(export(run, tmp_path / "par-model") / "model.safetensors")
+    assert not torch.equal(after["query_embed.weight"], first["query_embed.weight"])  # the queries train
+    assert any(after[k].abs().sum() > 0 for k in new if k.endswith("mix.proj.weight"))  # and the attention
+    trained = OmniModel.from_pretrained(tmp_path / "par-model", device="cpu")
+    assert trained.groups == [4]
+    out = generate(trained, [["a red circle."]], GenerationConfig(image_steps=2, cfg_scale=1.0), mode="image",
+                   seeds=[0])[0]
+    assert out.images and out.images[0].size == (32, 32)
+
+    from omni.config import ConfigError
+
+    weighted = save_tiny_checkpoint(shapes["tok"], tmp_path / "weighted", "model.image_change_weight=2")
+    with pytest.raises(ConfigError, match="image_change_weight=2.0 weighs tokens"):  # as a config file's would be
+        train(cfg(tmp_path / "bad", f"train.init_from={weighted}", *par))
+    assert not (tmp_path / "bad").exists()

@@ -7,7 +7,9 @@ Starting points (one result: an `OmniModel` whose `requires_grad` flags say what
 - `model.backbone.pretrained` (a Hugging Face directory): the backbone's weights; in_proj and
   the diffusion head start fresh.
 - `train.init_from` (an omni checkpoint: `omni convert`, `omni export`): every weight, and the
-  model section of its config (`with_init_model`).
+  model section of its config (`with_init_model`). A run may turn parallel image decoding on
+  from a checkpoint drawn one token a pass (PARALLEL_FIELDS): only the position queries and the
+  head's group attention start fresh.
 
 With ZeRO 0-2 the weights load on every rank (those stages keep a full replica per rank
 anyway). With ZeRO-3 the backbone is constructed inside `deepspeed.zero.Init`, so each rank
@@ -51,6 +53,11 @@ from omni.tokenizers.text import TextTokenizer
 # objective or pick kernels, not the weights.
 RUN_MODEL_FIELDS = ("loss_weight_text", "loss_weight_image", "head.noise_copies", "head.grad_checkpointing",
                     "backbone.attn_implementation")
+# Parallel image decoding may be switched on by a run that starts from a checkpoint drawn one token
+# a pass: these fields are then the run's, and the modules only that mode has (the position
+# queries, the head's group attention) start new. The group attention's output projection starts
+# at zero, so the head denoises as the checkpoint's did until it trains (docs/parallel.md).
+PARALLEL_FIELDS = ("parallel_image", "parallel_order", "head.group_attention", "head.group_attention_dim")
 
 
 def _flat(obj, prefix: str = "") -> dict[str, object]:
@@ -89,8 +96,12 @@ def with_init_model(cfg: Config) -> tuple[Config, list[str]]:
     out.train.init_from = str(root)
     out.model = copy.deepcopy(load_config_from_checkpoint(root).model)
     run = _flat(cfg.model)
-    for key in RUN_MODEL_FIELDS:
+    keep = list(RUN_MODEL_FIELDS)
+    if out.model.parallel_image == "off" and run["parallel_image"] != "off":
+        keep += PARALLEL_FIELDS  # a one-token checkpoint fine-tuned into parallel decoding
+    for key in keep:
         _set(out.model, key, run[key])
+    out.model.__post_init__()  # the combination is checked as a config file's would be
     # backbone.* (built from backbone_config.json) and the paths are the checkpoint's by construction.
     skip = {"tokenizer", "image.path"}
     differ = [
@@ -139,7 +150,15 @@ def build_model(cfg: Config, ds_config: dict) -> OmniModel:
     torch.manual_seed(cfg.train.seed + 1)
     model = OmniModel(mcfg, tokenizer, build_image_tokenizer(mcfg.image, root=root), backbone=backbone)
     if root is not None:
-        load_weights(model, root, allow_new_rows=False)
+        new = set()
+        if load_config_from_checkpoint(root).model.parallel_image == "off" and mcfg.parallel_image != "off":
+            from omni.utils import rank
+
+            new = parallel_only_parameters(model)
+            if rank() == 0:
+                print(f"parallel image decoding ({mcfg.parallel_image}) from a checkpoint drawn one token a pass: "
+                      f"{len(new)} new tensors (position queries, the head's group attention)", flush=True)
+        load_weights(model, root, allow_new_rows=False, new=new)
     if cfg.train.lora.rank:
         from omni.train.lora import add_adapters
 
@@ -209,9 +228,22 @@ def _tensor_files(path: Path) -> dict[str, Path]:
     return out
 
 
+def parallel_only_parameters(model: OmniModel) -> set[str]:
+    """Names of the parameters only parallel image decoding has: the position queries' embedding
+    and the head's group attention (every `GroupAttention`)."""
+    from omni.heads.diffusion import GroupAttention
+
+    names = set()
+    for prefix, module in model.named_modules():
+        if module is model.query_embed or isinstance(module, GroupAttention):
+            names.update(f"{prefix}.{n}" for n, _ in module.named_parameters())
+    return names
+
+
 @torch.no_grad()
-def load_weights(module: nn.Module, path: Path, allow_new_rows: bool) -> None:
-    """Copy the safetensors weights in `path` into `module`'s parameters, by name.
+def load_weights(module: nn.Module, path: Path, allow_new_rows: bool, new: set[str] = frozenset()) -> None:
+    """Copy the safetensors weights in `path` into `module`'s parameters, by name; those named in
+    `new` may be absent from the file and then keep their initial values.
 
     ZeRO-3 partitioned parameters are gathered one at a time; rank 0 reads the file and writes,
     and the gather's exit re-partitions. Ordinary parameters are read on every rank. With
@@ -226,7 +258,7 @@ def load_weights(module: nn.Module, path: Path, allow_new_rows: bool) -> None:
     is_rank0 = rank() == 0
     where = _tensor_files(path)
     params = dict(module.named_parameters(remove_duplicate=False))
-    missing = [n for n in params if n not in where and not tied_elsewhere(module, n, where)]
+    missing = [n for n in params if n not in where and n not in new and not tied_elsewhere(module, n, where)]
     if missing:
         raise ValueError(f"{path} lacks weights for {missing[:5]} ({len(missing)} in all)")
     for name, p in dict(module.named_parameters()).items():
