@@ -35,6 +35,16 @@ def shapes(tmp_path_factory):
             "corrupt": str(corrupt)}
 
 
+def small_run(shapes, out: Path, *extra: str):
+    """The tiny preset at the test sizes on the shapes shards: 2-row batches, fp32, no validation."""
+    from omni.config import load_config
+
+    return load_config("tiny", [
+        f"model.tokenizer={shapes['tok']}", *TINY, f"data.train=[{','.join(shapes['train'])}]", "data.batch_size=2",
+        f"train.out_dir={out}", "train.val_every=0", "train.save_every=100", "train.log_every=1",
+        "train.precision=fp32", *extra])
+
+
 def records(run_dir: Path, kind: str) -> list[dict]:
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r for r in recs if r["kind"] == kind]
@@ -114,16 +124,12 @@ def test_tiny_preset_learns_shapes_despite_corrupt_shard_and_nan_batch(shapes, t
 
 def test_resume_with_real_loader_is_exact(shapes, tmp_path):
     """SIGTERM mid-run (in this process), resume, and compare with an uninterrupted run."""
-    from omni.config import load_config
     from omni.train.export import export
     from omni.train.loop import train
 
     def cfg(out, *extra):
-        return load_config("tiny", [
-            f"model.tokenizer={shapes['tok']}", *TINY, f"data.train=[{','.join(shapes['train'])}]",
-            "data.batch_size=2", "data.seq_len=96", f"train.out_dir={out}", "train.steps=6", "train.warmup_steps=2",
-            "train.val_every=0", "train.save_every=100", "train.log_every=1", "train.precision=fp32",
-            "train.ema_decay=0.5", *extra])
+        return small_run(shapes, out, "data.seq_len=96", "train.steps=6", "train.warmup_steps=2", "train.ema_decay=0.5",
+                         *extra)
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     c = cfg(straight)
@@ -193,11 +199,8 @@ def test_one_token_checkpoint_fine_tuned_into_parallel_decoding(shapes, tmp_path
     from omni.train.loop import train
 
     def cfg(out, *extra):
-        return load_config("tiny", [
-            f"model.tokenizer={shapes['tok']}", *TINY, f"data.train=[{','.join(shapes['train'])}]",
-            "data.batch_size=2", "data.seq_len=160", f"train.out_dir={out}", "train.steps=3", "train.warmup_steps=1",
-            "train.val_every=0", "train.save_every=100", "train.log_every=1", "train.precision=fp32",
-            "train.ema_decay=0", *extra])
+        return small_run(shapes, out, "data.seq_len=160", "train.steps=3", "train.warmup_steps=1", "train.ema_decay=0",
+                         *extra)
 
     train(cfg(tmp_path / "one"))
     one = export(tmp_path / "one", tmp_path / "one-model")
