@@ -248,6 +248,9 @@ def stage_configs(out: Path, paths: dict[str, str], overrides: list[str], edit_s
     if set(first_mix) != {"edit"}:
         train += f"::{paths['shapes']}/train-*.tar"
     weights = "{" + ", ".join(f"{t}: {w:g}" for t, w in first_mix.items()) + "}"
+    if first_parallel and cfg.model.parallel_image == "off":
+        raise ValueError("--edit-first-parallel trains the editing-first stage with position queries, so it needs "
+                         "parallel decoding: add e.g. model.parallel_image=4, or leave the flag out")
     one_token = []
     if cfg.model.parallel_image != "off" and not first_parallel:
         preset = train_config(out, paths, []).data

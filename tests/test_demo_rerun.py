@@ -92,3 +92,7 @@ def test_a_parallel_demo_learns_editing_one_token_a_pass_first(tmp_path):
     assert both.model == main.model and (both.data.seq_len, both.data.batch_size) == (224, 14)
     plain, _ = demo.stage_configs(tmp_path, paths, ["data.seq_len=192", "train.steps=3000"], 1000)
     assert plain.data.seq_len == 192  # a one-token demo's rows are the user's
+    import pytest
+
+    with pytest.raises(ValueError, match="--edit-first-parallel .* needs parallel decoding"):
+        demo.stage_configs(tmp_path, paths, ["train.steps=3000"], 1000, first_parallel=True)
