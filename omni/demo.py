@@ -475,6 +475,7 @@ def run(args: argparse.Namespace) -> int:
     from omni.train.runlock import DEMO_LOCK, RunLock
 
     out = Path(args.out)
+    stages = _plan(args, out)  # every flag is checked before anything is written
     out.mkdir(parents=True, exist_ok=True)
     # One demo per output directory: a second one (`make demo` in another terminal) would rewrite the
     # shards, tokenizer and autoencoder under the first one's training.
@@ -482,13 +483,14 @@ def run(args: argparse.Namespace) -> int:
     if lock.took_over:
         print(f"took over a stale lock of process {lock.took_over.get('pid')} on {out}", flush=True)
     try:
-        return _run(args, out)
+        return _run(args, out, *stages)
     finally:
         lock.release()
 
 
-def _run(args: argparse.Namespace, out: Path) -> int:
-    t0 = time.time()
+def _plan(args: argparse.Namespace, out: Path):
+    """(editing-first steps, editing-first config or None, main config) for the demo's flags, each
+    flag checked; nothing is written."""
     quick = args.quick
     overrides = list(args.overrides)
     if quick:
@@ -519,6 +521,13 @@ def _run(args: argparse.Namespace, out: Path) -> int:
     if args.edit_docs is not None and args.edit_docs < 1:
         raise ValueError(f"--edit-docs {args.edit_docs}: give 1 or more editing documents (default: "
                          f"{EDIT_DOCS_PER_STEP} per editing-first step)")
+    return edit_steps, first, cfg
+
+
+def _run(args: argparse.Namespace, out: Path, edit_steps: int, first, cfg) -> int:
+    t0 = time.time()
+    quick = args.quick
+    paths = data_paths(out)
     _stage("1/5 data: shapes + handwritten digits shards, text tokenizer, image autoencoder")
     build_data(out, n_train=4000 if quick else args.train_docs, n_val=300, force=args.force,
                ae_steps=1000 if quick else 3000, train_mix=shapes_train_mix(cfg),

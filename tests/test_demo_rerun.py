@@ -96,3 +96,17 @@ def test_a_parallel_demo_learns_editing_one_token_a_pass_first(tmp_path):
 
     with pytest.raises(ValueError, match="--edit-first-parallel .* needs parallel decoding"):
         demo.stage_configs(tmp_path, paths, ["train.steps=3000"], 1000, first_parallel=True)
+
+
+def test_refused_demo_flags_leave_nothing_behind(tmp_path, capsys):
+    """A flag the demo refuses is refused before its output folder (or lock) is made."""
+    from omni.cli import main
+
+    for flags, message in ((["--edit-first-parallel"], "needs parallel decoding"),
+                           (["--edit-kinds", "spin=2"], "spin"),
+                           (["--edit-docs", "0"], "--edit-docs 0"),
+                           (["--edit-first-steps", "-1"], "0 or more")):
+        out = tmp_path / "demo"
+        assert main(["demo", "--out", str(out), *flags]) != 0
+        assert message in capsys.readouterr().err
+        assert not out.exists(), flags
