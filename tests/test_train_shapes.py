@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, save_tiny_checkpoint
+from conftest import TINY, decoder_rows, save_tiny_checkpoint
 from safetensors.torch import load_file
 
 
@@ -206,7 +206,7 @@ def test_one_token_checkpoint_fine_tuned_into_parallel_decoding(shapes, tmp_path
     one = export(tmp_path / "one", tmp_path / "one-model")
     par = ["model.parallel_image=4", "model.parallel_order=blocks", "model.head.group_attention=true"]
     run = tmp_path / "par"
-    train(cfg(run, f"train.init_from={one}", "train.steps=3", "train.lr=1e-2", *par))
+    train(cfg(run, f"train.init_from={one}", "train.lr=1e-2", *par))
     saved = load_config(run / "config.yaml")
     assert (saved.model.parallel_image, saved.model.parallel_order, saved.model.head.group_attention) == (
         "4", "blocks", True)
@@ -227,8 +227,10 @@ def test_one_token_checkpoint_fine_tuned_into_parallel_decoding(shapes, tmp_path
     assert any(after[k].abs().sum() > 0 for k in new if k.endswith("mix.proj.weight"))  # and the attention
     trained = OmniModel.from_pretrained(tmp_path / "par-model", device="cpu")
     assert trained.groups == [4]
-    out = generate(trained, [["a red circle."]], GenerationConfig(image_steps=2, cfg_scale=1.0), mode="image",
-                   seeds=[0])[0]
+    with decoder_rows(trained) as rows:
+        out = generate(trained, [["a red circle."]], GenerationConfig(image_steps=2, cfg_scale=1.0), mode="image",
+                       seeds=[0])[0]
+    assert len(rows) == 1 + 4  # the prompt's pass, then 4 passes for the 16-token image
     assert out.images and out.images[0].size == (32, 32)
 
     from omni.config import ConfigError
