@@ -239,3 +239,41 @@ def test_one_token_checkpoint_fine_tuned_into_parallel_decoding(shapes, tmp_path
     with pytest.raises(ConfigError, match="image_change_weight=2.0 weighs tokens"):  # as a config file's would be
         train(cfg(tmp_path / "bad", f"train.init_from={weighted}", *par))
     assert not (tmp_path / "bad").exists()
+
+
+def test_parallel_checkpoint_fine_tuned_to_another_schedule(shapes, tmp_path):
+    """From a parallel checkpoint, a parallel run trains its own schedule and order (they shape no
+    weight) and may add the head's group attention (its only new tensors); a run that does not name
+    the order or the group attention keeps the checkpoint's, weights and all."""
+    from omni.config import load_config
+    from omni.models.model import OmniModel
+    from omni.train.export import export
+    from omni.train.loop import train
+
+    def start(ckpt, name, *extra):  # the run's step-0 weights (lr 0), exported; and its saved config
+        run = tmp_path / name
+        train(small_run(shapes, run, "data.seq_len=160", "train.steps=1", "train.warmup_steps=1", "train.lr=0",
+                        "train.ema_decay=0", f"train.init_from={ckpt}", *extra))
+        return load_config(run / "config.yaml").model, load_file(export(run, tmp_path / f"{name}-model")
+                                                                 / "model.safetensors")
+
+    plain = save_tiny_checkpoint(shapes["tok"], tmp_path / "p4", "model.parallel_image=4")
+    before = load_file(plain / "model.safetensors")
+    cfg, weights = start(plain, "mixed", "model.parallel_image=4|1|16", "model.parallel_order=blocks",
+                         "model.head.group_attention=true")
+    assert (cfg.parallel_image, cfg.parallel_order, cfg.head.group_attention) == ("4|1|16", "blocks", True)
+    added = set(weights) - set(before)
+    assert added and all(".mix." in n for n in added) and not set(before) - set(weights)
+    assert all(torch.equal(before[k], weights[k]) for k in before)  # the queries included
+    assert OmniModel.from_pretrained(tmp_path / "mixed-model", device="cpu").group_choices == [[4], [1], [16]]
+
+    attended = save_tiny_checkpoint(shapes["tok"], tmp_path / "p4ga", "model.parallel_image=4",
+                                    "model.parallel_order=blocks", "model.head.group_attention=true")
+    before = load_file(attended / "model.safetensors")
+    cfg, weights = start(attended, "to16", "model.parallel_image=16")  # order, group attention not named: kept
+    assert (cfg.parallel_image, cfg.parallel_order, cfg.head.group_attention) == ("16", "blocks", True)
+    assert set(weights) == set(before) and all(torch.equal(before[k], weights[k]) for k in before)
+    assert OmniModel.from_pretrained(tmp_path / "to16-model", device="cpu").groups == [16]
+
+    cfg, _ = start(attended, "same")  # parallel decoding not named: the checkpoint's mode, as before
+    assert (cfg.parallel_image, cfg.parallel_order, cfg.head.group_attention) == ("4", "blocks", True)

@@ -8,8 +8,9 @@ Starting points (one result: an `OmniModel` whose `requires_grad` flags say what
   the diffusion head start fresh.
 - `train.init_from` (an omni checkpoint: `omni convert`, `omni export`): every weight, and the
   model section of its config (`with_init_model`). A run may turn parallel image decoding on
-  from a checkpoint drawn one token a pass (PARALLEL_FIELDS): only the position queries and the
-  head's group attention start fresh.
+  from a checkpoint drawn one token a pass, or give a parallel checkpoint another schedule,
+  order or the head's group attention (PARALLEL_FIELDS): only the modules the checkpoint lacks
+  (the position queries, the group attention) start fresh.
 
 With ZeRO 0-2 the weights load on every rank (those stages keep a full replica per rank
 anyway). With ZeRO-3 the backbone is constructed inside `deepspeed.zero.Init`, so each rank
@@ -34,7 +35,7 @@ import torch
 import transformers
 from torch import nn
 
-from omni.config import Config
+from omni.config import Config, ModelConfig
 from omni.models.backbone import (
     allow_tf32,
     backbone_from_config,
@@ -56,8 +57,11 @@ RUN_MODEL_FIELDS = ("loss_weight_text", "loss_weight_image", "head.noise_copies"
 # Parallel image decoding may be switched on by a run that starts from a checkpoint drawn one token
 # a pass: these fields are then the run's, and the modules only that mode has (the position
 # queries, the head's group attention) start new. The group attention's output projection starts
-# at zero, so the head denoises as the checkpoint's did until it trains (docs/parallel.md).
+# at zero, so the head denoises as the checkpoint's did until it trains (docs/parallel.md). From a
+# parallel checkpoint a parallel run takes its own schedule and order (they shape no weight) and
+# may add the group attention; one the checkpoint has is kept (`_parallel_fields`).
 PARALLEL_FIELDS = ("parallel_image", "parallel_order", "head.group_attention", "head.group_attention_dim")
+_MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
 
 def _flat(obj, prefix: str = "") -> dict[str, object]:
@@ -96,11 +100,10 @@ def with_init_model(cfg: Config) -> tuple[Config, list[str]]:
     out.train.init_from = str(root)
     out.model = copy.deepcopy(load_config_from_checkpoint(root).model)
     run = _flat(cfg.model)
-    keep = list(RUN_MODEL_FIELDS)
-    if out.model.parallel_image == "off" and run["parallel_image"] != "off":
-        keep += PARALLEL_FIELDS  # a one-token checkpoint fine-tuned into parallel decoding
-    for key in keep:
-        _set(out.model, key, run[key])
+    keep = {key: run[key] for key in RUN_MODEL_FIELDS}
+    keep.update(_parallel_fields(_flat(out.model), run))
+    for key, value in keep.items():
+        _set(out.model, key, value)
     out.model.__post_init__()  # the combination is checked as a config file's would be
     # backbone.* (built from backbone_config.json) and the paths are the checkpoint's by construction.
     skip = {"tokenizer", "image.path"}
@@ -109,6 +112,45 @@ def with_init_model(cfg: Config) -> tuple[Config, list[str]]:
         if not k.startswith("backbone.") and k not in skip and run[k] != v
     ]
     return out, differ
+
+
+def _parallel_fields(ckpt: dict[str, object], run: dict[str, object]) -> dict[str, object]:
+    """The PARALLEL_FIELDS a run from a checkpoint takes from its own config (flat dicts of both).
+
+    From a one-token checkpoint, a run that turns parallel decoding on takes all of them. From a
+    parallel checkpoint, a parallel run takes its schedule, its order when it names one (the
+    default, raster, keeps the checkpoint's), and adds the head's group attention when it asks
+    for it; one the checkpoint has is kept. A config cannot tell a default it was given from one it
+    was not, so a field at its default never undoes the checkpoint's: parallel decoding left off
+    keeps a parallel checkpoint's mode, and trained group-attention weights are never dropped.
+    """
+    if run["parallel_image"] == "off":
+        return {}
+    if ckpt["parallel_image"] == "off":
+        return {key: run[key] for key in PARALLEL_FIELDS}
+    out = {"parallel_image": run["parallel_image"]}
+    if run["parallel_order"] != _MODEL_DEFAULTS["parallel_order"]:
+        out["parallel_order"] = run["parallel_order"]
+    if run["head.group_attention"] and not ckpt["head.group_attention"]:
+        out["head.group_attention"] = True
+        out["head.group_attention_dim"] = run["head.group_attention_dim"]
+    return out
+
+
+def new_parallel_parameters(ckpt_model, model: OmniModel) -> set[str]:
+    """Parameters of `model` a checkpoint with model config `ckpt_model` cannot have: all of the
+    parallel-only ones (`parallel_only_parameters`) when it drew one token a pass, the head's group
+    attention when it had none and the model has it; otherwise none."""
+    from omni.heads.diffusion import GroupAttention
+
+    if model.query_embed is None:
+        return set()
+    if ckpt_model.parallel_image == "off":
+        return parallel_only_parameters(model)
+    if ckpt_model.head.group_attention or not model.head.cfg.group_attention:
+        return set()
+    return {f"{prefix}.{n}" for prefix, module in model.named_modules() if isinstance(module, GroupAttention)
+            for n, _ in module.named_parameters()}
 
 
 def build_model(cfg: Config, ds_config: dict) -> OmniModel:
@@ -150,14 +192,15 @@ def build_model(cfg: Config, ds_config: dict) -> OmniModel:
     torch.manual_seed(cfg.train.seed + 1)
     model = OmniModel(mcfg, tokenizer, build_image_tokenizer(mcfg.image, root=root), backbone=backbone)
     if root is not None:
-        new = set()
-        if load_config_from_checkpoint(root).model.parallel_image == "off" and mcfg.parallel_image != "off":
+        new = new_parallel_parameters(load_config_from_checkpoint(root).model, model)
+        if new:
             from omni.utils import rank
 
-            new = parallel_only_parameters(model)
+            what = "position queries, the head's group attention" if any(
+                n.startswith("query_embed.") for n in new) else "the head's group attention"
             if rank() == 0:
-                print(f"parallel image decoding ({mcfg.parallel_image}) from a checkpoint drawn one token a pass: "
-                      f"{len(new)} new tensors (position queries, the head's group attention)", flush=True)
+                print(f"parallel image decoding ({mcfg.parallel_image}, {mcfg.parallel_order} order) from {root}: "
+                      f"{len(new)} new tensors ({what})", flush=True)
         load_weights(model, root, allow_new_rows=False, new=new)
     if cfg.train.lora.rank:
         from omni.train.lora import add_adapters
