@@ -261,6 +261,10 @@ class TrainConfig:
     seed: int = 0  # base seed; rank r uses seed + r
     save_every: int = 500  # checkpoint interval in steps
     keep_last: int = 2  # checkpoints kept
+    # false: a checkpoint leaves out the frozen weights that train.init_from holds (LoRA's base, a
+    # `train.trainable` subset's rest), recording a fingerprint of that checkpoint's files; resume
+    # and export read them back from there. true: every checkpoint holds every weight.
+    save_frozen: bool = False
     log_every: int = 10  # console/TensorBoard interval
     val_every: int = 250  # validation interval; 0 disables
     val_batches: int = 4  # batches per validation

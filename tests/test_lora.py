@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 from test_train_run import records, run_cfg, synthetic
 
 from omni.config import load_config
-from omni.train.lora import A_SUFFIX, B_SUFFIX, add_adapters, merge_adapters
+from omni.train.checkpointing import check_frozen, frozen_weights, init_name
+from omni.train.lora import A_SUFFIX, B_SUFFIX, add_adapters, is_adapter, merge_adapters
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -38,11 +39,16 @@ def test_adapters_and_the_weights_outside_the_backbone_train_the_rest_stays(toke
                 batches=synthetic(tokenizer_dir))
     assert records(run)[-1]["loss"] < records(run)[0]["loss"]
     before = load_file(start / "model.safetensors")
-    held = consolidated_state(run / "checkpoints" / "step00000004", 0)
+    tag = run / "checkpoints" / "step00000004"
+    held = consolidated_state(tag, 0)
     adapted = [k[: -len(A_SUFFIX)] for k in held if k.endswith(A_SUFFIX)]
     assert len(adapted) == 2 * len(TARGETS)  # every target of both layers
+    # The checkpoint leaves the frozen backbone to train.init_from: exactly its weights, read back from there.
+    assert not any(k.startswith("backbone.") and not is_adapter(k) for k in held)
+    frozen = frozen_weights(check_frozen(tag, None))
+    assert {init_name(k) for k in frozen} == {k for k in before if k.startswith("backbone.")}
     for p in adapted:  # the adapted layers keep their own weights; B has moved from its zero start
-        assert torch.equal(held[p + ".base_layer.weight"], before[p + ".weight"])
+        assert torch.equal(frozen[p + ".base_layer.weight"], before[p + ".weight"])
         assert held[p + B_SUFFIX].abs().sum() > 0
     after = load_file(export(run, tmp_path / "ckpt", ema=False) / "model.safetensors")
     assert after.keys() == before.keys()  # a plain model: no adapter or base_layer names
@@ -64,7 +70,8 @@ def test_the_merged_export_computes_what_the_adapted_model_computes(tokenizer_di
     cfg = load_config(run / "config.yaml")
     adapted = OmniModel.from_pretrained(start)
     add_adapters(adapted.backbone, cfg.train.lora)
-    adapted.load_state_dict(consolidated_state(run / "checkpoints" / "step00000004", 0))
+    tag = run / "checkpoints" / "step00000004"
+    adapted.load_state_dict({**consolidated_state(tag, 0), **frozen_weights(check_frozen(tag, None))})
     merged = OmniModel.from_pretrained(export(run, tmp_path / "ckpt", ema=False))
     plain = OmniModel.from_pretrained(start)
     ids = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11]])
@@ -104,6 +111,50 @@ def test_a_resumed_run_equals_the_uninterrupted_one(tokenizer_dir, tmp_path, sta
     with pytest.raises(ValueError, match=r"train.lora.rank=8: the checkpoint holds adapters of rank 4"):
         train(lora_cfg(tokenizer_dir, part, start, "train.lora.rank=8", "train.steps=6", "train.resume=auto"),
               batches=synthetic(tokenizer_dir))
+
+
+def test_checkpoints_leave_the_frozen_base_to_its_checkpoint_and_refuse_a_changed_one(tokenizer_dir, tmp_path,
+                                                                                      start):
+    """A LoRA checkpoint holds the adapters and what trains, not the frozen base (train.save_frozen=true
+    keeps it); resume and export read the base back from train.init_from, a copy of it elsewhere
+    included, and refuse one whose weights changed or that is gone, by name."""
+    import shutil
+
+    from omni.train.export import export
+    from omni.train.loop import train
+
+    def model_states(run):
+        return (run / "checkpoints" / "step00000002" / "mp_rank_00_model_states.pt").stat().st_size
+
+    slim, full = tmp_path / "slim", tmp_path / "full"
+    for run, extra in ((slim, []), (full, ["train.save_frozen=true"])):
+        train(lora_cfg(tokenizer_dir, run, start, "train.save_every=2", "train.steps=2", *extra),
+              batches=synthetic(tokenizer_dir))
+    assert (slim / "checkpoints" / "step00000002" / "frozen.json").exists()
+    assert not (full / "checkpoints" / "step00000002" / "frozen.json").exists()
+    left_out = frozen_weights(check_frozen(slim / "checkpoints" / "step00000002", None))
+    base_bytes = sum(t.numel() * 4 for t in left_out.values())  # fp32 weights
+    assert left_out and abs(model_states(full) - model_states(slim) - base_bytes) < 0.05 * base_bytes
+    a = load_file(export(slim, tmp_path / "a", ema=False) / "model.safetensors")
+    b = load_file(export(full, tmp_path / "b", ema=False) / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    copy = shutil.copytree(start, tmp_path / "elsewhere")  # the base moved: resume from the copy
+    train(lora_cfg(tokenizer_dir, slim, copy, "train.save_every=2", "train.resume=auto"),
+          batches=synthetic(tokenizer_dir))
+    assert [r["step"] for r in records(slim)] == [1, 2, 3, 4]
+
+    changed = tmp_path / "changed"  # another model in its place: refused, nothing trained
+    train(run_cfg(tokenizer_dir, tmp_path / "other", "train.steps=1", "train.seed=5"), batches=synthetic(tokenizer_dir))
+    export(tmp_path / "other", changed)
+    with pytest.raises(ValueError, match=r"leaves its \d+ frozen weights to the checkpoint the run started from, .*"
+                                         r"the weights in .*changed are not those any more"):
+        train(lora_cfg(tokenizer_dir, slim, changed, "train.save_every=2", "train.steps=6", "train.resume=auto"),
+              batches=synthetic(tokenizer_dir))
+    assert [r["step"] for r in records(slim)] == [1, 2, 3, 4]
+    shutil.rmtree(copy)  # the last tag's base is gone: export says where it was
+    with pytest.raises(FileNotFoundError, match=r"elsewhere cannot be read .*restore it there, or link a copy"):
+        export(slim, tmp_path / "c")
 
 
 def test_settings_that_cannot_work_are_refused(tokenizer_dir, tmp_path, start):
@@ -147,3 +198,21 @@ def test_lora_under_zero_2_and_3_on_two_ranks_matches_one_rank(tokenizer_dir, tm
             torch.testing.assert_close(w[k], want_w[k], rtol=1e-5, atol=1e-5, msg=f"ZeRO-{s} {k}")
         assert not torch.equal(w["backbone.model.layers.0.self_attn.q_proj.weight"],
                                before["backbone.model.layers.0.self_attn.q_proj.weight"])
+        assert (tmp_path / f"zero{s}" / "checkpoints" / "step00000004" / "frozen.json").exists()  # base left out
+
+    # Resumed on one process (DeepSpeed's universal checkpoint, which has no frozen weights to carry
+    # either): the run goes on as the one-process reference does.
+    more = ["train.steps=6", "train.resume=auto"]
+    for s in (2, 3):
+        proc = launch(tmp_path, {"tok": str(tokenizer_dir), "runs": [{"overrides": overrides(
+            tokenizer_dir, tmp_path / f"zero{s}", *common, f"train.zero_stage={s}", "train.grad_accum=2", *more)}]},
+            name=f"one{s}")
+        assert proc.returncode == 0 and "universal" in proc.stdout, proc.stderr[-3000:]
+    ref = launch(tmp_path, {"tok": str(tokenizer_dir), "runs": [
+        {"overrides": overrides(tokenizer_dir, tmp_path / "ref", *common, "train.grad_accum=2", *more)}]}, name="ref6")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    want = losses(tmp_path / "ref")
+    for s in (2, 3):
+        got = losses(tmp_path / f"zero{s}")
+        assert got.keys() == want.keys() == {1, 2, 3, 4, 5, 6}
+        assert all(got[k] == pytest.approx(want[k], rel=1e-4) for k in (5, 6)), (s, got, want)

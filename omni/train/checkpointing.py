@@ -5,11 +5,20 @@
         omni_rank{r}.json                  step, data-loader position, RNG states, fault counters
         ema_rank{r}.safetensors            EMA weights held by rank r (omni.train.ema)
         config.yaml                        the resolved run config
+        frozen.json                        only when the frozen weights were left out (below)
         COMPLETE                           written last, by rank 0, after every rank finished
 
 A crash mid-save leaves a tag without COMPLETE and `latest` still naming the previous one;
 resume ignores incomplete tags and the next prune removes them. Only the last `keep_last`
 complete checkpoints are kept.
+
+Frozen weights (`train.save_frozen=false`, the default): when every frozen parameter is a weight of
+`train.init_from` (LoRA's base layers, what `train.trainable` leaves out), DeepSpeed writes only the
+trained ones (`exclude_frozen_parameters`), so a LoRA checkpoint of a 7B model holds megabytes of
+adapters and their optimizer state rather than the 14 GB base again. frozen.json names those
+parameters and the checkpoint they come from, with a fingerprint of its weight files; resume (whose
+model is built from train.init_from anyway) and export check it and read them from there, and a
+changed or missing checkpoint is refused by name rather than silently giving other weights.
 """
 
 from __future__ import annotations
@@ -30,6 +39,92 @@ from omni.utils import atomic_write_text
 
 CKPT_DIR = "checkpoints"
 COMPLETE = "COMPLETE"
+FROZEN = "frozen.json"
+
+
+# ------------------------------------------------------------------------------------------------
+# Frozen weights left to train.init_from
+# ------------------------------------------------------------------------------------------------
+
+
+def init_name(name: str) -> str:
+    """A parameter's name in the checkpoint it was loaded from: LoRA's `P.base_layer.weight` is `P.weight`."""
+    return name.replace(".base_layer.", ".")
+
+
+def fingerprint(root: Path) -> str:
+    """SHA-256 over a checkpoint's weight files: each one's name, size, safetensors header and 64
+    slices of 64 KiB spread over it. Cheap on a 14 GB model, and any retraining or replacement of
+    the weights changes it (a copy to another place does not)."""
+    import hashlib
+
+    from omni.train.build import _weight_files
+
+    h = hashlib.sha256()
+    for file in _weight_files(root):
+        size = file.stat().st_size
+        h.update(f"{file.name}:{size}".encode())
+        with open(file, "rb") as f:
+            head = int.from_bytes(f.read(8), "little")
+            h.update(f.read(min(head, size)))
+            for i in range(64):
+                f.seek(size * i // 64)
+                h.update(f.read(65536))
+    return h.hexdigest()
+
+
+def frozen_record(cfg, module) -> dict[str, Any] | None:
+    """What frozen.json holds when checkpoints may leave the frozen weights out: every frozen
+    parameter is a tensor of `train.init_from`, and train.save_frozen is off. None otherwise
+    (then every weight is saved, as without frozen ones)."""
+    if cfg.train.save_frozen or not cfg.train.init_from:
+        return None
+    frozen = sorted(n for n, p in module.named_parameters() if not p.requires_grad)
+    if not frozen:
+        return None
+    from omni.train.build import _tensor_files
+
+    root = Path(cfg.train.init_from).resolve()
+    where = _tensor_files(root)
+    if any(init_name(n) not in where for n in frozen):
+        return None  # e.g. a frozen module the checkpoint lacks (started fresh): saved as usual
+    return {"init_from": str(root), "fingerprint": fingerprint(root), "parameters": frozen}
+
+
+def check_frozen(tag: Path, init_from: str | None) -> dict[str, Any] | None:
+    """The tag's frozen.json, once its weights are where it says (resume: at `init_from`, the run's
+    train.init_from now; export: None, where the tag says); None for a tag that holds every weight."""
+    path = tag / FROZEN
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    root = Path(init_from).resolve() if init_from else Path(record["init_from"])
+    what = (f"checkpoint {tag} leaves its {len(record['parameters'])} frozen weights to the checkpoint the run "
+            f"started from, {record['init_from']}")
+    fix = "or point train.init_from at a copy of it" if init_from else "or link a copy of it to that path"
+    try:
+        now = fingerprint(root)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"{what}, and {root} cannot be read ({e}): restore it there, {fix}") from None
+    if now != record["fingerprint"]:
+        raise ValueError(f"{what}, and the weights in {root} are not those any more (their fingerprint changed): "
+                         f"restore the original checkpoint there, {fix}")
+    return {**record, "init_from": str(root)}
+
+
+def frozen_weights(record: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The frozen parameters a tag left out, read from their checkpoint as fp32 (by training names)."""
+    from safetensors import safe_open
+
+    from omni.train.build import _tensor_files
+
+    where = _tensor_files(Path(record["init_from"]))
+    out = {}
+    for name in record["parameters"]:
+        with safe_open(str(where[init_name(name)]), framework="pt") as f:
+            t = f.get_tensor(init_name(name))
+        out[name] = t.float() if t.is_floating_point() else t
+    return out
 
 
 def tag_name(step: int) -> str:
@@ -111,20 +206,24 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(engine, run_dir: Path, step: int, rank_state: dict[str, Any], ema, config_yaml: str,
-         rank: int, world_size: int, keep_last: int) -> Path:
-    """Write checkpoint `step` (all ranks call this); returns the tag directory."""
+         rank: int, world_size: int, keep_last: int, frozen: dict[str, Any] | None = None) -> Path:
+    """Write checkpoint `step` (all ranks call this); returns the tag directory. With `frozen`
+    (`frozen_record`), the frozen weights are left out and frozen.json says where they are."""
     import torch.distributed as dist
 
     ckpt_dir = run_dir / CKPT_DIR
     tag = ckpt_dir / tag_name(step)
     if (tag / COMPLETE).exists():
         return tag  # already saved at this step (e.g. a signal right after a periodic save)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag.name, client_state={"omni_step": step}, save_latest=False)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag.name, client_state={"omni_step": step}, save_latest=False,
+                           exclude_frozen_parameters=frozen is not None)
     atomic_write_text(tag / f"omni_rank{rank}.json", json.dumps({**rank_state, "rng": rng_state()}))
     ema.save(tag)
     dist.barrier()
     if rank == 0:
         atomic_write_text(tag / "config.yaml", config_yaml)
+        if frozen is not None:
+            atomic_write_text(tag / FROZEN, json.dumps(frozen, indent=1))
         info = {"step": step, "world_size": world_size, "zero_stage": engine.zero_optimization_stage(),
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         atomic_write_text(tag / COMPLETE, json.dumps(info))
@@ -152,12 +251,15 @@ def load(engine, tag: Path, ema, rank: int, world_size: int, cfg=None) -> dict[s
     info = json.loads((tag / COMPLETE).read_text())
     saved_world = int(info["world_size"])
     resharded = saved_world != world_size and info["zero_stage"] > 0
+    # Frozen weights left out: the model was built from train.init_from, which must still be them.
+    frozen = check_frozen(tag, cfg.train.init_from if cfg is not None else None)
+    load_fn = None if frozen is None else _loader(set(frozen["parameters"]))
     load_dir, load_tag = (universal_checkpoint(tag, rank), "universal") if resharded else (tag.parent, tag.name)
     engine._config.load_universal_checkpoint = resharded  # DeepSpeed re-partitions from per-parameter files
     try:
         with no_code_torch_load():  # DeepSpeed's own loader would unpickle any object
             load_path, _ = engine.load_checkpoint(str(load_dir), tag=load_tag, load_optimizer_states=True,
-                                                  load_lr_scheduler_states=True)
+                                                  load_lr_scheduler_states=True, custom_load_fn=load_fn)
     finally:
         engine._config.load_universal_checkpoint = False
     if load_path is None:
@@ -173,6 +275,19 @@ def load(engine, tag: Path, ema, rank: int, world_size: int, cfg=None) -> dict[s
     else:
         ema.load(tag)
     return state
+
+
+def _loader(frozen: set[str]):
+    """DeepSpeed's module load for a tag without its frozen weights: strict about everything else."""
+
+    def load(src, dst):
+        result = dst.load_state_dict(src, strict=False)
+        missing = [k for k in result.missing_keys if k not in frozen]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"the checkpoint's weights do not fit the model: missing {missing[:5]}, "
+                             f"unexpected {result.unexpected_keys[:5]}")
+
+    return load
 
 
 def universal_checkpoint(tag: Path, rank: int) -> Path:

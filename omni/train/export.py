@@ -21,7 +21,7 @@ import torch
 from omni.config import Config, from_dict
 from omni.models.backbone import tied_elsewhere
 from omni.models.checkpoint import save_pretrained
-from omni.train.checkpointing import CKPT_DIR, COMPLETE, latest_tag
+from omni.train.checkpointing import CKPT_DIR, COMPLETE, check_frozen, frozen_weights, latest_tag
 from omni.train.ema import has_ema, merge_ema_shards
 
 
@@ -93,6 +93,9 @@ def export(run_dir: str | Path, out: str | Path, ema: bool | None = None, tag: s
 
     cfg = from_dict(yaml.safe_load(cfg_path.read_text()))
     state = consolidated_state(tag_dir, info["zero_stage"])
+    frozen = check_frozen(tag_dir, None)  # frozen weights left to the checkpoint the run started from
+    if frozen is not None:
+        state.update(frozen_weights(frozen))
     use_ema = has_ema(tag_dir) if ema is None else ema
     if use_ema:
         averaged = merge_ema_shards(tag_dir)

@@ -113,6 +113,7 @@ class Run:
     stopping: bool = False
     meter: Meter = field(default_factory=Meter)
     lock: Any = None  # omni.train.runlock.RunLock held by rank 0
+    frozen: dict | None = None  # checkpointing.frozen_record: frozen weights left to train.init_from
 
 
 # ------------------------------------------------------------------------------------------------
@@ -322,7 +323,7 @@ def save(run: Run) -> None:
     data = run.source.state_dict() if hasattr(run.source, "state_dict") else None
     state = {"step": run.step, "consumed": run.consumed, "data": data, "bad_total": run.bad_total}
     tag = checkpointing.save(run.engine, run.run_dir, run.step, state, run.ema, run.cfg.to_yaml(),
-                             run.dist.rank, run.dist.world_size, run.cfg.train.keep_last)
+                             run.dist.rank, run.dist.world_size, run.cfg.train.keep_last, run.frozen)
     run.monitor.print(f"step {run.step}: checkpoint {tag}")
 
 
@@ -446,7 +447,7 @@ def _prepare_on_ranks(cfg: Config, d: Dist, precision: str, ds_config: dict, res
     val_source = val_batches if val_batches is not None else _source(None, cfg, model, d, "val")
     run = Run(cfg=cfg, dist=d, run_dir=run_dir, precision=precision, engine=engine, model=model, ema=ema,
               source=source, val_source=val_source, monitor=None, stop=checkpointing.StopSignal(),
-              gas=batch_geometry(cfg, d.world_size)[1])
+              gas=batch_geometry(cfg, d.world_size)[1], frozen=checkpointing.frozen_record(cfg, model))
     if resume_tag is not None:
         state = checkpointing.load(engine, resume_tag, ema, d.rank, d.world_size, cfg=cfg)
         run.step, run.consumed, run.bad_total = engine.global_steps, state["consumed"], state["bad_total"]
