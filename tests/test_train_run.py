@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, save_tiny_checkpoint
 from safetensors.torch import load_file
 
 from omni.config import load_config
@@ -173,6 +173,24 @@ def test_init_from_checkpoint_and_trainable_globs(tokenizer_dir, tmp_path):
     assert "in_proj.weight" in moved
     with pytest.raises(ValueError, match=r"pattern 'nope\.\*' matches no parameter"):
         train(run_cfg(tokenizer_dir, tmp_path / "c", "train.trainable=[nope.*]"), batches=synthetic(tokenizer_dir))
+
+
+def test_a_run_from_a_checkpoint_picks_its_own_kernels(tokenizer_dir, tmp_path):
+    """The fields that choose kernels and precision (the head's compile and bf16 matmuls, the
+    attention kernel, ...) are the run's, not the checkpoint's: a model trained compiled can be
+    fine-tuned eager; its shapes stay the checkpoint's."""
+    from omni.train.build import with_init_model
+
+    ckpt = save_tiny_checkpoint(tokenizer_dir, tmp_path / "ckpt", "model.head.compile=true",
+                                "model.head.bf16_train=false", "model.head.width=32")
+    run = run_cfg(tokenizer_dir, tmp_path / "run", f"train.init_from={ckpt}")  # the tiny preset: bf16 head, eager
+    assert (run.model.head.compile, run.model.head.bf16_train) == (False, True)
+    cfg, differ = with_init_model(run)
+    assert (cfg.model.head.compile, cfg.model.head.bf16_train, cfg.model.head.width) == (False, True, 32)
+    assert differ == ["model.head.width=32 (config: 64)"]
+    cfg, _ = with_init_model(run_cfg(tokenizer_dir, tmp_path / "run", f"train.init_from={ckpt}",
+                                     "model.head.compile=true", "model.head.bf16_train=false"))
+    assert (cfg.model.head.compile, cfg.model.head.bf16_train) == (True, False)
 
 
 def test_errors_before_any_work(tokenizer_dir, tmp_path):

@@ -51,9 +51,9 @@ from omni.tokenizers.image import build_image_tokenizer
 from omni.tokenizers.text import TextTokenizer
 
 # Model fields a run may set apart from its train.init_from checkpoint: they shape the training
-# objective or pick kernels, not the weights.
+# objective or pick kernels and precision, not the weights.
 RUN_MODEL_FIELDS = ("loss_weight_text", "loss_weight_image", "head.noise_copies", "head.grad_checkpointing",
-                    "backbone.attn_implementation")
+                    "head.compile", "head.bf16_train", "backbone.attn_implementation")
 # Parallel image decoding may be switched on by a run that starts from a checkpoint drawn one token
 # a pass: these fields are then the run's, and the modules only that mode has (the position
 # queries, the head's group attention) start new. The group attention's output projection starts
@@ -86,7 +86,7 @@ def _set(obj, dotted: str, value) -> None:
 def with_init_model(cfg: Config) -> tuple[Config, list[str]]:
     """With `train.init_from`, the model is the checkpoint's: a copy of `cfg` whose `model` section
     comes from the checkpoint's config.yaml, except RUN_MODEL_FIELDS (loss weights, noise copies,
-    kernels), which stay the run's. Also returns the fields the run's config had set otherwise.
+    kernels, the head's compile and bf16 matmuls), which stay the run's. Also returns the fields the run's config had set otherwise.
 
     So a recipe written for any size (`--config orthus-stage2 train.init_from=STAGE1`) trains the
     checkpoint's shapes (head width, image size, scale, soft-VQ tau), and the run's saved config
