@@ -152,9 +152,17 @@ def test_checkpoints_leave_the_frozen_base_to_its_checkpoint_and_refuse_a_change
         train(lora_cfg(tokenizer_dir, slim, changed, "train.save_every=2", "train.steps=6", "train.resume=auto"),
               batches=synthetic(tokenizer_dir))
     assert [r["step"] for r in records(slim)] == [1, 2, 3, 4]
-    shutil.rmtree(copy)  # the last tag's base is gone: export says where it was
-    with pytest.raises(FileNotFoundError, match=r"elsewhere cannot be read .*restore it there, or link a copy"):
+    moved = shutil.move(copy, tmp_path / "moved")  # the last tag's base moved: export says where it was
+    with pytest.raises(FileNotFoundError, match=r"elsewhere cannot be read .*restore it there, or give omni export "
+                                                r"the copy's place: --init-from COPY"):
         export(slim, tmp_path / "c")
+    with pytest.raises(ValueError, match=r"the weights in .*changed are not those any more"):
+        export(slim, tmp_path / "c", init_from=changed)
+    c = load_file(export(slim, tmp_path / "c", init_from=moved, ema=False) / "model.safetensors")
+    left = check_frozen(slim / "checkpoints" / "step00000004", moved)["parameters"]
+    plain = [k for k in left if ".base_layer." not in k]  # frozen and not adapted: the base's, as read from `moved`
+    before = load_file(start / "model.safetensors")
+    assert plain and c.keys() == before.keys() and all(torch.equal(c[k], before[k]) for k in plain)
 
 
 def test_settings_that_cannot_work_are_refused(tokenizer_dir, tmp_path, start):

@@ -92,8 +92,9 @@ def frozen_record(cfg, module) -> dict[str, Any] | None:
 
 
 def check_frozen(tag: Path, init_from: str | None) -> dict[str, Any] | None:
-    """The tag's frozen.json, once its weights are where it says (resume: at `init_from`, the run's
-    train.init_from now; export: None, where the tag says); None for a tag that holds every weight."""
+    """The tag's frozen.json, once its weights are where it says, or at `init_from` (resume: the
+    run's train.init_from now; export: its --init-from) when given; None for a tag that holds every
+    weight."""
     path = tag / FROZEN
     if not path.exists():
         return None
@@ -101,7 +102,8 @@ def check_frozen(tag: Path, init_from: str | None) -> dict[str, Any] | None:
     root = Path(init_from).resolve() if init_from else Path(record["init_from"])
     what = (f"checkpoint {tag} leaves its {len(record['parameters'])} frozen weights to the checkpoint the run "
             f"started from, {record['init_from']}")
-    fix = "or point train.init_from at a copy of it" if init_from else "or link a copy of it to that path"
+    fix = ("or point train.init_from at a copy of it (omni export: --init-from COPY)" if init_from else
+           "or give omni export the copy's place: --init-from COPY")
     try:
         now = fingerprint(root)
     except (OSError, ValueError) as e:

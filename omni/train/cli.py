@@ -54,7 +54,7 @@ def run_train(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     from omni.train.export import export
 
-    out = export(args.run, args.out, ema=args.ema, tag=args.tag, force=args.force)
+    out = export(args.run, args.out, ema=args.ema, tag=args.tag, force=args.force, init_from=args.init_from)
     print(f"exported {out}")
     return 0
 
@@ -74,6 +74,9 @@ def register(sub) -> None:
     e.add_argument("--tag", default=None, help="checkpoint tag, e.g. step00000500 (default: latest)")
     e.add_argument("--force", action="store_true",
                    help="replace --out even when it is not an omni checkpoint (its contents are deleted)")
+    e.add_argument("--init-from", default=None, metavar="DIR",
+                   help="where the checkpoint the run started from (train.init_from) is now, if it moved: the frozen "
+                        "weights a checkpoint leaves there (LoRA's base) are read from it, checked by fingerprint")
     e.set_defaults(func=run_export)
 
 

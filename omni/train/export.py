@@ -79,9 +79,10 @@ def exported_step(out: str | Path) -> int | None:
 
 
 def export(run_dir: str | Path, out: str | Path, ema: bool | None = None, tag: str | None = None,
-           force: bool = False) -> Path:
+           force: bool = False, init_from: str | Path | None = None) -> Path:
     """Write checkpoint `tag` (default: latest) of `run_dir` to `out`; `ema=None` uses EMA when present.
-    A non-empty `out` that is not an omni checkpoint is refused unless `force`."""
+    A non-empty `out` that is not an omni checkpoint is refused unless `force`. `init_from`: where
+    the checkpoint the run started from is now, when it moved (its frozen weights, image tokenizer)."""
     from omni.models.checkpoint import check_checkpoint_out
 
     run_dir = Path(run_dir)
@@ -92,8 +93,13 @@ def export(run_dir: str | Path, out: str | Path, ema: bool | None = None, tag: s
     import yaml
 
     cfg = from_dict(yaml.safe_load(cfg_path.read_text()))
+    if init_from is not None:
+        if cfg.train.init_from is None:
+            raise ValueError(f"--init-from {init_from}: the run in {run_dir} did not start from a checkpoint "
+                             "(train.init_from is not set); leave the option out")
+        cfg.train.init_from = str(Path(init_from).resolve())
     state = consolidated_state(tag_dir, info["zero_stage"])
-    frozen = check_frozen(tag_dir, None)  # frozen weights left to the checkpoint the run started from
+    frozen = check_frozen(tag_dir, init_from)  # frozen weights left to the checkpoint the run started from
     if frozen is not None:
         state.update(frozen_weights(frozen))
     use_ema = has_ema(tag_dir) if ema is None else ema
