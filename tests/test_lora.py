@@ -131,6 +131,7 @@ def test_checkpoints_leave_the_frozen_base_to_its_checkpoint_and_refuse_a_change
         train(lora_cfg(tokenizer_dir, run, start, "train.save_every=2", "train.steps=2", *extra),
               batches=synthetic(tokenizer_dir))
     assert (slim / "checkpoints" / "step00000002" / "frozen.json").exists()
+    assert f"frozen weights in {start.resolve()} (train.save_frozen" in (slim / "log.txt").read_text()  # said at start
     assert not (full / "checkpoints" / "step00000002" / "frozen.json").exists()
     left_out = frozen_weights(check_frozen(slim / "checkpoints" / "step00000002", None))
     base_bytes = sum(t.numel() * 4 for t in left_out.values())  # fp32 weights

@@ -471,6 +471,9 @@ def _prepare_on_ranks(cfg: Config, d: Dist, precision: str, ds_config: dict, res
     )
     if from_checkpoint:
         run.monitor.print(f"model shapes from train.init_from, where the config differs: {', '.join(from_checkpoint)}")
+    if run.frozen is not None:
+        run.monitor.print(f"checkpoints leave the {len(run.frozen['parameters'])} frozen weights in "
+                          f"{run.frozen['init_from']} (train.save_frozen=true writes them too)")
     return run
 
 
