@@ -159,6 +159,7 @@ def test_trainable_new_moves_only_new_modules_and_token_rows(tokenizer_dir, tmp_
 
 def test_init_from_checkpoint_and_trainable_globs(tokenizer_dir, tmp_path):
     """train.init_from loads every weight of an omni checkpoint; train.trainable=[globs] picks what moves."""
+    from omni.train.checkpointing import load as load_tag
     from omni.train.export import export
     from omni.train.loop import train
 
@@ -171,6 +172,14 @@ def test_init_from_checkpoint_and_trainable_globs(tokenizer_dir, tmp_path):
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert moved and all(k.startswith(("head.net.blocks.", "in_proj.")) for k in moved), sorted(moved)
     assert "in_proj.weight" in moved
+    tag = tmp_path / "b" / "checkpoints" / "step00000002"
+    assert (tag / "frozen.json").exists()  # the frozen rest is left in `start`
+    # A resume whose model is not built from that checkpoint would train on whatever its frozen
+    # weights started as: refused before the engine is touched (the usual ways there are refused
+    # earlier, as a changed model section).
+    with pytest.raises(ValueError, match=r"leaves its frozen weights to the checkpoint the run started from, but this "
+                                         r"resume sets no train.init_from: resume with train.init_from=.*a_ckpt"):
+        load_tag(None, tag, None, 0, 1, cfg=load_config(tag / "config.yaml", ["train.init_from=null"]))
     with pytest.raises(ValueError, match=r"pattern 'nope\.\*' matches no parameter"):
         train(run_cfg(tokenizer_dir, tmp_path / "c", "train.trainable=[nope.*]"), batches=synthetic(tokenizer_dir))
 

@@ -254,6 +254,10 @@ def load(engine, tag: Path, ema, rank: int, world_size: int, cfg=None) -> dict[s
     saved_world = int(info["world_size"])
     resharded = saved_world != world_size and info["zero_stage"] > 0
     # Frozen weights left out: the model was built from train.init_from, which must still be them.
+    if cfg is not None and not cfg.train.init_from and (tag / FROZEN).exists():
+        was = json.loads((tag / FROZEN).read_text())["init_from"]
+        raise ValueError(f"checkpoint {tag} leaves its frozen weights to the checkpoint the run started from, but "
+                         f"this resume sets no train.init_from: resume with train.init_from={was} (or a copy of it)")
     frozen = check_frozen(tag, cfg.train.init_from if cfg is not None else None)
     load_fn = None if frozen is None else _loader(set(frozen["parameters"]))
     load_dir, load_tag = (universal_checkpoint(tag, rank), "universal") if resharded else (tag.parent, tag.name)
