@@ -61,7 +61,6 @@ RUN_MODEL_FIELDS = ("loss_weight_text", "loss_weight_image", "head.noise_copies"
 # parallel checkpoint a parallel run takes its own schedule and order (they shape no weight) and
 # may add the group attention; one the checkpoint has is kept (`_parallel_fields`).
 PARALLEL_FIELDS = ("parallel_image", "parallel_order", "head.group_attention", "head.group_attention_dim")
-_MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
 
 def _flat(obj, prefix: str = "") -> dict[str, object]:
@@ -86,7 +85,8 @@ def _set(obj, dotted: str, value) -> None:
 def with_init_model(cfg: Config) -> tuple[Config, list[str]]:
     """With `train.init_from`, the model is the checkpoint's: a copy of `cfg` whose `model` section
     comes from the checkpoint's config.yaml, except RUN_MODEL_FIELDS (loss weights, noise copies,
-    kernels, the head's compile and bf16 matmuls), which stay the run's. Also returns the fields the run's config had set otherwise.
+    kernels, the head's compile and bf16 matmuls), which stay the run's, and PARALLEL_FIELDS as
+    `_parallel_fields` says. Also returns the fields the run's config had set otherwise.
 
     So a recipe written for any size (`--config orthus-stage2 train.init_from=STAGE1`) trains the
     checkpoint's shapes (head width, image size, scale, soft-VQ tau), and the run's saved config
@@ -129,7 +129,7 @@ def _parallel_fields(ckpt: dict[str, object], run: dict[str, object]) -> dict[st
     if ckpt["parallel_image"] == "off":
         return {key: run[key] for key in PARALLEL_FIELDS}
     out = {"parallel_image": run["parallel_image"]}
-    if run["parallel_order"] != _MODEL_DEFAULTS["parallel_order"]:
+    if run["parallel_order"] != ModelConfig.parallel_order:  # the dataclass default
         out["parallel_order"] = run["parallel_order"]
     if run["head.group_attention"] and not ckpt["head.group_attention"]:
         out["head.group_attention"] = True
@@ -141,16 +141,13 @@ def new_parallel_parameters(ckpt_model, model: OmniModel) -> set[str]:
     """Parameters of `model` a checkpoint with model config `ckpt_model` cannot have: all of the
     parallel-only ones (`parallel_only_parameters`) when it drew one token a pass, the head's group
     attention when it had none and the model has it; otherwise none."""
-    from omni.heads.diffusion import GroupAttention
-
     if model.query_embed is None:
         return set()
     if ckpt_model.parallel_image == "off":
         return parallel_only_parameters(model)
     if ckpt_model.head.group_attention or not model.head.cfg.group_attention:
         return set()
-    return {f"{prefix}.{n}" for prefix, module in model.named_modules() if isinstance(module, GroupAttention)
-            for n, _ in module.named_parameters()}
+    return {n for n in parallel_only_parameters(model) if not n.startswith("query_embed.")}
 
 
 def build_model(cfg: Config, ds_config: dict) -> OmniModel:

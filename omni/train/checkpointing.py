@@ -121,11 +121,15 @@ def frozen_weights(record: dict[str, Any]) -> dict[str, torch.Tensor]:
     from omni.train.build import _tensor_files
 
     where = _tensor_files(Path(record["init_from"]))
-    out = {}
+    by_file: dict[Path, list[str]] = {}
     for name in record["parameters"]:
-        with safe_open(str(where[init_name(name)]), framework="pt") as f:
-            t = f.get_tensor(init_name(name))
-        out[name] = t.float() if t.is_floating_point() else t
+        by_file.setdefault(where[init_name(name)], []).append(name)
+    out = {}
+    for file, names in by_file.items():  # each weight file opened once
+        with safe_open(str(file), framework="pt") as f:
+            for name in names:
+                t = f.get_tensor(init_name(name))
+                out[name] = t.float() if t.is_floating_point() else t
     return out
 
 
