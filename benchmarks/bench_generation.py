@@ -94,7 +94,8 @@ def weight_bytes(model, steps: int) -> dict[str, int]:
     emb = {id(bb.get_input_embeddings().weight), id(bb.get_output_embeddings().weight)}
     backbone = sum(p.nbytes for p in bb.parameters() if id(p) not in emb)
     net = model.head.net
-    ada = sum(p.nbytes for m in [*(b.ada for b in net.blocks), net.final_ada] for p in m.parameters())
+    ada = sum(p.nbytes for m in [*(b.ada for b in net.blocks), net.final_ada, *(net.time_ada or [])]
+              for p in m.parameters())
     once = ada + sum(p.nbytes for p in [*net.cond_embed.parameters(), *net.time_embed.parameters()])
     per_step = sum(p.nbytes for p in net.parameters()) - once
     return {"backbone": backbone + sum(p.nbytes for p in model.in_proj.parameters()),

@@ -1,6 +1,6 @@
 """Parallel image decoding: seconds per image, one token per backbone pass vs a group per pass.
 
-    python -m benchmarks.bench_parallel [--preset tiny] [--device cpu|cuda] [--groups 2,4,8,4+ga] [--quick]
+    python -m benchmarks.bench_parallel [--preset tiny] [--device cpu|cuda] [--groups 2,4,8,4+ga] [--quick] [KEY=VALUE ...]
 
 Text-to-image sampling (mode "image", the preset's generation settings: tiny draws 16-token
 images with 20 stochastic head steps under CFG 2) with random-weight models of the preset: the
@@ -30,12 +30,12 @@ import torch
 from benchmarks.common import bench_config, cpu_threads, interleaved_best, machine_info, resolve_device, sync
 
 
-def _model(preset: str, tmp: str, dev: torch.device, groups: str):
+def _model(preset: str, tmp: str, dev: torch.device, groups: str, overrides: tuple[str, ...] = ()):
     from omni.models.model import OmniModel
 
     k, _, ga = groups.partition("+ga")  # "4+ga": group attention; "4+ga64": of width 64
     extra = ["model.head.group_attention=true", f"model.head.group_attention_dim={ga or 0}"] if "+ga" in groups else []
-    cfg = bench_config(preset, tmp, [f"model.parallel_image={k}", *extra])
+    cfg = bench_config(preset, tmp, [f"model.parallel_image={k}", *extra, *overrides])
     torch.manual_seed(0)
     with torch.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
         model = OmniModel.from_config(cfg.model)
@@ -61,17 +61,19 @@ def _counts(model, gen_cfg) -> dict[str, float]:
 
 
 def run(preset: str = "tiny", device: str | None = None, groups: tuple[str, ...] = ("2", "4", "8"),
-        batches: tuple[int, ...] = (1, 16), quick: bool = False, threads: int | None = None) -> dict[str, Any]:
+        batches: tuple[int, ...] = (1, 16), quick: bool = False, threads: int | None = None,
+        overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     from omni.inference.generate import generate
 
     dev = resolve_device(device)
     with cpu_threads(dev, threads) as n, tempfile.TemporaryDirectory() as tmp:
         names = ["off", *groups]
-        models = {g: _model(preset, tmp, dev, g) for g in names}
+        models = {g: _model(preset, tmp, dev, g, overrides) for g in names}
         gen_cfg = models["off"][1].generation
         if quick:
             gen_cfg = type(gen_cfg)(**{**gen_cfg.__dict__, "image_steps": 4})
         out: dict[str, Any] = {"preset": preset, "device": str(dev), "threads": n, "groups": list(groups),
+                               "overrides": list(overrides),
                                "image_tokens": models["off"][0].image_tokenizer.num_tokens,
                                "generation": {"image_steps": gen_cfg.image_steps, "cfg_scale": gen_cfg.cfg_scale,
                                               "sampler": gen_cfg.sampler},
@@ -111,10 +113,12 @@ def main() -> None:
     p.add_argument("--batches", default="1,16")
     p.add_argument("--quick", action="store_true", help="4 head steps, one round: a smoke run")
     p.add_argument("--out", default=None, help="also write the JSON here")
+    p.add_argument("overrides", nargs="*", help="config overrides for every model, e.g. model.head.time_width=64")
     a = p.parse_args()
     dev = resolve_device(a.device)
     preset = a.preset or ("bench-1b" if dev.type == "cuda" else "tiny")
-    res = run(preset, a.device, tuple(a.groups.split(",")), tuple(int(b) for b in a.batches.split(",")), a.quick)
+    res = run(preset, a.device, tuple(a.groups.split(",")), tuple(int(b) for b in a.batches.split(",")), a.quick,
+              overrides=tuple(a.overrides))
     text = json.dumps(res, indent=2)
     if a.out:
         from pathlib import Path

@@ -112,8 +112,12 @@ def train_flops(model, batch) -> dict[str, float]:
     n_layers = count_params(model.backbone.model) - emb
     T, T_text = batch.n_tokens, batch.n_text_targets
     M, K, C = batch.image_tokens.shape[0], batch.n_image_targets, model.cfg.head.noise_copies
-    n_cond = model.head.net.cond_embed.weight.numel()
-    n_head = count_params(model.head.net)
+    net = model.head.net
+    # Weights a target uses once (its condition embedding; with the head's own time path also its
+    # adaLN modulations), the rest once per noise copy.
+    once = [net.cond_embed, *([*(b.ada[-1] for b in net.blocks), net.final_ada[-1]] if net.time_width else [])]
+    n_cond = sum(m.weight.numel() for m in once)
+    n_head = count_params(net)
     common = 6 * n_layers * T + 12 * layers * d_q * attention_pairs(batch.doc_ids)
     head = 6 * (n_head - n_cond) * K * C + 6 * n_cond * K
     return {

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import cpu_threads, device_peaks, machine_info, resolve_device
+from benchmarks.report import SCHEMA
 
-SCHEMA = "omni-bench/1"
 PARTS = ("train", "generation", "data")
 HERE = Path(__file__).resolve().parent
 

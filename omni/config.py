@@ -104,6 +104,12 @@ class DiffusionHeadConfig:
     # projections cost 4 x dim x width per token and block against the MLP's 2 x width^2, so a
     # narrow one (64) is cheap; the output projection maps back to the width.
     group_attention_dim: int = 0
+    # How the timestep reaches the adaLN modulations. 0: MAR's net, modulations of (time + condition)
+    # embeddings, each computed once per noisy row: per noise copy in training, per denoising step
+    # and stream in sampling (most of the head's matmuls). N > 0: the condition's modulations
+    # computed once per token plus those of an N-wide time embedding (docs/performance.md, "A time
+    # path of its own"): the head's training matmuls about halve and a sampling step is its MLP.
+    time_width: int = 0
 
 
 @dataclass
@@ -174,6 +180,9 @@ class ModelConfig:
             raise ConfigError(f"model.image_change_weight={self.image_change_weight} weighs tokens by their cell of the "
                               f"previous picture, which the layout of model.parallel_image={self.parallel_image!r} "
                               "does not record: set it to 1 or turn parallel decoding off")
+        if self.head.time_width < 0:
+            raise ConfigError(f"model.head.time_width={self.head.time_width}: use 0 (MAR's modulations of time + "
+                              "condition) or a width > 0 for the head's own time path (e.g. 64)")
         if self.head.group_attention and choices is None:
             raise ConfigError("model.head.group_attention=true denoises a group of image tokens together, so it "
                               "needs model.parallel_image (e.g. 4); set one or leave group_attention off")

@@ -163,6 +163,37 @@ def test_gpu_matrix_code_path_runs_on_cpu(capsys):
     assert len(lines) == 10 + 7 and all("ms/token step" in x and "x floor" in x for x in lines)
 
 
+@pytest.mark.parametrize("time_width", [0, 64])
+def test_train_flops_of_the_head_match_what_it_runs(tokenizer_dir, time_width):
+    """The head's FLOPs in `train_flops` (per copy, and once per target for what the copies share)
+    against the matmul FLOPs its loss and backward really run, with and without its own time path."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.bench_train import make_batch, train_flops
+    from omni.config import load_config
+    from omni.models.model import OmniModel
+
+    cfg = load_config("tiny", [f"model.tokenizer={tokenizer_dir}", f"model.head.time_width={time_width}"])
+    model = OmniModel.from_config(cfg.model)
+    batch = make_batch(model, rows=2, seq_len=100, caption=5, tail=3)
+    k = batch.n_image_targets
+    cond = torch.randn(k, cfg.model.backbone.hidden_size, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        model.head.loss(torch.randn(k, model.image_tokenizer.token_dim), cond).backward()
+    assert train_flops(model, batch)["head"] == pytest.approx(counter.get_total_flops(), rel=0.05)
+
+
+def test_bench_head_quick_reports_both_heads(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_head", "--quick", "--out", str(tmp_path)],
+                          check=False, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads((tmp_path / "head-cpu-tiny-quick.json").read_text())
+    assert set(r["sample"]) == {"1", "4"} and r["time_width"] == 64
+    for row in [r["train"]["ms"], *r["sample"].values()]:
+        assert positive(row["joint"]) and positive(row["time64"])
+        assert row["ratio"] == pytest.approx(row["joint"] / row["time64"], rel=0.02)
+
+
 def test_bench_parallel_counts_passes_and_reports_ratios():
     """bench_parallel in quick mode: one token per pass takes N passes per image, groups of k take
     N / k (and one head call per pass), and every row carries the ratio it promises."""
@@ -262,3 +293,16 @@ def test_schedule_quality_counts_the_head_steps_each_variant_runs(tokenizer_dir,
     anneal = sum(steps_for_token(GenerationConfig(image_steps_schedule="anneal:8:2"), i, n) for i in range(n)) / n
     assert float(rows["constant"][-3]) == 4.0  # generation.image_steps of the checkpoint
     assert float(rows["anneal:8:2"][-3]) == pytest.approx(anneal, abs=0.05) and anneal != 4.0
+
+
+def test_results_md_is_built_from_the_suites_runs_beside_other_benchmarks_files(quick, tmp_path):
+    """benchmarks/results also holds bench_serve's, bench_step's and bench_head's JSON (no suite
+    schema): the report skips them instead of failing at the end of a whole benchmark run."""
+    from benchmarks.report import write_report
+
+    out, result, _ = quick
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "cpu-tiny-quick.json").write_text(json.dumps(result))
+    (tmp_path / "results" / "serve-cpu-tiny.json").write_text(json.dumps({"throughput_ratio": 3.2}))
+    text = write_report(tmp_path).read_text()
+    assert text == (out / "RESULTS.md").read_text()

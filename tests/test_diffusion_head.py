@@ -35,10 +35,12 @@ SETTINGS = {  # parameterization -> (config overrides, sampler, sampling steps)
     # eps under ancestral sampling needs finer steps to keep the spread (50 steps: ~25% too narrow)
     "eps": ({"parameterization": "eps", "schedule": "scaled_linear", "zero_terminal_snr": False}, "ddpm", 200),
     "flow": ({"parameterization": "flow"}, "euler", 50),
+    # the head's own time path (model.head.time_width): the condition's modulations once per token
+    "flow-time-path": ({"parameterization": "flow", "time_width": 32}, "euler", 50),
 }
 
 
-@pytest.mark.parametrize("param", ["v", "eps", "flow"])
+@pytest.mark.parametrize("param", list(SETTINGS))
 def test_head_learns_mixture_per_class(param):
     overrides, sampler, steps = SETTINGS[param]
     torch.manual_seed(0)

@@ -21,6 +21,10 @@ cached, so after the first call `sample` reads nothing back from the device and 
 it (tests/test_decode_head.py counts both). With `dtype=torch.bfloat16` the net's matmuls run in
 bf16 while the recurrence and the guidance combination stay fp32.
 
+With `time_width` (the head's own time path, `Denoiser`) the modulations split into the
+condition's, computed once per token and shared by its noise copies in training and by every step
+in sampling, and a narrow time path's, added; a sampling step is then the blocks' MLPs alone.
+
 Guidance combines the net's predictions linearly (`guide`): every sampler's update is affine in
 the prediction with the same coefficients for all rows, so combining flow velocities, v or eps
 predictions is combining the implied noise estimates, whatever the parameterization.
@@ -168,19 +172,31 @@ class ResBlock(nn.Module):
 
 
 class Denoiser(nn.Module):
-    """net(x_t, t, z) -> prediction, all (B, d); t is a float timestep on the 0..1000 scale."""
+    """net(x_t, t, z) -> prediction, all (B, d); t is a float timestep on the 0..1000 scale.
+
+    time_width 0 (MAR's net): every adaLN modulation is a function of the sum of the time and
+    condition embeddings, so it is computed once per noisy row (noise copy in training, denoising
+    step in sampling). time_width N > 0: the modulations are those of the condition alone, computed
+    once per token, plus those of an N-wide time embedding (one small matmul per block for a row),
+    so the rows of a token share the costly part."""
 
     def __init__(self, token_dim: int, cond_dim: int, width: int, depth: int, grad_checkpointing: bool,
-                 group_attention: bool = False, group_attention_dim: int = 0):
+                 group_attention: bool = False, group_attention_dim: int = 0, time_width: int = 0):
         super().__init__()
         self.grad_checkpointing = grad_checkpointing
-        self.time_embed = nn.Sequential(nn.Linear(256, width), nn.SiLU(), nn.Linear(width, width))
+        self.time_width = time_width
+        tw = time_width or width
+        self.time_embed = nn.Sequential(nn.Linear(256, tw), nn.SiLU(), nn.Linear(tw, tw))
         self.cond_embed = nn.Linear(cond_dim, width)
         self.in_proj = nn.Linear(token_dim, width)
         self.blocks = nn.ModuleList(ResBlock(width, group_attention, group_attention_dim) for _ in range(depth))
         self.final_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
         self.out = nn.Linear(width, token_dim)
+        # The time's own modulations (time_width > 0): (shift, scale, gate) per block, then (shift, scale).
+        self.time_ada = nn.ModuleList(
+            nn.Sequential(nn.SiLU(), nn.Linear(time_width, n * width)) for n in [3] * depth + [2]
+        ) if time_width else None
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -199,19 +215,25 @@ class Denoiser(nn.Module):
                 nn.init.zeros_(block.mix.proj.bias)
         nn.init.zeros_(self.final_ada[-1].weight)
         nn.init.zeros_(self.final_ada[-1].bias)
+        for ada in self.time_ada or []:
+            nn.init.zeros_(ada[-1].weight)
+            nn.init.zeros_(ada[-1].bias)
         # Zero output: the first prediction is 0, the mean of every target, not noise.
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
     def embed_time(self, t: torch.Tensor) -> torch.Tensor:
-        return self.time_embed(timestep_embedding(t, 256))  # (B, W)
+        return self.time_embed(timestep_embedding(t, 256))  # (B, W), or (B, time_width)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor, groups: Groups | None = None) -> torch.Tensor:
+        if self.time_width:
+            return self.modulated(self.in_proj(x), self.conditioned(self.cond_embed(z), self.embed_time(t)), groups)
         return self.body(x, self.embed_time(t) + self.cond_embed(z), groups)
 
     def body(self, x: torch.Tensor, c: torch.Tensor, groups: Groups | None = None) -> torch.Tensor:
         """The net given its condition c = time + condition embedding (B, W) (and, with group
-        attention, the rows' `Groups`)."""
+        attention, the rows' `Groups`); MAR's net (time_width 0) only."""
+        assert not self.time_width, "a net with its own time modulations has no joint condition: use `conditioned`"
         h = self.in_proj(x)  # (B, W)
         for block in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
@@ -234,10 +256,26 @@ class Denoiser(nn.Module):
             out.append(tuple(parts))
         return out
 
+    def conditioned(self, zc: torch.Tensor, temb: torch.Tensor,
+                    zmods: list[tuple[torch.Tensor, ...]] | None = None) -> list[tuple[torch.Tensor, ...]]:
+        """`modulations` of condition embeddings zc at time embeddings temb (`embed_time`), the two
+        broadcast against each other (zc (1, R, W) and temb (S, 1, W): every step of every row).
+        With time_width, the condition's modulations are computed at zc's shape (or given, `zmods`
+        = `modulations(zc)`) and the time's at temb's, then added: a token's copies or steps share
+        the first."""
+        if not self.time_width:
+            return self.modulations(temb + zc)
+        timed = [ada(temb).chunk(ada[-1].out_features // zc.shape[-1], dim=-1) for ada in self.time_ada]
+        zmods = self.modulations(zc) if zmods is None else zmods
+        return [tuple(m + t for m, t in zip(mod, tmod)) for mod, tmod in zip(zmods, timed)]
+
     def modulated(self, h: torch.Tensor, mods: list[tuple[torch.Tensor, ...]], groups: Groups | None = None) -> torch.Tensor:
         """The net after in_proj, given precomputed `modulations` (h (R, W) -> (R, d))."""
         for block, mod in zip(self.blocks, mods):
-            h = block.modulated(h, *mod, groups)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(block.modulated, h, *mod, groups, use_reentrant=False)
+            else:
+                h = block.modulated(h, *mod, groups)
         shift, scale1 = mods[-1]
         return self.out(torch.addcmul(shift, self.final_norm(h), scale1))  # (R, d)
 
@@ -271,7 +309,7 @@ class DiffusionHead(nn.Module):
         self.cfg = cfg
         self.token_dim = token_dim
         self.net = Denoiser(token_dim, cond_dim, cfg.width, cfg.depth, cfg.grad_checkpointing, cfg.group_attention,
-                            cfg.group_attention_dim)
+                            cfg.group_attention_dim, cfg.time_width)
         if cfg.parameterization != "flow":
             ac = alphas_cumprod(cfg)  # (T,) float32
             self.register_buffer("alphas_cumprod", ac.clone(), persistent=False)
@@ -333,7 +371,7 @@ class DiffusionHead(nn.Module):
             copies = self.cfg.noise_copies
             x0 = target.float().repeat(copies, 1)  # (C*K, d)
             # Embed the condition once per token, not once per noise copy: the copies share it.
-            zc = self.net.cond_embed(cond.float()).repeat(copies, 1)  # (C*K, W)
+            zc = self.net.cond_embed(cond.float())  # (K, W)
             if self.cfg.parameterization == "flow":
                 xt = (1 - t[:, None]) * x0 + t[:, None] * noise
                 goal = noise - x0
@@ -343,7 +381,13 @@ class DiffusionHead(nn.Module):
                 xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
                 goal = a.sqrt() * noise - (1 - a).sqrt() * x0 if self.cfg.parameterization == "v" else noise
                 t_net = t.float()
-            pred = self.net.body(xt, self.net.embed_time(t_net) + zc, groups)
+            temb = self.net.embed_time(t_net)  # (C*K, W), or (C*K, time_width)
+            if self.cfg.time_width:  # the condition's modulations once per token, the copies' times added
+                mods = self.net.conditioned(zc, temb.view(copies, *zc.shape[:1], -1))  # each (C, K, W)
+                pred = self.net.modulated(self.net.in_proj(xt), [tuple(m.flatten(0, 1) for m in mod) for mod in mods],
+                                          groups)
+            else:
+                pred = self.net.body(xt, temb + zc.repeat(copies, 1), groups)
             if weight is None:
                 return F.mse_loss(pred.float(), goal)
             w = weight.float().repeat(copies)  # (C*K,)
@@ -552,9 +596,10 @@ class DiffusionHead(nn.Module):
         per_step = z.shape[0] * net.final_ada[-1].in_features * (3 * len(net.blocks) + 2) * 4
         chunk = max(1, MODULATION_BYTES // per_step)
         mods: list[list[tuple[torch.Tensor, ...]]] = []
+        zmods = net.modulations(zc[None]) if net.time_width else None  # the condition's part: once per call
         for i, (a, bc, c) in enumerate(coefs):
             if i % chunk == 0:
-                parts = net.modulations(temb[i:i + chunk, None] + zc[None])  # each part (s, R, W)
+                parts = net.conditioned(zc[None], temb[i:i + chunk, None], zmods)  # each part (s, R, W)
                 unbound = [[p.unbind(0) for p in group] for group in parts]  # [group][part][step]
                 mods = [[tuple(p[j] for p in group) for group in unbound] for j in range(len(unbound[0][0]))]
             step_mods = mods[i % chunk]  # [group] -> its parts at this step, each (R, W)
