@@ -107,8 +107,8 @@ class DiffusionHeadConfig:
     # How the timestep reaches the adaLN modulations. 0: MAR's net, modulations of (time + condition)
     # embeddings, each computed once per noisy row: per noise copy in training, per denoising step
     # and stream in sampling (most of the head's matmuls). N > 0: the condition's modulations
-    # computed once per token plus those of an N-wide time embedding (docs/performance.md, "A time
-    # path of its own"): the head's training matmuls about halve and a sampling step is its MLP.
+    # computed once per token plus those of an N-wide time embedding (docs/performance.md, "The
+    # head's own time path"): ~0.63x the head's training FLOPs, and a sampling step is its MLPs.
     time_width: int = 0
 
 
