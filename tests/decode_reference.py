@@ -39,9 +39,10 @@ def build_model(tokenizer_dir):
     from omni.config import load_config
     from omni.models.model import OmniModel
 
-    # causal given pictures: the reference was written before the tiny preset made them bidirectional
+    # causal given pictures and MAR's head: the reference was written before the tiny preset made
+    # them bidirectional and gave the head its own time path
     cfg = load_config("tiny", [f"model.tokenizer={tokenizer_dir}", *TINY, "model.image_pos_embed=true",
-                               "model.prompt_image_attention=causal"])
+                               "model.prompt_image_attention=causal", "model.head.time_width=0"])
     torch.manual_seed(0)
     return wake_head(with_bias(OmniModel.from_config(cfg.model).eval()))
 

@@ -96,9 +96,13 @@ def test_make_batch_packs_rows_and_flops_add_up(tiny_cfg):
     assert attention_pairs(torch.tensor([[1, 1, 1, 2, 2, 0]])) == 6 + 3
     f = train_flops(model, batch)
     hf = model.backbone.config
+    net = model.head.net
+    # Once per target: the condition embedding and, with the head's own time path, the condition's
+    # modulations; every other weight once per noise copy.
+    once = net.cond_embed.weight.numel() + (sum(m[-1].weight.numel() for m in [*(b.ada for b in net.blocks),
+                                                                                 net.final_ada]) if net.time_width else 0)
     head = 6 * batch.n_image_targets * (model.cfg.head.noise_copies * (sum(p.numel() for p in model.head.parameters())
-                                        - model.head.net.cond_embed.weight.numel())
-                                        + model.head.net.cond_embed.weight.numel())
+                                        - once) + once)
     assert f["head"] == head
     lm = 6 * hf.hidden_size * hf.vocab_size
     in_proj = 6 * model.image_tokenizer.token_dim * hf.hidden_size * batch.image_tokens.shape[0]

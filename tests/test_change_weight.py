@@ -75,12 +75,15 @@ def test_weighted_loss_is_the_weighted_mean_of_token_losses(tokenizer_dir):
 
     plain, ones, weighted = run(None), run(torch.ones(k)), run(weight)
     torch.testing.assert_close(plain, ones)
-    # one token at a time, with the same draws: noise (C*k, d) then t (C*k,)
+    # one noisy row at a time through the net, with the same draws: noise (C*k, d) then t (C*k,)
+    assert head.cfg.parameterization == "flow"
     torch.manual_seed(7)
     c = head.cfg.noise_copies
     noise, t = torch.randn(c * k, d), torch.rand(c * k)
-    per = torch.stack([head._loss_given_noise(target.repeat(c, 1)[i:i + 1], cond.repeat(c, 1)[i:i + 1],
-                                              noise[i:i + 1], t[i:i + 1], False) for i in range(c * k)])
+    x0, z = target.repeat(c, 1), cond.repeat(c, 1)
+    xt, goal = (1 - t[:, None]) * x0 + t[:, None] * noise, noise - x0  # rectified flow
+    per = torch.stack([(head.net(xt[i:i + 1], t[i:i + 1] * 1000.0, z[i:i + 1]) - goal[i:i + 1]).pow(2).mean()
+                       for i in range(c * k)])
     w = weight.repeat(c)
     torch.testing.assert_close(weighted, (per * w).sum() / w.sum(), rtol=1e-5, atol=1e-6)
     assert not torch.allclose(weighted, plain)

@@ -164,9 +164,10 @@ def test_group_attention_mixes_only_within_a_group(tokenizer_dir):
     streams keep their groups."""
     from omni.heads.diffusion import repeat_groups
 
-    fresh = OmniModel.from_config(load_config("tiny", [f"model.tokenizer={tokenizer_dir}", *TINY,
+    joint = "model.head.time_width=0"  # `Denoiser.body` takes MAR's joint condition (time + hidden state)
+    fresh = OmniModel.from_config(load_config("tiny", [f"model.tokenizer={tokenizer_dir}", *TINY, joint,
                                                         "model.parallel_image=4", "model.head.group_attention=true"]).model)
-    plain_cfg = load_config("tiny", [f"model.tokenizer={tokenizer_dir}", *TINY, "model.parallel_image=4"]).model
+    plain_cfg = load_config("tiny", [f"model.tokenizer={tokenizer_dir}", *TINY, joint, "model.parallel_image=4"]).model
     plain = OmniModel.from_config(plain_cfg)
     plain.head.load_state_dict(fresh.head.state_dict(), strict=False)
     net, W = fresh.head.net, fresh.head.cfg.width
@@ -174,7 +175,7 @@ def test_group_attention_mixes_only_within_a_group(tokenizer_dir):
     x, c = torch.randn(6, 192), torch.randn(6, W)
     groups = group_index([4, 2])
     torch.testing.assert_close(net.body(x, c, groups), plain.head.net.body(x, c))
-    net = make_model(tokenizer_dir, "4+ga").head.net  # woken
+    net = make_model(tokenizer_dir, "4+ga", joint).head.net  # woken
     with torch.no_grad():
         base = net.body(x, c, groups)
         y = x.clone()

@@ -383,7 +383,7 @@ class DiffusionHead(nn.Module):
                 t_net = t.float()
             temb = self.net.embed_time(t_net)  # (C*K, W), or (C*K, time_width)
             if self.cfg.time_width:  # the condition's modulations once per token, the copies' times added
-                mods = self.net.conditioned(zc, temb.view(copies, *zc.shape[:1], -1))  # each (C, K, W)
+                mods = self.net.conditioned(zc, temb.view(copies, zc.shape[0], self.cfg.time_width))  # each (C, K, W)
                 pred = self.net.modulated(self.net.in_proj(xt), [tuple(m.flatten(0, 1) for m in mod) for mod in mods],
                                           groups)
             else:
