@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_serve [--preset tiny] [--small] [--clients 8] [--long 500] [--threads 1] [--json OUT]
     python -m benchmarks.bench_serve --ckpt DEMO/model     # a trained demo model, every answer judged
+    python -m benchmarks.bench_serve --ckpt DEMO/model --profile 25   # the bare sampler only, profiled
 
 A random-weight model of the preset is saved as a checkpoint and served on 127.0.0.1 by a server
 process running `omni serve`'s app, with the LM head given a bias towards <boi> so that an
@@ -198,12 +199,15 @@ def serve(ckpt: str, port: int, clients: int, trained: bool = False) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, access_log=False, log_level="warning")
 
 
-def ceiling(ckpt: str, plan: list[list[tuple[int, int, dict]]], threads: int, trained: bool = False) -> dict:
+def ceiling(ckpt: str, plan: list[list[tuple[int, int, dict]]], threads: int, trained: bool = False,
+            repeats: int = 1, profile: int = 0) -> dict:
     """The same requests on the bare sampler in this process, on as many threads as the server:
     one at a time, then as many rows as clients, each client's next request added the step its
     last one finished (no HTTP, no client think time). Its ratio is what the serving layer can
     reach on this machine; the server's can pass it a little, as the alone run pays the HTTP
-    round trip of every request in series."""
+    round trip of every request in series. `repeats`: the best of that many runs of each;
+    `profile` N > 0: one more run of each under cProfile, its N costliest functions (by own time)
+    printed to stderr."""
     from omni.inference.sampler import Sampler
     from omni.serve.engine import Turn, chat_prompt, default_config
     from omni.serve.schemas import Limits, parse_request
@@ -230,12 +234,16 @@ def ceiling(ckpt: str, plan: list[list[tuple[int, int, dict]]], threads: int, tr
                     steps += 1
         return steps
 
+    rows_live: list[int] = []
+
     def crowd() -> int:
         sampler = Sampler(model, cfg=default_config(model))
         queues = [list(reqs) for reqs in jobs]
         owner = {id(sampler.add(*q.pop(0))): c for c, q in enumerate(queues)}
         steps = 0
+        rows_live.clear()
         while sampler.live or sampler.joining:
+            rows_live.append(len(sampler.live) + len(sampler.joining))
             for row in sampler.step():
                 c = owner.pop(id(row))
                 if queues[c]:
@@ -248,11 +256,23 @@ def ceiling(ckpt: str, plan: list[list[tuple[int, int, dict]]], threads: int, tr
             alone(), crowd()  # warm up every path once
             out = {}
             for name, f in (("alone", alone), ("concurrent", crowd)):
-                t = time.perf_counter()
-                steps = f()
-                out[f"{name}_s"] = time.perf_counter() - t
+                best = float("inf")
+                for _ in range(max(1, repeats)):
+                    t = time.perf_counter()
+                    steps = f()
+                    best = min(best, time.perf_counter() - t)
+                out[f"{name}_s"] = best
                 out[f"{name}_steps"] = steps
-                out[f"{name}_step_ms"] = 1000 * out[f"{name}_s"] / steps
+                out[f"{name}_step_ms"] = 1000 * best / steps
+            out["concurrent_mean_rows"] = statistics.mean(rows_live)
+            for name, f in (("alone", alone), ("concurrent", crowd)) if profile else ():
+                import cProfile
+                import pstats
+
+                prof = cProfile.Profile()
+                prof.runcall(f)
+                print(f"\n== bare sampler, {name}: the {profile} costliest functions by own time ==", file=sys.stderr)
+                pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(profile)
         out["throughput_ratio"] = out["alone_s"] / out["concurrent_s"]
         return out
     finally:
@@ -315,6 +335,18 @@ def summary(results: list[dict]) -> dict:
             "latency_p95_s": pct(lat, 95)}
 
 
+def make_plan(model: str, clients: int, trained: bool) -> tuple[list[list[dict]], list[list[tuple[int, int, dict]]]]:
+    """Each client's four requests (`trained_mix` or the random model's `mix`, rotated) and the
+    plan: per client, (client, k, request body), request (c, k) always with the same seed."""
+    if trained:  # client c: its own held-out samples of the four kinds, each judged
+        kinds_of = trained_mix(model, clients)
+    else:  # client c sends the same four kinds, rotated
+        kinds = mix(model)
+        kinds_of = [[kinds[(c + k) % 4] for k in range(4)] for c in range(clients)]
+    plan = [[(c, k, {**kinds_of[c][k]["body"], "seed": 1000 + 4 * c + k}) for k in range(4)] for c in range(clients)]
+    return kinds_of, plan
+
+
 def run(preset: str = "tiny", clients: int = 8, long: int = 500, small: bool = False, threads: int = 1,
         trained: str | None = None) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
@@ -337,14 +369,7 @@ def run(preset: str = "tiny", clients: int = 8, long: int = 500, small: bool = F
                 if server.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("the server did not start: " + (tmp / "server.log").read_text()[-2000:]) from None
                 time.sleep(0.2)
-        if trained:  # client c: its own held-out samples of the four kinds, each judged
-            kinds_of = trained_mix(ckpt.name, clients)
-        else:  # client c sends the same four kinds, rotated
-            kinds = mix(ckpt.name)
-            kinds_of = [[kinds[(c + k) % 4] for k in range(4)] for c in range(clients)]
-        # request (c, k) always has the same seed
-        plan = [[(c, k, {**kinds_of[c][k]["body"], "seed": 1000 + 4 * c + k}) for k in range(4)]
-                for c in range(clients)]
+        kinds_of, plan = make_plan(ckpt.name, clients, bool(trained))
         http = httpx.Client()
         for c, k, body in plan[0]:
             ask(http, url, body)  # warm up every path once
@@ -425,6 +450,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ckpt", help="a trained checkpoint (e.g. a demo's DIR/model): the held-out benchmarks' requests, "
                    "each answer judged, instead of a random model's")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="only the bare sampler (no server): its two runs, best of 3, then each once under "
+                   "cProfile, printing its N costliest functions")
     p.add_argument("--trained", action="store_true", help=argparse.SUPPRESS)  # the server process: no bias
     p.add_argument("--serve", metavar="CKPT", help=argparse.SUPPRESS)  # the server process
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -435,6 +463,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.ckpt and not (Path(args.ckpt) / "config.yaml").is_file():
         p.error(f"--ckpt {args.ckpt}: not a checkpoint directory (no config.yaml); give a trained model, "
                 "e.g. OUT/model of `omni demo --out OUT`")
+    if args.profile:
+        with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
+            ckpt = str(Path(args.ckpt).resolve()) if args.ckpt else str(make_checkpoint(args.preset, Path(tmp), args.small))
+            out = ceiling(ckpt, make_plan(Path(ckpt).name, args.clients, bool(args.ckpt))[1], args.threads,
+                          bool(args.ckpt), repeats=3, profile=args.profile)
+        print(json.dumps(out, indent=2))
+        return 0
     out = run(args.preset, args.clients, args.long, args.small, args.threads, args.ckpt)
     out["model"] = args.ckpt or f"{args.preset}{' (small)' if args.small else ''}"
     out["threads"] = args.threads

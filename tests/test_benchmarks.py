@@ -235,6 +235,24 @@ def test_bench_serve_trained_mix_judges_answers():
     assert len({json.dumps(reqs[1]["body"]) for reqs in mix}) == 3  # each client draws its own prompt
 
 
+def test_bench_serve_profile_runs_the_bare_sampler(tmp_path, capsys):
+    """bench_serve --profile: the bare sampler's two runs of the same plan (every request one at a
+    time, then one row per client) and each one's costliest functions; the batched run takes fewer
+    steps with more than one row live on average."""
+    from benchmarks import bench_serve
+
+    ckpt = bench_serve.make_checkpoint("tiny", tmp_path, small=True)
+    _, plan = bench_serve.make_plan(ckpt.name, 2, trained=False)
+    assert [[(c, k) for c, k, _ in reqs] for reqs in plan] == [[(0, k) for k in range(4)], [(1, k) for k in range(4)]]
+    assert [b["seed"] for reqs in plan for _, _, b in reqs] == [1000 + i for i in range(8)]
+    out = bench_serve.ceiling(str(ckpt), plan, threads=1, profile=5)
+    assert out["concurrent_steps"] < out["alone_steps"] and 1 < out["concurrent_mean_rows"] <= 2
+    assert out["throughput_ratio"] == pytest.approx(out["alone_s"] / out["concurrent_s"])
+    err = capsys.readouterr().err
+    assert "bare sampler, alone: the 5 costliest" in err and "bare sampler, concurrent: the 5 costliest" in err
+    assert "tottime" in err
+
+
 @pytest.mark.parametrize("name, fused, all_reduce", [("before", False, True), ("fused", True, True), ("now", True, False)])
 def test_bench_step_variants_build_the_engine_they_name(tokenizer_dir, tmp_path, name, fused, all_reduce):
     """bench_step's variants: `before` is the engine as it was (foreach AdamW, the one-process
