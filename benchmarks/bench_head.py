@@ -58,13 +58,12 @@ def main() -> None:
     with cpu_threads(device, None) as threads:
         models, cfg = heads(args.preset, args.time_width, args.token_dim, device, compile_loss=not args.quick)
         gen = cfg.generation
-        token_dim = args.token_dim
         dim = cfg.model.backbone.hidden_size
         result = {"preset": args.preset, "device": str(device), "threads": threads, "time_width": args.time_width,
                   "machine": machine_info(device), "train": {}, "sample": {}}
 
         k = 64 if args.quick else args.targets
-        target, cond = torch.randn(k, token_dim, device=device), torch.randn(k, dim, device=device, requires_grad=True)
+        target, cond = torch.randn(k, args.token_dim, device=device), torch.randn(k, dim, device=device, requires_grad=True)
 
         def train(head: DiffusionHead):
             def run():

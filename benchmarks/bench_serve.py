@@ -46,9 +46,11 @@ from __future__ import annotations
 
 import argparse
 import base64
+import cProfile
 import io
 import json
 import os
+import pstats
 import socket
 import statistics
 import subprocess
@@ -63,7 +65,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.common import bench_config
+from benchmarks.common import bench_config, interleaved_best
 
 GEN = ["generation.image_steps=10", "generation.cfg_scale=2.0", "generation.max_new_tokens=48",
        "generation.temperature=0.8", "generation.max_images=2"]
@@ -251,24 +253,25 @@ def ceiling(ckpt: str, plan: list[list[tuple[int, int, dict]]], threads: int, tr
             steps += 1
         return steps
 
+    runs = {"alone": alone, "concurrent": crowd}
+    steps: dict[str, int] = {}
+
+    def counted(name: str):
+        def run() -> None:
+            steps[name] = runs[name]()  # the same plan: the same count every run
+        return run
+
     try:
         with torch.no_grad():
-            alone(), crowd()  # warm up every path once
+            # every path warmed up once, then the runs in rounds (alone, concurrent, alone, ...)
+            best = interleaved_best({name: counted(name) for name in runs}, torch.device("cpu"), max(1, repeats))
             out = {}
-            for name, f in (("alone", alone), ("concurrent", crowd)):
-                best = float("inf")
-                for _ in range(max(1, repeats)):
-                    t = time.perf_counter()
-                    steps = f()
-                    best = min(best, time.perf_counter() - t)
-                out[f"{name}_s"] = best
-                out[f"{name}_steps"] = steps
-                out[f"{name}_step_ms"] = 1000 * best / steps
+            for name in runs:
+                out[f"{name}_s"] = best[name]
+                out[f"{name}_steps"] = steps[name]
+                out[f"{name}_step_ms"] = 1000 * best[name] / steps[name]
             out["concurrent_mean_rows"] = statistics.mean(rows_live)
-            for name, f in (("alone", alone), ("concurrent", crowd)) if profile else ():
-                import cProfile
-                import pstats
-
+            for name, f in runs.items() if profile else ():
                 prof = cProfile.Profile()
                 prof.runcall(f)
                 print(f"\n== bare sampler, {name}: the {profile} costliest functions by own time ==", file=sys.stderr)
