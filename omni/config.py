@@ -49,8 +49,9 @@ class BackboneConfig:
     tie_word_embeddings: bool = False  # share input embedding and LM head
     # attention kernel, which also sets how packed rows keep documents apart (omni/models/attention.py):
     # sdpa (dense mask; fp32 under CPU bf16 autocast), eager (dense mask), flex_attention (BlockMask;
-    # GPU training, CPU forward only), flash_attention_2 (varlen lengths, causal only; needs flash-attn)
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
+    # GPU training, CPU forward only), flash_attention_2 (varlen lengths, causal only; needs flash-attn),
+    # grouped (each document of a packed row on its own, similar lengths batched: CPU training; sdpa elsewhere)
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention", "grouped"] = "sdpa"
 
 
 @dataclass

@@ -23,6 +23,7 @@ def _pair(cfg, bidirectional=False):
     """The same weights twice: dense-mask SDPA and FlexAttention."""
     cfg = copy.deepcopy(cfg)
     cfg.model.prompt_image_attention = "bidirectional" if bidirectional else "causal"
+    cfg.model.backbone.attn_implementation = "sdpa"
     torch.manual_seed(0)
     dense = OmniModel.from_config(cfg.model)
     cfg.model.backbone.attn_implementation = "flex_attention"

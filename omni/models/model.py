@@ -28,6 +28,7 @@ from omni.models.attention import (
     VARLEN,
     additive_mask,
     document_block_mask,
+    document_groups,
     mask_kind,
     see_own_block,
     varlen_kwargs,
@@ -305,8 +306,19 @@ class OmniModel(nn.Module):
         if self.cfg.prompt_image_attention == "bidirectional":
             blocks = prompt_image_blocks(batch.image_mask, batch.image_target_index, batch.image_tokens.shape[0])
         mask, attn_kwargs = self.packed_attention(batch.doc_ids, embeds.dtype, blocks, queries)
-        hidden, _ = self.decoder(embeds, attention_mask=mask, position_ids=batch.position_ids, **attn_kwargs)
-        return hidden  # (B, L, D)
+        layout = attn_kwargs.get("doc_groups")
+        if layout is None:
+            hidden, _ = self.decoder(embeds, attention_mask=mask, position_ids=batch.position_ids, **attn_kwargs)
+            return hidden  # (B, L, D)
+        # grouped: the backbone runs over the rows' positions without their padding, as one sequence
+        B, L, D = embeds.shape
+        keep = layout.keep  # (N,)
+        # a 4D mask is taken as made, so transformers does not draw the (1, 1, N, N) mask of packed
+        # sequences it would find in the position ids; the grouped kernel reads `layout` instead
+        no_mask = embeds.new_zeros(1, 1, 1, 1)
+        hidden, _ = self.decoder(embeds.reshape(B * L, D)[keep][None], attention_mask=no_mask,
+                                 position_ids=batch.position_ids.reshape(-1)[keep][None], **attn_kwargs)  # (1, N, D)
+        return hidden.new_zeros(B * L, D).index_copy(0, keep, hidden[0]).view(B, L, D)  # padding: zeros
 
     def packed_attention(self, doc_ids: torch.Tensor, dtype: torch.dtype, blocks: torch.Tensor | None = None,
                          queries: torch.Tensor | None = None):
@@ -314,7 +326,8 @@ class OmniModel(nn.Module):
 
         sdpa / eager: the dense additive (B, 1, L, L) mask (None when every row is one document);
         flex_attention: a BlockMask (only the 128 x 128 tiles some query can see are computed);
-        flash_attention_2: no mask, varlen lengths (causal only: __init__ refuses bidirectional).
+        flash_attention_2: no mask, varlen lengths (causal only: __init__ refuses bidirectional);
+        grouped: no mask, the documents' layout for `grouped_attention`.
         """
         kind = mask_kind(self.backbone.config._attn_implementation)
         if kind == "flex":
@@ -327,6 +340,8 @@ class OmniModel(nn.Module):
             return document_block_mask(doc_ids, blocks, queries=queries), {}
         if kind == "varlen":
             return None, varlen_kwargs(doc_ids)
+        if kind == "grouped":
+            return None, {"doc_groups": document_groups(doc_ids, blocks, queries)}
         return attention_bias(doc_ids, dtype, blocks, queries), {}
 
     def text_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
