@@ -211,7 +211,7 @@ def document_groups(doc_ids: torch.Tensor, blocks: torch.Tensor | None = None, q
     queries (B, L) bool: position queries (parallel decoding), seen by no other position. Reads the
     document lengths back to the host (one read: a CPU training step's, where this kernel pays).
     """
-    B, L = doc_ids.shape
+    L = doc_ids.shape[1]
     dev = doc_ids.device
     flat = doc_ids.reshape(-1)  # (B*L,)
     keep = (flat > 0).nonzero().flatten()  # (N,)
