@@ -296,6 +296,30 @@ def test_bench_step_split_times_each_part_of_the_step_and_names_the_kernels(toke
     assert any(k["name"] in ("aten::mm", "aten::addmm", "aten::bmm") for k in result["kernels"])
 
 
+def test_bench_grouped_times_both_attentions_on_the_same_batches(tokenizer_dir, tmp_path):
+    """bench_grouped's stage: both variants on each batch, their losses equal (the same function),
+    the attention alone timed for each, the layout's padding and documents reported."""
+    from test_train_run import run_cfg, synthetic
+
+    from benchmarks.bench_grouped import VARIANTS, models, stage
+
+    cfg = run_cfg(tokenizer_dir, tmp_path / "run", "model.prompt_image_attention=bidirectional")
+    batches = [b for _, b in zip(range(5), synthetic(tokenizer_dir)(0, 1))]
+    pair = models(cfg, compile=False)
+    out = stage(pair, batches, warm=2)
+    losses = out["losses_first_batch"]
+    for k in ("loss", "loss_text", "loss_image"):
+        assert losses["grouped"][k] == pytest.approx(losses["sdpa"][k], abs=1e-4), k
+    assert set(out["step_ms"]) == set(out["attention_ms"]) == set(VARIANTS)
+    assert all(v > 0 for v in (*out["step_ms"].values(), *out["attention_ms"].values()))
+    assert out["step_ratio_grouped_to_sdpa"] > 0
+    real = [int((b.doc_ids > 0).sum()) for b in batches[2:]]
+    total = [b.doc_ids.numel() for b in batches[2:]]
+    assert out["padding_share"] == pytest.approx(1 - sum(r / t for r, t in zip(real, total)) / len(real), abs=1e-3)
+    assert out["documents_per_batch"] == pytest.approx(
+        sum(sum(int(row.max()) for row in b.doc_ids) for b in batches[2:]) / len(real), abs=0.05)
+
+
 def test_schedule_quality_counts_the_head_steps_each_variant_runs(tokenizer_dir, tmp_path, capsys):
     """Each variant's row reports the head steps per token it actually ran (the schedule's mean over
     the image's tokens) and one score per base seed; --samples-per-prompt reaches the harness."""

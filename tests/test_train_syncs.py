@@ -19,7 +19,10 @@ def test_one_host_read_per_step_and_metrics_only_when_logged(tokenizer_dir, tmp_
 
     steps, log_every = 6, 3
     cfg = run_cfg(tokenizer_dir, tmp_path / "run", f"train.steps={steps}", f"train.log_every={log_every}",
-                  "train.save_every=1000", f"model.prompt_image_attention={attention}")
+                  "train.save_every=1000", f"model.prompt_image_attention={attention}",
+                  # the GPU kernels' paths; the tiny preset's `grouped` is a CPU kernel that reads the
+                  # documents' lengths from the host batch (tests/test_grouped_attention.py)
+                  "model.backbone.attn_implementation=sdpa")
     run = loop.prepare(cfg, batches=synthetic(tokenizer_dir))
     counter = count_host_reads(ignore=NOT_THE_STEP)
     inside = {"log_train": 0, "save": 0}

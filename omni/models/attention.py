@@ -244,10 +244,14 @@ def document_groups(doc_ids: torch.Tensor, blocks: torch.Tensor | None = None, q
 
 
 class _Permute(torch.autograd.Function):
-    """rows (N, D) -> rows[index] (M, D), where every row appears exactly once in `index` (at
-    `inverse[row]`) and the other entries of `index` point anywhere: slots whose values reach
-    nothing (keys the mask hides, outputs no position reads). Its gradient is a gather too,
-    `grad[inverse]`, so neither direction scatters."""
+    """rows (N, D) -> rows[index] (M, D), whose gradient is the gather grad[inverse] (no scatter).
+
+    Both of `grouped_attention`'s gathers are permutations up to the slots past a document's end:
+    positions -> slots (every position once in `index`, at `inverse[position]`; an extra slot reads
+    any row, and no gradient comes back from it) and slots -> positions (an extra slot is read by
+    none; `inverse` gives it some position's gradient, which reaches nothing: such a slot sees only
+    itself, and no real slot sees it, so its gradient ends in its own key and value, which the first
+    gather drops)."""
 
     @staticmethod
     def forward(ctx, rows: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
