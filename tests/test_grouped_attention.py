@@ -1,12 +1,12 @@
-"""attn_implementation=grouped: each packed document attends on its own, padding left out.
+"""attn_implementation=grouped: each packed document attends on its own.
 
 The kernel computes the dense document mask's function (the same pairs), so it is checked against
 it: in fp64 the outputs and the gradients of queries, keys and values equal dense SDPA's to 1e-12
 on layouts with every feature of the mask (padding, documents at and across the groups' length
 steps, a document id repeated across a row boundary, bidirectional prompt-image blocks, parallel
 decoding's position queries); the whole model's hidden states, losses and gradients equal the
-`sdpa` model's in fp32; compiled layers (any sequence length) equal eager ones; generation, which
-has no packed rows, runs `omni_sdpa` and answers as the `sdpa` model does.
+`sdpa` model's in fp32; compiled layers equal eager ones; generation, which has no packed rows,
+runs `omni_sdpa` and answers as the `sdpa` model does.
 """
 
 import copy
@@ -43,19 +43,17 @@ def _blocks(doc_ids: torch.Tensor) -> torch.Tensor:
 
 
 def _dense_reference(q, k, v, doc_ids, blocks, queries):
-    """Dense SDPA over the (B, L) rows with `attention_bias`, read back at the real positions.
-    q, k, v (1, H, N, D) are the real positions' values; padding gets noise (it must not matter)."""
+    """Dense SDPA over the (B, L) rows with `attention_bias`; q, k, v (1, H, B * L, D) as the
+    grouped kernel takes them -> (1, B * L, H, D)."""
     B, L = doc_ids.shape
-    real = (doc_ids > 0).flatten()
+    H, D = q.shape[1], q.shape[3]
 
     def rows(t):
-        full = torch.randn(B * L, t.shape[1], t.shape[3], dtype=t.dtype)  # (B*L, H, D)
-        full = full.index_put((real.nonzero().flatten(),), t[0].transpose(0, 1))
-        return full.view(B, L, t.shape[1], t.shape[3]).transpose(1, 2)  # (B, H, L, D)
+        return t[0].view(H, B, L, D).transpose(0, 1)  # (B, H, L, D)
 
     mask = attention_bias(doc_ids, q.dtype, blocks, queries)
     out = F.scaled_dot_product_attention(rows(q), rows(k), rows(v), attn_mask=mask)  # (B, H, L, D)
-    return out.transpose(1, 2).reshape(B * L, q.shape[1], q.shape[3])[real][None]  # (1, N, H, D)
+    return out.transpose(1, 2).reshape(1, B * L, H, D)
 
 
 @pytest.mark.parametrize("features", ["causal", "blocks", "blocks+queries"])
@@ -68,12 +66,13 @@ def test_grouped_attention_equals_the_dense_mask_with_gradients(features):
         queries = torch.zeros_like(doc_ids, dtype=torch.bool)
         queries[0, 30:34] = True
         queries[3, 36:40] = True
-    N, H, D = int((doc_ids > 0).sum()), 3, 8
+    N, H, D = doc_ids.numel(), 3, 8
     q, k, v = (torch.randn(1, H, N, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
     layout = document_groups(doc_ids, blocks, queries)
-    assert sorted(layout.keep.tolist()) == (doc_ids.flatten() > 0).nonzero().flatten().tolist()
-    assert {S for _, _, S, _ in layout.groups} == {16, 32, 48}  # 1, 15 and 16 share S=16; 17 and 23 S=32
-    assert sum(n for _, n, _, _ in layout.groups) == 7  # documents, none run on across rows
+    # padding positions take one slot each; documents of 1, 15 and 16 share S=16, 17 and 23 S=32
+    assert {S: n for _, n, S, _ in layout.groups} == {1: 47, 16: 4, 32: 2, 48: 1}  # 7 documents, none run on
+    valid = layout.slots[layout.slots >= 0]
+    assert sorted(valid.tolist()) == list(range(N))  # every position in exactly one slot
     out = grouped_attention(q, k, v, layout)  # (1, N, H, D)
     ref = _dense_reference(q, k, v, doc_ids, blocks, queries)
     assert out.shape == (1, N, H, D)
@@ -89,7 +88,7 @@ def test_grouped_attention_takes_fewer_key_heads():
     """Grouped-query attention: each key/value head serves H / H_kv query heads, as repeat_kv does."""
     torch.manual_seed(0)
     doc_ids = _rows()
-    N = int((doc_ids > 0).sum())
+    N = doc_ids.numel()
     q = torch.randn(1, 4, N, 8, dtype=torch.float64)
     k, v = (torch.randn(1, 2, N, 8, dtype=torch.float64) for _ in range(2))
     layout = document_groups(doc_ids)
@@ -101,7 +100,7 @@ def test_grouped_attention_refuses_rows_it_was_not_laid_out_for():
     doc_ids = _rows()
     layout = document_groups(doc_ids)
     q = torch.randn(4, 2, 40, 8)  # the padded rows, not the layout's one sequence
-    with pytest.raises(ValueError, match="one sequence of 113 positions"):
+    with pytest.raises(ValueError, match="one sequence of 160 positions"):
         grouped_attention(q, q, q, layout)
 
 
@@ -121,17 +120,16 @@ def _pair(cfg, bidirectional: bool):
 
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_grouped_model_trains_as_the_dense_mask_model(tiny_cfg, bidirectional):
-    """Hidden states at real positions, the losses and every parameter's gradient equal (fp32)."""
+    """Hidden states, the losses and every parameter's gradient equal (fp32)."""
     from test_packed_attention import _packed
 
     dense, grouped = _pair(tiny_cfg, bidirectional)
     batch = _packed(dense)
-    real = batch.doc_ids > 0
     out, grads, hidden = {}, {}, {}
     for name, model in (("dense", dense), ("grouped", grouped)):
         model.train()
         torch.manual_seed(1)
-        hidden[name] = model.hidden_states(batch)[real]
+        hidden[name] = model.hidden_states(batch)  # padding too: it sees only itself in both
         torch.manual_seed(1)
         out[name] = model(batch)
         model.zero_grad()
@@ -145,16 +143,16 @@ def test_grouped_model_trains_as_the_dense_mask_model(tiny_cfg, bidirectional):
         torch.testing.assert_close(grads["grouped"][k], g, atol=1e-6, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
 
 
-@pytest.mark.slow  # compiles four decoder layers for any length (~50 s on a cold inductor cache)
-def test_grouped_compiled_layers_equal_eager_for_any_length(tiny_cfg):
+@pytest.mark.slow  # compiles four decoder layers (~50 s on a cold inductor cache)
+def test_grouped_compiled_layers_equal_eager(tiny_cfg):
     from test_packed_attention import _packed
 
     from omni.models.backbone import compile_layers
 
     _, eager = _pair(tiny_cfg, bidirectional=True)
     compiled = copy.deepcopy(eager)
-    assert compile_layers(compiled.backbone, dynamic=True) > 0
-    for seq_len in (96, 128):  # two packings, two sequence lengths: one compile serves both
+    assert compile_layers(compiled.backbone) > 0
+    for seq_len in (96, 96, 128):  # the grouped sequence is the rows' B x L positions: one shape per (B, L)
         batch = _packed(eager, seq_len)
         losses = []
         for model in (eager, compiled):

@@ -12,9 +12,10 @@ plain `sdpa`: same kernel, same numbers. The mask is built exactly as for `sdpa`
 document attends on its own, documents of similar length batched together (`DocumentGroups`), so
 the masked-out pairs between documents are never computed; everywhere else (generation with its
 KV cache, a forward given a mask) it is `omni_sdpa`. Same function as the dense mask (the same
-pairs, fp32 scores), other rounding. At the tiny preset's shapes (16 rows x 160 tokens, ~40-60
-documents a step of 27-112 positions; AMD EPYC, 2 cores) forward + backward of the four layers'
-attention took 54-67 ms against 128-189 ms with SDPA and the dense mask (docs/performance.md).
+pairs, fp32 scores), other rounding. At the tiny preset's shapes (16 rows x 160 positions, 40-65
+documents of 27-112 positions; AMD EPYC, 2 cores) the four layers' attention, forward + backward,
+took 93-106 ms against 145-156 ms with SDPA and the dense mask, and the demo's step ~0.89x
+(docs/performance.md, "Grouped attention").
 
 Registered with transformers' `AttentionInterface` / `AttentionMaskInterface` (its extension
 points for custom kernels), so masks, caches and saving behave as for `sdpa`; the name is not
@@ -181,30 +182,25 @@ def varlen_kwargs(doc_ids: torch.Tensor) -> dict[str, torch.Tensor | int]:
 # --------------------------------------------------------------------------------------------
 @dataclass
 class DocumentGroups:
-    """Packed rows' documents, without their padding, laid out for `grouped_attention`.
+    """Packed rows' documents laid out for `grouped_attention`.
 
-    The backbone runs over one sequence of the rows' N non-padding positions (`keep` (N,): their
-    flat indices b * L + l in the (B, L) rows), so padding costs no compute anywhere. A document of
-    n positions takes S = n rounded up to `multiple` slots; the documents of one S form a group.
-    `slots` (slots,) is each slot's position in that sequence, or -1 past a document's end; the
-    groups' slots follow one another. `groups` holds (first slot, documents n, length S, additive
-    mask (n, 1, S, S)) per group.
+    The backbone runs over the (B, L) rows as one sequence of N = B * L positions (the same shape
+    every step, so compiled layers compile once). A document of n positions takes S = n rounded up
+    to `multiple` slots, a padding position (doc id 0, which sees only itself, as in the dense mask)
+    one slot; the documents of one S form a group. `slots` (slots,) is each slot's position b * L +
+    l, or -1 past a document's end; the groups' slots follow one another. `groups` holds (first
+    slot, documents n, length S, additive mask (n, 1, S, S)) per group.
     """
 
-    keep: torch.Tensor
+    length: int  # N = B * L
     slots: torch.Tensor
     groups: list[tuple[int, int, int, torch.Tensor]]
     _index: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # heads -> gather indices
 
-    @property
-    def length(self) -> int:
-        return self.keep.shape[0]
-
 
 def document_groups(doc_ids: torch.Tensor, blocks: torch.Tensor | None = None, queries: torch.Tensor | None = None,
                     multiple: int = 16) -> DocumentGroups:
-    """The layout of `grouped_attention` for packed rows: the pattern `attention_bias` draws densely,
-    padding left out.
+    """The layout of `grouped_attention` for packed rows: the pattern `attention_bias` draws densely.
 
     doc_ids (B, L): 1.. per document (a run of equal ids), 0 = padding. blocks (B, L): positions
     with the same positive number also see each other both ways (bidirectional prompt images).
@@ -213,16 +209,17 @@ def document_groups(doc_ids: torch.Tensor, blocks: torch.Tensor | None = None, q
     """
     L = doc_ids.shape[1]
     dev = doc_ids.device
-    flat = doc_ids.reshape(-1)  # (B*L,)
-    keep = (flat > 0).nonzero().flatten()  # (N,)
-    ids = flat[keep]
+    ids = doc_ids.reshape(-1)  # (N,)
+    N = ids.shape[0]
     starts = torch.ones_like(ids, dtype=torch.bool)
-    starts[1:] = (ids[1:] != ids[:-1]) | (keep[1:] // L != keep[:-1] // L)  # a document never crosses a row
-    first = starts.nonzero().flatten()  # (docs,) in the kept sequence
-    lengths = torch.diff(first, append=first.new_tensor([keep.shape[0]]))  # (docs,)
-    padded = (lengths + multiple - 1) // multiple * multiple
-    blk = None if blocks is None else torch.cat([blocks.reshape(-1)[keep], blocks.new_zeros(1)])
-    hidden = None if queries is None else torch.cat([queries.reshape(-1)[keep], queries.new_zeros(1)])
+    starts[1:] = ids[1:] != ids[:-1]
+    starts[::L] = True  # a document never runs on across a row (ids restart at 1 in every row)
+    starts |= ids == 0  # every padding position is a document of its own
+    first = starts.nonzero().flatten()  # (docs,)
+    lengths = torch.diff(first, append=first.new_tensor([N]))  # (docs,)
+    padded = torch.where(ids[first] == 0, 1, (lengths + multiple - 1) // multiple * multiple)
+    blk = None if blocks is None else torch.cat([blocks.reshape(-1), blocks.new_zeros(1)])
+    hidden = None if queries is None else torch.cat([queries.reshape(-1), queries.new_zeros(1)])
     slots, groups, slot = [], [], 0
     for S in sorted(set(padded.tolist())):
         pick = padded == S
@@ -240,7 +237,7 @@ def document_groups(doc_ids: torch.Tensor, blocks: torch.Tensor | None = None, q
         groups.append((slot, len(a), S, additive_mask(allowed, torch.float32)))
         slots.append(idx.flatten())
         slot += idx.numel()
-    return DocumentGroups(keep, torch.cat(slots), groups)
+    return DocumentGroups(N, torch.cat(slots), groups)
 
 
 class _Permute(torch.autograd.Function):

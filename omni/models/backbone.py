@@ -171,13 +171,11 @@ def fuse_with_liger(backbone: nn.Module) -> None:
           model=backbone)
 
 
-def compile_layers(backbone: nn.Module, dynamic: bool | None = None) -> int:
+def compile_layers(backbone: nn.Module) -> int:
     """torch.compile every decoder layer of a Hugging Face backbone in place (`nn.Module.compile`:
     parameter names, checkpoints and hooks unchanged); the layers' calls are compiled on first
     use. Returns how many layers were compiled. On the CPU inductor writes C++: without a
-    compiler the layers stay eager, with a warning. `dynamic=True` compiles for any sequence
-    length at once (the grouped kernel's sequences change length every step), rather than for
-    the first step's and again at the second."""
+    compiler the layers stay eager, with a warning."""
     import logging
     import os
     import shutil
@@ -194,7 +192,7 @@ def compile_layers(backbone: nn.Module, dynamic: bool | None = None) -> int:
             "backbone trains eager (slower). Install g++ (Debian: apt-get install g++) to compile it.")
         return 0
     for layer in layers:
-        layer.compile(dynamic=dynamic)
+        layer.compile()
     return len(layers)
 
 

@@ -310,15 +310,14 @@ class OmniModel(nn.Module):
         if layout is None:
             hidden, _ = self.decoder(embeds, attention_mask=mask, position_ids=batch.position_ids, **attn_kwargs)
             return hidden  # (B, L, D)
-        # grouped: the backbone runs over the rows' positions without their padding, as one sequence
+        # grouped: the rows run as one sequence, which the kernel splits into its documents; a 4D
+        # mask is taken as made, so transformers does not draw the (1, 1, N, N) mask of packed
+        # sequences it would find in the position ids
         B, L, D = embeds.shape
-        keep = layout.keep  # (N,)
-        # a 4D mask is taken as made, so transformers does not draw the (1, 1, N, N) mask of packed
-        # sequences it would find in the position ids; the grouped kernel reads `layout` instead
         no_mask = embeds.new_zeros(1, 1, 1, 1)
-        hidden, _ = self.decoder(embeds.reshape(B * L, D)[keep][None], attention_mask=no_mask,
-                                 position_ids=batch.position_ids.reshape(-1)[keep][None], **attn_kwargs)  # (1, N, D)
-        return hidden.new_zeros(B * L, D).index_copy(0, keep, hidden[0]).view(B, L, D)  # padding: zeros
+        hidden, _ = self.decoder(embeds.reshape(1, B * L, D), attention_mask=no_mask,
+                                 position_ids=batch.position_ids.reshape(1, B * L), **attn_kwargs)
+        return hidden.view(B, L, D)
 
     def packed_attention(self, doc_ids: torch.Tensor, dtype: torch.dtype, blocks: torch.Tensor | None = None,
                          queries: torch.Tensor | None = None):

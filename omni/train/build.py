@@ -208,7 +208,7 @@ def build_model(cfg: Config, ds_config: dict) -> OmniModel:
     if cfg.train.liger:
         fuse_with_liger(model.backbone)
     if cfg.train.compile:
-        compile_layers(model.backbone, dynamic=True if cfg.model.backbone.attn_implementation == "grouped" else None)
+        compile_layers(model.backbone)
     allow_tf32(cfg.train.tf32)
     return model
 
