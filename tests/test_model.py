@@ -219,10 +219,9 @@ def test_image_input_noise_perturbs_only_what_the_backbone_reads_in_training(tin
                                   position_ids=batch.position_ids)
         return hidden
 
-    real = batch.doc_ids > 0  # padding's hidden states mean nothing (the grouped kernel leaves them zero)
     with torch.no_grad():
         model.eval()  # evaluation and generation read the tokens as they are
-        torch.testing.assert_close(model.hidden_states(batch)[real], hidden_for(clean)[real])
+        torch.testing.assert_close(model.hidden_states(batch), hidden_for(clean))
         # Training reads the drawn image's tokens + 0.5 * N(0, 1) (global generator); the prompt
         # image (the VQA document's, no loss) stays clean.
         model.train()
@@ -233,7 +232,7 @@ def test_image_input_noise_perturbs_only_what_the_backbone_reads_in_training(tin
         torch.manual_seed(1)
         expected = clean.clone()
         expected[:n] += 0.5 * torch.randn(n, clean.shape[1])
-        torch.testing.assert_close(noisy[real], hidden_for(expected)[real])
+        torch.testing.assert_close(noisy, hidden_for(expected))
         assert not torch.allclose(noisy, hidden_for(clean), atol=1e-3)
     assert torch.equal(batch.image_tokens, clean)  # the diffusion targets stay clean
     tiny_cfg.model.image_input_noise = -0.1
