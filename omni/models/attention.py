@@ -160,6 +160,17 @@ def block_fraction(block_mask) -> float:
     return float(computed) / (B * H * nq * nk)
 
 
+def run_starts(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) doc ids -> (B*L,) bool: where a run of equal ids starts in the flattened rows. Every
+    row starts a run, even if its first id equals the row above's last (ids restart in each row)."""
+    L = doc_ids.shape[1]
+    flat = doc_ids.reshape(-1)
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    starts[::L] = True
+    return starts
+
+
 def varlen_kwargs(doc_ids: torch.Tensor) -> dict[str, torch.Tensor | int]:
     """Keyword arguments of transformers' flash-attention varlen path for rows flattened to one.
 
@@ -168,12 +179,9 @@ def varlen_kwargs(doc_ids: torch.Tensor) -> dict[str, torch.Tensor | int]:
     so nothing is read back to the host.
     """
     L = doc_ids.shape[1]
-    flat = doc_ids.reshape(-1)  # (B*L,)
-    starts = torch.ones_like(flat, dtype=torch.bool)
-    starts[1:] = flat[1:] != flat[:-1]
-    starts[::L] = True  # every row starts a sequence, even if its first doc id equals the last row's
+    starts = run_starts(doc_ids)  # (B*L,)
     ends = torch.cat([starts[1:], starts.new_ones(1)])  # (B*L,) the last position of each sequence
-    cu = torch.cat([flat.new_zeros(1), (ends.nonzero().flatten() + 1)]).to(torch.int32)  # (S + 1,)
+    cu = torch.cat([doc_ids.new_zeros(1), (ends.nonzero().flatten() + 1)]).to(torch.int32)  # (S + 1,)
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": L, "max_length_k": L}
 
 
@@ -207,14 +215,10 @@ def document_groups(doc_ids: torch.Tensor, blocks: torch.Tensor | None = None, q
     queries (B, L) bool: position queries (parallel decoding), seen by no other position. Reads the
     document lengths back to the host (one read: a CPU training step's, where this kernel pays).
     """
-    L = doc_ids.shape[1]
     dev = doc_ids.device
     ids = doc_ids.reshape(-1)  # (N,)
     N = ids.shape[0]
-    starts = torch.ones_like(ids, dtype=torch.bool)
-    starts[1:] = ids[1:] != ids[:-1]
-    starts[::L] = True  # a document never runs on across a row (ids restart at 1 in every row)
-    starts |= ids == 0  # every padding position is a document of its own
+    starts = run_starts(doc_ids) | (ids == 0)  # every padding position is a document of its own
     first = starts.nonzero().flatten()  # (docs,)
     lengths = torch.diff(first, append=first.new_tensor([N]))  # (docs,)
     padded = torch.where(ids[first] == 0, 1, (lengths + multiple - 1) // multiple * multiple)
