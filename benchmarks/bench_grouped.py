@@ -71,8 +71,10 @@ def _attention_ms(batches, heads: int, head_dim: int, layers: int) -> dict[str, 
     for doc_ids, blocks in batches:
         B, L = doc_ids.shape
         for v in VARIANTS:
-            shape = (B, heads, L, head_dim) if v == "sdpa" else (1, heads, B * L, head_dim)
-            q, k, v_ = (torch.randn(shape, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+            # laid out as transformers' projections are: (rows, positions, heads, dim), seen transposed
+            shape = (B, L, heads, head_dim) if v == "sdpa" else (1, B * L, heads, head_dim)
+            leaves = [torch.randn(shape, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+            q, k, v_ = (t.transpose(1, 2) for t in leaves)
             t = time.perf_counter()
             with torch.autocast("cpu", torch.bfloat16):
                 if v == "sdpa":

@@ -12,9 +12,9 @@ plain `sdpa`: same kernel, same numbers. The mask is built exactly as for `sdpa`
 document attends on its own, documents of similar length batched together (`DocumentGroups`), so
 the masked-out pairs between documents are never computed; everywhere else (generation with its
 KV cache, a forward given a mask) it is `omni_sdpa`. Same function as the dense mask (the same
-pairs, fp32 scores), other rounding. At the tiny preset's shapes (16 rows x 160 positions, 40-65
-documents of 27-112 positions; AMD EPYC, 2 cores) the four layers' attention, forward + backward,
-took 93-106 ms against 145-156 ms with SDPA and the dense mask, and the demo's step ~0.89x
+pairs, fp32 scores), other rounding; its backward is written out (`_GroupedAttention`). At the
+tiny preset's shapes (16 rows x 160 positions, 40-65 documents of 27-112 positions; AMD EPYC, 2
+cores) the demo's forward + backward steps at 0.81-0.87x of SDPA with the dense mask
 (docs/performance.md, "Grouped attention").
 
 Registered with transformers' `AttentionInterface` / `AttentionMaskInterface` (its extension
@@ -244,47 +244,75 @@ def document_groups(doc_ids: torch.Tensor, blocks: torch.Tensor | None = None, q
     return DocumentGroups(N, torch.cat(slots), groups)
 
 
-class _Permute(torch.autograd.Function):
-    """rows (N, D) -> rows[index] (M, D), whose gradient is the gather grad[inverse] (no scatter).
+class _GroupedAttention(torch.autograd.Function):
+    """The groups' attention with its backward written out: query, key and value rows (N * H, D),
+    position-major as transformers lays them out, -> output rows (N * H, D), the groups computed
+    one after another into preallocated buffers.
 
-    Both of `grouped_attention`'s gathers are permutations up to the slots past a document's end:
-    positions -> slots (every position once in `index`, at `inverse[position]`; an extra slot reads
-    any row, and no gradient comes back from it) and slots -> positions (an extra slot is read by
-    none; `inverse` gives it some position's gradient, which reaches nothing: such a slot sees only
-    itself, and no real slot sees it, so its gradient ends in its own key and value, which the first
-    gather drops)."""
+    Forward: gather every slot's query, key and value (`into`; a slot past a document's end reads
+    row 0), per group P = softmax(scale q k^T + mask) and P v written into the slots' output, then
+    each row's output from its slot (`back`). Backward: the output gradient gathered to the slots
+    (`into`), per group dV = P^T dO, dS = softmax'(dO v^T) scaled, dQ = dS k and dK = dS^T q written
+    into buffers, then each row's gradients from its slot (`back`). Both gathers are permutations
+    up to the extra slots: an extra slot sees only itself and no real slot sees it, so what it
+    computes, and its gradients, reach no row. Written out rather than left to autograd: no
+    concatenation of the groups' outputs, no split of their gradients, no copies of the heads into
+    another order (each a pass over the whole)."""
 
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(inverse)
-        return rows.index_select(0, index)
+    def forward(ctx, q, k, v, layout: DocumentGroups, index: tuple[torch.Tensor, torch.Tensor], heads: int,
+                scale: float, fp: torch.dtype):
+        into, back = index
+        H, D = heads, q.shape[-1]
+        qs, ks, vs = (t.index_select(0, into).to(fp) for t in (q, k, v))  # (slots * H, D)
+        out = torch.empty_like(qs)
+        probs = []
+        for first, n, S, mask in layout.groups:
+            a, b = first * H, (first + n * S) * H
+            qg, kg, vg = (t[a:b].view(n * H, S, D) for t in (qs, ks, vs))
+            scores = torch.bmm(qg, kg.transpose(1, 2)).view(n, H, S, S)
+            p = torch.softmax(scores.mul_(scale).add_(mask.to(fp)), -1).view(n * H, S, S)
+            torch.bmm(p, vg, out=out[a:b].view(n * H, S, D))
+            probs.append(p)
+        ctx.save_for_backward(qs, ks, vs, into, back, *probs)
+        ctx.layout, ctx.heads, ctx.scale, ctx.dtypes = layout, heads, scale, (q.dtype, k.dtype, v.dtype)
+        return out.index_select(0, back)  # (N * H, D)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
+    def backward(ctx, grad):
+        qs, ks, vs, into, back, *probs = ctx.saved_tensors
+        H, D, scale = ctx.heads, qs.shape[-1], ctx.scale
+        dout = grad.index_select(0, into).to(qs.dtype)  # (slots * H, D)
+        dq, dk, dv = torch.empty_like(qs), torch.empty_like(ks), torch.empty_like(vs)
+        with torch.autocast(grad.device.type, enabled=False):  # a backward run under autocast: fp32 too
+            for (first, n, S, _), p in zip(ctx.layout.groups, probs):
+                a, b = first * H, (first + n * S) * H
+                qg, kg, vg, dog = (t[a:b].view(n * H, S, D) for t in (qs, ks, vs, dout))
+                torch.bmm(p.transpose(1, 2), dog, out=dv[a:b].view(n * H, S, D))
+                ds = torch._softmax_backward_data(torch.bmm(dog, vg.transpose(1, 2)), p, -1, p.dtype).mul_(scale)
+                torch.bmm(ds, kg, out=dq[a:b].view(n * H, S, D))
+                torch.bmm(ds.transpose(1, 2), qg, out=dk[a:b].view(n * H, S, D))
+        return (*(g.index_select(0, back).to(dt) for g, dt in zip((dq, dk, dv), ctx.dtypes)),
+                None, None, None, None, None)
 
 
-def _gather_index(layout: DocumentGroups, heads: int) -> tuple[torch.Tensor, ...]:
-    """Gather indices of `grouped_attention` for H heads, in a (H * N, D) view of (1, H, N, D):
-    `into` (slots * H,), each group's (n, H, S) slots in turn (0 past a document's end), and
-    `back` (H * N,), each row's place in them; `out_into` (N * H,), the place of each (position,
-    head) of the result in the groups' outputs, and `out_back`, the inverse (0 past an end)."""
+def _gather_index(layout: DocumentGroups, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather indices of `grouped_attention` for H heads over position-major rows p * H + h (the
+    (N * H, D) view of transformers' (1, N, H, D) projections): `into` (slots * H,), the row of each
+    group's (n, H, S) slots in turn (row 0 past a document's end), and `back` (N * H,), the slot of
+    each row."""
     N, H = layout.length, heads
     dev = layout.slots.device
     head = torch.arange(H, device=dev)[None, :, None]  # (1, H, 1)
     into, valid = [], []
     for first, n, S, _ in layout.groups:
         pos = layout.slots[first:first + n * S].view(n, 1, S)  # (n, 1, S): position, or -1
-        into.append(torch.where(pos >= 0, head * N + pos, 0).flatten())
+        into.append(torch.where(pos >= 0, pos * H + head, 0).flatten())
         valid.append((pos >= 0).expand(n, H, S).flatten())
     into, valid = torch.cat(into), torch.cat(valid)
-    back = torch.empty(H * N, dtype=torch.long, device=dev)
+    back = torch.empty(N * H, dtype=torch.long, device=dev)
     back[into[valid]] = valid.nonzero().flatten()
-    out_into = back.view(H, N).t().flatten()  # (N*H,): (position, head) -> its slot row
-    out_back = torch.zeros_like(into)
-    out_back[out_into] = torch.arange(N * H, device=dev)
-    return into, back, out_into, out_back
+    return into, back
 
 
 @torch.compiler.disable  # the groups' shapes change every step: eager, between the compiled layers' halves
@@ -304,16 +332,9 @@ def grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     scale = D**-0.5 if scaling is None else scaling
     if H not in layout._index:  # built once per step, shared by the layers
         layout._index[H] = _gather_index(layout, H)
-    into, back, out_into, out_back = layout._index[H]
     fp = torch.promote_types(query.dtype, torch.float32)  # fp32 scores; fp64 stays fp64 (tests)
     with torch.autocast(query.device.type, enabled=False):
-        sizes = [n * H * S for _, n, S, _ in layout.groups]
-        q, k, v = (_Permute.apply(t.reshape(H * N, D), into, back).to(fp).split(sizes)  # one part a group
-                   for t in (query, key, value))
-        outs = []
-        for (_, n, S, mask), qg, kg, vg in zip(layout.groups, q, k, v):
-            qg, kg, vg = (t.view(n, H, S, D) for t in (qg, kg, vg))
-            scores = torch.add(mask.to(fp), torch.matmul(qg, kg.transpose(-1, -2)), alpha=scale)  # (n, H, S, S)
-            outs.append(torch.matmul(scores.softmax(-1), vg).view(n * H * S, D))
-        out = _Permute.apply(torch.cat(outs), out_into, out_back)  # (N*H, D)
+        # (1, H, N, D) -> (N * H, D): a view of the projections as transformers makes them (a copy otherwise)
+        q, k, v = (t.transpose(1, 2).reshape(N * H, D) for t in (query, key, value))
+        out = _GroupedAttention.apply(q, k, v, layout, layout._index[H], H, scale, fp)  # (N * H, D)
     return out.view(1, N, H, D).to(dtype)
