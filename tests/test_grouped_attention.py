@@ -49,15 +49,18 @@ def _dense_reference(q, k, v, doc_ids, blocks, queries):
     H, D = q.shape[1], q.shape[3]
 
     def rows(t):
-        return t[0].view(H, B, L, D).transpose(0, 1)  # (B, H, L, D)
+        return t[0].reshape(H, B, L, D).transpose(0, 1)  # (B, H, L, D)
 
     mask = attention_bias(doc_ids, q.dtype, blocks, queries)
     out = F.scaled_dot_product_attention(rows(q), rows(k), rows(v), attn_mask=mask)  # (B, H, L, D)
     return out.transpose(1, 2).reshape(1, B * L, H, D)
 
 
+@pytest.mark.parametrize("order", ["positions first", "heads first"])
 @pytest.mark.parametrize("features", ["causal", "blocks", "blocks+queries"])
-def test_grouped_attention_equals_the_dense_mask_with_gradients(features):
+def test_grouped_attention_equals_the_dense_mask_with_gradients(features, order):
+    """`order`: the projections as transformers makes them, (1, N, H, D) seen transposed (the
+    kernel reads them in place), or contiguous (1, H, N, D) (it copies them into that order)."""
     torch.manual_seed(0)
     doc_ids = _rows()
     blocks = _blocks(doc_ids) if "blocks" in features else None
@@ -67,7 +70,10 @@ def test_grouped_attention_equals_the_dense_mask_with_gradients(features):
         queries[0, 30:34] = True
         queries[3, 36:40] = True
     N, H, D = doc_ids.numel(), 3, 8
-    q, k, v = (torch.randn(1, H, N, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    if order == "heads first":
+        q, k, v = (torch.randn(1, H, N, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    else:
+        q, k, v = (torch.randn(1, N, H, D, dtype=torch.float64, requires_grad=True).transpose(1, 2) for _ in range(3))
     layout = document_groups(doc_ids, blocks, queries)
     # padding positions take one slot each; documents of 1, 15 and 16 share S=16, 17 and 23 S=32
     assert {S: n for _, n, S, _ in layout.groups} == {1: 47, 16: 4, 32: 2, 48: 1}  # 7 documents, none run on
@@ -82,6 +88,30 @@ def test_grouped_attention_equals_the_dense_mask_with_gradients(features):
     ref_grads = torch.autograd.grad(ref, (q, k, v), go)
     for name, g, r in zip("qkv", grads, ref_grads):
         torch.testing.assert_close(g, r, atol=1e-12, rtol=0, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+def test_grouped_attention_under_bf16_autocast():
+    """As the demo trains: bf16 projections under CPU autocast, the backward run inside the autocast
+    region too. Scores and gradients are fp32 inside; the output is bf16 and the input gradients
+    take the inputs' dtype; both equal the fp32 computation to bf16 rounding."""
+    torch.manual_seed(0)
+    doc_ids = _rows()
+    blocks = _blocks(doc_ids)
+    N, H, D = doc_ids.numel(), 4, 16
+    leaves = [torch.randn(1, N, H, D).to(torch.bfloat16).requires_grad_() for _ in range(3)]
+    layout = document_groups(doc_ids, blocks)
+    go = torch.randn(1, N, H, D)
+    with torch.autocast("cpu", torch.bfloat16):
+        out = grouped_attention(*(t.transpose(1, 2) for t in leaves), layout)
+        assert out.dtype == torch.bfloat16
+        out.float().backward(go)
+    ref_leaves = [t.detach().float().requires_grad_() for t in leaves]
+    ref = _dense_reference(*(t.transpose(1, 2) for t in ref_leaves), doc_ids, blocks, None)
+    ref.backward(go)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    for t, r in zip(leaves, ref_leaves):
+        assert t.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(t.grad.float(), r.grad, atol=3e-2, rtol=3e-2)
 
 
 def test_grouped_attention_takes_fewer_key_heads():
