@@ -87,6 +87,16 @@ def test_bf16_request_without_hardware_support_is_an_error(monkeypatch):
     assert engine.resolve_precision("fp32") == "fp32"
 
 
+def test_run_header_says_why_auto_trains_fp32_on_a_cpu(monkeypatch):
+    from omni.train.loop import precision_note
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    auto, fp32 = cfg_with("train.precision=auto"), cfg_with("train.precision=fp32")
+    assert precision_note(auto, "fp32") == "fp32 (train.precision=auto: this CPU has no native bf16)"
+    assert precision_note(auto, "bf16") == "bf16"
+    assert precision_note(fp32, "fp32") == "fp32"  # asked for: nothing to explain
+
+
 def test_lr_schedule_warmup_then_cosine_to_floor():
     f = [lr_factor(s, warmup=10, total=110, min_ratio=0.1) for s in range(120)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)

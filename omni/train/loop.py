@@ -465,7 +465,7 @@ def _prepare_on_ranks(cfg: Config, d: Dist, precision: str, ds_config: dict, res
     n_train = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     run.monitor.print(
         f"omni train: {cfg.name}, {n_params / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trained), "
-        f"{d.world_size} rank(s), ZeRO-{cfg.train.zero_stage}, {precision}, global batch "
+        f"{d.world_size} rank(s), ZeRO-{cfg.train.zero_stage}, {precision_note(cfg, precision)}, global batch "
         f"{ds_config['train_batch_size']} rows, run dir {run_dir}"
         + (f", resumed from {resume_tag} (step {run.step})" if resume_tag is not None else "")
     )
@@ -475,6 +475,16 @@ def _prepare_on_ranks(cfg: Config, d: Dist, precision: str, ds_config: dict, res
         run.monitor.print(f"checkpoints leave the {len(run.frozen['parameters'])} frozen weights in "
                           f"{run.frozen['init_from']} (train.save_frozen=true writes them too)")
     return run
+
+
+def precision_note(cfg: Config, precision: str) -> str:
+    """The header's precision, with why `auto` chose fp32 on a CPU: there bf16 has no native
+    instructions (AMX or AVX512-BF16), and emulated bf16 matmuls are ~60x slower than fp32 ones
+    (1.2 against 73 GFLOP/s on an AVX2-only AMD EPYC), so the run trains in fp32 -- on such a CPU
+    the demo's step takes ~2.5-3x as long as on one with native bf16 (docs/demo.md, session 27)."""
+    if cfg.train.precision == "auto" and precision == "fp32" and not torch.cuda.is_available():
+        return "fp32 (train.precision=auto: this CPU has no native bf16)"
+    return precision
 
 
 def resume_resharded(run: Run, saved_world: int) -> None:
