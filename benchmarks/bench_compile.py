@@ -3,7 +3,8 @@
     python -m benchmarks.bench_compile [--threads 2] [--repeats 8] [--out DIR]
 
 The tiny preset as `omni demo` trains it: 16 packed rows of 160 positions (bench_train.make_batch,
-packed: caption, image, text documents with the dense document mask), bf16 autocast on the CPU,
+packed: caption, image, text documents with the dense document mask), the trainer's precision
+(bf16 autocast where the CPU has native bf16, else fp32),
 forward + backward + clip + AdamW. Three copies of one model, the same weights at the start:
 
   eager          the plain step
@@ -12,7 +13,7 @@ forward + backward + clip + AdamW. Three copies of one model, the same weights a
 
 Timed in interleaved rounds (best and median of `repeats`), so the machine's drift hits all three
 alike; the first (compiling) step of each is reported apart. The losses of the three on one batch
-with the same noise are reported as a check (bf16 autocast: equal to about 1e-3).
+with the same noise are reported as a check (bf16 autocast: equal to about 1e-3; fp32: ~1e-5).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from benchmarks.common import write_result
 
 def run(threads: int = 2, repeats: int = 8) -> dict[str, Any]:
     from benchmarks.bench_train import make_batch, optimizer, stepper
-    from benchmarks.common import bench_config, cpu_threads
+    from benchmarks.common import bench_config, cpu_threads, train_autocast
     from omni.models.backbone import compile_layers
     from omni.models.model import OmniModel
 
@@ -45,7 +46,7 @@ def run(threads: int = 2, repeats: int = 8) -> dict[str, Any]:
         for p in base.parameters():  # leave the zero-initialised start, so every block computes
             p.data.add_(torch.randn_like(p) * 0.02)
         batch = make_batch(base, cfg.data.batch_size, cfg.data.seq_len, 12, 8, packed=True)
-        amp = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+        amp, precision = train_autocast(dev)
         models = {"eager": base, "layers": copy.deepcopy(base), "layers+head": copy.deepcopy(base)}
         compile_layers(models["layers"].backbone)
         compile_layers(models["layers+head"].backbone)
@@ -75,7 +76,8 @@ def run(threads: int = 2, repeats: int = 8) -> dict[str, Any]:
                 t = time.perf_counter()
                 step()
                 times[k].append(time.perf_counter() - t)
-    out: dict[str, Any] = {"preset": "tiny", "threads": n, "torch": torch.__version__, "rows": cfg.data.batch_size,
+    out: dict[str, Any] = {"preset": "tiny", "threads": n, "torch": torch.__version__, "precision": precision,
+                           "rows": cfg.data.batch_size,
                            "seq_len": cfg.data.seq_len, "tokens": batch.n_tokens, "losses_same_batch": losses,
                            "first_step_s": first, "steps": {}}
     for k, ts in times.items():

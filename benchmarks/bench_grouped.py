@@ -6,14 +6,16 @@
 the dense (B, 1, L, L) document mask; `grouped` attends each document on its own, documents of
 similar length batched (omni/models/attention.py). Both on the demo's own batches, both stages (the editing-first
 stage's documents, then the mix), as `omni demo` trains them: decoder layers compiled, the head's
-loss compiled, bf16 autocast, 2 threads. Two copies of one model, the same weights.
+loss compiled, the trainer's precision (bf16 autocast where the CPU has native bf16, else fp32:
+`train.precision=auto`), 2 threads. Two copies of one model, the same weights.
 
 Per stage:
   step        forward + backward of the whole model, the two alternated batch by batch (the
               machine's drift hits both alike): median ms each and the median of the per-batch
               ratios grouped / sdpa, after `--warm` batches that hold the compile
-  attention   the attention alone, forward + backward of the four layers' shapes (bf16 inputs,
-              fp32 scores as both kernels compute them): median ms each over the same batches
+  attention   the attention alone, forward + backward of the four layers' shapes (inputs in the
+              step's precision, fp32 scores as both kernels compute them): median ms each over
+              the same batches
   losses      both models' losses on the first batch with the same noise (equal to ~1e-5: the
               same function, summed in another order)
   layout      padding share of the positions, documents and groups per batch
@@ -61,8 +63,12 @@ def models(cfg, compile: bool = True) -> dict[str, Any]:
 
 def _attention_ms(batches, heads: int, head_dim: int, layers: int) -> dict[str, float]:
     """The attention alone: `layers` x (forward + backward) per batch, median ms per variant."""
+    from benchmarks.common import train_autocast
     from omni.models.attention import _omni_sdpa, document_groups, grouped_attention
     from omni.models.model import attention_bias
+
+    amp, precision = train_autocast(torch.device("cpu"))
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
     class Layer:  # what transformers' attention functions read from the module
         training, num_key_value_groups, is_causal = True, 1, True
@@ -73,12 +79,12 @@ def _attention_ms(batches, heads: int, head_dim: int, layers: int) -> dict[str, 
         for v in VARIANTS:
             # laid out as transformers' projections are: (rows, positions, heads, dim), seen transposed
             shape = (B, L, heads, head_dim) if v == "sdpa" else (1, B * L, heads, head_dim)
-            leaves = [torch.randn(shape, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+            leaves = [torch.randn(shape, dtype=dtype, requires_grad=True) for _ in range(3)]
             q, k, v_ = (t.transpose(1, 2) for t in leaves)
             t = time.perf_counter()
-            with torch.autocast("cpu", torch.bfloat16):
+            with amp():
                 if v == "sdpa":
-                    mask = attention_bias(doc_ids, torch.bfloat16, blocks)
+                    mask = attention_bias(doc_ids, dtype, blocks)
                 else:
                     groups = document_groups(doc_ids, blocks)
                 for _ in range(layers):
@@ -91,11 +97,12 @@ def _attention_ms(batches, heads: int, head_dim: int, layers: int) -> dict[str, 
 
 def stage(pair: dict[str, Any], batches: list, warm: int) -> dict[str, Any]:
     """Both variants of `pair` (`models`) on `batches`, alternated; the first `warm` left out."""
+    from benchmarks.common import train_autocast
     from omni.models.attention import document_groups
     from omni.models.model import prompt_image_blocks
 
     first = pair["sdpa"]
-    amp = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    amp, _ = train_autocast(torch.device("cpu"))
     with torch.no_grad(), amp():
         losses = {}
         for v, m in pair.items():
@@ -133,7 +140,7 @@ def stage(pair: dict[str, Any], batches: list, warm: int) -> dict[str, Any]:
 
 def run(data: Path | None, n_batches: int = 40, warm: int = 8, threads: int = 2) -> dict[str, Any]:
     from benchmarks.bench_step import demo_data
-    from benchmarks.common import cpu_threads
+    from benchmarks.common import cpu_threads, machine_info, train_autocast
     from omni import demo
     from omni.data.loader import BatchStream
 
@@ -144,7 +151,8 @@ def run(data: Path | None, n_batches: int = 40, warm: int = 8, threads: int = 2)
         paths = demo.data_paths(data)
         first, main = demo.stage_configs(data, paths, [], demo.edit_first_steps(demo.train_config(data, paths, []).train.steps))
         out: dict[str, Any] = {"preset": "tiny", "threads": n, "torch": torch.__version__, "batches": n_batches,
-                               "warm": warm}
+                               "warm": warm, "precision": train_autocast(torch.device("cpu"))[1],
+                               "machine": machine_info(torch.device("cpu"))}
         for name, cfg in (("editing", first), ("mix", main)):
             pair = models(cfg)
             tok = pair["sdpa"]

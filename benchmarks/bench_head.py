@@ -9,7 +9,8 @@ modulations once per token, an N-wide time path per row; docs/performance.md, "T
 time path"). Timed in interleaved rounds (best of n), ratios within one run:
 
 - train: `DiffusionHead.loss` forward + backward for K targets x the preset's noise copies, under
-  bf16 autocast with the preset's `bf16_train`, compiled (`model.head.compile`, as the demo trains;
+  the trainer's autocast (bf16 where the device computes it natively, with the preset's
+  `bf16_train`; fp32 on an AVX2-only CPU), compiled (`model.head.compile`, as the demo trains;
   eager with --quick);
 - sample: `DiffusionHead.sample` of B tokens, the preset's generation steps, sampler and CFG
   (2B guided rows), at batch 1, 4, 16 and 64.
@@ -26,7 +27,14 @@ import os
 
 import torch
 
-from benchmarks.common import cpu_threads, interleaved_best, machine_info, resolve_device, write_result
+from benchmarks.common import (
+    cpu_threads,
+    interleaved_best,
+    machine_info,
+    resolve_device,
+    train_autocast,
+    write_result,
+)
 from omni.config import Config, load_config
 from omni.heads.diffusion import DiffusionHead
 
@@ -65,9 +73,12 @@ def main() -> None:
         k = 64 if args.quick else args.targets
         target, cond = torch.randn(k, args.token_dim, device=device), torch.randn(k, dim, device=device, requires_grad=True)
 
+        amp, precision = train_autocast(device)
+        result["precision"] = precision
+
         def train(head: DiffusionHead):
             def run():
-                with torch.autocast(device.type, dtype=torch.bfloat16):
+                with amp():
                     loss = head.loss(target, cond)
                 loss.backward()
             return run

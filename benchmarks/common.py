@@ -141,6 +141,17 @@ class Stopwatch:
         return timed
 
 
+def train_autocast(device: torch.device) -> tuple[Callable[[], contextlib.AbstractContextManager], str]:
+    """The forward's autocast as `omni train` runs it at `train.precision=auto`, and its name: bf16
+    where the device computes it natively (a GPU, a CPU with AMX or AVX512-BF16), else fp32 -- on
+    an AVX2-only CPU emulated bf16 matmuls run ~60x slower than fp32 ones, and the trainer never
+    uses them there, so neither does a benchmark of its step."""
+    from omni.train.engine import autocast, resolve_precision
+
+    precision = resolve_precision("auto")
+    return (lambda: autocast(precision, device)), precision
+
+
 def measured_bandwidth_gbs(device: torch.device, mbytes: int = 256) -> float:
     """Copy bandwidth in GB/s (bytes read + written per second) of a large tensor copy."""
     n = mbytes * (1 << 20) // 4

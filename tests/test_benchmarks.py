@@ -187,6 +187,23 @@ def test_train_flops_of_the_head_match_what_it_runs(tokenizer_dir, time_width):
     assert train_flops(model, batch)["head"] == pytest.approx(counter.get_total_flops(), rel=0.05)
 
 
+def test_cpu_benchmarks_step_in_the_trainers_precision(monkeypatch):
+    """bench_compile, bench_grouped and bench_head time the step `omni train` runs: bf16 autocast
+    only where the CPU computes bf16 natively; on an AVX2-only CPU fp32, as the trainer trains."""
+    from benchmarks.common import train_autocast
+    from omni.train import engine
+
+    cpu = torch.device("cpu")
+    for native, want in ((False, "fp32"), (True, "bf16")):
+        monkeypatch.setattr(engine, "hardware_has_bf16", lambda native=native: native)
+        amp, precision = train_autocast(cpu)
+        assert precision == want
+        with amp():
+            assert torch.is_autocast_enabled("cpu") == native
+            if native:
+                assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
 def test_bench_head_quick_reports_both_heads(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_head", "--quick", "--out", str(tmp_path)],
                           check=False, capture_output=True, text=True, timeout=300, cwd=ROOT)
