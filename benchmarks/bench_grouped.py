@@ -61,14 +61,11 @@ def models(cfg, compile: bool = True) -> dict[str, Any]:
     return out
 
 
-def _attention_ms(batches, heads: int, head_dim: int, layers: int) -> dict[str, float]:
-    """The attention alone: `layers` x (forward + backward) per batch, median ms per variant."""
-    from benchmarks.common import train_autocast
+def _attention_ms(batches, heads: int, head_dim: int, layers: int, amp, dtype: torch.dtype) -> dict[str, float]:
+    """The attention alone: `layers` x (forward + backward) per batch, median ms per variant, under
+    the step's autocast `amp` with inputs of `dtype`."""
     from omni.models.attention import _omni_sdpa, document_groups, grouped_attention
     from omni.models.model import attention_bias
-
-    amp, precision = train_autocast(torch.device("cpu"))
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
     class Layer:  # what transformers' attention functions read from the module
         training, num_key_value_groups, is_causal = True, 1, True
@@ -102,7 +99,7 @@ def stage(pair: dict[str, Any], batches: list, warm: int) -> dict[str, Any]:
     from omni.models.model import prompt_image_blocks
 
     first = pair["sdpa"]
-    amp, _ = train_autocast(torch.device("cpu"))
+    amp, precision = train_autocast(torch.device("cpu"))
     with torch.no_grad(), amp():
         losses = {}
         for v, m in pair.items():
@@ -129,7 +126,8 @@ def stage(pair: dict[str, Any], batches: list, warm: int) -> dict[str, Any]:
         "step_ms": {v: round(1e3 * statistics.median(t[warm:]), 1) for v, t in times.items()},
         "step_ratio_grouped_to_sdpa": round(statistics.median(ratios), 3),
         "attention_ms": _attention_ms(blocks, bb.num_attention_heads, bb.hidden_size // bb.num_attention_heads,
-                                      bb.num_hidden_layers),
+                                      bb.num_hidden_layers, amp,
+                                      torch.bfloat16 if precision == "bf16" else torch.float32),
         "losses_first_batch": losses,
         "padding_share": round(statistics.mean(float((d == 0).float().mean()) for d, _ in blocks), 3),
         # padding positions are the one-slot group
